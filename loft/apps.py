@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class LoftConfig(AppConfig):
+    name = "loft"
+    verbose_name = "Loft platform"

@@ -1,0 +1,133 @@
+"""Django settings for Loft. Every value comes from the environment (see loft/env.py)."""
+
+from pathlib import Path
+
+import dj_database_url
+
+from loft.env import Env, loft_home
+
+env = Env()
+BASE_DIR = Path(__file__).resolve().parent.parent
+LOFT_HOME = loft_home()
+
+# No default for the secret: the embedded stack writes one to $LOFT_HOME/env, production sets it.
+SECRET_KEY = env.string("DJANGO_SECRET_KEY")
+DEBUG = env.boolean("DJANGO_DEBUG", default=False)
+ALLOWED_HOSTS = env.csv("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+CSRF_TRUSTED_ORIGINS = env.csv("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "loft",
+    "jobs",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "loft.urls"
+WSGI_APPLICATION = "loft.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "loft.tenancy.current_org_context",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env.string("DATABASE_URL"), conn_max_age=60, conn_health_checks=True
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = LOFT_HOME / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+
+# --- Broker (Celery) -------------------------------------------------------------------------
+CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or env.string("REDIS_URL")
+CELERY_TASK_DEFAULT_QUEUE = "default"
+# The database row is the truth; the message is a hint. A task is acknowledged only after it
+# ran, is redelivered if its worker dies, and a worker takes one message at a time.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# --- Object storage (S3) ---------------------------------------------------------------------
+S3_ENDPOINT_URL = env.get("S3_ENDPOINT_URL")  # None means AWS itself
+S3_REGION = env.string("S3_REGION", "us-east-1")
+S3_BUCKET = env.string("S3_BUCKET", "loft")
+S3_ACCESS_KEY_ID = env.get("S3_ACCESS_KEY_ID") or env.get("AWS_ACCESS_KEY_ID")
+S3_SECRET_ACCESS_KEY = env.get("S3_SECRET_ACCESS_KEY") or env.get("AWS_SECRET_ACCESS_KEY")
+S3_PRESIGNED_URL_SECONDS = env.integer("S3_PRESIGNED_URL_SECONDS", 300)
+
+# --- API -------------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "loft.auth.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["loft.auth.IsOrganizationMember"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "loft.api.errors.openai_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Loft API",
+    "DESCRIPTION": "OpenAI-compatible fine-tuning API, plus Loft's adapters and evaluations.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.string("LOFT_LOG_LEVEL", "INFO")},
+    "loggers": {"botocore": {"level": "WARNING"}, "urllib3": {"level": "WARNING"}},
+}

@@ -1,0 +1,169 @@
+"""``make run``: the whole Loft stack in the foreground, stopped as a whole by Ctrl-C or SIGTERM.
+
+    python -m loft.stack
+
+Starts the embedded services (loft/embedded.py) unless their URLs are set, migrates, runs
+``bootstrap`` (bucket, base-model catalogue, demo organization, staff user, first API key),
+then one Celery worker and the web server, and waits until ``/healthz`` reports a live worker.
+Data stays in ``$LOFT_HOME`` (default ``./.loft``); the next run finds it again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from loft.embedded import BIN_DIR, Child, EmbeddedStack, StackError, wait_until
+from loft.env import loft_home
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_SECONDS = 120
+
+
+def say(message: str) -> None:
+    print(f"[loft] {message}", flush=True)
+
+
+def manage(env: dict[str, str], *args: str) -> None:
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "manage.py"), *args], env=env, cwd=PROJECT_DIR
+    )
+    if result.returncode != 0:
+        raise StackError(
+            f"`manage.py {' '.join(args)}` failed with exit status {result.returncode}."
+        )
+
+
+def worker_child(env: dict[str, str]) -> Child:
+    return Child(
+        "worker",
+        [
+            str(BIN_DIR / "celery"),
+            "-A",
+            "loft",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--concurrency",
+            "1",
+            "--hostname",
+            "worker@%h",
+            "--queues",
+            "default",
+        ],
+        env=env,
+    )
+
+
+def web_child(env: dict[str, str], host: str, port: int) -> Child:
+    return Child(
+        "web",
+        [
+            str(BIN_DIR / "gunicorn"),
+            "loft.wsgi:application",
+            "--bind",
+            f"{host}:{port}",
+            "--workers",
+            "2",
+            "--threads",
+            "4",
+            "--timeout",
+            "120",
+            "--access-logfile",
+            "-",
+            "--no-control-socket",
+        ],
+        env=env,
+    )
+
+
+def healthz(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own server
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        return json.load(error)
+
+
+def hold_lock(home: Path):
+    """One ``make run`` per LOFT_HOME: a second one would fight over the same data."""
+    home.mkdir(parents=True, exist_ok=True)
+    lock = open(home / "stack.lock", "a+")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StackError(
+            f"Loft is already running from {home}. Stop it, or set LOFT_HOME to another folder."
+        ) from None
+    return lock
+
+
+def _raise_system_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def run() -> int:
+    home = loft_home()
+    host = os.environ.get("LOFT_HOST", "127.0.0.1")
+    port = int(os.environ.get("LOFT_PORT", "8000"))
+    base_url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"  # noqa: S104
+    _lock = hold_lock(home)
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+
+    stack = EmbeddedStack(home)
+    apps: list[Child] = []
+    try:
+        say(f"Starting the embedded services in {home} …")
+        env = {**os.environ, **stack.start(), "LOFT_HOME": str(home)}
+        for service in EmbeddedStack.SERVICES:
+            where = "external (from the environment)" if stack.external(service) else "embedded"
+            say(f"  {service}: {where}")
+        manage(env, "migrate", "--noinput", "-v", "0")
+        manage(env, "collectstatic", "--noinput", "-v", "0")
+        manage(env, "bootstrap")
+
+        apps = [worker_child(env), web_child(env, host, port)]
+        for child in apps:
+            child.start()
+        say(f"Waiting for the web server and a worker at {base_url}/healthz …")
+        wait_until(
+            lambda: healthz(f"{base_url}/healthz").get("workers", 0) >= 1,
+            READY_TIMEOUT_SECONDS,
+            "Loft (web server and worker)",
+        )
+        say(f"Loft is running at {base_url}/  (admin: {base_url}/admin/, API: {base_url}/v1)")
+        say("Press Ctrl-C to stop every part; data stays in LOFT_HOME.")
+        while True:
+            for child in [*apps, *stack.children.values()]:
+                if not child.running:
+                    raise StackError(
+                        f"{child.name} stopped unexpectedly (exit {child.process.returncode})."
+                    )
+            time.sleep(1)
+    except (KeyboardInterrupt, SystemExit):
+        say("Stopping …")
+        return 0
+    except StackError as error:
+        say(str(error))
+        return 1
+    finally:
+        # A second Ctrl-C or SIGTERM must not cut the cleanup short and leave children behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for child in reversed(apps):
+            child.stop()
+        stack.stop()
+        say("Stopped.")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,121 @@
+"""Object storage: the one place Loft talks to S3.
+
+The client is built lazily with short timeouts and bounded retries; every botocore failure is
+raised as ``StorageError`` so callers handle one exception and can answer 503 with a sentence.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from django.conf import settings
+
+
+class StorageError(Exception):
+    """Object storage failed or is unreachable."""
+
+
+def _make_client(connect_timeout: float, read_timeout: float, attempts: int):
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.S3_ENDPOINT_URL,
+        region_name=settings.S3_REGION,
+        aws_access_key_id=settings.S3_ACCESS_KEY_ID,
+        aws_secret_access_key=settings.S3_SECRET_ACCESS_KEY,
+        config=Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": attempts, "mode": "standard"},
+            # Path-style URLs work with every S3 implementation, including local gateways.
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+        ),
+    )
+
+
+@functools.cache
+def client():
+    return _make_client(connect_timeout=3, read_timeout=60, attempts=3)
+
+
+@functools.cache
+def _probe_client():
+    # A health check answers fast: one attempt, short timeouts.
+    return _make_client(connect_timeout=1, read_timeout=2, attempts=1)
+
+
+def _fail(action: str, error: Exception) -> StorageError:
+    return StorageError(f"Object storage could not {action}: {error}")
+
+
+def ensure_bucket() -> bool:
+    """Create the bucket if it is missing; True when it was created."""
+    bucket = settings.S3_BUCKET
+    try:
+        client().head_bucket(Bucket=bucket)
+        return False
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") not in {"404", "NoSuchBucket", "NotFound"}:
+            raise _fail(f"reach bucket {bucket}", error) from error
+    except BotoCoreError as error:
+        raise _fail(f"reach bucket {bucket}", error) from error
+    try:
+        client().create_bucket(Bucket=bucket)
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"create bucket {bucket}", error) from error
+    return True
+
+
+def check() -> None:
+    """Raise StorageError unless the bucket answers."""
+    try:
+        _probe_client().head_bucket(Bucket=settings.S3_BUCKET)
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"reach bucket {settings.S3_BUCKET}", error) from error
+
+
+def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    try:
+        client().put_object(Bucket=settings.S3_BUCKET, Key=key, Body=data, ContentType=content_type)
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"write {key}", error) from error
+
+
+def get_bytes(key: str) -> bytes:
+    try:
+        return client().get_object(Bucket=settings.S3_BUCKET, Key=key)["Body"].read()
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"read {key}", error) from error
+
+
+def delete_prefix(prefix: str) -> int:
+    """Delete every object under a prefix; returns how many were deleted."""
+    deleted = 0
+    try:
+        paginator = client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=settings.S3_BUCKET, Prefix=prefix):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                client().delete_objects(Bucket=settings.S3_BUCKET, Delete={"Objects": keys})
+                deleted += len(keys)
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"delete {prefix}", error) from error
+    return deleted
+
+
+def presigned_download_url(
+    key: str, seconds: int | None = None, filename: str | None = None
+) -> str:
+    """A short-lived URL for one object; Loft authorizes the caller before handing it out."""
+    params = {"Bucket": settings.S3_BUCKET, "Key": key}
+    if filename:
+        params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
+    try:
+        return client().generate_presigned_url(
+            "get_object", Params=params, ExpiresIn=seconds or settings.S3_PRESIGNED_URL_SECONDS
+        )
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"sign a URL for {key}", error) from error

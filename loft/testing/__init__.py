@@ -1,0 +1,1 @@
+"""Test support shipped with Loft: the pytest plugin that starts the embedded stack."""

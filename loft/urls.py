@@ -1,0 +1,33 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView
+from rest_framework.routers import SimpleRouter
+
+from jobs.api.views import ModelDetailView, ModelListView
+from loft import views
+from loft.api.views import ApiKeyViewSet
+from loft.health import healthz
+
+# OpenAI's paths have no trailing slash.
+router = SimpleRouter(trailing_slash=False)
+router.register("api_keys", ApiKeyViewSet, basename="api-key")
+
+api_v1 = [
+    path("models", ModelListView.as_view(), name="model-list"),
+    path("models/<path:model>", ModelDetailView.as_view(), name="model-detail"),
+    path("openapi.json", SpectacularAPIView.as_view(), name="openapi-schema"),
+    *router.urls,
+]
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("login", auth_views.LoginView.as_view(), name="login"),
+    path("logout", auth_views.LogoutView.as_view(), name="logout"),
+    path("healthz", healthz, name="healthz"),
+    path("admin/", admin.site.urls),
+    path("v1/", include(api_v1)),
+]
+
+handler404 = "loft.views.page_not_found"
+handler500 = "loft.views.server_error"

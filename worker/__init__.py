@@ -1,0 +1,1 @@
+"""Celery tasks (tasks.py, thin) and the engine modules, which import no Django."""
