@@ -81,7 +81,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = LOFT_HOME / "staticfiles"
+STATIC_ROOT = Path(env.string("DJANGO_STATIC_ROOT", str(LOFT_HOME / "staticfiles")))
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
 # --- Broker (Celery) -------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def run() -> int:
             say(f"  {service}: {where}")
         manage(env, "migrate", "--noinput", "-v", "0")
         manage(env, "collectstatic", "--noinput", "-v", "0")
-        manage(env, "bootstrap")
+        manage(env, "bootstrap", "--demo")
 
         apps = [worker_child(env), web_child(env, host, port)]
         for child in apps:

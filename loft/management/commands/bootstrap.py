@@ -15,15 +15,26 @@ ADMIN_USERNAME = "admin"
 
 class Command(BaseCommand):
     help = (
-        "Make a fresh install usable: the bucket, the bundled base model, a demo organization, "
-        "a staff user and a first API key. Safe to run again: it creates only what is missing."
+        "Make an install usable: the bucket and the bundled base model; with --demo also a demo "
+        "organization, a staff user and a first API key. Safe to run again: it only adds what "
+        "is missing."
     )
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--demo",
+            action="store_true",
+            help="Also create the demo organization, staff user and key.",
+        )
+
+    def handle(self, *args, demo: bool = False, **options):
         if storage.ensure_bucket():
             self.stdout.write(f"Created bucket {settings.S3_BUCKET}.")
         BaseModel.seed_bundled()
+        if demo:
+            self._create_demo()
 
+    def _create_demo(self) -> None:
         with transaction.atomic():
             org, _ = Organization.objects.get_or_create(
                 slug=DEMO_ORG, defaults={"name": "Demo organization"}

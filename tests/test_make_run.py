@@ -1,0 +1,142 @@
+"""`make run` end to end: the supervisor (python -m loft.stack) on a fresh LOFT_HOME.
+
+It must bring /healthz to 200 with a live worker, let a second terminal create a key that lists
+the bundled model, leave no process behind on SIGTERM, and find the same data when restarted.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+from loft.embedded import free_port
+from tests.conftest import PROJECT_DIR
+
+pytestmark = pytest.mark.slow
+
+OUTSIDE_SERVICES = [
+    "DATABASE_URL",
+    "CELERY_BROKER_URL",
+    "REDIS_URL",
+    "S3_ENDPOINT_URL",
+    "S3_ACCESS_KEY_ID",
+    "S3_SECRET_ACCESS_KEY",
+    "S3_BUCKET",
+    "DJANGO_SECRET_KEY",
+]
+
+
+def get_json(url: str, key: str | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+class MakeRun:
+    def __init__(self, home, port):
+        # Only LOFT_HOME and LOFT_PORT: the embedded stack must start on its own.
+        self.env = {k: v for k, v in os.environ.items() if k not in OUTSIDE_SERVICES}
+        self.env.update(LOFT_HOME=str(home), LOFT_PORT=str(port))
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = home.parent / f"make-run-{time.monotonic_ns()}.log"
+
+    def start(self):
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "loft.stack"],
+                cwd=PROJECT_DIR,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_healthy(self, timeout=180) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            assert self.process.poll() is None, self.output()
+            try:
+                status, body = get_json(f"{self.url}/healthz")
+                if status == 200 and body["workers"] >= 1:
+                    return time.monotonic() - started
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"not healthy within {timeout}s:\n{self.output()}")
+
+    def manage(self, *args) -> str:
+        """A second terminal: nothing but LOFT_HOME, as a person would have."""
+        env = {"PATH": os.environ["PATH"], "LOFT_HOME": self.env["LOFT_HOME"]}
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=PROJECT_DIR,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout
+
+    def stop(self) -> list[psutil.Process]:
+        """SIGTERM the supervisor; return every process of the stack that was running."""
+        tree = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(90)
+        return tree
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    gone, still = psutil.wait_procs(processes, timeout=10)
+    return [p for p in still if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_make_run_starts_stops_and_restarts_with_the_same_data(tmp_path):
+    run = MakeRun(tmp_path / "home", free_port())
+    run.start()
+    try:
+        seconds = run.wait_healthy()
+        print(f"healthy in {seconds:.1f}s")
+        assert "shown once" in run.output()
+
+        key = (
+            run.manage("create_api_key", "--org", "acme", "--name", "test").strip().splitlines()[-1]
+        )
+        status, models = get_json(f"{run.url}/v1/models", key)
+        assert status == 200
+        assert "HuggingFaceTB/SmolLM2-135M-Instruct" in [m["id"] for m in models["data"]]
+        _, keys = get_json(f"{run.url}/v1/api_keys", key)
+        stack_processes = run.stop()
+    finally:
+        if run.process.poll() is None:
+            run.process.kill()
+    assert len(stack_processes) >= 5  # postgres, valkey, weed, worker, web at least
+    assert alive(stack_processes) == [], run.output()
+
+    again = MakeRun(tmp_path / "home", free_port())
+    again.start()
+    try:
+        again.wait_healthy()
+        status, keys_again = get_json(f"{again.url}/v1/api_keys", key)
+        assert status == 200
+        # The same organization and key: the key created in the first run still works.
+        assert [k["id"] for k in keys_again["data"]] == [k["id"] for k in keys["data"]]
+        assert "shown once" not in again.output()
+        stack_processes = again.stop()
+    finally:
+        if again.process.poll() is None:
+            again.process.kill()
+    assert alive(stack_processes) == []
