@@ -104,6 +104,11 @@ S3_ACCESS_KEY_ID = env.get("S3_ACCESS_KEY_ID") or env.get("AWS_ACCESS_KEY_ID")
 S3_SECRET_ACCESS_KEY = env.get("S3_SECRET_ACCESS_KEY") or env.get("AWS_SECRET_ACCESS_KEY")
 S3_PRESIGNED_URL_SECONDS = env.integer("S3_PRESIGNED_URL_SECONDS", 300)
 
+# --- Datasets --------------------------------------------------------------------------------
+LOFT_MAX_UPLOAD_BYTES = env.integer("LOFT_MAX_UPLOAD_BYTES", 2**30)
+# Up to this size an upload is validated while the client waits; larger ones in a worker.
+LOFT_INLINE_VALIDATION_MAX_BYTES = env.integer("LOFT_INLINE_VALIDATION_MAX_BYTES", 16 * 2**20)
+
 # --- API -------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -112,6 +117,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["loft.auth.IsOrganizationMember"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "loft.api.negotiation.JsonFallbackNegotiation",
     "EXCEPTION_HANDLER": "loft.api.errors.openai_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",

@@ -18,6 +18,14 @@ class StorageError(Exception):
     """Object storage failed or is unreachable."""
 
 
+# What botocore raises when S3 fails; callers outside this module re-raise it as StorageError.
+BOTO_ERRORS = (BotoCoreError, ClientError)
+
+
+def bucket() -> str:
+    return settings.S3_BUCKET
+
+
 def _make_client(connect_timeout: float, read_timeout: float, attempts: int):
     return boto3.client(
         "s3",
@@ -82,6 +90,34 @@ def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stre
         client().put_object(Bucket=settings.S3_BUCKET, Key=key, Body=data, ContentType=content_type)
     except (BotoCoreError, ClientError) as error:
         raise _fail(f"write {key}", error) from error
+
+
+def iter_object(key: str, chunk_bytes: int = 2**20):
+    """An object's bytes as a stream of chunks, never all in memory."""
+    try:
+        body = client().get_object(Bucket=settings.S3_BUCKET, Key=key)["Body"]
+        yield from body.iter_chunks(chunk_bytes)
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"read {key}", error) from error
+
+
+def delete_object(key: str) -> None:
+    try:
+        client().delete_object(Bucket=settings.S3_BUCKET, Key=key)
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"delete {key}", error) from error
+
+
+def list_keys(prefix: str) -> list[str]:
+    try:
+        paginator = client().get_paginator("list_objects_v2")
+        return [
+            item["Key"]
+            for page in paginator.paginate(Bucket=settings.S3_BUCKET, Prefix=prefix)
+            for item in page.get("Contents", [])
+        ]
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"list {prefix}", error) from error
 
 
 def get_bytes(key: str) -> bytes:

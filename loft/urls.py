@@ -4,7 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.routers import SimpleRouter
 
-from jobs.api.views import ModelDetailView, ModelListView
+from jobs.api.views import FileViewSet, ModelDetailView, ModelListView
 from loft import views
 from loft.api.views import ApiKeyViewSet
 from loft.health import healthz
@@ -12,6 +12,7 @@ from loft.health import healthz
 # OpenAI's paths have no trailing slash.
 router = SimpleRouter(trailing_slash=False)
 router.register("api_keys", ApiKeyViewSet, basename="api-key")
+router.register("files", FileViewSet, basename="file")
 
 api_v1 = [
     path("models", ModelListView.as_view(), name="model-list"),

@@ -1,9 +1,27 @@
+from django.conf import settings
+from django.db import transaction
+from django.http import StreamingHttpResponse
+from django.template.defaultfilters import filesizeformat
+from rest_framework import mixins, status
+from rest_framework.authentication import get_authorization_header
+from rest_framework.decorators import action
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from jobs.api.serializers import ModelSerializer
-from jobs.models import BaseModel
+from jobs.api.serializers import FileSerializer, FileUploadSerializer, ModelSerializer
+from jobs.datasets import rejection_details, validate_object
+from jobs.models import BaseModel, File, new_file_id
+from jobs.uploads import S3StreamingUploadHandler, StoredUpload
+from loft import storage
+from loft.api.base import TenantScopedViewSet
 from loft.api.errors import LoftAPIError
+from loft.tenancy import current_org
+from worker.data import DatasetError
+from worker.tasks import validate_file
+
+# The multipart envelope around the file (boundaries, headers, the purpose field).
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 class ModelListView(APIView):
@@ -27,3 +45,129 @@ class ModelDetailView(APIView):
                 code="model_not_found",
             )
         return Response(ModelSerializer(found).data)
+
+
+class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
+    """``/v1/files``: upload (streamed to S3 and validated), list, retrieve, delete, content."""
+
+    queryset = File.objects.all()
+    serializer_class = FileSerializer
+    object_name = "File object"
+    parser_classes = [MultiPartParser]
+
+    def initial(self, request, *args, **kwargs):
+        # The streaming handler must be in place before anything reads the body. For a signed-in
+        # browser, that happens during authentication (the CSRF check reads the form), so it is
+        # installed before authentication and learns the organization when the file begins.
+        if self.action == "create":
+            self.upload_handler = self._streaming_handler(request)
+            request._request.upload_handlers = [self.upload_handler]
+        super().initial(request, *args, **kwargs)
+
+    def get_queryset(self):
+        queryset = super().get_queryset()
+        purpose = self.request.query_params.get("purpose")
+        return queryset.filter(purpose=purpose) if purpose else queryset
+
+    def create(self, request):
+        handler = self.upload_handler
+        self._refuse_oversized_body(request)
+        try:
+            upload = request.FILES.get("file")
+            if handler.too_large:
+                raise self._too_large()
+            if upload is None:
+                raise LoftAPIError(
+                    "Attach the dataset as the multipart field 'file'.", param="file"
+                )
+            options = FileUploadSerializer(data=request.data)
+            options.is_valid(raise_exception=True)
+            file = self._store(upload, options.validated_data)
+        except BaseException:
+            handler.discard()
+            raise
+        return Response(self.get_serializer(file).data, status=status.HTTP_200_OK)
+
+    def destroy(self, request, pk=None):
+        file = self.get_object()
+        storage.delete_prefix(f"orgs/{file.org_id}/files/{file.id}/")
+        file.delete()
+        return Response({"id": pk, "object": "file", "deleted": True})
+
+    @action(detail=True, methods=["get"])
+    def content(self, request, pk=None):
+        file = self.get_object()
+        if file.status == File.Status.ERROR:
+            raise LoftAPIError(
+                f"The file {file.id} was rejected and its content deleted: {file.status_details}",
+                status_code=404,
+                param="id",
+            )
+        response = StreamingHttpResponse(
+            storage.iter_object(file.s3_key), content_type="application/octet-stream"
+        )
+        response["Content-Length"] = str(file.bytes)
+        response["Content-Disposition"] = f'attachment; filename="{file.filename}"'
+        return response
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _streaming_handler(self, request) -> S3StreamingUploadHandler:
+        bearer = get_authorization_header(request).lower().startswith(b"bearer ")
+        self.new_file_id = new_file_id()
+
+        def key_for(file_name: str) -> str | None:
+            org = self.org if bearer else current_org(request._request)
+            return File.object_key(org.id, self.new_file_id) if org else None
+
+        return S3StreamingUploadHandler(
+            key_for, max_bytes=settings.LOFT_MAX_UPLOAD_BYTES, request=request._request
+        )
+
+    def _too_large(self) -> LoftAPIError:
+        limit = filesizeformat(settings.LOFT_MAX_UPLOAD_BYTES).replace("\xa0", " ")
+        return LoftAPIError(
+            f"The file is larger than the upload limit of {limit}. "
+            "Split it, or ask an operator to raise the limit.",
+            status_code=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            param="file",
+            code="file_too_large",
+        )
+
+    def _refuse_oversized_body(self, request) -> None:
+        """Refuse at once when the declared body is larger than the limit, before reading it."""
+        try:
+            declared = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            declared = 0
+        if declared > settings.LOFT_MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD_BYTES:
+            raise self._too_large()
+
+    def _store(self, upload: StoredUpload, options: dict) -> File:
+        """Validate inline when small, else record it and validate in the background."""
+        base_model = options["model"] if "model" in options else BaseModel.default()
+        requested_format = options.get("format") or ""
+        fields = dict(
+            id=self.new_file_id,
+            org=self.org,
+            filename=upload.name,
+            purpose=options["purpose"],
+            bytes=upload.size,
+            sha256=upload.sha256,
+            s3_key=upload.key,
+            requested_format=requested_format,
+            base_model=base_model,
+        )
+        if upload.size > settings.LOFT_INLINE_VALIDATION_MAX_BYTES:
+            file = File.objects.create(**fields)
+            transaction.on_commit(lambda: validate_file.delay(file.id))
+            return file
+        try:
+            report = validate_object(upload.key, upload.name, requested_format, base_model)
+        except DatasetError as error:
+            raise LoftAPIError(
+                error.message, param="file", code=error.code, details=rejection_details(error)
+            ) from error
+        file = File(**fields)
+        file.mark_processed(report)
+        return file

@@ -10,6 +10,8 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from loft.storage import StorageError
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,12 +26,14 @@ class LoftAPIError(exceptions.APIException):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        details: dict | None = None,
     ):
         super().__init__(detail=message, code=code)
         self.status_code = status_code
         self.error_type = type
         self.param = param
         self.error_code = code
+        self.details = details  # more than a sentence can hold, e.g. every line's error
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -71,7 +75,15 @@ _TYPE_BY_STATUS = {
 
 def openai_exception_handler(exc, context):
     """DRF's exception handler, re-shaped; anything unexpected becomes a logged server_error."""
-    if isinstance(exc, Http404):
+    if isinstance(exc, StorageError):
+        logger.error("object storage failed: %s", exc)
+        exc = LoftAPIError(
+            "Object storage is unavailable right now; nothing was stored. Try again shortly.",
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            type="server_error",
+            code="storage_unavailable",
+        )
+    elif isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or "Not found.")
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied(str(exc) or None)
@@ -86,6 +98,8 @@ def openai_exception_handler(exc, context):
 
     if isinstance(exc, LoftAPIError):
         body = error_body(str(exc.detail), exc.error_type, exc.param, exc.error_code)
+        if exc.details:
+            body["details"] = exc.details
     elif isinstance(exc, exceptions.ValidationError):
         param, message = _first_validation_error(exc.detail)
         text = f"{param}: {message}" if param else message

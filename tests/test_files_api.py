@@ -1,0 +1,212 @@
+"""/v1/files: OpenAI-compatible uploads, streamed to S3, validated, scoped to the tenant."""
+
+import io
+import json
+import time
+
+import openai
+import pytest
+
+from jobs.models import File
+from loft import storage
+from loft.models import ApiKey, Organization
+from tests.conftest import api_client_for
+
+
+def chat_rows(count: int, start: int = 0) -> list[dict]:
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + {i}?"},
+                {"role": "assistant", "content": str(2 * i)},
+            ]
+        }
+        for i in range(start, start + count)
+    ]
+
+
+def jsonl(rows) -> bytes:
+    return "\n".join(json.dumps(row) for row in rows).encode() + b"\n"
+
+
+def upload(client, content: bytes, name: str = "train.jsonl", **fields):
+    return client.post(
+        "/v1/files",
+        {"file": io.BytesIO(content) | _named(name), "purpose": "fine-tune", **fields},
+        format="multipart",
+    )
+
+
+def _named(name):
+    class Namer:
+        def __ror__(self, stream):
+            stream.name = name
+            return stream
+
+    return Namer()
+
+
+def objects_of(org) -> list[str]:
+    return storage.list_keys(f"orgs/{org.id}/")
+
+
+def test_the_official_openai_client_creates_reads_lists_downloads_and_deletes(
+    live_server, transactional_db
+):
+    org = Organization.objects.create(slug="sdk", name="SDK")
+    _, secret = ApiKey.issue(org)
+    client = openai.OpenAI(api_key=secret, base_url=f"{live_server.url}/v1", max_retries=0)
+    content = jsonl(chat_rows(5))
+
+    created = client.files.create(file=("train.jsonl", content), purpose="fine-tune")
+    assert created.id.startswith("file-") and created.object == "file"
+    assert created.bytes == len(content) and created.filename == "train.jsonl"
+    assert created.status == "processed" and created.purpose == "fine-tune"
+
+    assert client.files.retrieve(created.id).id == created.id
+    assert [f.id for f in client.files.list()] == [created.id]
+    assert client.files.content(created.id).read() == content
+    deleted = client.files.delete(created.id)
+    assert deleted.deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(created.id)
+    assert objects_of(org) == []
+
+
+@pytest.mark.django_db
+def test_the_file_object_carries_the_validation_report(api_a, tenant_a):
+    rows = chat_rows(4) + chat_rows(1)  # one duplicate
+    body = upload(api_a, jsonl(rows)).json()
+    assert body["status"] == "processed", body
+    assert body["format"] == "chat" and body["file_type"] == "jsonl" and body["rows"] == 5
+    report = body["validation"]
+    assert report["duplicate_rows"] == 1
+    assert report["role_counts"] == {"user": 5, "assistant": 5}
+    assert set(report["tokens_per_row"]) == {"min", "median", "p95", "max"}
+    assert body["tokens"] == report["tokens"] > 0
+    first = report["preview"][0]["segments"]
+    trained = [s["text"] for s in first if s["trained"]]
+    assert trained == ["0<|im_end|>"]  # the answer and its end-of-turn token, nothing else
+    assert "What is 0 + 0?" in "".join(s["text"] for s in first if not s["trained"])
+    file = File.objects.get(pk=body["id"])
+    assert storage.get_bytes(file.s3_key) == jsonl(rows)
+    assert file.s3_key.startswith(f"orgs/{tenant_a.org.id}/files/{file.id}/")
+
+
+@pytest.mark.django_db
+def test_a_few_bad_rows_among_good_ones_are_counted_and_listed(api_a):
+    content = jsonl(chat_rows(6)) + b'{"messages": [{"role": "bot", "content": "x"}]}\n{"oops"\n'
+    body = upload(api_a, content).json()
+    assert body["status"] == "processed"
+    assert body["rows"] == 6
+    assert body["validation"]["error_count"] == 2
+    assert body["validation"]["errors"] == [
+        'line 7: messages[0].role "bot" is not one of system, user, assistant, tool',
+        "line 8: not valid JSON (Expecting ':' delimiter, column 8)",
+    ]
+
+
+@pytest.mark.django_db
+def test_csv_and_a_forced_format_are_read(api_a):
+    body = upload(api_a, b'prompt,completion\nhello,world\n"multi\nline",ok\n', "train.csv").json()
+    assert (body["status"], body["format"], body["file_type"], body["rows"]) == (
+        "processed",
+        "prompt_completion",
+        "csv",
+        2,
+    )
+    forced = upload(api_a, jsonl([{"text": "plain words"}]), format="text").json()
+    assert forced["format"] == "text"
+
+
+@pytest.mark.django_db
+def test_another_tenants_file_is_not_found_on_any_route_nor_listed(api_a, api_b, tenant_a):
+    file_id = upload(api_a, jsonl(chat_rows(2))).json()["id"]
+    for response in [
+        api_b.get(f"/v1/files/{file_id}"),
+        api_b.get(f"/v1/files/{file_id}/content"),
+        api_b.delete(f"/v1/files/{file_id}"),
+    ]:
+        assert response.status_code == 404
+        assert response.json()["error"]["message"] == f"No such File object: {file_id}"
+    assert api_b.get("/v1/files").json()["data"] == []
+    assert api_a.get(f"/v1/files/{file_id}").status_code == 200
+
+
+@pytest.mark.django_db
+def test_lists_are_newest_first_and_filter_by_purpose(api_a):
+    ids = [upload(api_a, jsonl(chat_rows(1, start=i))).json()["id"] for i in range(3)]
+    page = api_a.get("/v1/files", {"limit": 2}).json()
+    assert [f["id"] for f in page["data"]] == ids[::-1][:2] and page["has_more"]
+    assert api_a.get("/v1/files", {"purpose": "eval"}).json()["data"] == []
+
+
+@pytest.mark.django_db
+def test_an_upload_over_the_limit_gets_413_and_leaves_nothing(api_a, tenant_a, settings):
+    settings.LOFT_MAX_UPLOAD_BYTES = 100 * 1024
+    declared_too_large = upload(api_a, jsonl(chat_rows(4000)))  # refused before reading
+    streamed_too_large = upload(api_a, b" " * 120 * 1024 + jsonl(chat_rows(1)))  # caught while streaming
+    for response in (declared_too_large, streamed_too_large):
+        assert response.status_code == 413
+        assert "upload limit of 100.0 KB" in response.json()["error"]["message"]
+    assert File.objects.count() == 0 and objects_of(tenant_a.org) == []
+
+
+@pytest.mark.django_db
+def test_a_bad_purpose_or_missing_file_is_refused_and_leaves_nothing(api_a, tenant_a):
+    response = api_a.post(
+        "/v1/files",
+        {"file": io.BytesIO(jsonl(chat_rows(1))), "purpose": "assistants"},
+        format="multipart",
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "purpose"
+    missing = api_a.post("/v1/files", {"purpose": "fine-tune"}, format="multipart")
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "file"
+    assert File.objects.count() == 0 and objects_of(tenant_a.org) == []
+
+
+@pytest.mark.django_db
+def test_storage_down_during_upload_is_a_503_and_leaves_no_row(api_a, settings):
+    storage.client.cache_clear()
+    settings.S3_ENDPOINT_URL = "http://127.0.0.1:9"
+    try:
+        response = upload(api_a, jsonl(chat_rows(3)))
+    finally:
+        storage.client.cache_clear()
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "storage_unavailable"
+    assert File.objects.count() == 0
+
+
+def test_a_large_upload_is_validated_by_a_worker(
+    celery_worker, transactional_db, tenant_a, settings
+):
+    settings.LOFT_INLINE_VALIDATION_MAX_BYTES = 1024
+    client = api_client_for(tenant_a.secret)
+    body = upload(client, jsonl(chat_rows(200))).json()
+    assert body["status"] == "uploaded"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/files/{body['id']}").json()
+        if body["status"] != "uploaded":
+            break
+        time.sleep(0.5)
+    assert body["status"] == "processed", body
+    assert body["rows"] == 200
+
+
+def test_a_large_unusable_upload_ends_in_error_with_its_reason(
+    celery_worker, transactional_db, tenant_a, settings
+):
+    settings.LOFT_INLINE_VALIDATION_MAX_BYTES = 10
+    client = api_client_for(tenant_a.secret)
+    body = upload(client, b'{"messages": []}\n' * 100).json()
+    deadline = time.monotonic() + 90
+    while body["status"] == "uploaded" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        body = client.get(f"/v1/files/{body['id']}").json()
+    assert body["status"] == "error"
+    assert body["status_details"].startswith(
+        'The file has no usable rows. line 1: "messages" is empty'
+    )
+    assert objects_of(tenant_a.org) == []

@@ -1,0 +1,649 @@
+"""Training data: read uploads into one conversation form, check them line by line, render them.
+
+No Django here: the functions take bytes and a tokenizer, so training, validation and a notebook
+all read data the same way. Formats (one per file):
+
+- ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": …}, …]}``
+- ``prompt_completion``: ``{"prompt": …, "completion": …}``
+- ``alpaca``: ``{"instruction": …, "input": …(optional), "output": …}``
+- ``text``: ``{"text": …}`` — trained on every token, no chat template
+
+as JSONL, or as CSV with those column names (chat is JSONL only).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import json
+import statistics
+from array import array
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+FORMATS = ("chat", "prompt_completion", "alpaca", "text")
+FORMAT_NAMES = {
+    "chat": "chat messages",
+    "prompt_completion": "prompt/completion",
+    "alpaca": "Alpaca instruction/input/output",
+    "text": "plain text",
+}
+ROLES = ("system", "user", "assistant", "tool")
+MAX_LISTED_ERRORS = 100
+MAX_LINE_BYTES = 8 * 1024 * 1024
+MAX_JSON_DEPTH = 16
+PREVIEW_ROWS = 3
+
+
+class DatasetError(Exception):
+    """The whole file is unusable; ``code`` names the reason, the message says it in a sentence."""
+
+    def __init__(
+        self, code: str, message: str, errors: list[RowError] | None = None, error_count: int = 0
+    ):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.errors = errors or []
+        self.error_count = error_count or len(self.errors)
+
+
+@dataclass(frozen=True)
+class RowError:
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+    trained: bool = False  # only assistant turns are trained, unless their weight is 0
+
+
+@dataclass
+class Example:
+    """One row in the one conversation form: a chat, or (format ``text``) a plain text."""
+
+    line: int
+    format: str
+    messages: list[Message] = field(default_factory=list)
+    text: str | None = None
+
+    def fingerprint(self) -> bytes:
+        if self.text is not None:
+            payload = self.text
+        else:
+            payload = json.dumps([[m.role, m.content] for m in self.messages])
+        return hashlib.blake2b(payload.encode(), digest_size=16).digest()
+
+
+class RowProblem(ValueError):
+    """Raised inside row parsing; becomes a RowError with the row's line number."""
+
+
+# --- reading bytes into lines ------------------------------------------------------------------
+
+
+def sniff_binary(head: bytes) -> str | None:
+    """A sentence naming what binary thing this is, or None for text."""
+    if head.startswith(b"\x80") and len(head) > 1 and head[1] in range(2, 6):
+        return "a Python pickle"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip archive"
+    if head.startswith(b"GGUF"):
+        return "a GGUF model file"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors file"
+    if b"\x00" in head[:8192]:
+        return "binary data (it contains NUL bytes)"
+    return None
+
+
+def iter_lines(
+    chunks: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[tuple[int, bytes | None]]:
+    """Split a byte stream into (line number, line) without ever holding more than one line.
+
+    A line longer than ``max_line_bytes`` is yielded as ``None`` (and its bytes skipped) so the
+    caller reports it instead of holding 50 MB in memory.
+    """
+    pending = bytearray()
+    number = 1
+    overlong = False
+    for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end == -1:
+                if not overlong:
+                    pending += chunk[start:]
+                    if len(pending) > max_line_bytes:
+                        overlong = True
+                        pending.clear()
+                break
+            if overlong:
+                yield number, None
+            else:
+                pending += chunk[start:end]
+                yield number, bytes(pending) if len(pending) <= max_line_bytes else None
+            pending.clear()
+            overlong = False
+            number += 1
+            start = end + 1
+    if overlong:
+        yield number, None
+    elif pending:
+        yield number, bytes(pending)
+
+
+def decode_line(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RowProblem(
+            f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+# --- rows into examples --------------------------------------------------------------------------
+
+
+def detect_format(row: dict) -> str | None:
+    if "messages" in row:
+        return "chat"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def _string(row: dict, key: str, *, required: bool = True, non_empty: bool = True) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise RowProblem(f'missing "{key}"')
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowProblem(f'"{key}" must be a string, got {_json_type(value)}')
+    if non_empty and required and not value.strip():
+        raise RowProblem(f'"{key}" is empty')
+    return value
+
+
+def _json_type(value) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), "a number")
+
+
+def _content_text(message: dict, where: str) -> str:
+    content = message.get("content")
+    if content is None and message.get("tool_calls"):
+        # Tool calls are kept as text: the adapter learns to write them as the template shows.
+        return json.dumps(message["tool_calls"], ensure_ascii=False)
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for index, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise RowProblem(
+                    f'{where}.content[{index}] must be a text part {{"type": "text", "text": …}}'
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RowProblem(f"{where}.content must be a string, got {_json_type(content)}")
+
+
+def chat_from_row(row: dict) -> list[Message]:
+    messages = row.get("messages")
+    if not isinstance(messages, list):
+        raise RowProblem(f'"messages" must be a list, got {_json_type(messages)}')
+    if not messages:
+        raise RowProblem('"messages" is empty')
+    result = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RowProblem(f"{where} must be an object, got {_json_type(message)}")
+        role = message.get("role")
+        if role not in ROLES:
+            shown = json.dumps(role) if role is not None else "missing"
+            raise RowProblem(f"{where}.role {shown} is not one of {', '.join(ROLES)}")
+        content = _content_text(message, where)
+        weight = message.get("weight", 1)
+        if weight not in (0, 1) or isinstance(weight, bool):
+            raise RowProblem(f"{where}.weight must be 0 or 1, got {json.dumps(weight)}")
+        trained = role == "assistant" and weight == 1
+        if trained and not content.strip():
+            raise RowProblem(
+                f"{where}.content is empty; an assistant turn needs text to learn from"
+            )
+        result.append(Message(role, content, trained))
+    if not any(m.role == "assistant" for m in result):
+        raise RowProblem("conversation has no assistant turn")
+    if not any(m.trained for m in result):
+        raise RowProblem("every assistant turn has weight 0, so nothing would be trained")
+    return result
+
+
+def example_from_row(row: dict, line: int, forced_format: str | None) -> Example:
+    fmt = forced_format or detect_format(row)
+    if fmt is None:
+        keys = ", ".join(sorted(row)[:8]) or "none"
+        raise RowProblem(
+            "no known format: expected messages, prompt + completion, instruction + output, "
+            f"or text; got keys {keys}"
+        )
+    if fmt == "chat":
+        return Example(line, fmt, chat_from_row(row))
+    if fmt == "prompt_completion":
+        prompt = _string(row, "prompt")
+        completion = _string(row, "completion")
+        return Example(line, fmt, [Message("user", prompt), Message("assistant", completion, True)])
+    if fmt == "alpaca":
+        instruction = _string(row, "instruction")
+        extra = _string(row, "input", required=False)
+        output = _string(row, "output")
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return Example(line, fmt, [Message("user", prompt), Message("assistant", output, True)])
+    return Example(line, fmt, text=_string(row, "text"))
+
+
+def _depth(value) -> int:
+    depth, frontier = 0, [value]
+    while frontier:
+        depth += 1
+        frontier = [
+            child
+            for item in frontier
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+    return depth
+
+
+def parse_json_row(text: str) -> dict:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RowProblem(f"not valid JSON ({error.msg}, column {error.colno})") from None
+    except RecursionError:
+        raise RowProblem(
+            f"JSON is nested too deeply; rows nest at most {MAX_JSON_DEPTH} levels"
+        ) from None
+    if not isinstance(row, dict):
+        raise RowProblem(f"expected a JSON object, got {_json_type(row)}")
+    if _depth(row) > MAX_JSON_DEPTH:
+        raise RowProblem(f"JSON is nested too deeply; rows nest at most {MAX_JSON_DEPTH} levels")
+    return row
+
+
+CSV_COLUMNS = {
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+
+
+def _csv_rows(lines: Iterator[tuple[int, bytes | None]], forced_format: str | None):
+    """Yield (line, dict | RowProblem) from CSV lines; the header decides the format."""
+    current_line = [0]
+    problems: list[tuple[int, RowProblem]] = []
+
+    def text_lines():
+        for number, raw in lines:
+            current_line[0] = number
+            if raw is None:
+                problems.append((number, RowProblem(f"longer than {MAX_LINE_BYTES // 2**20} MB")))
+                continue
+            try:
+                yield decode_line(raw.rstrip(b"\r")) + "\n"
+            except RowProblem as problem:
+                problems.append((number, problem))
+
+    reader = csv.reader(text_lines())
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DatasetError("empty_file", "The file has no rows.") from None
+    except csv.Error as error:
+        raise DatasetError("invalid_csv", f"line 1: not valid CSV ({error})") from None
+    header = [name.strip().lstrip("\ufeff").lower() for name in header]
+    fmt = forced_format or next(
+        (name for name, needed in CSV_COLUMNS.items() if all(col in header for col in needed)), None
+    )
+    needed = CSV_COLUMNS.get(fmt or "", ())
+    if fmt is None or not all(col in header for col in needed):
+        options = "; ".join(" + ".join(cols) for cols in CSV_COLUMNS.values())
+        got = ", ".join(header) or "none"
+        if fmt == "chat":
+            raise DatasetError(
+                "missing_columns", "Chat messages are read from JSONL only, not CSV."
+            )
+        raise DatasetError(
+            "missing_columns",
+            f"The CSV header has the columns {got}; it needs one of: {options}.",
+        )
+    yield "format", fmt
+    while True:
+        start_line = current_line[0] + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            yield start_line, RowProblem(f"not valid CSV ({error})")
+            continue
+        while problems:
+            yield problems.pop(0)
+        if not any(value.strip() for value in values):
+            continue
+        if len(values) != len(header):
+            yield start_line, RowProblem(f"has {len(values)} fields, the header has {len(header)}")
+            continue
+        yield start_line, dict(zip(header, values, strict=True))
+    while problems:
+        yield problems.pop(0)
+
+
+def open_dataset(
+    chunks: Iterable[bytes], *, filename: str = "", forced_format: str | None = None
+) -> tuple[str, Iterator[Example | RowError]]:
+    """Read an upload: its file type ("jsonl" or "csv") and its Examples, with a RowError for
+    each line that cannot be used.
+
+    Raises DatasetError for what makes the whole file unusable: empty, binary, a CSV header
+    without the needed columns (the last one while iterating).
+    """
+    if forced_format is not None and forced_format not in FORMATS:
+        raise DatasetError("invalid_format", f"format must be one of {', '.join(FORMATS)}.")
+    chunks = iter(chunks)
+    head = next((chunk for chunk in chunks if chunk.strip()), b"")
+    if not head:
+        raise DatasetError("empty_file", "The file is empty.")
+    binary = sniff_binary(head)
+    if binary:
+        raise DatasetError(
+            "binary_file",
+            f"This is {binary}, not JSONL or CSV text. Upload training data as UTF-8 JSONL or CSV.",
+        )
+    if head.startswith(codecs.BOM_UTF8):
+        head = head[len(codecs.BOM_UTF8) :]
+
+    def all_chunks():
+        yield head
+        yield from chunks
+
+    lines = iter_lines(all_chunks())
+    name = filename.lower()
+    is_csv = name.endswith(".csv") or (
+        not name.endswith((".jsonl", ".json")) and not head.lstrip().startswith(b"{")
+    )
+    if is_csv:
+        return "csv", _examples_from_csv(lines, forced_format)
+    return "jsonl", _examples_from_jsonl(lines, forced_format)
+
+
+def _examples_from_jsonl(lines, forced_format):
+    for number, raw in lines:
+        if raw is None:
+            yield RowError(
+                number, f"longer than {MAX_LINE_BYTES // 2**20} MB; a row must be shorter"
+            )
+            continue
+        if not raw.strip():
+            continue
+        try:
+            yield example_from_row(parse_json_row(decode_line(raw)), number, forced_format)
+        except RowProblem as problem:
+            yield RowError(number, str(problem))
+
+
+def _examples_from_csv(lines, forced_format):
+    rows = _csv_rows(lines, forced_format)
+    _, fmt = next(rows)
+    for number, row in rows:
+        if isinstance(row, RowProblem):
+            yield RowError(number, str(row))
+            continue
+        try:
+            yield example_from_row(row, number, fmt)
+        except RowProblem as problem:
+            yield RowError(number, str(problem))
+
+
+# --- rendering through the chat template --------------------------------------------------------
+
+
+@dataclass
+class Rendered:
+    """An example as training sees it: the text, its tokens, and which tokens are trained."""
+
+    text: str
+    input_ids: list[int]
+    trained: list[bool]
+
+    def segments(self, offsets: list[tuple[int, int]]) -> list[dict]:
+        """Consecutive runs of trained / untrained text, for showing a person what is learned."""
+        runs: list[dict] = []
+        cursor = 0
+        for (start, end), trained in zip(offsets, self.trained, strict=True):
+            if end <= start:
+                continue
+            piece = self.text[cursor:end] if start >= cursor else self.text[start:end]
+            cursor = max(cursor, end)
+            if runs and runs[-1]["trained"] == trained:
+                runs[-1]["text"] += piece
+            else:
+                runs.append({"text": piece, "trained": trained})
+        if cursor < len(self.text):
+            runs.append({"text": self.text[cursor:], "trained": False})
+        return runs
+
+
+def _as_dicts(messages: list[Message]) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def render_text(example: Example, tokenizer) -> str:
+    if example.text is not None:
+        return example.text + (tokenizer.eos_token or "")
+    return tokenizer.apply_chat_template(_as_dicts(example.messages), tokenize=False)
+
+
+def trained_char_spans(example: Example, tokenizer, full: str) -> list[tuple[int, int]]:
+    """Character spans of the trained assistant turns, end-of-turn token included.
+
+    Found by rendering growing prefixes of the conversation: the text a turn adds after the
+    generation prompt is that turn. Whitespace the template puts after the end-of-turn token is
+    not trained.
+    """
+    if example.text is not None:
+        return [(0, len(full))]
+    spans = []
+    messages = _as_dicts(example.messages)
+    for index, message in enumerate(example.messages):
+        if not message.trained:
+            continue
+        before = tokenizer.apply_chat_template(
+            messages[:index], tokenize=False, add_generation_prompt=True
+        )
+        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise DatasetError(
+                "template_not_incremental",
+                "The base model's chat template does not render conversations turn by turn, "
+                "so the trained spans cannot be found.",
+            )
+        spans.append((len(before), len(through.rstrip())))
+    return spans
+
+
+def render(example: Example, tokenizer) -> tuple[Rendered, list[tuple[int, int]]]:
+    """Tokens and the trained mask of one example, plus each token's character offsets."""
+    full = render_text(example, tokenizer)
+    spans = trained_char_spans(example, tokenizer, full)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [tuple(pair) for pair in encoded["offset_mapping"]]
+    trained = [
+        any(start <= token_start < end for start, end in spans) for token_start, _ in offsets
+    ]
+    return Rendered(full, list(encoded["input_ids"]), trained), offsets
+
+
+# --- the validation report -------------------------------------------------------------------
+
+
+@dataclass
+class ValidationReport:
+    format: str
+    file_type: str
+    rows: int
+    tokens: int
+    error_count: int
+    errors: list[str]
+    tokens_per_row: dict
+    duplicate_rows: int
+    role_counts: dict
+    rows_over_context: int
+    context_length: int
+    preview: list[dict]
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _percentile(sorted_values: array, fraction: float) -> int:
+    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
+    return int(sorted_values[index])
+
+
+def validate(
+    chunks: Iterable[bytes],
+    tokenizer,
+    *,
+    filename: str = "",
+    forced_format: str | None = None,
+    context_length: int = 2048,
+    batch_size: int = 512,
+) -> ValidationReport:
+    """Read, check and measure a dataset in one streaming pass.
+
+    Raises DatasetError when the file has no usable row, or mixes formats.
+    """
+    errors: list[RowError] = []
+    error_count = 0
+    formats: dict[str, tuple[int, int]] = {}  # format -> (first line, rows)
+    token_counts = array("I")
+    fingerprints: set[bytes] = set()
+    duplicates = 0
+    roles: Counter[str] = Counter()
+    preview: list[dict] = []
+    batch: list[str] = []
+
+    def flush():
+        if batch:
+            token_counts.extend(
+                len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]
+            )
+            batch.clear()
+
+    file_type, items = open_dataset(chunks, filename=filename, forced_format=forced_format)
+    for item in items:
+        if isinstance(item, RowError):
+            error_count += 1
+            if len(errors) < MAX_LISTED_ERRORS:
+                errors.append(item)
+            continue
+        first, count = formats.get(item.format, (item.line, 0))
+        formats[item.format] = (first, count + 1)
+        fingerprint = item.fingerprint()
+        if fingerprint in fingerprints:
+            duplicates += 1
+        fingerprints.add(fingerprint)
+        roles.update(m.role for m in item.messages)
+        if len(preview) < PREVIEW_ROWS:
+            rendered, offsets = render(item, tokenizer)
+            preview.append(
+                {
+                    "line": item.line,
+                    "tokens": len(rendered.input_ids),
+                    "segments": rendered.segments(offsets),
+                }
+            )
+        batch.append(render_text(item, tokenizer))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+
+    if len(formats) > 1:
+        described = " and ".join(
+            f"{FORMAT_NAMES[name]} (first on line {first}, {count} rows)"
+            for name, (first, count) in formats.items()
+        )
+        raise DatasetError(
+            "mixed_formats",
+            f"The file mixes formats: {described}. "
+            "Use one format per file, or force one with the format field.",
+        )
+    if not token_counts:
+        listed = "; ".join(str(error) for error in errors[:5])
+        more = f" (and {error_count - 5} more)" if error_count > 5 else ""
+        raise DatasetError(
+            "no_valid_rows",
+            f"The file has no usable rows. {listed}{more}",
+            errors=errors,
+            error_count=error_count,
+        )
+    ordered = array("I", sorted(token_counts))
+    return ValidationReport(
+        format=next(iter(formats)),
+        file_type=file_type,
+        rows=len(token_counts),
+        tokens=int(sum(token_counts)),
+        error_count=error_count,
+        errors=[str(error) for error in errors],
+        tokens_per_row={
+            "min": int(ordered[0]),
+            "median": int(statistics.median(ordered)),
+            "p95": _percentile(ordered, 0.95),
+            "max": int(ordered[-1]),
+        },
+        duplicate_rows=duplicates,
+        role_counts=dict(roles),
+        rows_over_context=sum(1 for count in token_counts if count > context_length),
+        context_length=context_length,
+        preview=preview,
+    )
+
+
+def chunks_of(data: bytes, size: int = 1 << 16) -> Iterator[bytes]:
+    """Bytes as a stream of chunks (tests, notebooks)."""
+    stream = io.BytesIO(data)
+    while chunk := stream.read(size):
+        yield chunk
