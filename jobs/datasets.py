@@ -44,6 +44,16 @@ def validate_object(key: str, filename: str, requested_format: str, base_model: 
     return report.as_dict()
 
 
+def check_object_head(key: str, filename: str, requested_format: str, head_bytes: int) -> None:
+    """Parse the first bytes of a large upload; raises data.DatasetError when they show the file
+    is unusable, so the uploader hears it now instead of from a background job."""
+    data.check_head(
+        storage.iter_object(key, first_bytes=head_bytes),
+        filename=filename,
+        forced_format=requested_format or None,
+    )
+
+
 def rejection_details(error: data.DatasetError) -> dict:
     return {"errors": [str(e) for e in error.errors], "error_count": error.error_count}
 

@@ -92,10 +92,11 @@ def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stre
         raise _fail(f"write {key}", error) from error
 
 
-def iter_object(key: str, chunk_bytes: int = 2**20):
-    """An object's bytes as a stream of chunks, never all in memory."""
+def iter_object(key: str, chunk_bytes: int = 2**20, first_bytes: int | None = None):
+    """An object's bytes (or only its first bytes) as a stream of chunks, never all in memory."""
+    extra = {"Range": f"bytes=0-{first_bytes - 1}"} if first_bytes else {}
     try:
-        body = client().get_object(Bucket=settings.S3_BUCKET, Key=key)["Body"]
+        body = client().get_object(Bucket=settings.S3_BUCKET, Key=key, **extra)["Body"]
         yield from body.iter_chunks(chunk_bytes)
     except (BotoCoreError, ClientError) as error:
         raise _fail(f"read {key}", error) from error

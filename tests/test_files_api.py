@@ -29,21 +29,15 @@ def jsonl(rows) -> bytes:
     return "\n".join(json.dumps(row) for row in rows).encode() + b"\n"
 
 
+def named(content: bytes, name: str) -> io.BytesIO:
+    stream = io.BytesIO(content)
+    stream.name = name
+    return stream
+
+
 def upload(client, content: bytes, name: str = "train.jsonl", **fields):
-    return client.post(
-        "/v1/files",
-        {"file": io.BytesIO(content) | _named(name), "purpose": "fine-tune", **fields},
-        format="multipart",
-    )
-
-
-def _named(name):
-    class Namer:
-        def __ror__(self, stream):
-            stream.name = name
-            return stream
-
-    return Namer()
+    form = {"file": named(content, name), "purpose": "fine-tune", **fields}
+    return client.post("/v1/files", form, format="multipart")
 
 
 def objects_of(org) -> list[str]:
@@ -145,7 +139,8 @@ def test_lists_are_newest_first_and_filter_by_purpose(api_a):
 def test_an_upload_over_the_limit_gets_413_and_leaves_nothing(api_a, tenant_a, settings):
     settings.LOFT_MAX_UPLOAD_BYTES = 100 * 1024
     declared_too_large = upload(api_a, jsonl(chat_rows(4000)))  # refused before reading
-    streamed_too_large = upload(api_a, b" " * 120 * 1024 + jsonl(chat_rows(1)))  # caught while streaming
+    # Declared small enough, found too large while streaming:
+    streamed_too_large = upload(api_a, b" " * 120 * 1024 + jsonl(chat_rows(1)))
     for response in (declared_too_large, streamed_too_large):
         assert response.status_code == 413
         assert "upload limit of 100.0 KB" in response.json()["error"]["message"]
@@ -178,6 +173,17 @@ def test_storage_down_during_upload_is_a_503_and_leaves_no_row(api_a, settings):
     assert File.objects.count() == 0
 
 
+@pytest.mark.django_db
+def test_a_large_file_whose_head_is_unusable_is_refused_at_once(api_a, tenant_a, settings):
+    settings.LOFT_INLINE_VALIDATION_MAX_BYTES = 1024
+    response = upload(api_a, b'{"messages": []}\n' * 200)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith(
+        'The file has no usable rows. line 1: "messages" is empty'
+    )
+    assert File.objects.count() == 0 and objects_of(tenant_a.org) == []
+
+
 def test_a_large_upload_is_validated_by_a_worker(
     celery_worker, transactional_db, tenant_a, settings
 ):
@@ -195,18 +201,20 @@ def test_a_large_upload_is_validated_by_a_worker(
     assert body["rows"] == 200
 
 
-def test_a_large_unusable_upload_ends_in_error_with_its_reason(
+def test_a_large_file_unusable_past_its_head_ends_in_error_with_its_reason(
     celery_worker, transactional_db, tenant_a, settings
 ):
-    settings.LOFT_INLINE_VALIDATION_MAX_BYTES = 10
+    settings.LOFT_INLINE_VALIDATION_MAX_BYTES = 1024
     client = api_client_for(tenant_a.secret)
-    body = upload(client, b'{"messages": []}\n' * 100).json()
+    # The head (first KiB) is fine chat; plain text rows come later, which a file cannot mix.
+    body = upload(client, jsonl(chat_rows(30)) + jsonl([{"text": "later"}] * 5)).json()
+    assert body["status"] == "uploaded"
     deadline = time.monotonic() + 90
     while body["status"] == "uploaded" and time.monotonic() < deadline:
         time.sleep(0.5)
         body = client.get(f"/v1/files/{body['id']}").json()
     assert body["status"] == "error"
     assert body["status_details"].startswith(
-        'The file has no usable rows. line 1: "messages" is empty'
+        "The file mixes formats: chat messages (first on line 1, 30 rows)"
     )
     assert objects_of(tenant_a.org) == []

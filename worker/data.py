@@ -109,12 +109,13 @@ def sniff_binary(head: bytes) -> str | None:
 
 
 def iter_lines(
-    chunks: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES
+    chunks: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES, *, truncated: bool = False
 ) -> Iterator[tuple[int, bytes | None]]:
     """Split a byte stream into (line number, line) without ever holding more than one line.
 
     A line longer than ``max_line_bytes`` is yielded as ``None`` (and its bytes skipped) so the
-    caller reports it instead of holding 50 MB in memory.
+    caller reports it instead of holding 50 MB in memory. When the stream is only the head of a
+    file (``truncated``), its cut-off last line is dropped rather than reported.
     """
     pending = bytearray()
     number = 1
@@ -141,7 +142,7 @@ def iter_lines(
             start = end + 1
     if overlong:
         yield number, None
-    elif pending:
+    elif pending and not truncated:
         yield number, bytes(pending)
 
 
@@ -337,14 +338,12 @@ def _csv_rows(lines: Iterator[tuple[int, bytes | None]], forced_format: str | No
     fmt = forced_format or next(
         (name for name, needed in CSV_COLUMNS.items() if all(col in header for col in needed)), None
     )
+    if fmt == "chat":
+        raise DatasetError("missing_columns", "Chat messages are read from JSONL only, not CSV.")
     needed = CSV_COLUMNS.get(fmt or "", ())
     if fmt is None or not all(col in header for col in needed):
         options = "; ".join(" + ".join(cols) for cols in CSV_COLUMNS.values())
         got = ", ".join(header) or "none"
-        if fmt == "chat":
-            raise DatasetError(
-                "missing_columns", "Chat messages are read from JSONL only, not CSV."
-            )
         raise DatasetError(
             "missing_columns",
             f"The CSV header has the columns {got}; it needs one of: {options}.",
@@ -372,7 +371,11 @@ def _csv_rows(lines: Iterator[tuple[int, bytes | None]], forced_format: str | No
 
 
 def open_dataset(
-    chunks: Iterable[bytes], *, filename: str = "", forced_format: str | None = None
+    chunks: Iterable[bytes],
+    *,
+    filename: str = "",
+    forced_format: str | None = None,
+    truncated: bool = False,
 ) -> tuple[str, Iterator[Example | RowError]]:
     """Read an upload: its file type ("jsonl" or "csv") and its Examples, with a RowError for
     each line that cannot be used.
@@ -399,7 +402,7 @@ def open_dataset(
         yield head
         yield from chunks
 
-    lines = iter_lines(all_chunks())
+    lines = iter_lines(all_chunks(), truncated=truncated)
     name = filename.lower()
     is_csv = name.endswith(".csv") or (
         not name.endswith((".jsonl", ".json")) and not head.lstrip().startswith(b"{")
@@ -556,9 +559,7 @@ def validate(
 
     Raises DatasetError when the file has no usable row, or mixes formats.
     """
-    errors: list[RowError] = []
-    error_count = 0
-    formats: dict[str, tuple[int, int]] = {}  # format -> (first line, rows)
+    tally = _RowTally()
     token_counts = array("I")
     fingerprints: set[bytes] = set()
     duplicates = 0
@@ -575,13 +576,8 @@ def validate(
 
     file_type, items = open_dataset(chunks, filename=filename, forced_format=forced_format)
     for item in items:
-        if isinstance(item, RowError):
-            error_count += 1
-            if len(errors) < MAX_LISTED_ERRORS:
-                errors.append(item)
+        if not tally.count(item):
             continue
-        first, count = formats.get(item.format, (item.line, 0))
-        formats[item.format] = (first, count + 1)
         fingerprint = item.fingerprint()
         if fingerprint in fingerprints:
             duplicates += 1
@@ -601,33 +597,15 @@ def validate(
             flush()
     flush()
 
-    if len(formats) > 1:
-        described = " and ".join(
-            f"{FORMAT_NAMES[name]} (first on line {first}, {count} rows)"
-            for name, (first, count) in formats.items()
-        )
-        raise DatasetError(
-            "mixed_formats",
-            f"The file mixes formats: {described}. "
-            "Use one format per file, or force one with the format field.",
-        )
-    if not token_counts:
-        listed = "; ".join(str(error) for error in errors[:5])
-        more = f" (and {error_count - 5} more)" if error_count > 5 else ""
-        raise DatasetError(
-            "no_valid_rows",
-            f"The file has no usable rows. {listed}{more}",
-            errors=errors,
-            error_count=error_count,
-        )
+    tally.refuse_unusable()
     ordered = array("I", sorted(token_counts))
     return ValidationReport(
-        format=next(iter(formats)),
+        format=next(iter(tally.formats)),
         file_type=file_type,
         rows=len(token_counts),
         tokens=int(sum(token_counts)),
-        error_count=error_count,
-        errors=[str(error) for error in errors],
+        error_count=tally.error_count,
+        errors=[str(error) for error in tally.errors],
         tokens_per_row={
             "min": int(ordered[0]),
             "median": int(statistics.median(ordered)),
@@ -640,6 +618,61 @@ def validate(
         context_length=context_length,
         preview=preview,
     )
+
+
+class _RowTally:
+    """Counts rows by format and keeps the first errors; decides whether a file is usable."""
+
+    def __init__(self):
+        self.errors: list[RowError] = []
+        self.error_count = 0
+        self.formats: dict[str, tuple[int, int]] = {}  # format -> (first line, rows)
+
+    def count(self, item: Example | RowError) -> bool:
+        """Record a row; True when it is a usable Example."""
+        if isinstance(item, RowError):
+            self.error_count += 1
+            if len(self.errors) < MAX_LISTED_ERRORS:
+                self.errors.append(item)
+            return False
+        first, rows = self.formats.get(item.format, (item.line, 0))
+        self.formats[item.format] = (first, rows + 1)
+        return True
+
+    def refuse_unusable(self) -> None:
+        """Raise DatasetError when no row is usable, or rows come in more than one format."""
+        if len(self.formats) > 1:
+            described = " and ".join(
+                f"{FORMAT_NAMES[name]} (first on line {first}, {rows} rows)"
+                for name, (first, rows) in self.formats.items()
+            )
+            raise DatasetError(
+                "mixed_formats",
+                f"The file mixes formats: {described}. "
+                "Use one format per file, or force one with the format field.",
+            )
+        if not self.formats:
+            listed = "; ".join(str(error) for error in self.errors[:5])
+            more = f" (and {self.error_count - 5} more)" if self.error_count > 5 else ""
+            raise DatasetError(
+                "no_valid_rows",
+                f"The file has no usable rows. {listed}{more}".strip(),
+                errors=self.errors,
+                error_count=self.error_count,
+            )
+
+
+def check_head(
+    chunks: Iterable[bytes], *, filename: str = "", forced_format: str | None = None
+) -> None:
+    """A quick look at the first bytes of a large file, before it is accepted for a full pass:
+    raises DatasetError when they show the file is unusable (binary, no usable row, mixed
+    formats, a header without the needed columns). Rows are parsed, not tokenized."""
+    tally = _RowTally()
+    _, items = open_dataset(chunks, filename=filename, forced_format=forced_format, truncated=True)
+    for item in items:
+        tally.count(item)
+    tally.refuse_unusable()
 
 
 def chunks_of(data: bytes, size: int = 1 << 16) -> Iterator[bytes]:

@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from jobs.api.serializers import FileSerializer, FileUploadSerializer, ModelSerializer
-from jobs.datasets import rejection_details, validate_object
+from jobs.datasets import check_object_head, rejection_details, validate_object
 from jobs.models import BaseModel, File, new_file_id
 from jobs.uploads import S3StreamingUploadHandler, StoredUpload
 from loft import storage
@@ -158,11 +158,14 @@ class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScoped
             requested_format=requested_format,
             base_model=base_model,
         )
-        if upload.size > settings.LOFT_INLINE_VALIDATION_MAX_BYTES:
-            file = File.objects.create(**fields)
-            transaction.on_commit(lambda: validate_file.delay(file.id))
-            return file
+        inline_limit = settings.LOFT_INLINE_VALIDATION_MAX_BYTES
         try:
+            if upload.size > inline_limit:
+                # Large: a quick parse of its head now, the full pass in a worker.
+                check_object_head(upload.key, upload.name, requested_format, inline_limit)
+                file = File.objects.create(**fields)
+                transaction.on_commit(lambda: validate_file.delay(file.id))
+                return file
             report = validate_object(upload.key, upload.name, requested_format, base_model)
         except DatasetError as error:
             raise LoftAPIError(
