@@ -44,11 +44,11 @@ def validate_object(key: str, filename: str, requested_format: str, base_model: 
     return report.as_dict()
 
 
-def check_object_head(key: str, filename: str, requested_format: str, head_bytes: int) -> None:
+def check_object_head(key: str, filename: str, requested_format: str) -> None:
     """Parse the first bytes of a large upload; raises data.DatasetError when they show the file
     is unusable, so the uploader hears it now instead of from a background job."""
     data.check_head(
-        storage.iter_object(key, first_bytes=head_bytes),
+        storage.iter_object(key, first_bytes=settings.LOFT_HEAD_CHECK_BYTES),
         filename=filename,
         forced_format=requested_format or None,
     )

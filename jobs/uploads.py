@@ -1,13 +1,16 @@
 """Streaming uploads: request body → S3 as it arrives, with sha256 and size computed on the way.
 
-The web process holds at most one multipart part (8 MiB) of a file, whatever its size. If the
-upload is interrupted, too large or rejected, ``discard()`` leaves no object behind.
+The web process holds at most a few multipart parts (8 MiB each) of a file, whatever its size:
+one filling while up to two are being sent by a background thread, so that reading the request
+and writing to S3 overlap. If the upload is interrupted, too large or rejected, ``discard()``
+leaves no object behind.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import FileUploadHandler, StopFutureHandlers, StopUpload
@@ -15,6 +18,7 @@ from django.core.files.uploadhandler import FileUploadHandler, StopFutureHandler
 from loft import storage
 
 PART_BYTES = 8 * 2**20  # S3 parts must be at least 5 MiB, except the last
+PARTS_IN_FLIGHT = 2
 
 
 class StoredUpload(UploadedFile):
@@ -29,6 +33,10 @@ class StoredUpload(UploadedFile):
         return None
 
 
+def _storage_failure(error: Exception) -> storage.StorageError:
+    return storage.StorageError(f"Object storage could not store the upload: {error}")
+
+
 class S3StreamingUploadHandler(FileUploadHandler):
     """Takes the one file field named ``file`` and streams it to ``key_for(file name)``."""
 
@@ -41,11 +49,13 @@ class S3StreamingUploadHandler(FileUploadHandler):
         self.too_large = False
         self.key: str | None = None
         self._upload_id: str | None = None
+        self._in_flight: list[Future] = []
         self._parts: list[dict] = []
         self._buffer = bytearray()
         self._sha256 = hashlib.sha256()
         self._size = 0
         self._completed = False
+        self._sender: ThreadPoolExecutor | None = None
 
     def new_file(
         self,
@@ -92,6 +102,8 @@ class S3StreamingUploadHandler(FileUploadHandler):
             else:
                 if self._buffer:
                     self._send_part()
+                self._wait_for_parts(0)
+                self._parts.sort(key=lambda part: part["PartNumber"])
                 client.complete_multipart_upload(
                     Bucket=bucket,
                     Key=self.key,
@@ -100,9 +112,12 @@ class S3StreamingUploadHandler(FileUploadHandler):
                 )
         except storage.BOTO_ERRORS as error:
             self.discard()
-            raise storage.StorageError(
-                f"Object storage could not store the upload: {error}"
-            ) from error
+            raise _storage_failure(error) from error
+        except storage.StorageError:
+            self.discard()
+            raise
+        finally:
+            self._shutdown_sender()
         self._buffer = bytearray()
         self._completed = True
         return StoredUpload(
@@ -117,6 +132,10 @@ class S3StreamingUploadHandler(FileUploadHandler):
         self._buffer = bytearray()
         if self.key is None:
             return
+        for future in self._in_flight:
+            future.cancel()
+        self._shutdown_sender()
+        self._in_flight = []
         client, bucket = storage.client(), storage.bucket()
         try:
             if self._upload_id is not None and not self._completed:
@@ -131,24 +150,40 @@ class S3StreamingUploadHandler(FileUploadHandler):
             self._completed = False
 
     def _send_part(self) -> None:
+        """Hand the buffer to the sender thread; wait first if enough parts are on their way."""
         client, bucket = storage.client(), storage.bucket()
-        try:
-            if self._upload_id is None:
+        if self._upload_id is None:
+            try:
                 self._upload_id = client.create_multipart_upload(Bucket=bucket, Key=self.key)[
                     "UploadId"
                 ]
-            number = len(self._parts) + 1
-            response = client.upload_part(
-                Bucket=bucket,
-                Key=self.key,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                Body=bytes(self._buffer),
+            except storage.BOTO_ERRORS as error:
+                self.discard()
+                raise _storage_failure(error) from error
+            self._sender = ThreadPoolExecutor(
+                max_workers=PARTS_IN_FLIGHT, thread_name_prefix="s3-part"
             )
-        except storage.BOTO_ERRORS as error:
-            self.discard()
-            raise storage.StorageError(
-                f"Object storage could not store the upload: {error}"
-            ) from error
-        self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
-        self._buffer = bytearray()
+        self._wait_for_parts(PARTS_IN_FLIGHT - 1)
+        number = len(self._parts) + len(self._in_flight) + 1
+        body, self._buffer = bytes(self._buffer), bytearray()
+        self._in_flight.append(self._sender.submit(self._upload_part, client, bucket, number, body))
+
+    def _upload_part(self, client, bucket: str, number: int, body: bytes) -> dict:
+        response = client.upload_part(
+            Bucket=bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body
+        )
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    def _wait_for_parts(self, at_most_in_flight: int) -> None:
+        while len(self._in_flight) > at_most_in_flight:
+            future = self._in_flight.pop(0)
+            try:
+                self._parts.append(future.result())
+            except storage.BOTO_ERRORS as error:
+                self.discard()
+                raise _storage_failure(error) from error
+
+    def _shutdown_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.shutdown(wait=True, cancel_futures=True)
+            self._sender = None

@@ -108,6 +108,8 @@ S3_PRESIGNED_URL_SECONDS = env.integer("S3_PRESIGNED_URL_SECONDS", 300)
 LOFT_MAX_UPLOAD_BYTES = env.integer("LOFT_MAX_UPLOAD_BYTES", 2**30)
 # Up to this size an upload is validated while the client waits; larger ones in a worker.
 LOFT_INLINE_VALIDATION_MAX_BYTES = env.integer("LOFT_INLINE_VALIDATION_MAX_BYTES", 16 * 2**20)
+# Of a larger upload, this much is parsed before it is accepted (twice the longest allowed row).
+LOFT_HEAD_CHECK_BYTES = env.integer("LOFT_HEAD_CHECK_BYTES", 4 * 2**20)
 
 # --- API -------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -26,6 +26,22 @@ def bucket() -> str:
     return settings.S3_BUCKET
 
 
+def client_config(connect_timeout: float, read_timeout: float, attempts: int) -> Config:
+    return Config(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"max_attempts": attempts, "mode": "standard"},
+        # Path-style URLs work with every S3 implementation, including local gateways.
+        # Over plain HTTP botocore would hash every body into the signature and add a CRC:
+        # measured here, that caps uploads at 15 MB/s against 97 MB/s without. Loft records
+        # each upload's sha256 itself, and HTTPS endpoints are unsigned-payload anyway.
+        s3={"addressing_style": "path", "payload_signing_enabled": False},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        signature_version="s3v4",
+    )
+
+
 def _make_client(connect_timeout: float, read_timeout: float, attempts: int):
     return boto3.client(
         "s3",
@@ -33,14 +49,7 @@ def _make_client(connect_timeout: float, read_timeout: float, attempts: int):
         region_name=settings.S3_REGION,
         aws_access_key_id=settings.S3_ACCESS_KEY_ID,
         aws_secret_access_key=settings.S3_SECRET_ACCESS_KEY,
-        config=Config(
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            retries={"max_attempts": attempts, "mode": "standard"},
-            # Path-style URLs work with every S3 implementation, including local gateways.
-            s3={"addressing_style": "path"},
-            signature_version="s3v4",
-        ),
+        config=client_config(connect_timeout, read_timeout, attempts),
     )
 
 

@@ -42,7 +42,7 @@ def test_a_50_mb_single_line_is_refused_without_holding_it(api_a, tenant_a):
     line = b'{"text": "' + b"a" * (50 * 2**20) + b'"}'
     response = upload(api_a, line, "one_line.jsonl")
     assert_rejected_leaving_nothing(
-        response, "no_valid_rows", "line 1: longer than 8 MB", tenant_a.org
+        response, "no_valid_rows", "line 1: longer than 2 MB", tenant_a.org
     )
 
 

@@ -205,6 +205,7 @@ def test_a_large_file_unusable_past_its_head_ends_in_error_with_its_reason(
     celery_worker, transactional_db, tenant_a, settings
 ):
     settings.LOFT_INLINE_VALIDATION_MAX_BYTES = 1024
+    settings.LOFT_HEAD_CHECK_BYTES = 1024
     client = api_client_for(tenant_a.secret)
     # The head (first KiB) is fine chat; plain text rows come later, which a file cannot mix.
     body = upload(client, jsonl(chat_rows(30)) + jsonl([{"text": "later"}] * 5)).json()

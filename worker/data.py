@@ -33,7 +33,8 @@ FORMAT_NAMES = {
 }
 ROLES = ("system", "user", "assistant", "tool")
 MAX_LISTED_ERRORS = 100
-MAX_LINE_BYTES = 8 * 1024 * 1024
+# 2 MB of text is ~500k tokens, far past any base model's context: such a line is a mistake.
+MAX_LINE_BYTES = 2 * 1024 * 1024
 MAX_JSON_DEPTH = 16
 PREVIEW_ROWS = 3
 

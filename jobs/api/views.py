@@ -158,11 +158,10 @@ class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScoped
             requested_format=requested_format,
             base_model=base_model,
         )
-        inline_limit = settings.LOFT_INLINE_VALIDATION_MAX_BYTES
         try:
-            if upload.size > inline_limit:
+            if upload.size > settings.LOFT_INLINE_VALIDATION_MAX_BYTES:
                 # Large: a quick parse of its head now, the full pass in a worker.
-                check_object_head(upload.key, upload.name, requested_format, inline_limit)
+                check_object_head(upload.key, upload.name, requested_format)
                 file = File.objects.create(**fields)
                 transaction.on_commit(lambda: validate_file.delay(file.id))
                 return file
