@@ -4,6 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.routers import SimpleRouter
 
+from jobs import views as job_views
 from jobs.api.views import FileViewSet, ModelDetailView, ModelListView
 from loft import views
 from loft.api.views import ApiKeyViewSet
@@ -26,6 +27,9 @@ urlpatterns = [
     path("login", auth_views.LoginView.as_view(), name="login"),
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", healthz, name="healthz"),
+    path("datasets", job_views.dataset_list, name="dataset-list"),
+    path("datasets/<str:file_id>", job_views.dataset_detail, name="dataset-detail"),
+    path("datasets/<str:file_id>/delete", job_views.dataset_delete, name="dataset-delete"),
     path("admin/", admin.site.urls),
     path("v1/", include(api_v1)),
 ]

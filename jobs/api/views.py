@@ -59,10 +59,16 @@ class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScoped
         # The streaming handler must be in place before anything reads the body. For a signed-in
         # browser, that happens during authentication (the CSRF check reads the form), so it is
         # installed before authentication and learns the organization when the file begins.
-        if self.action == "create":
-            self.upload_handler = self._streaming_handler(request)
-            request._request.upload_handlers = [self.upload_handler]
-        super().initial(request, *args, **kwargs)
+        if self.action != "create":
+            return super().initial(request, *args, **kwargs)
+        self.upload_handler = self._streaming_handler(request)
+        request._request.upload_handlers = [self.upload_handler]
+        try:
+            super().initial(request, *args, **kwargs)
+        except BaseException:
+            # E.g. a browser whose CSRF token was wrong: the check read (and stored) the file.
+            self.upload_handler.discard()
+            raise
 
     def get_queryset(self):
         queryset = super().get_queryset()
