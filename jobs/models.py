@@ -76,8 +76,8 @@ class File(TenantOwnedModel):
     """An uploaded dataset: the bytes live in S3, the validation report here."""
 
     class Purpose(models.TextChoices):
-        FINE_TUNE = "fine-tune"
-        EVAL = "eval"
+        FINE_TUNE = "fine-tune", "Training data (fine-tune)"
+        EVAL = "eval", "Evaluation set (eval)"
 
     class Status(models.TextChoices):
         UPLOADED = "uploaded"  # stored, validation running in the background
