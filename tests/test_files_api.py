@@ -219,3 +219,43 @@ def test_a_large_file_unusable_past_its_head_ends_in_error_with_its_reason(
         "The file mixes formats: chat messages (first on line 1, 30 rows)"
     )
     assert objects_of(tenant_a.org) == []
+
+
+def test_an_interrupted_upload_leaves_no_object_and_no_row(live_server, transactional_db):
+    import socket
+    import urllib.parse
+
+    org = Organization.objects.create(slug="flaky", name="Flaky")
+    _, secret = ApiKey.issue(org)
+    boundary = "cutboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="cut.jsonl"\r\n\r\n'
+    ).encode()
+    sent = jsonl(chat_rows(400_000))[: 20 * 2**20]  # 20 MiB: several multipart parts reach S3
+    url = urllib.parse.urlsplit(live_server.url)
+    with socket.create_connection((url.hostname, url.port)) as connection:
+        connection.sendall(
+            (
+                f"POST /v1/files HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                f"Authorization: Bearer {secret}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                f"Content-Length: {len(head) + 100 * 2**20}\r\n\r\n"
+            ).encode()
+            + head
+        )
+        connection.sendall(sent)
+    # The client is gone mid-file. Whatever the server makes of that, nothing may remain.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (objects_of(org) or _open_multipart_uploads(org)):
+        time.sleep(0.5)
+    assert objects_of(org) == []
+    assert _open_multipart_uploads(org) == []
+    assert File.objects.filter(org=org).count() == 0
+
+
+def _open_multipart_uploads(org) -> list[str]:
+    listed = storage.client().list_multipart_uploads(
+        Bucket=storage.bucket(), Prefix=f"orgs/{org.id}/"
+    )
+    return [upload["Key"] for upload in listed.get("Uploads", [])]

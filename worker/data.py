@@ -110,7 +110,11 @@ def sniff_binary(head: bytes) -> str | None:
 
 
 def iter_lines(
-    chunks: Iterable[bytes], max_line_bytes: int = MAX_LINE_BYTES, *, truncated: bool = False
+    chunks: Iterable[bytes],
+    max_line_bytes: int = MAX_LINE_BYTES,
+    *,
+    truncated: bool = False,
+    first_line: int = 1,
 ) -> Iterator[tuple[int, bytes | None]]:
     """Split a byte stream into (line number, line) without ever holding more than one line.
 
@@ -119,7 +123,7 @@ def iter_lines(
     file (``truncated``), its cut-off last line is dropped rather than reported.
     """
     pending = bytearray()
-    number = 1
+    number = first_line
     overlong = False
     for chunk in chunks:
         start = 0
@@ -247,6 +251,11 @@ def chat_from_row(row: dict) -> list[Message]:
         result.append(Message(role, content, trained))
     if not any(m.role == "assistant" for m in result):
         raise RowProblem("conversation has no assistant turn")
+    if result[0].role == "assistant":
+        # Training learns each answer from what came before it; the first turn has nothing.
+        raise RowProblem(
+            "conversation starts with an assistant turn; put a system or user turn first"
+        )
     if not any(m.trained for m in result):
         raise RowProblem("every assistant turn has weight 0, so nothing would be trained")
     return result
@@ -314,19 +323,24 @@ CSV_COLUMNS = {
 
 def _csv_rows(lines: Iterator[tuple[int, bytes | None]], forced_format: str | None):
     """Yield (line, dict | RowProblem) from CSV lines; the header decides the format."""
-    current_line = [0]
+    # The physical line a record starts on: the first line the reader takes after the previous
+    # record, not counting lines that were reported as problems instead.
+    record_start: list[int | None] = [None]
     problems: list[tuple[int, RowProblem]] = []
 
     def text_lines():
         for number, raw in lines:
-            current_line[0] = number
             if raw is None:
                 problems.append((number, RowProblem(f"longer than {MAX_LINE_BYTES // 2**20} MB")))
                 continue
             try:
-                yield decode_line(raw.rstrip(b"\r")) + "\n"
+                text = decode_line(raw.rstrip(b"\r")) + "\n"
             except RowProblem as problem:
                 problems.append((number, problem))
+                continue
+            if record_start[0] is None:
+                record_start[0] = number
+            yield text
 
     reader = csv.reader(text_lines())
     try:
@@ -351,14 +365,15 @@ def _csv_rows(lines: Iterator[tuple[int, bytes | None]], forced_format: str | No
         )
     yield "format", fmt
     while True:
-        start_line = current_line[0] + 1
+        record_start[0] = None
         try:
             values = next(reader)
         except StopIteration:
             break
         except csv.Error as error:
-            yield start_line, RowProblem(f"not valid CSV ({error})")
+            yield record_start[0] or 0, RowProblem(f"not valid CSV ({error})")
             continue
+        start_line = record_start[0] or 0
         while problems:
             yield problems.pop(0)
         if not any(value.strip() for value in values):
@@ -387,7 +402,13 @@ def open_dataset(
     if forced_format is not None and forced_format not in FORMATS:
         raise DatasetError("invalid_format", f"format must be one of {', '.join(FORMATS)}.")
     chunks = iter(chunks)
-    head = next((chunk for chunk in chunks if chunk.strip()), b"")
+    head = b""
+    skipped_lines = 0  # newlines in leading whitespace-only chunks, so line numbers stay true
+    for chunk in chunks:
+        if chunk.strip():
+            head = chunk
+            break
+        skipped_lines += chunk.count(b"\n")
     if not head:
         raise DatasetError("empty_file", "The file is empty.")
     binary = sniff_binary(head)
@@ -403,7 +424,7 @@ def open_dataset(
         yield head
         yield from chunks
 
-    lines = iter_lines(all_chunks(), truncated=truncated)
+    lines = iter_lines(all_chunks(), truncated=truncated, first_line=1 + skipped_lines)
     name = filename.lower()
     is_csv = name.endswith(".csv") or (
         not name.endswith((".jsonl", ".json")) and not head.lstrip().startswith(b"{")
@@ -457,10 +478,11 @@ class Rendered:
         runs: list[dict] = []
         cursor = 0
         for (start, end), trained in zip(offsets, self.trained, strict=True):
-            if end <= start:
+            # Tokens of one character split into bytes share its offsets: take it once.
+            if end <= cursor:
                 continue
-            piece = self.text[cursor:end] if start >= cursor else self.text[start:end]
-            cursor = max(cursor, end)
+            piece = self.text[max(start, cursor) : end]
+            cursor = end
             if runs and runs[-1]["trained"] == trained:
                 runs[-1]["text"] += piece
             else:
