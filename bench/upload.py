@@ -118,16 +118,17 @@ class PeakRss:
 
 
 def web_pids(port: int) -> list[int]:
-    """The processes that serve the port: gunicorn's master and its workers."""
-    for connection in psutil.net_connections("tcp"):
-        if (
-            connection.laddr
-            and connection.laddr.port == port
-            and connection.status == psutil.CONN_LISTEN
-        ):
-            master = psutil.Process(connection.pid)
-            return [master.pid] + [child.pid for child in master.children()]
-    raise SystemExit(f"no process listens on port {port}")
+    """The processes that serve the port: gunicorn's master and its workers all hold the socket."""
+    pids = {
+        connection.pid
+        for connection in psutil.net_connections("tcp")
+        if connection.laddr
+        and connection.laddr.port == port
+        and connection.status == psutil.CONN_LISTEN
+    }
+    if not pids:
+        raise SystemExit(f"no process listens on port {port}")
+    return sorted(pids)
 
 
 def direct_s3_baseline(env_file: Path, path: Path) -> float:

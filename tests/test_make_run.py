@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
+import openai
 import psutil
 import pytest
 
@@ -99,6 +100,19 @@ class MakeRun:
         return self.log.read_text(errors="replace")[-5000:]
 
 
+def exercise_files_with_the_openai_client(url: str, key: str) -> None:
+    """The official client, unchanged, against the running stack (gunicorn, worker, S3)."""
+    client = openai.OpenAI(api_key=key, base_url=f"{url}/v1", max_retries=0)
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}
+    content = json.dumps(row).encode() + b"\n"
+    created = client.files.create(file=("hello.jsonl", content), purpose="fine-tune")
+    assert created.status == "processed"
+    assert client.files.retrieve(created.id).bytes == len(content)
+    assert created.id in [f.id for f in client.files.list()]
+    assert client.files.content(created.id).read() == content
+    assert client.files.delete(created.id).deleted
+
+
 def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     gone, still = psutil.wait_procs(processes, timeout=10)
     return [p for p in still if p.status() != psutil.STATUS_ZOMBIE]
@@ -119,6 +133,7 @@ def test_make_run_starts_stops_and_restarts_with_the_same_data(tmp_path):
         assert status == 200
         assert "HuggingFaceTB/SmolLM2-135M-Instruct" in [m["id"] for m in models["data"]]
         _, keys = get_json(f"{run.url}/v1/api_keys", key)
+        exercise_files_with_the_openai_client(run.url, key)
         stack_processes = run.stop()
     finally:
         if run.process.poll() is None:
