@@ -79,3 +79,107 @@ def load_tokenizer(spec: BaseModelSpec, cache_dir: Path):
     return AutoTokenizer.from_pretrained(
         _publish(convert, cache_path(spec, cache_dir, "tokenizer"))
     )
+
+
+def training_device() -> str:
+    """CUDA when the worker has a GPU, else the CPU; chosen when a job runs, not at install."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str):
+    """bf16 where the hardware computes in it, else fp32 (CPU fp16/bf16 matmuls are slow here)."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def model_folder(spec: BaseModelSpec, cache_dir: Path) -> str:
+    """Where ``from_pretrained`` finds the weights: the converted bundled model, or the hub id."""
+    if not spec.source.startswith(BUNDLED_PREFIX):
+        return spec.source
+
+    def convert(folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        gguf = bundled_gguf(spec.source)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The weights are dequantized; drop the GGUF quantizer so they save as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder, safe_serialization=True)
+
+    return str(_publish(convert, cache_path(spec, cache_dir, "model")))
+
+
+def load_base_model(spec: BaseModelSpec, cache_dir: Path, quantization: str, device: str):
+    """The base model for training: 4-bit NF4 with double quantization ("nf4", QLoRA), or full
+    precision ("none", LoRA). Never with remote code."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(device)
+    options: dict = {"dtype": dtype, "device_map": {"": device}}
+    if quantization == "nf4":
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    revision = None if spec.source.startswith(BUNDLED_PREFIX) else spec.revision
+    model = AutoModelForCausalLM.from_pretrained(
+        model_folder(spec, cache_dir), revision=revision, **options
+    )
+    if quantization == "nf4" and device == "cpu":
+        keep_4bit_weights_in_training_layout(model)
+    # Packed rows need a block-causal mask from position_ids, which transformers builds only when
+    # no KV cache exists; a cache in training would let packed rows attend to each other.
+    model.config.use_cache = False
+    return model
+
+
+def keep_4bit_weights_in_training_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On a CPU with AVX512-BF16, a forward pass in eval mode without gradients rewrites each
+    Linear4bit weight in place into an inference layout (bitsandbytes 0.50). Training after
+    that (validation loss, then the next job on a warm worker) computes with the repacked
+    weights and no longer learns: measured here, loss 1.03 → 1.03 over four steps instead of
+    1.03 → 0.43, and base logits off by 0.7.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+class WarmBaseModels:
+    """Keeps the last base model loaded between jobs, so a second job on it starts at once."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._model = None
+
+    def get(self, spec: BaseModelSpec, cache_dir: Path, quantization: str, device: str):
+        key = (spec, quantization, device)
+        if self._key != key:
+            self._model = None  # free the old one before loading the next
+            self._model = load_base_model(spec, cache_dir, quantization, device)
+            self._key = key
+        return self._model
+
+    def is_warm(self, spec: BaseModelSpec, quantization: str, device: str) -> bool:
+        return self._key == (spec, quantization, device)
+
+    def give_back(self, model) -> None:
+        """Keep the model a job trained on (its adapter is swapped by the next job)."""
+        self._model = model
+
+
+warm_base_models = WarmBaseModels()

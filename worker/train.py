@@ -1,0 +1,527 @@
+"""The training loop: LoRA / QLoRA on a causal LM, packed, checkpointed, resumable, cancellable.
+
+No Django, no Celery, no S3: a run takes a config, tokenized examples, a base model and
+callbacks, and writes checkpoints and the adapter into local folders. It reads top to bottom:
+
+    setup (seed, LoRA on the base, optimizer, schedule, resume)
+    → train (one optimizer step = the next ``batch_size`` examples, packed into rows)
+    → save (the adapter and the config)
+
+Why a loop of its own rather than transformers' Trainer: packing with per-example
+``position_ids`` and computing the vocabulary projection only where a label is trained are
+what make it fast on small models (bench/train.py measures it against a padded Trainer run),
+and checkpoints must be safetensors + JSON, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from worker import data
+
+IGNORE = -100
+METHODS = ("qlora", "lora")
+
+
+class ConfigError(ValueError):
+    """A training setting is out of range; the message names the field."""
+
+
+class TrainingCancelled(Exception):
+    """The job was cancelled; raised at a step boundary."""
+
+
+@dataclass
+class TrainConfig:
+    """What one fine-tuning run does. Saved beside the adapter as training_config.json."""
+
+    method: str = field(
+        default="qlora", metadata={"help": "qlora (4-bit NF4 base) or lora (full precision)"}
+    )
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: str = field(default="all-linear", metadata={"help": "peft target modules"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    n_epochs: int = field(default=1, metadata={"help": "passes over the training examples"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
+    batch_size: int = field(default=8, metadata={"help": "examples per optimizer step"})
+    max_seq_length: int = field(default=1024, metadata={"help": "longer examples are truncated"})
+    packing: bool = field(default=True, metadata={"help": "pack examples into rows, no padding"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps warming up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    seed: int = field(default=42, metadata={"help": "makes a run repeatable"})
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    validation_fraction: float = field(default=0.1, metadata={"help": "held out when no file"})
+
+    def __post_init__(self):
+        def need(condition: bool, name: str, rule: str):
+            if not condition:
+                raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        need(self.method in METHODS, "method", "qlora or lora")
+        need(1 <= self.lora_rank <= 256, "lora_rank", "between 1 and 256")
+        need(self.lora_alpha >= 1, "lora_alpha", "at least 1")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
+        need(0 < self.learning_rate <= 1, "learning_rate", "in (0, 1]")
+        need(1 <= self.n_epochs <= 100, "n_epochs", "between 1 and 100")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "at least 1")
+        need(1 <= self.batch_size <= 1024, "batch_size", "between 1 and 1024")
+        need(16 <= self.max_seq_length <= 131072, "max_seq_length", "between 16 and 131072")
+        need(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
+        need(self.weight_decay >= 0, "weight_decay", "at least 0")
+        need(self.max_grad_norm > 0, "max_grad_norm", "positive")
+        need(self.checkpoint_every >= 1, "checkpoint_every", "at least 1")
+        need(0 <= self.validation_fraction < 1, "validation_fraction", "in [0, 1)")
+
+    @property
+    def quantization(self) -> str:
+        return "nf4" if self.method == "qlora" else "none"
+
+
+# --- examples → tokens → rows ---------------------------------------------------------------
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where the token is context, the token itself where it is learned
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+def tokenize(
+    examples: list[data.Example], tokenizer, max_seq_length: int
+) -> tuple[list[Tokenized], int]:
+    """Examples as training sees them (data.render: the chat template, trained spans); returns
+    them and how many were dropped because truncation left nothing to learn."""
+    result, dropped = [], 0
+    for example in examples:
+        rendered, _ = data.render(example, tokenizer)
+        ids = rendered.input_ids[:max_seq_length]
+        labels = [
+            t if trained else IGNORE for t, trained in zip(ids, rendered.trained, strict=False)
+        ]
+        if all(label == IGNORE for label in labels[1:]):
+            dropped += 1
+            continue
+        result.append(Tokenized(ids, labels))
+    return result, dropped
+
+
+def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a share of the examples (at least one, at most 500) when no validation file
+    is given; the same seed holds out the same examples."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    count = min(500, max(1, round(len(examples) * fraction)))
+    held = set(order[:count])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+@dataclass
+class Row:
+    """One micro-batch: tensors shaped [rows, length]."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+    @property
+    def real_tokens(self) -> int:
+        if self.attention_mask is None:
+            return self.input_ids.numel()
+        return int(self.attention_mask.sum())
+
+    def to(self, device: str) -> Row:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Row(
+            move(self.input_ids),
+            move(self.labels),
+            move(self.position_ids),
+            move(self.attention_mask),
+        )
+
+
+def pack(examples: list[Tokenized], row_tokens: int) -> list[Row]:
+    """Pack examples into rows of at most ``row_tokens`` tokens, first-fit by decreasing length.
+
+    Each example's position_ids start at 0, which is how transformers knows where one ends: it
+    builds a block-causal mask, so no example attends to another (with no KV cache, see
+    base_models.load_base_model). The first label of each example is ignored so no example
+    learns to predict from its neighbour's last token. No padding: each row is its own batch.
+    """
+    bins: list[list[Tokenized]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        size = len(example.input_ids)
+        for index, space in enumerate(room):
+            if size <= space:
+                bins[index].append(example)
+                room[index] -= size
+                break
+        else:
+            bins.append([example])
+            room.append(max(row_tokens, size) - size)
+    rows = []
+    for members in bins:
+        ids, labels, positions = [], [], []
+        for example in members:
+            ids += example.input_ids
+            labels += [IGNORE] + example.labels[1:]
+            positions += range(len(example.input_ids))
+        rows.append(
+            Row(
+                torch.tensor([ids]),
+                torch.tensor([labels]),
+                position_ids=torch.tensor([positions]),
+            )
+        )
+    return rows
+
+
+def pad(examples: list[Tokenized], pad_id: int) -> list[Row]:
+    """The examples as one padded batch (to the longest): the way without packing."""
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id)
+    labels = torch.full((len(examples), length), IGNORE)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return [Row(ids, labels, attention_mask=mask)]
+
+
+# --- loss ------------------------------------------------------------------------------------
+
+
+def loss_sum(model, row: Row) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over trained tokens, and their count.
+
+    The vocabulary projection (49k × 576 for SmolLM2, a fifth of the model's work) runs only on
+    the positions that have a label, not on every token as a plain forward pass would.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.get_decoder()(
+        input_ids=row.input_ids,
+        position_ids=row.position_ids,
+        attention_mask=row.attention_mask,
+        use_cache=False,
+    ).last_hidden_state
+    targets = row.labels[:, 1:]
+    keep = targets != IGNORE
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+
+
+@torch.no_grad()
+def held_out_loss(model, examples: list[Tokenized], row_tokens: int, device: str) -> float | None:
+    """Mean loss per trained token on held-out examples (packed, like training)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for row in pack(examples, row_tokens):
+        summed, n = loss_sum(model, row.to(device))
+        total += float(summed)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# --- the schedule of examples ------------------------------------------------------------
+
+
+def steps_per_epoch(examples: int, batch_size: int) -> int:
+    return math.ceil(examples / batch_size)
+
+
+def total_steps(config: TrainConfig, examples: int) -> int:
+    steps = steps_per_epoch(examples, config.batch_size) * config.n_epochs
+    return min(steps, config.max_steps) if config.max_steps else steps
+
+
+def examples_for_step(train: list[Tokenized], config: TrainConfig, step: int) -> list[Tokenized]:
+    """The examples of optimizer step ``step`` (0-based). A pure function of the seed and the
+    step, so a resumed run takes up exactly where the checkpoint left off."""
+    per_epoch = steps_per_epoch(len(train), config.batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = list(range(len(train)))
+    random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
+    chosen = order[position * config.batch_size : (position + 1) * config.batch_size]
+    return [train[i] for i in chosen]
+
+
+# --- checkpoints: safetensors and JSON, never pickles ---------------------------------------
+
+
+def save_checkpoint(
+    folder: Path, model, optimizer, scheduler, step: int, config: TrainConfig
+) -> None:
+    save_adapter(model, folder)
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, folder / "optimizer.safetensors")
+    python_rng = random.getstate()
+    (folder / "trainer_state.json").write_text(
+        json.dumps(
+            {
+                "step": step,
+                "config": asdict(config),
+                "param_groups": state["param_groups"],
+                "optimizer_scalars": scalars,
+                "scheduler": scheduler.state_dict(),
+                "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
+            }
+        )
+    )
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint into the run; returns the number of steps it had completed."""
+    load_adapter_weights(model, load_file(folder / "adapter_model.safetensors"))
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    tensors = load_file(folder / "optimizer.safetensors")
+    per_param: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["optimizer_scalars"].items()):
+        if key.startswith("rng."):
+            continue
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return int(meta["step"])
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    learning_rate: float
+    tokens_per_second: float
+    eta_seconds: float
+    trained_tokens: int
+
+
+@dataclass
+class Callbacks:
+    on_progress: Callable[[Progress], None] = lambda progress: None
+    should_stop: Callable[[], bool] = lambda: False
+    # Called with a finished checkpoint folder and its step; uploads it, records it.
+    on_checkpoint: Callable[[Path, int], None] = lambda folder, step: None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from_step: int
+    trained_tokens: int  # real (not padding) tokens processed, over all epochs
+    processed_tokens: int  # with padding, when not packing
+    train_loss: float | None
+    validation_loss: float | None
+    seconds: float
+    seconds_to_first_step: float
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.trained_tokens / max(self.processed_tokens, 1)
+
+
+def attach_lora(base, config: TrainConfig, parent_adapter: Path | None):
+    """The base with one trainable LoRA adapter: fresh, or starting from the parent adapter's
+    weights and settings (continual fine-tuning). ``unload()`` gives the base back after."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if parent_adapter is not None:
+        lora = LoraConfig.from_pretrained(str(parent_adapter))
+        lora.inference_mode = False
+    else:
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+            task_type="CAUSAL_LM",
+        )
+    if config.quantization == "nf4":
+        # Norms in fp32 and gradients through the 4-bit layers to the adapters; gradient
+        # checkpointing stays off: these models are small, and speed matters more.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    model = get_peft_model(base, lora)
+    if parent_adapter is not None:
+        load_adapter_weights(model, load_file(parent_adapter / "adapter_model.safetensors"))
+    return model
+
+
+# peft's own state-dict helpers call model.state_dict(), which on a 4-bit model rewrites the
+# quantization state in place (bitsandbytes 0.50 on the CPU; measured: base logits off by 0.7
+# after one call). The adapter's weights are therefore read and written parameter by parameter.
+
+_ADAPTER_KEY = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)\.")
+
+
+def adapter_weights(model) -> dict[str, torch.Tensor]:
+    """The active adapter's weights under peft's file keys (without the adapter's name)."""
+    name = model.active_adapter
+    weights = {}
+    for key, parameter in model.named_parameters():
+        match = _ADAPTER_KEY.search(key)
+        if match and match.group(2) == name:
+            weights[_ADAPTER_KEY.sub(r".\1.", key, count=1)] = parameter.detach().contiguous()
+    return weights
+
+
+@torch.no_grad()
+def load_adapter_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Copy saved weights into the active adapter; every saved weight must find its place."""
+    name = model.active_adapter
+    parameters = dict(model.named_parameters())
+    for key, value in weights.items():
+        target = re.sub(r"\.(lora_[A-Za-z_]+)\.", rf".\1.{name}.", key, count=1)
+        if target not in parameters:
+            raise ValueError(f"The adapter does not fit this model: no parameter for {key}")
+        parameters[target].copy_(value)
+
+
+def save_adapter(model, folder: Path) -> None:
+    """The active adapter as a PEFT folder: adapter_config.json + adapter_model.safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_weights(model), folder / "adapter_model.safetensors")
+    model.peft_config[model.active_adapter].save_pretrained(str(folder))
+
+
+def train(
+    config: TrainConfig,
+    train_examples: list[Tokenized],
+    validation_examples: list[Tokenized],
+    base,
+    *,
+    device: str,
+    work_dir: Path,
+    callbacks: Callbacks | None = None,
+    resume_from: Path | None = None,
+    parent_adapter: Path | None = None,
+    pad_id: int = 0,
+):
+    """Train and return (the peft model, TrainResult). The caller saves the adapter, then
+    ``unload()`` gives back the untouched base for the next run."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    callbacks = callbacks or Callbacks()
+    started = time.monotonic()
+
+    # --- setup
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = attach_lora(base, config, parent_adapter)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    steps = total_steps(config, len(train_examples))
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(steps * config.warmup_ratio), steps
+    )
+    first_step = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else 0
+
+    # --- train
+    trained_tokens = processed_tokens = 0
+    recent_loss: float | None = None
+    first_step_done_at: float | None = None
+    loop_started = time.monotonic()
+    per_epoch = steps_per_epoch(len(train_examples), config.batch_size)
+    for step in range(first_step, steps):
+        if callbacks.should_stop():
+            raise TrainingCancelled(f"cancelled before step {step + 1}")
+        batch = examples_for_step(train_examples, config, step)
+        rows = pack(batch, config.max_seq_length) if config.packing else pad(batch, pad_id)
+        label_count = sum(int((row.labels[:, 1:] != IGNORE).sum()) for row in rows)
+        step_loss = 0.0
+        for row in rows:
+            summed, _ = loss_sum(model, row.to(device))
+            # Normalize by the step's trained tokens, so every token weighs the same however
+            # the examples were split into rows.
+            (summed / label_count).backward()
+            step_loss += float(summed.detach())
+            trained_tokens += row.real_tokens
+            processed_tokens += row.input_ids.numel()
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        recent_loss = step_loss / label_count
+        if first_step_done_at is None:
+            first_step_done_at = time.monotonic()
+        elapsed = time.monotonic() - loop_started
+        rate = trained_tokens / elapsed if elapsed > 0 else 0.0
+        callbacks.on_progress(
+            Progress(
+                step=done,
+                total_steps=steps,
+                epoch=done / per_epoch,
+                loss=recent_loss,
+                learning_rate=scheduler.get_last_lr()[0],
+                tokens_per_second=rate,
+                eta_seconds=elapsed / max(done - first_step, 1) * (steps - done),
+                trained_tokens=trained_tokens,
+            )
+        )
+        if done % config.checkpoint_every == 0 or done == steps:
+            folder = work_dir / "checkpoints" / f"step-{done}"
+            save_checkpoint(folder, model, optimizer, scheduler, done, config)
+            callbacks.on_checkpoint(folder, done)
+
+    # --- evaluate on the held-out examples
+    validation_loss = held_out_loss(model, validation_examples, config.max_seq_length, device)
+    return model, TrainResult(
+        steps=steps,
+        resumed_from_step=first_step,
+        trained_tokens=trained_tokens,
+        processed_tokens=processed_tokens,
+        train_loss=recent_loss,
+        validation_loss=validation_loss,
+        seconds=time.monotonic() - started,
+        seconds_to_first_step=(first_step_done_at or time.monotonic()) - started,
+    )
