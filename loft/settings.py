@@ -96,6 +96,19 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
+CELERY_BEAT_SCHEDULE = {
+    "reap-stale-jobs": {"task": "worker.tasks.reap_stale_jobs", "schedule": 30.0},
+}
+
+# --- Jobs ------------------------------------------------------------------------------------
+# Workers of a GPU class consume that class's queue; the embedded stack has one worker on it.
+LOFT_TRAINING_QUEUE = env.string("LOFT_TRAINING_QUEUE", "default")
+LOFT_HEARTBEAT_SECONDS = env.integer("LOFT_HEARTBEAT_SECONDS", 10)
+# A running job whose heartbeat is older than this is taken to have lost its worker.
+LOFT_LEASE_SECONDS = env.integer("LOFT_LEASE_SECONDS", 60)
+LOFT_MAX_ATTEMPTS = env.integer("LOFT_MAX_ATTEMPTS", 3)
+LOFT_JOB_SOFT_TIME_LIMIT_SECONDS = env.integer("LOFT_JOB_SOFT_TIME_LIMIT_SECONDS", 12 * 3600)
+
 # --- Object storage (S3) ---------------------------------------------------------------------
 S3_ENDPOINT_URL = env.get("S3_ENDPOINT_URL")  # None means AWS itself
 S3_REGION = env.string("S3_REGION", "us-east-1")

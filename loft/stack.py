@@ -64,6 +64,23 @@ def worker_child(env: dict[str, str]) -> Child:
     )
 
 
+def beat_child(env: dict[str, str], home: Path) -> Child:
+    return Child(
+        "beat",
+        [
+            str(BIN_DIR / "celery"),
+            "-A",
+            "loft",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(home / "celerybeat-schedule"),
+        ],
+        env=env,
+    )
+
+
 def web_child(env: dict[str, str], host: str, port: int) -> Child:
     return Child(
         "web",
@@ -131,7 +148,7 @@ def run() -> int:
         manage(env, "collectstatic", "--noinput", "-v", "0")
         manage(env, "bootstrap", "--demo")
 
-        apps = [worker_child(env), web_child(env, host, port)]
+        apps = [worker_child(env), beat_child(env, home), web_child(env, host, port)]
         for child in apps:
             child.start()
         say(f"Waiting for the web server and a worker at {base_url}/healthz …")

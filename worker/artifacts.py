@@ -1,0 +1,105 @@
+"""What a finished adapter folder holds, and the manifest that makes a folder an artifact.
+
+No Django, no S3: functions on local folders. Every multi-file artifact ends with a
+``manifest.json`` (sha256 and size of each file), written last: an artifact without its
+manifest does not exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while chunk := source.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_manifest(folder: Path) -> dict:
+    files = {
+        str(path.relative_to(folder)): {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+    return {"files": files, "total_bytes": sum(f["bytes"] for f in files.values())}
+
+
+def verify(folder: Path, manifest: dict) -> None:
+    """Raise ValueError unless every listed file is present with its size and sha256."""
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if (
+            not path.is_file()
+            or path.stat().st_size != expected["bytes"]
+            or sha256_of(path) != expected["sha256"]
+        ):
+            raise ValueError(f"{name} does not match the manifest")
+
+
+def model_card(
+    *,
+    name: str,
+    base_model: str,
+    method: str,
+    hyperparameters: dict,
+    data_stats: dict,
+    metrics: dict,
+    parent: str | None,
+) -> str:
+    """README.md of the adapter folder: what it is, how it was made, how to load it."""
+    rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(hyperparameters.items()))
+    data_rows = "\n".join(f"| {key} | {value} |" for key, value in data_stats.items())
+    metric_rows = "\n".join(f"| {key} | {value} |" for key, value in metrics.items())
+    lineage = f"Continued from adapter `{parent}`.\n\n" if parent else ""
+    return f"""---
+base_model: {base_model}
+library_name: peft
+tags: [lora, {method}, loft]
+---
+
+# {name}
+
+A LoRA adapter for `{base_model}`, trained by Loft with {method.upper()}.
+
+{lineage}## Use
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+base = AutoModelForCausalLM.from_pretrained("{base_model}")
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+```
+
+The folder holds safetensors weights only; `manifest.json` lists each file's sha256.
+
+## Data
+
+| | |
+|---|---|
+{data_rows}
+
+## Hyperparameters
+
+| | |
+|---|---|
+{rows}
+
+## Metrics
+
+| | |
+|---|---|
+{metric_rows}
+"""
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
