@@ -79,16 +79,8 @@ def run_job(job_id: str, worker: str) -> None:
             "time_limit",
             "Time limit reached; the job ran longer than the worker allows.",
         )
-    except MemoryError:
-        batch = job.hyperparameters.get("batch_size", 8)
-        _fail(
-            job,
-            attempt,
-            "out_of_memory",
-            f"Out of memory at batch size {batch}; try {max(1, batch // 2)}.",
-        )
     except Exception as error:  # noqa: BLE001 - the job must end with a sentence, whatever broke
-        if _is_cuda_oom(error):
+        if _is_out_of_memory(error):
             batch = job.hyperparameters.get("batch_size", 8)
             _fail(
                 job,
@@ -109,10 +101,10 @@ def run_job(job_id: str, worker: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _is_cuda_oom(error: Exception) -> bool:
+def _is_out_of_memory(error: Exception) -> bool:
     import torch
 
-    return isinstance(error, torch.OutOfMemoryError)
+    return isinstance(error, MemoryError | torch.OutOfMemoryError)
 
 
 def _fail(job: FineTuneJob, attempt: int, code: str, message: str) -> None:

@@ -123,12 +123,20 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
     assert after != before, after
     assert "Banana" in after
 
-    # A second job on the same worker finds the base model still loaded.
-    second = wait_for(
-        submit(tenant_a, job.training_file, max_steps=1), finished, what="the second job"
+    # A second job on the same worker finds the base model still loaded; it continues from the
+    # first job's adapter, and its adapter records that parent.
+    second = FineTuneJob.submit(
+        org=tenant_a.org,
+        training_file=job.training_file,
+        parent_adapter=adapter,
+        hyperparameters={"max_steps": 1, "batch_size": 4, "max_seq_length": 128},
     )
-    assert second.status == "succeeded"
+    second = wait_for(second, finished, what="the second job")
+    assert second.status == "succeeded", second.error
     assert any("already loaded" in e.message for e in second.events.all())
+    child = Adapter.objects.get(job=second)
+    assert child.parent == adapter
+    assert "Continued from adapter" in storage.get_bytes(f"{child.s3_prefix}README.md").decode()
 
 
 @pytest.fixture
