@@ -126,6 +126,7 @@ class WorkerProcess:
         deadline = time.monotonic() + 120
         while " ready." not in self.log.read_text(errors="replace"):
             if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
                 raise AssertionError(f"worker {self.name} did not start:\n{self.output()}")
             time.sleep(0.2)
         return self
