@@ -52,7 +52,7 @@ def submit(tenant, file: File, **hyperparameters) -> FineTuneJob:
     )
 
 
-def wait_for(job: FineTuneJob, condition, timeout: float = 300, what: str = "") -> FineTuneJob:
+def wait_for(job: FineTuneJob, condition, timeout: float = 600, what: str = "") -> FineTuneJob:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job.refresh_from_db()
