@@ -32,6 +32,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def run_loft(args, method: str) -> dict:
     tokenizer, train_examples, validation = prepare(args)
     config = config_for(args, method)
     device = training_device()
-    work = Path(tempfile.mkdtemp(prefix="loft-bench-train-"))
+    work = Path(args.result).parent / f"loft-{method}"  # the parent removes it afterwards
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
     started = time.monotonic()
@@ -238,7 +239,7 @@ def run_trainer(args) -> dict:
     tokenizer, train_examples, validation = prepare(args)
     config = config_for(args, "lora")
     device = training_device()
-    work = Path(tempfile.mkdtemp(prefix="loft-bench-trainer-"))
+    work = Path(args.result).parent / "trainer"  # the parent removes it afterwards
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -442,10 +443,13 @@ def main() -> int:
         f"lr 2e-4 cosine; {SPEC.name} on {where} ({threads} threads)"
     )
 
-    work = Path(tempfile.mkdtemp(prefix="loft-bench-"))
-    baseline = spawn("trainer", args, work)
-    loft = spawn("loft-lora", args, work)
-    qlora = spawn("loft-qlora", args, work)
+    work = Path(tempfile.mkdtemp(prefix="loft-bench-train-"))
+    try:
+        baseline = spawn("trainer", args, work)
+        loft = spawn("loft-lora", args, work)
+        qlora = spawn("loft-qlora", args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     gpu = device == "cuda"
     print()
