@@ -23,6 +23,13 @@ BUNDLED_BASE_MODEL = {
     "context_length": 8192,
     "license": "apache-2.0",
     "description": "A 135M-parameter instruction-tuned model: small enough to fine-tune on a CPU.",
+    # From its config.json; pre-flight (worker/plan.py) estimates memory and time from it.
+    "architecture": {
+        "hidden_size": 576,
+        "num_layers": 30,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+    },
 }
 
 
@@ -48,6 +55,12 @@ class BaseModel(models.Model):
     context_length = models.PositiveIntegerField()
     license = models.CharField(max_length=100, blank=True)
     description = models.TextField(blank=True)
+    architecture = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="hidden_size, num_layers, intermediate_size, vocab_size from the model's "
+        "config.json; pre-flight estimates memory from them (or guesses from parameters).",
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -71,6 +84,9 @@ class BaseModel(models.Model):
     def seed_bundled(cls) -> BaseModel:
         spec = dict(BUNDLED_BASE_MODEL)
         model, _ = cls.objects.get_or_create(name=spec.pop("name"), defaults=spec)
+        if not model.architecture:  # seeded before architectures were recorded
+            model.architecture = spec["architecture"]
+            model.save(update_fields=["architecture"])
         return model
 
 
@@ -136,11 +152,31 @@ class File(TenantOwnedModel):
         self.report = report
         self.save()
 
+    def delete_with_content(self) -> None:
+        """Delete the row and its bytes; refused (FileInUse) while an unfinished job needs it."""
+        from loft import storage
+
+        active = FineTuneJob.objects.filter(
+            models.Q(training_file=self) | models.Q(validation_file=self),
+            status__in=FineTuneJob.ACTIVE,
+        ).first()
+        if active is not None:
+            raise FileInUse(
+                f"The file {self.id} is used by the job {active.id}, which has not finished; "
+                "cancel the job or wait for it before deleting the file."
+            )
+        storage.delete_prefix(f"orgs/{self.org_id}/files/{self.id}/")
+        self.delete()
+
     def mark_error(self, message: str, report: dict | None = None) -> None:
         self.status = self.Status.ERROR
         self.status_details = message
         self.report = report or {}
         self.save()
+
+
+class FileInUse(Exception):
+    pass
 
 
 def new_job_id() -> str:
@@ -173,14 +209,21 @@ class FineTuneJob(TenantOwnedModel):
 
     id = models.CharField(primary_key=True, max_length=40, default=new_job_id, editable=False)
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT)
-    training_file = models.ForeignKey(File, on_delete=models.PROTECT, related_name="+")
+    # A finished job's files may be deleted (the job then shows null); an active job's may not
+    # (File.delete_with_content refuses).
+    training_file = models.ForeignKey(
+        File, null=True, on_delete=models.SET_NULL, related_name="training_jobs"
+    )
     validation_file = models.ForeignKey(
-        File, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+        File, null=True, blank=True, on_delete=models.SET_NULL, related_name="validation_jobs"
     )
     parent_adapter = models.ForeignKey(
         "Adapter", null=True, blank=True, on_delete=models.PROTECT, related_name="children_jobs"
     )
     method = models.CharField(max_length=10, default="qlora")
+    requested_hyperparameters = models.JSONField(
+        default=dict, blank=True, help_text="As the client sent them, 'auto' included."
+    )
     hyperparameters = models.JSONField(default=dict, help_text="The resolved training config.")
     seed = models.IntegerField(default=42)
     suffix = models.CharField(max_length=64, blank=True)
@@ -194,13 +237,33 @@ class FineTuneJob(TenantOwnedModel):
     error = models.JSONField(null=True, blank=True)
     trained_tokens = models.BigIntegerField(default=0)
     compute_seconds = models.FloatField(default=0)
+    metadata = models.JSONField(default=dict, blank=True, help_text="The client's own labels.")
+    plan = models.JSONField(
+        default=dict, blank=True, help_text="Pre-flight figures (worker/plan.py) at submission."
+    )
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    request_fingerprint = models.CharField(
+        max_length=64, blank=True, help_text="sha256 of the create request the key was used with."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
+    ACTIVE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING)
+
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["status", "heartbeat_at"])]
+        indexes = [
+            models.Index(fields=["status", "heartbeat_at"]),
+            models.Index(fields=["org", "-created_at", "-id"], name="jobs_by_org_newest"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["org", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="one_job_per_idempotency_key",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.id} ({self.status})"
@@ -208,6 +271,11 @@ class FineTuneJob(TenantOwnedModel):
     @property
     def s3_prefix(self) -> str:
         return f"orgs/{self.org_id}/jobs/{self.id}/"
+
+    @property
+    def fine_tuned_model_name(self) -> str:
+        """OpenAI's form: ft:<base>:<org>:<suffix>:<job id>."""
+        return f"ft:{self.base_model.name}:{self.org.slug}:{self.suffix}:{self.id}"
 
     # --- queueing ---------------------------------------------------------------------------
 
@@ -223,28 +291,122 @@ class FineTuneJob(TenantOwnedModel):
         seed: int = 42,
         suffix: str = "",
         parent_adapter: Adapter | None = None,
+        requested_hyperparameters: dict | None = None,
+        metadata: dict | None = None,
+        idempotency_key: str = "",
+        fingerprint: str = "",
     ) -> FineTuneJob:
-        """Create a queued job from checked settings (raises train.ConfigError naming the field)."""
+        """Create a job from checked settings (raises train.ConfigError naming the field).
+
+        Under a lock on the organization's row, so that quotas and idempotency keys hold when
+        many requests arrive at once: the same ``idempotency_key`` returns the job it made
+        (``job.replayed`` is then True), a quota that would be exceeded raises QuotaExceeded.
+        A job whose files are still being validated waits in ``validating_files``.
+        """
+        from jobs import preflight
+        from loft.models import Organization
         from worker.train import TrainConfig
 
         config = TrainConfig(**{**(hyperparameters or {}), "seed": seed})
+        base_model = base_model or (
+            parent_adapter.base_model if parent_adapter else BaseModel.default()
+        )
+        files = [f for f in (training_file, validation_file) if f is not None]
+        ready = all(f.status == File.Status.PROCESSED for f in files)
         with transaction.atomic():
+            Organization.objects.select_for_update().filter(pk=org.pk).first()
+            if idempotency_key:
+                earlier = cls.objects.filter(org=org, idempotency_key=idempotency_key).first()
+                if earlier is not None:
+                    if earlier.request_fingerprint != fingerprint:
+                        raise IdempotencyKeyReused(idempotency_key)
+                    earlier.replayed = True
+                    return earlier
+            plan = None
+            if ready:
+                plan = preflight.plan(config, base_model, training_file, validation_file)
+                preflight.refuse_if_too_large(plan)
+            Quota.for_org(org).check_new_job(plan)
             job = cls.objects.create(
                 org=org,
-                base_model=base_model
-                or (parent_adapter.base_model if parent_adapter else BaseModel.default()),
+                base_model=base_model,
                 training_file=training_file,
                 validation_file=validation_file,
                 parent_adapter=parent_adapter,
                 method=config.method,
+                requested_hyperparameters=requested_hyperparameters or {},
                 hyperparameters=asdict(config),
                 seed=seed,
                 suffix=suffix,
-                status=cls.Status.QUEUED,
+                metadata=metadata or {},
+                plan=plan.as_dict() if plan else {},
+                idempotency_key=idempotency_key,
+                request_fingerprint=fingerprint,
+                status=cls.Status.QUEUED if ready else cls.Status.VALIDATING_FILES,
             )
-            job.add_event("info", "Job created and queued.")
-            job.enqueue()
+            if ready:
+                job.add_event("info", "Job created and queued.", {"plan": job.plan})
+                job.enqueue()
+            else:
+                job.add_event("info", "Job created; waiting for its files to be validated.")
+        job.replayed = False
         return job
+
+    @classmethod
+    def files_validated(cls, file: File) -> None:
+        """A file finished validating in the background: start, or fail, the jobs waiting on it."""
+        from jobs import preflight
+
+        waiting = cls.objects.filter(
+            models.Q(training_file=file) | models.Q(validation_file=file),
+            status=cls.Status.VALIDATING_FILES,
+        )
+        for job in waiting.select_related("training_file", "validation_file", "base_model"):
+            files = [f for f in (job.training_file, job.validation_file) if f is not None]
+            failed = next((f for f in files if f.status == File.Status.ERROR), None)
+            if failed is not None:
+                job._fail_before_start(
+                    "invalid_file",
+                    f"The file {failed.id} failed validation: {failed.status_details}",
+                    "training_file" if failed == job.training_file else "validation_file",
+                )
+                continue
+            if not all(f.status == File.Status.PROCESSED for f in files):
+                continue
+            # "auto" settings can be resolved now that the data is measured.
+            from worker.train import ConfigError, TrainConfig
+
+            try:
+                resolved = preflight.resolve_hyperparameters(
+                    job.requested_hyperparameters,
+                    job.training_file,
+                    job.validation_file,
+                    job.base_model,
+                )
+                config = TrainConfig(**{**resolved, "seed": job.seed})
+            except ConfigError as error:
+                job._fail_before_start("invalid_hyperparameters", str(error), "hyperparameters")
+                continue
+            plan = preflight.plan(config, job.base_model, job.training_file, job.validation_file)
+            if not plan.fits:
+                job._fail_before_start("job_too_large", preflight.too_large_message(plan), None)
+                continue
+            with transaction.atomic():
+                if cls.objects.filter(pk=job.pk, status=cls.Status.VALIDATING_FILES).update(
+                    status=cls.Status.QUEUED, plan=plan.as_dict(), hyperparameters=asdict(config)
+                ):
+                    job.add_event("info", "Files validated; job queued.", {"plan": plan.as_dict()})
+                    job.enqueue()
+
+    def _fail_before_start(self, code: str, message: str, param: str | None) -> None:
+        if FineTuneJob.objects.filter(pk=self.pk, status=self.Status.VALIDATING_FILES).update(
+            status=self.Status.FAILED,
+            finished_at=timezone.now(),
+            error={"code": code, "message": message, "param": param},
+        ):
+            self.add_event("error", message)
+            self.refresh_from_db()
+            self.announce_end()
 
     def enqueue(self) -> None:
         """Send the hint after the row is committed, so a worker always finds what it is told."""
@@ -258,10 +420,13 @@ class FineTuneJob(TenantOwnedModel):
     def request_cancel(self) -> None:
         """Queued: cancelled at once. Running: the training loop stops at its next step."""
         now = timezone.now()
-        if FineTuneJob.objects.filter(pk=self.pk, status=self.Status.QUEUED).update(
+        waiting = (self.Status.VALIDATING_FILES, self.Status.QUEUED)
+        if FineTuneJob.objects.filter(pk=self.pk, status__in=waiting).update(
             status=self.Status.CANCELLED, cancel_requested=True, finished_at=now
         ):
             self.add_event("info", "Job cancelled before it started.")
+            self.refresh_from_db()
+            self.announce_end()
         else:
             FineTuneJob.objects.filter(pk=self.pk, status=self.Status.RUNNING).update(
                 cancel_requested=True
@@ -308,13 +473,42 @@ class FineTuneJob(TenantOwnedModel):
         )
 
     def finish(self, attempt: int, status: str, *, error: dict | None = None, **fields) -> bool:
-        """End this attempt's run as succeeded, failed or cancelled; False if it was fenced off."""
-        done = self.fenced(attempt).update(
-            status=status, error=error, finished_at=timezone.now(), **fields
-        )
-        if done:
+        """End this attempt's run as succeeded, failed or cancelled; False if it was fenced off.
+        What the run used goes to the usage ledger in the same transaction."""
+        with transaction.atomic():
+            done = self.fenced(attempt).update(
+                status=status, error=error, finished_at=timezone.now(), **fields
+            )
+            if not done:
+                return False
             self.refresh_from_db()
-        return bool(done)
+            self.record_usage()
+        self.announce_end()
+        return True
+
+    def record_usage(self) -> None:
+        UsageRecord.objects.create(
+            org_id=self.org_id,
+            job=self,
+            trained_tokens=self.trained_tokens,
+            compute_seconds=self.compute_seconds,
+        )
+
+    def announce_end(self) -> None:
+        """Tell the organization's webhooks that this job ended (after the commit)."""
+        from loft import webhooks
+
+        webhooks.announce(
+            self.org_id,
+            f"fine_tuning.job.{self.status}",
+            {
+                "id": self.id,
+                "object": "fine_tuning.job",
+                "status": self.status,
+                "fine_tuned_model": getattr(getattr(self, "adapter", None), "name", None),
+                "error": self.error,
+            },
+        )
 
     def add_event(
         self, level: str, message: str, data: dict | None = None, attempt: int | None = None
@@ -348,6 +542,9 @@ class FineTuneJob(TenantOwnedModel):
                     error={"code": "worker_lost", "message": message, "param": None},
                 ):
                     job.add_event("error", message)
+                    job.refresh_from_db()
+                    job.record_usage()
+                    job.announce_end()
                     acted.append(job.id)
             elif fenced.update(status=cls.Status.QUEUED, worker=""):
                 job.add_event(
@@ -420,3 +617,137 @@ class Adapter(TenantOwnedModel):
 
     def __str__(self) -> str:
         return self.name
+
+
+# --- quotas and usage -------------------------------------------------------------------------
+
+
+class QuotaExceeded(Exception):
+    """Creating this would pass one of the organization's quotas; the message names it."""
+
+    def __init__(self, quota: str, message: str):
+        super().__init__(message)
+        self.quota = quota
+
+
+class IdempotencyKeyReused(Exception):
+    def __init__(self, key: str):
+        super().__init__(
+            f"The Idempotency-Key {key!r} was already used with a different request body; "
+            "use a new key for a new job."
+        )
+
+
+def month_start(now=None):
+    now = now or timezone.now()
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+class Quota(models.Model):
+    """An organization's limits. No row, or an empty field: the operator's defaults (settings).
+
+    Checked under a lock on the organization's row (FineTuneJob.submit, uploads), so that they
+    hold when many requests arrive at once.
+    """
+
+    org = models.OneToOneField(
+        "loft.Organization", on_delete=models.CASCADE, primary_key=True, related_name="quota"
+    )
+    max_concurrent_jobs = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Jobs validating, queued or running at once."
+    )
+    max_storage_bytes = models.BigIntegerField(
+        null=True, blank=True, help_text="Datasets, checkpoints and adapters together."
+    )
+    max_monthly_trained_tokens = models.BigIntegerField(
+        null=True, blank=True, help_text="Tokens trained per calendar month (UTC)."
+    )
+
+    def __str__(self) -> str:
+        return f"quota of {self.org_id}"
+
+    @classmethod
+    def for_org(cls, org) -> Quota:
+        return cls.objects.filter(org=org).first() or cls(org=org)
+
+    def limits(self) -> dict:
+        from django.conf import settings
+
+        return {
+            "concurrent_jobs": self.max_concurrent_jobs
+            if self.max_concurrent_jobs is not None
+            else settings.LOFT_QUOTA_CONCURRENT_JOBS,
+            "storage_bytes": self.max_storage_bytes
+            if self.max_storage_bytes is not None
+            else settings.LOFT_QUOTA_STORAGE_BYTES,
+            "monthly_trained_tokens": self.max_monthly_trained_tokens
+            if self.max_monthly_trained_tokens is not None
+            else settings.LOFT_QUOTA_MONTHLY_TRAINED_TOKENS,
+        }
+
+    def check_new_job(self, plan) -> None:
+        """Raise QuotaExceeded if one more job would pass a limit (the caller holds the lock)."""
+        limits = self.limits()
+        active = FineTuneJob.objects.filter(org=self.org, status__in=FineTuneJob.ACTIVE).count()
+        if limits["concurrent_jobs"] and active >= limits["concurrent_jobs"]:
+            raise QuotaExceeded(
+                "concurrent_jobs",
+                f"Quota concurrent_jobs reached: {active} of {limits['concurrent_jobs']} jobs are "
+                "validating, queued or running. Wait for one to finish or cancel one.",
+            )
+        if limits["monthly_trained_tokens"] and plan is not None:
+            used = trained_tokens_this_month(self.org)
+            if used + plan.trained_tokens > limits["monthly_trained_tokens"]:
+                raise QuotaExceeded(
+                    "monthly_trained_tokens",
+                    f"Quota monthly_trained_tokens reached: {used:,} tokens trained this month, "
+                    f"this job would train about {plan.trained_tokens:,} more and the limit is "
+                    f"{limits['monthly_trained_tokens']:,}.",
+                )
+
+    def check_new_bytes(self, size: int) -> None:
+        limit = self.limits()["storage_bytes"]
+        used = storage_bytes(self.org)
+        if limit and used + size > limit:
+            raise QuotaExceeded(
+                "storage_bytes",
+                f"Quota storage_bytes reached: {used:,} bytes stored, this upload adds "
+                f"{size:,} and the limit is {limit:,}. Delete files you no longer need.",
+            )
+
+
+def storage_bytes(org) -> int:
+    """What the organization keeps in object storage: files and adapters (checkpoints are
+    deleted with their jobs' adapters and are not counted)."""
+    files = File.objects.filter(org=org).exclude(status=File.Status.ERROR)
+    adapters = Adapter.objects.filter(org=org)
+    return int(files.aggregate(total=models.Sum("bytes"))["total"] or 0) + int(
+        adapters.aggregate(total=models.Sum("size_bytes"))["total"] or 0
+    )
+
+
+def trained_tokens_this_month(org) -> int:
+    used = UsageRecord.objects.filter(org=org, created_at__gte=month_start()).aggregate(
+        total=models.Sum("trained_tokens")
+    )["total"]
+    running = FineTuneJob.objects.filter(org=org, status=FineTuneJob.Status.RUNNING).aggregate(
+        total=models.Sum("trained_tokens")
+    )["total"]
+    return int(used or 0) + int(running or 0)
+
+
+class UsageRecord(TenantOwnedModel):
+    """The usage ledger: one line per finished job (whatever its outcome)."""
+
+    job = models.ForeignKey(
+        FineTuneJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage"
+    )
+    trained_tokens = models.BigIntegerField(default=0)
+    compute_seconds = models.FloatField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.org_id} {self.job_id}: {self.trained_tokens} tokens"

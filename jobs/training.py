@@ -48,11 +48,6 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-def fine_tuned_model_name(job: FineTuneJob) -> str:
-    """OpenAI's form: ft:<base>:<org>:<suffix>:<job id>."""
-    return f"ft:{job.base_model.name}:{job.org.slug}:{job.suffix}:{job.id}"
-
-
 def run_job(job_id: str, worker: str) -> None:
     job = FineTuneJob.objects.select_related("org", "base_model").filter(pk=job_id).first()
     if job is None:
@@ -68,16 +63,23 @@ def run_job(job_id: str, worker: str) -> None:
     try:
         _train_and_store(job, attempt, work, started)
     except train.TrainingCancelled:
-        if job.finish(attempt, Status.CANCELLED):
+        if job.finish(attempt, Status.CANCELLED, compute_seconds=_compute_seconds(job, started)):
             job.add_event("info", "Job cancelled.")
     except (data.DatasetError, train.ConfigError) as error:
-        _fail(job, attempt, getattr(error, "code", "invalid_hyperparameters"), str(error))
+        _fail(
+            job,
+            attempt,
+            getattr(error, "code", "invalid_hyperparameters"),
+            str(error),
+            started,
+        )
     except SoftTimeLimitExceeded:
         _fail(
             job,
             attempt,
             "time_limit",
             "Time limit reached; the job ran longer than the worker allows.",
+            started,
         )
     except Exception as error:  # noqa: BLE001 - the job must end with a sentence, whatever broke
         if _is_out_of_memory(error):
@@ -87,6 +89,7 @@ def run_job(job_id: str, worker: str) -> None:
                 attempt,
                 "out_of_memory",
                 f"Out of memory at batch size {batch}; try {max(1, batch // 2)}.",
+                started,
             )
         else:
             logger.exception("job %s attempt %s failed", job.id, attempt)
@@ -95,6 +98,7 @@ def run_job(job_id: str, worker: str) -> None:
                 attempt,
                 "training_failed",
                 f"Training failed: {error.__class__.__name__}: {error}",
+                started,
             )
     finally:
         heartbeat.stop()
@@ -107,8 +111,18 @@ def _is_out_of_memory(error: Exception) -> bool:
     return isinstance(error, MemoryError | torch.OutOfMemoryError)
 
 
-def _fail(job: FineTuneJob, attempt: int, code: str, message: str) -> None:
-    if job.finish(attempt, Status.FAILED, error={"code": code, "message": message, "param": None}):
+def _compute_seconds(job: FineTuneJob, started: float) -> float:
+    """This attempt's seconds on top of what earlier attempts recorded."""
+    return job.compute_seconds + (time.monotonic() - started)
+
+
+def _fail(job: FineTuneJob, attempt: int, code: str, message: str, started: float) -> None:
+    if job.finish(
+        attempt,
+        Status.FAILED,
+        error={"code": code, "message": message, "param": None},
+        compute_seconds=_compute_seconds(job, started),
+    ):
         job.add_event("error", message)
 
 
@@ -195,7 +209,10 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
         attempt=attempt,
     )
 
+    latest: dict = {}
+
     def on_progress(progress: train.Progress) -> None:
+        latest.update(train_loss=progress.loss, learning_rate=progress.learning_rate)
         job.record_progress(attempt, progress.__dict__, progress.trained_tokens)
         job.add_event(
             "info",
@@ -209,7 +226,9 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
         storage.upload_folder(folder, prefix, artifacts.build_manifest(folder))
         if job.fenced(attempt).exists():
             Checkpoint.objects.update_or_create(
-                job=job, step=step, defaults={"attempt": attempt, "s3_prefix": prefix}
+                job=job,
+                step=step,
+                defaults={"attempt": attempt, "s3_prefix": prefix, "metrics": dict(latest)},
             )
 
     # --- train
@@ -241,7 +260,7 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
         "trained_tokens": result.trained_tokens,
         "seconds": round(result.seconds, 2),
     }
-    name = fine_tuned_model_name(job)
+    name = job.fine_tuned_model_name
     artifacts.write_json(folder / "training_config.json", job.hyperparameters)
     (folder / "README.md").write_text(
         artifacts.model_card(
@@ -274,6 +293,6 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
         Status.SUCCEEDED,
         metrics=metrics,
         trained_tokens=train.scheduled_tokens(train_rows, config),
-        compute_seconds=job.compute_seconds + (time.monotonic() - started),
+        compute_seconds=_compute_seconds(job, started),
     ):
         job.add_event("info", f"Job succeeded: {name}.", {"adapter": adapter.id})

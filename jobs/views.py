@@ -6,8 +6,7 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from jobs.models import File
-from loft import storage
+from jobs.models import File, FileInUse
 from loft.tenancy import current_org
 
 
@@ -37,7 +36,10 @@ def dataset_detail(request, file_id: str):
 @require_POST
 def dataset_delete(request, file_id: str):
     file = get_object_or_404(File.objects.for_org(_org_or_404(request)), pk=file_id)
-    storage.delete_prefix(f"orgs/{file.org_id}/files/{file.id}/")
-    file.delete()
+    try:
+        file.delete_with_content()
+    except FileInUse as error:
+        messages.error(request, str(error))
+        return redirect("dataset-detail", file_id=file.id)
     messages.success(request, f"Deleted {file.filename}.")
     return redirect("dataset-list")

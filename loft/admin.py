@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from loft.models import ApiKey, Membership, Organization
+from loft.models import ApiKey, Membership, Organization, WebhookDelivery, WebhookEndpoint
 
 
 class MembershipInline(admin.TabularInline):
@@ -44,3 +44,36 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for key in queryset:
             key.revoke()
         self.message_user(request, f"Revoked {queryset.count()} key(s).")
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    list_display = ["url", "name", "org", "enabled", "created_at"]
+    list_filter = ["enabled", "org"]
+    search_fields = ["url", "name", "id", "org__slug"]
+    # Tenants create endpoints through the API, which shows the secret once; an operator can
+    # only switch one off.
+    readonly_fields = ["id", "org", "url", "name", "event_types", "created_at"]
+    exclude = ["secret"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    list_display = [
+        "event_type",
+        "endpoint",
+        "org",
+        "status",
+        "attempts",
+        "last_response_code",
+        "created_at",
+    ]
+    list_filter = ["status", "event_type", "org"]
+    search_fields = ["id", "event_id", "endpoint__url", "org__slug"]
+    readonly_fields = [field.name for field in WebhookDelivery._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False

@@ -95,3 +95,13 @@ class Env:
         if value is None:
             return default
         return [item.strip() for item in value.split(",") if item.strip()]
+
+    def integers(self, name: str, default: list[int]) -> list[int]:
+        """A comma-separated list of whole numbers, e.g. ``10,60,300``."""
+        items = self.csv(name, [str(number) for number in default])
+        try:
+            return [int(item) for item in items]
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name}={self.get(name)!r} is not a comma-separated list of integers."
+            ) from None

@@ -1,7 +1,8 @@
-"""Tenancy: organizations (the tenants), their members, and their API keys."""
+"""Tenancy: organizations (the tenants), their members, API keys and webhook endpoints."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 from datetime import timedelta
@@ -133,3 +134,133 @@ class ApiKey(TenantOwnedModel):
         if self.last_used_at is None or now - self.last_used_at >= API_KEY_LAST_USED_PRECISION:
             ApiKey.objects.filter(pk=self.pk).update(last_used_at=now)
             self.last_used_at = now
+
+
+# --- Webhooks -------------------------------------------------------------------------------
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+# The events a tenant can subscribe to: OpenAI's names for a fine-tuning job's end.
+JOB_EVENTS = ("fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled")
+
+
+def new_webhook_endpoint_id() -> str:
+    return make_id("wh")
+
+
+def new_webhook_delivery_id() -> str:
+    return make_id("whmsg")
+
+
+def new_webhook_secret() -> str:
+    """Standard Webhooks' format, which OpenAI's client decodes: ``whsec_`` + base64 key."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def all_job_events() -> list[str]:
+    return list(JOB_EVENTS)
+
+
+class WebhookEndpoint(TenantOwnedModel):
+    """A URL a tenant registered to hear about its jobs; deliveries are signed with ``secret``."""
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_webhook_endpoint_id, editable=False
+    )
+    url = models.URLField(max_length=2000)
+    name = models.CharField(max_length=200, blank=True)
+    event_types = models.JSONField(default=all_job_events)
+    # Kept in the clear, unlike API keys: signing needs the key itself, not a hash of it.
+    secret = models.CharField(max_length=100, default=new_webhook_secret, editable=False)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.url} ({self.org})"
+
+    @property
+    def secret_hint(self) -> str:
+        return f"{WEBHOOK_SECRET_PREFIX}…{self.secret[-4:]}"
+
+
+class WebhookDelivery(TenantOwnedModel):
+    """One event on its way to one endpoint, with every attempt to send it.
+
+    The row is the truth and a Celery message only a hint: an attempt first claims the row with
+    a conditional UPDATE, so duplicate messages never send an event twice at the same time.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_webhook_delivery_id, editable=False
+    )
+    endpoint = models.ForeignKey(
+        WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries"
+    )
+    event_id = models.CharField(max_length=40)
+    event_type = models.CharField(max_length=100)
+    payload = models.JSONField(help_text="The event exactly as it is sent, less the signature.")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    last_response_code = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Empty when the last attempt got no HTTP response."
+    )
+    last_error = models.TextField(blank=True)
+    attempts_log = models.JSONField(
+        default=list,
+        help_text="Every attempt: at (unix), response_code, error, duration_ms, response (start).",
+    )
+    next_attempt_at = models.DateTimeField(null=True, blank=True, default=timezone.now)
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "next_attempt_at"], name="webhook_due")]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} → {self.endpoint_id} ({self.status})"
+
+    def claim(self, lease: timedelta) -> bool:
+        """Take the attempt that is due; False if it is not due, done, or another worker has it.
+
+        The claim pushes ``next_attempt_at`` past the lease, so a worker that dies mid-attempt
+        leaves a delivery that is due again once the lease runs out.
+        """
+        now = timezone.now()
+        claimed = WebhookDelivery.objects.filter(
+            pk=self.pk, status=self.Status.PENDING, next_attempt_at__lte=now
+        ).update(next_attempt_at=now + lease)
+        return claimed == 1
+
+    def record_attempt(self, attempt: dict, retry_delays: list[int]) -> None:
+        """Log one attempt; a 2xx answer delivers it, else it waits its turn or gives up."""
+        code = attempt["response_code"]
+        now = timezone.now()
+        self.attempts += 1
+        self.attempts_log = [*self.attempts_log, attempt]
+        self.last_response_code = code
+        self.last_error = attempt["error"]
+        if code is not None and 200 <= code < 300:
+            self.status, self.delivered_at, self.next_attempt_at = self.Status.SUCCEEDED, now, None
+        elif self.attempts > len(retry_delays):
+            self.status, self.next_attempt_at = self.Status.FAILED, None
+        else:
+            self.next_attempt_at = now + timedelta(seconds=retry_delays[self.attempts - 1])
+        self.save(
+            update_fields=[
+                "attempts",
+                "attempts_log",
+                "last_response_code",
+                "last_error",
+                "status",
+                "delivered_at",
+                "next_attempt_at",
+            ]
+        )

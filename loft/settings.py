@@ -98,6 +98,7 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-jobs": {"task": "worker.tasks.reap_stale_jobs", "schedule": 30.0},
+    "send-overdue-webhooks": {"task": "worker.tasks.send_overdue_webhooks", "schedule": 60.0},
 }
 
 # --- Jobs ------------------------------------------------------------------------------------
@@ -108,6 +109,30 @@ LOFT_HEARTBEAT_SECONDS = env.integer("LOFT_HEARTBEAT_SECONDS", 10)
 LOFT_LEASE_SECONDS = env.integer("LOFT_LEASE_SECONDS", 60)
 LOFT_MAX_ATTEMPTS = env.integer("LOFT_MAX_ATTEMPTS", 3)
 LOFT_JOB_SOFT_TIME_LIMIT_SECONDS = env.integer("LOFT_JOB_SOFT_TIME_LIMIT_SECONDS", 12 * 3600)
+
+# The worker class of the training queue, for pre-flight (worker/plan.py): jobs whose estimated
+# peak memory is above its memory are refused at submission. Throughput is for a 135M model
+# (bench/train.py on 2 CPU cores: ~150 tokens/s); a GPU class sets its own figures.
+LOFT_WORKER_CLASS = env.string("LOFT_WORKER_CLASS", "cpu")
+LOFT_WORKER_MEMORY_BYTES = env.integer("LOFT_WORKER_MEMORY_BYTES", 12 * 2**30)
+LOFT_WORKER_TOKENS_PER_SECOND = env.integer("LOFT_WORKER_TOKENS_PER_SECOND", 150)
+LOFT_WORKER_BYTES_PER_ACTIVATION = env.integer("LOFT_WORKER_BYTES_PER_ACTIVATION", 4)
+
+# --- Quotas: defaults for organizations without their own (jobs.models.Quota); 0 = none ----
+LOFT_QUOTA_CONCURRENT_JOBS = env.integer("LOFT_QUOTA_CONCURRENT_JOBS", 4)
+LOFT_QUOTA_STORAGE_BYTES = env.integer("LOFT_QUOTA_STORAGE_BYTES", 50 * 2**30)
+LOFT_QUOTA_MONTHLY_TRAINED_TOKENS = env.integer("LOFT_QUOTA_MONTHLY_TRAINED_TOKENS", 0)
+
+# --- Webhooks --------------------------------------------------------------------------------
+# Deliveries are quick HTTP calls; a busy deployment gives them a queue of their own so they do
+# not wait behind training runs.
+LOFT_WEBHOOK_QUEUE = env.string("LOFT_WEBHOOK_QUEUE", "default")
+LOFT_WEBHOOK_TIMEOUT_SECONDS = env.integer("LOFT_WEBHOOK_TIMEOUT_SECONDS", 5)
+# Seconds before each retry of an undelivered event; when they run out, the delivery failed.
+LOFT_WEBHOOK_RETRY_DELAYS = env.integers("LOFT_WEBHOOK_RETRY_DELAYS", [10, 60, 300, 1800, 7200])
+# Off, webhooks go only to public addresses (no SSRF into Loft's network). Turn it on where the
+# receivers are on the same machine or network, e.g. `make run` on a laptop, and in tests.
+LOFT_WEBHOOK_ALLOW_PRIVATE_URLS = env.boolean("LOFT_WEBHOOK_ALLOW_PRIVATE_URLS", False)
 
 # --- Object storage (S3) ---------------------------------------------------------------------
 S3_ENDPOINT_URL = env.get("S3_ENDPOINT_URL")  # None means AWS itself

@@ -5,19 +5,25 @@ from drf_spectacular.views import SpectacularAPIView
 from rest_framework.routers import SimpleRouter
 
 from jobs import views as job_views
+from jobs.api.fine_tuning import AdapterViewSet, FineTuningJobViewSet, UsageView
 from jobs.api.views import FileViewSet, ModelDetailView, ModelListView
 from loft import views
 from loft.api.views import ApiKeyViewSet
+from loft.api.webhooks import WebhookEndpointViewSet
 from loft.health import healthz
 
 # OpenAI's paths have no trailing slash.
 router = SimpleRouter(trailing_slash=False)
 router.register("api_keys", ApiKeyViewSet, basename="api-key")
 router.register("files", FileViewSet, basename="file")
+router.register("fine_tuning/jobs", FineTuningJobViewSet, basename="fine-tuning-job")
+router.register("adapters", AdapterViewSet, basename="adapter")
+router.register("webhook_endpoints", WebhookEndpointViewSet, basename="webhook-endpoint")
 
 api_v1 = [
     path("models", ModelListView.as_view(), name="model-list"),
     path("models/<path:model>", ModelDetailView.as_view(), name="model-detail"),
+    path("usage", UsageView.as_view(), name="usage"),
     path("openapi.json", SpectacularAPIView.as_view(), name="openapi-schema"),
     *router.urls,
 ]

@@ -148,6 +148,13 @@ class WorkerProcess:
         return self.log.read_text(errors="replace")[-4000:]
 
 
+@pytest.fixture
+def private_queue(settings):
+    """Jobs of this test go to a queue only this test's workers consume (or none)."""
+    settings.LOFT_TRAINING_QUEUE = f"private-{time.monotonic_ns()}"
+    return settings.LOFT_TRAINING_QUEUE
+
+
 @pytest.fixture(scope="session")
 def celery_worker(django_db_setup, django_db_blocker, tmp_path_factory):
     """One worker for the whole run (tests that kill workers start their own)."""

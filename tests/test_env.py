@@ -38,3 +38,11 @@ def test_a_malformed_env_file_line_is_reported_with_its_number(tmp_path):
     path.write_text("A=1\nnonsense\n")
     with pytest.raises(ImproperlyConfigured, match="line 2"):
         read_env_file(path)
+
+
+def test_a_list_of_integers_is_read_and_a_bad_one_refused_with_its_name():
+    env = Env(environ={"DELAYS": "1, 2,30", "BAD": "1,soon"}, file_values={})
+    assert env.integers("DELAYS", [5]) == [1, 2, 30]
+    assert env.integers("MISSING", [5]) == [5]
+    with pytest.raises(ImproperlyConfigured, match="BAD"):
+        env.integers("BAD", [5])

@@ -139,13 +139,6 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
     assert "Continued from adapter" in storage.get_bytes(f"{child.s3_prefix}README.md").decode()
 
 
-@pytest.fixture
-def private_queue(settings):
-    """Jobs of this test go to a queue only this test's workers consume."""
-    settings.LOFT_TRAINING_QUEUE = f"private-{time.monotonic_ns()}"
-    return settings.LOFT_TRAINING_QUEUE
-
-
 def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint_and_succeeds_once(
     tenant_a, tmp_path, private_queue
 ):

@@ -15,12 +15,13 @@ from loft.storage import StorageError
 )
 def validate_file(file_id: str) -> None:
     from jobs.datasets import validate_stored_file
-    from jobs.models import File
+    from jobs.models import File, FineTuneJob
 
     file = File.objects.filter(pk=file_id, status=File.Status.UPLOADED).first()
     if file is None:
         return  # deleted, or already validated by an earlier delivery
     validate_stored_file(file)
+    FineTuneJob.files_validated(file)
 
 
 @shared_task(
@@ -42,3 +43,25 @@ def reap_stale_jobs() -> list[str]:
     from jobs.models import FineTuneJob
 
     return FineTuneJob.reap_stale(settings.LOFT_LEASE_SECONDS, settings.LOFT_MAX_ATTEMPTS)
+
+
+@shared_task(acks_late=True)
+def deliver_webhook(delivery_id: str) -> None:
+    """One attempt at a webhook delivery; schedules the next one if it must be retried."""
+    from loft import webhooks
+    from loft.models import WebhookDelivery
+
+    delivery = WebhookDelivery.objects.filter(pk=delivery_id).first()
+    if delivery is None:
+        return  # its endpoint was deleted
+    retry_in = webhooks.attempt_delivery(delivery)
+    if retry_in is not None:
+        webhooks.enqueue(delivery_id, countdown=retry_in)
+
+
+@shared_task
+def send_overdue_webhooks() -> int:
+    """Periodic (beat): hint again the webhook deliveries whose message was lost."""
+    from loft import webhooks
+
+    return webhooks.send_overdue()

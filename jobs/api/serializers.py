@@ -1,8 +1,13 @@
+from django.utils import timezone
 from rest_framework import serializers
 
-from jobs.models import BaseModel, File
+from jobs.models import Adapter, BaseModel, Checkpoint, File, FineTuneJob, JobEvent
+from jobs.preflight import public_hyperparameters
 from loft.api.base import UnixTimestampField
 from worker.data import FORMATS
+
+EVENT_ID_PREFIX = "ftevent-"
+CHECKPOINT_ID_PREFIX = "ftckpt-"
 
 
 class ModelSerializer(serializers.ModelSerializer):
@@ -83,3 +88,317 @@ class FileUploadSerializer(serializers.Serializer):
                 f"The model '{name}' does not exist or is not enabled."
             )
         return model
+
+
+# --- fine-tuning jobs ---------------------------------------------------------------------------
+
+
+class JobSerializer(serializers.ModelSerializer):
+    """OpenAI's FineTuningJob object, plus Loft's progress, metrics, plan and adapter."""
+
+    object = serializers.SerializerMethodField()
+    model = serializers.CharField(source="base_model.name")
+    fine_tuned_model = serializers.SerializerMethodField()
+    organization_id = serializers.CharField(source="org_id")
+    created_at = UnixTimestampField()
+    finished_at = UnixTimestampField()
+    hyperparameters = serializers.SerializerMethodField()
+    method = serializers.SerializerMethodField()
+    result_files = serializers.SerializerMethodField()
+    estimated_finish = serializers.SerializerMethodField()
+    suffix = serializers.SerializerMethodField()
+    adapter = serializers.SerializerMethodField()
+    evaluation = serializers.SerializerMethodField()
+    integrations = serializers.SerializerMethodField()
+
+    class Meta:
+        model = FineTuneJob
+        fields = [
+            "id",
+            "object",
+            "model",
+            "fine_tuned_model",
+            "organization_id",
+            "status",
+            "created_at",
+            "finished_at",
+            "trained_tokens",
+            "training_file",
+            "validation_file",
+            "hyperparameters",
+            "method",
+            "result_files",
+            "error",
+            "seed",
+            "suffix",
+            "estimated_finish",
+            "metadata",
+            "integrations",
+            "parent_adapter",
+            "progress",
+            "metrics",
+            "plan",
+            "adapter",
+            "evaluation",
+        ]
+        read_only_fields = fields
+
+    def get_object(self, job) -> str:
+        return "fine_tuning.job"
+
+    def get_fine_tuned_model(self, job) -> str | None:
+        adapter = self._adapter(job)
+        return adapter.name if adapter else None
+
+    def get_hyperparameters(self, job) -> dict:
+        return public_hyperparameters(job.hyperparameters)
+
+    def get_method(self, job) -> dict:
+        return {
+            "type": "supervised",
+            "supervised": {"hyperparameters": public_hyperparameters(job.hyperparameters)},
+        }
+
+    def get_result_files(self, job) -> list[str]:
+        return []
+
+    def get_estimated_finish(self, job) -> int | None:
+        """From the live ETA while running, from the plan while waiting."""
+        if job.status in FineTuneJob.FINISHED:
+            return None
+        now = timezone.now()
+        if job.status == FineTuneJob.Status.RUNNING and job.progress.get("eta_seconds") is not None:
+            return int(now.timestamp() + job.progress["eta_seconds"])
+        seconds = (job.plan or {}).get("estimated_seconds")
+        return int(now.timestamp() + seconds) if seconds else None
+
+    def get_suffix(self, job) -> str | None:
+        return job.suffix or None
+
+    def get_adapter(self, job) -> str | None:
+        adapter = self._adapter(job)
+        return adapter.id if adapter else None
+
+    def get_evaluation(self, job) -> None:
+        return None  # the held-out evaluation of base against adapter comes with evaluations
+
+    def get_integrations(self, job) -> list:
+        return []
+
+    def _adapter(self, job) -> Adapter | None:
+        try:
+            return job.adapter
+        except Adapter.DoesNotExist:
+            return None
+
+
+class HyperparametersSerializer(serializers.Serializer):
+    """Documents the hyperparameters object; values are checked by jobs.preflight."""
+
+    n_epochs = serializers.JSONField(required=False, help_text='An integer or "auto".')
+    batch_size = serializers.JSONField(required=False, help_text='An integer or "auto".')
+    learning_rate_multiplier = serializers.JSONField(
+        required=False, help_text='A number or "auto"; 1.0 is a learning rate of 2e-4.'
+    )
+    lora_rank = serializers.IntegerField(required=False)
+    lora_alpha = serializers.IntegerField(required=False)
+    lora_dropout = serializers.FloatField(required=False)
+    quantization = serializers.ChoiceField(choices=["nf4", "none"], required=False)
+    max_seq_length = serializers.JSONField(required=False, help_text='An integer or "auto".')
+    max_steps = serializers.IntegerField(required=False, allow_null=True)
+    packing = serializers.BooleanField(required=False)
+    warmup_ratio = serializers.FloatField(required=False)
+    checkpoint_every = serializers.IntegerField(required=False)
+    validation_fraction = serializers.FloatField(required=False)
+    parent_adapter = serializers.CharField(
+        required=False, help_text="An adapter id or fine-tuned model name to continue from."
+    )
+
+
+class JobCreateSerializer(serializers.Serializer):
+    """OpenAI's create body. Anything else, e.g. ``status``, is refused by name."""
+
+    model = serializers.CharField()
+    training_file = serializers.CharField()
+    validation_file = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+    # Read raw: "auto", types and ranges are checked by jobs.preflight, which names the field.
+    hyperparameters = serializers.JSONField(required=False)
+    method = serializers.JSONField(
+        required=False,
+        help_text='{"type": "supervised", "supervised": {"hyperparameters": {…}}}',
+    )
+    suffix = serializers.RegexField(
+        r"^[A-Za-z0-9_-]{0,64}$",
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        error_messages={"invalid": "suffix takes up to 64 letters, digits, '-' and '_'."},
+    )
+    seed = serializers.IntegerField(
+        required=False, allow_null=True, min_value=0, max_value=2**31 - 1
+    )
+    metadata = serializers.DictField(
+        child=serializers.CharField(max_length=512, allow_blank=True),
+        required=False,
+        allow_null=True,
+    )
+    integrations = serializers.ListField(required=False, allow_null=True, max_length=0)
+    dry_run = serializers.BooleanField(
+        required=False, default=False, help_text="Return the pre-flight plan; create nothing."
+    )
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError(
+                    {
+                        unknown[0]: [
+                            f"Unknown parameter {unknown[0]!r}: Loft sets it, or it does not exist."
+                        ]
+                    },
+                    code="unknown_parameter",
+                )
+        return super().to_internal_value(data)
+
+    def validate_metadata(self, metadata):
+        if metadata and (len(metadata) > 16 or any(len(key) > 64 for key in metadata)):
+            raise serializers.ValidationError(
+                "metadata holds at most 16 pairs with keys of up to 64 characters."
+            )
+        return metadata or {}
+
+    def validate(self, attrs):
+        method = attrs.get("method")
+        if method is not None:
+            if not isinstance(method, dict) or method.get("type", "supervised") != "supervised":
+                raise serializers.ValidationError(
+                    {
+                        "method": [
+                            "Loft trains supervised fine-tuning only: method.type 'supervised'."
+                        ]
+                    }
+                )
+            inner = (method.get("supervised") or {}).get("hyperparameters") or {}
+            if not isinstance(inner, dict):
+                raise serializers.ValidationError(
+                    {"method": ["method.supervised.hyperparameters must be an object."]}
+                )
+            if self.initial_data.get("hyperparameters"):
+                raise serializers.ValidationError(
+                    {"hyperparameters": ["Give hyperparameters or method, not both."]}
+                )
+            attrs["hyperparameters"] = inner
+        else:
+            # The raw object: "auto" and Loft's checks live in jobs.preflight.
+            attrs["hyperparameters"] = self.initial_data.get("hyperparameters") or {}
+        if not isinstance(attrs["hyperparameters"], dict):
+            raise serializers.ValidationError({"hyperparameters": ["Must be an object."]})
+        return attrs
+
+
+class EventSerializer(serializers.ModelSerializer):
+    id = serializers.SerializerMethodField()
+    object = serializers.SerializerMethodField()
+    created_at = UnixTimestampField()
+    type = serializers.SerializerMethodField()
+
+    class Meta:
+        model = JobEvent
+        fields = ["id", "object", "created_at", "level", "message", "data", "type"]
+
+    def get_id(self, event) -> str:
+        return f"{EVENT_ID_PREFIX}{event.pk}"
+
+    def get_object(self, event) -> str:
+        return "fine_tuning.job.event"
+
+    def get_type(self, event) -> str:
+        return "metrics" if "loss" in event.data else "message"
+
+
+class CheckpointSerializer(serializers.ModelSerializer):
+    id = serializers.SerializerMethodField()
+    object = serializers.SerializerMethodField()
+    created_at = UnixTimestampField()
+    fine_tuned_model_checkpoint = serializers.SerializerMethodField()
+    fine_tuning_job_id = serializers.CharField(source="job_id")
+    step_number = serializers.IntegerField(source="step")
+    metrics = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Checkpoint
+        fields = [
+            "id",
+            "object",
+            "created_at",
+            "fine_tuned_model_checkpoint",
+            "fine_tuning_job_id",
+            "step_number",
+            "metrics",
+        ]
+
+    def get_id(self, checkpoint) -> str:
+        return f"{CHECKPOINT_ID_PREFIX}{checkpoint.pk}"
+
+    def get_object(self, checkpoint) -> str:
+        return "fine_tuning.job.checkpoint"
+
+    def get_fine_tuned_model_checkpoint(self, checkpoint) -> str:
+        return f"{checkpoint.job.fine_tuned_model_name}:ckpt-step-{checkpoint.step}"
+
+    def get_metrics(self, checkpoint) -> dict:
+        return {"step": checkpoint.step, **checkpoint.metrics}
+
+
+class AdapterSerializer(serializers.ModelSerializer):
+    object = serializers.SerializerMethodField()
+    base_model = serializers.CharField(source="base_model.name")
+    created_at = UnixTimestampField()
+    files = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Adapter
+        fields = [
+            "id",
+            "object",
+            "name",
+            "base_model",
+            "job",
+            "parent",
+            "size_bytes",
+            "files",
+            "metrics",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_object(self, adapter) -> str:
+        return "adapter"
+
+    def get_files(self, adapter) -> dict:
+        return (adapter.manifest or {}).get("files", {})
+
+
+class FineTunedModelSerializer(serializers.ModelSerializer):
+    """A tenant's adapter as OpenAI lists a fine-tuned model."""
+
+    id = serializers.CharField(source="name")
+    object = serializers.SerializerMethodField()
+    created = UnixTimestampField(source="created_at")
+    owned_by = serializers.CharField(source="org.slug")
+    root = serializers.CharField(source="base_model.name")
+    adapter = serializers.CharField(source="pk")
+
+    class Meta:
+        model = Adapter
+        fields = ["id", "object", "created", "owned_by", "root", "adapter"]
+
+    def get_object(self, adapter) -> str:
+        return "model"
+
+
+class JobCreateRequestSerializer(JobCreateSerializer):
+    """The create body as the OpenAPI schema documents it."""
+
+    hyperparameters = HyperparametersSerializer(required=False)

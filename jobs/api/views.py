@@ -9,13 +9,20 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from jobs.api.serializers import FileSerializer, FileUploadSerializer, ModelSerializer
+from jobs.api.fine_tuning import quota_error
+from jobs.api.serializers import (
+    FileSerializer,
+    FileUploadSerializer,
+    FineTunedModelSerializer,
+    ModelSerializer,
+)
 from jobs.datasets import check_object_head, rejection_details, validate_object
-from jobs.models import BaseModel, File, new_file_id
+from jobs.models import Adapter, BaseModel, File, FileInUse, Quota, QuotaExceeded, new_file_id
 from jobs.uploads import S3StreamingUploadHandler, StoredUpload
 from loft import storage
 from loft.api.base import TenantScopedViewSet
 from loft.api.errors import LoftAPIError
+from loft.models import Organization
 from loft.tenancy import current_org
 from worker.data import DatasetError
 from worker.tasks import validate_file
@@ -25,10 +32,14 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 class ModelListView(APIView):
-    """``GET /v1/models``: the enabled base models of the catalogue."""
+    """``GET /v1/models``: the enabled base models of the catalogue, then the organization's
+    fine-tuned models (its adapters), newest first."""
 
     def get(self, request):
-        data = ModelSerializer(BaseModel.objects.enabled(), many=True).data
+        adapters = Adapter.objects.for_org(current_org(request)).select_related("org", "base_model")
+        data = ModelSerializer(BaseModel.objects.enabled(), many=True).data + (
+            FineTunedModelSerializer(adapters.order_by("-created_at"), many=True).data
+        )
         return Response({"object": "list", "data": data})
 
 
@@ -37,14 +48,22 @@ class ModelDetailView(APIView):
 
     def get(self, request, model: str):
         found = BaseModel.objects.enabled().filter(name=model).first()
-        if found is None:
+        if found is not None:
+            return Response(ModelSerializer(found).data)
+        adapter = (
+            Adapter.objects.for_org(current_org(request))
+            .select_related("org", "base_model")
+            .filter(name=model)
+            .first()
+        )
+        if adapter is None:
             raise LoftAPIError(
                 f"The model '{model}' does not exist",
                 status_code=404,
                 param="model",
                 code="model_not_found",
             )
-        return Response(ModelSerializer(found).data)
+        return Response(FineTunedModelSerializer(adapter).data)
 
 
 class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
@@ -96,8 +115,12 @@ class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScoped
 
     def destroy(self, request, pk=None):
         file = self.get_object()
-        storage.delete_prefix(f"orgs/{file.org_id}/files/{file.id}/")
-        file.delete()
+        try:
+            file.delete_with_content()
+        except FileInUse as error:
+            raise LoftAPIError(
+                str(error), status_code=409, param="id", code="file_in_use"
+            ) from None
         return Response({"id": pk, "object": "file", "deleted": True})
 
     @action(detail=True, methods=["get"])
@@ -164,18 +187,32 @@ class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScoped
             requested_format=requested_format,
             base_model=base_model,
         )
+        large = upload.size > settings.LOFT_INLINE_VALIDATION_MAX_BYTES
         try:
-            if upload.size > settings.LOFT_INLINE_VALIDATION_MAX_BYTES:
+            if large:
                 # Large: a quick parse of its head now, the full pass in a worker.
                 check_object_head(upload.key, upload.name, requested_format)
-                file = File.objects.create(**fields)
-                transaction.on_commit(lambda: validate_file.delay(file.id))
-                return file
-            report = validate_object(upload.key, upload.name, requested_format, base_model)
+            else:
+                report = validate_object(upload.key, upload.name, requested_format, base_model)
         except DatasetError as error:
             raise LoftAPIError(
                 error.message, param="file", code=error.code, details=rejection_details(error)
             ) from error
-        file = File(**fields)
-        file.mark_processed(report)
+        with transaction.atomic():
+            self._check_storage_quota(upload.size)
+            file = File(**fields)
+            if large:
+                file.save()
+                transaction.on_commit(lambda: validate_file.delay(file.id))
+            else:
+                file.mark_processed(report)
         return file
+
+    def _check_storage_quota(self, size: int) -> None:
+        """Under a lock on the organization's row (until the caller's transaction ends), so
+        that parallel uploads cannot pass the limit together."""
+        Organization.objects.select_for_update().filter(pk=self.org.pk).first()
+        try:
+            Quota.for_org(self.org).check_new_bytes(size)
+        except QuotaExceeded as error:
+            raise quota_error(error) from None

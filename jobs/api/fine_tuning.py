@@ -1,0 +1,411 @@
+"""``/v1/fine_tuning/jobs`` (OpenAI's), ``/v1/adapters`` and ``/v1/usage`` (Loft's)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import datetime, timedelta
+
+from django.db.models import Count, Sum
+from django.db.models.functions import TruncMonth
+from django.http import StreamingHttpResponse
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status
+from rest_framework.decorators import action
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from jobs import preflight
+from jobs.api.serializers import (
+    CHECKPOINT_ID_PREFIX,
+    EVENT_ID_PREFIX,
+    AdapterSerializer,
+    CheckpointSerializer,
+    EventSerializer,
+    JobCreateRequestSerializer,
+    JobCreateSerializer,
+    JobSerializer,
+)
+from jobs.models import (
+    Adapter,
+    BaseModel,
+    File,
+    FineTuneJob,
+    IdempotencyKeyReused,
+    Quota,
+    QuotaExceeded,
+    UsageRecord,
+    month_start,
+    storage_bytes,
+)
+from loft import storage
+from loft.api.base import AfterLimitPagination, TenantScopedViewSet
+from loft.api.errors import LoftAPIError
+from loft.tenancy import current_org
+from worker.train import ConfigError, TrainConfig
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def quota_error(error: QuotaExceeded) -> LoftAPIError:
+    return LoftAPIError(
+        str(error),
+        status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+        type="insufficient_quota",
+        param=error.quota,
+        code="quota_exceeded",
+    )
+
+
+class NumberedCursorPagination(AfterLimitPagination):
+    """Events and checkpoints: newest first, ids like ``ftevent-42`` (the row's number)."""
+
+    prefix = ""
+
+    def paginate_queryset(self, queryset, request, view=None):
+        limit = self._limit(request)
+        queryset = queryset.order_by("-pk")
+        after = request.query_params.get("after")
+        if after:
+            number = after.removeprefix(self.prefix)
+            if not number.isdigit():
+                raise LoftAPIError(f"No such object to page after: {after}", param="after")
+            queryset = queryset.filter(pk__lt=int(number))
+        rows = list(queryset[: limit + 1])
+        self.has_more = len(rows) > limit
+        return rows[:limit]
+
+
+class EventPagination(NumberedCursorPagination):
+    prefix = EVENT_ID_PREFIX
+
+
+class CheckpointPagination(NumberedCursorPagination):
+    prefix = CHECKPOINT_ID_PREFIX
+
+
+class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
+    queryset = FineTuneJob.objects.select_related("base_model", "adapter")
+    serializer_class = JobSerializer
+    object_name = "fine-tuning job"
+
+    @extend_schema(
+        request=JobCreateRequestSerializer,
+        responses={200: JobSerializer},
+        parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER)],
+        description="Create a job; with dry_run, return the pre-flight plan and create nothing.",
+    )
+    def create(self, request):
+        body = JobCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        values = body.validated_data
+        base_model, parent = self._base_model_and_parent(values)
+        training_file = self._file(values["training_file"], "training_file")
+        validation_file = (
+            self._file(values["validation_file"], "validation_file")
+            if values.get("validation_file")
+            else None
+        )
+        requested = dict(values["hyperparameters"])
+        requested.pop("parent_adapter", None)
+        try:
+            resolved = preflight.resolve_hyperparameters(
+                requested, training_file, validation_file, base_model
+            )
+            seed = values.get("seed")
+            seed = 42 if seed is None else seed
+            config = TrainConfig(**{**resolved, "seed": seed})
+        except ConfigError as error:
+            raise LoftAPIError(
+                str(error), param="hyperparameters", code="invalid_hyperparameters"
+            ) from None
+
+        if values.get("dry_run"):
+            return Response(self._dry_run(config, base_model, training_file, validation_file))
+
+        key = request.headers.get(IDEMPOTENCY_HEADER, "")
+        if len(key) > 255:
+            raise LoftAPIError(
+                "The Idempotency-Key header is longer than 255 characters.", param=None
+            )
+        try:
+            job = FineTuneJob.submit(
+                org=self.org,
+                training_file=training_file,
+                validation_file=validation_file,
+                base_model=base_model,
+                hyperparameters=resolved,
+                requested_hyperparameters=values["hyperparameters"],
+                seed=seed,
+                suffix=values.get("suffix") or "",
+                parent_adapter=parent,
+                metadata=values.get("metadata") or {},
+                idempotency_key=key,
+                fingerprint=hashlib.sha256(
+                    json.dumps(request.data, sort_keys=True, default=str).encode()
+                ).hexdigest()
+                if key
+                else "",
+            )
+        except preflight.JobTooLarge as error:
+            raise self._too_large(error.plan) from None
+        except QuotaExceeded as error:
+            raise quota_error(error) from None
+        except IdempotencyKeyReused as error:
+            raise LoftAPIError(
+                str(error), status_code=409, param=None, code="idempotency_key_reused"
+            ) from None
+        response = Response(self.get_serializer(job).data)
+        if job.replayed:
+            response["Idempotent-Replayed"] = "true"
+        return response
+
+    @extend_schema(request=None, responses={200: JobSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        job = self.get_object()
+        if job.status in FineTuneJob.FINISHED:
+            raise LoftAPIError(
+                f"The job {job.id} has already {job.status}; there is nothing to cancel.",
+                param="id",
+                code="job_finished",
+            )
+        job.request_cancel()
+        return Response(self.get_serializer(job).data)
+
+    @extend_schema(responses={200: EventSerializer(many=True)})
+    @action(detail=True, methods=["get"], pagination_class=EventPagination)
+    def events(self, request, pk=None):
+        job = self.get_object()
+        page = self.paginate_queryset(job.events.all())
+        return self.get_paginated_response(EventSerializer(page, many=True).data)
+
+    @extend_schema(responses={200: CheckpointSerializer(many=True)})
+    @action(detail=True, methods=["get"], pagination_class=CheckpointPagination)
+    def checkpoints(self, request, pk=None):
+        job = self.get_object()
+        page = self.paginate_queryset(job.checkpoints.select_related("job__org", "job__base_model"))
+        return self.get_paginated_response(CheckpointSerializer(page, many=True).data)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _base_model_and_parent(self, values) -> tuple[BaseModel, Adapter | None]:
+        """``model`` names a base model, or one of the tenant's fine-tuned models to continue
+        from (OpenAI's way); ``hyperparameters.parent_adapter`` is Loft's way to say the same."""
+        name = values["model"]
+        parent_ref = values["hyperparameters"].get("parent_adapter")
+        parent = None
+        if name.startswith("ft:") or parent_ref:
+            ref = parent_ref or name
+            parent = Adapter.objects.for_org(self.org).filter(pk=ref).first() or (
+                Adapter.objects.for_org(self.org).filter(name=ref).first()
+            )
+            if parent is None:
+                param = "hyperparameters.parent_adapter" if parent_ref else "model"
+                raise LoftAPIError(
+                    f"The adapter '{ref}' does not exist.", param=param, code="model_not_found"
+                )
+            if not name.startswith("ft:") and name != parent.base_model.name:
+                raise LoftAPIError(
+                    f"The parent adapter was trained on {parent.base_model.name}, not {name}.",
+                    param="model",
+                )
+            return parent.base_model, parent
+        base_model = BaseModel.objects.enabled().filter(name=name).first()
+        if base_model is None:
+            raise LoftAPIError(
+                f"The model '{name}' does not exist or cannot be fine-tuned; "
+                "GET /v1/models lists the ones that can.",
+                param="model",
+                code="model_not_found",
+            )
+        return base_model, None
+
+    def _file(self, file_id: str, param: str) -> File:
+        """Another tenant's file reads exactly like a missing one."""
+        file = File.objects.for_org(self.org).filter(pk=file_id).first()
+        if file is None:
+            raise LoftAPIError(f"No such File object: {file_id}", param=param, code="invalid_file")
+        if file.status == File.Status.ERROR:
+            raise LoftAPIError(
+                f"The file {file_id} failed validation: {file.status_details}",
+                param=param,
+                code="invalid_file",
+            )
+        if param == "training_file" and file.purpose != File.Purpose.FINE_TUNE:
+            raise LoftAPIError(
+                f"The file {file_id} was uploaded with purpose '{file.purpose}'; "
+                "a training file needs purpose 'fine-tune'.",
+                param=param,
+                code="invalid_file",
+            )
+        return file
+
+    def _dry_run(self, config, base_model, training_file, validation_file) -> dict:
+        if training_file.status != File.Status.PROCESSED:
+            raise LoftAPIError(
+                f"The file {training_file.id} is still being validated; "
+                "a plan needs its measurements. Try again shortly.",
+                param="training_file",
+                code="file_not_ready",
+            )
+        plan = preflight.plan(config, base_model, training_file, validation_file)
+        if not plan.fits:
+            raise self._too_large(plan)
+        return {
+            **plan.as_dict(),
+            "model": base_model.name,
+            "hyperparameters": preflight.public_hyperparameters(asdict(config)),
+        }
+
+    def _too_large(self, plan) -> LoftAPIError:
+        return LoftAPIError(
+            preflight.too_large_message(plan),
+            param="hyperparameters",
+            code="job_too_large",
+            details={"plan": plan.as_dict()},
+        )
+
+
+class AdapterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
+    """The tenant's trained adapters; ``download`` streams a zip of the PEFT folder."""
+
+    queryset = Adapter.objects.select_related("base_model")
+    serializer_class = AdapterSerializer
+    object_name = "adapter"
+
+    @extend_schema(
+        responses={(200, "application/zip"): bytes},
+        description="A zip of the adapter folder: safetensors weights, config, tokenizer, "
+        "model card and manifest.json.",
+    )
+    @action(detail=True, methods=["get"])
+    def download(self, request, pk=None):
+        adapter = self.get_object()
+        filename = adapter.name.replace(":", "_").replace("/", "_") + ".zip"
+        response = StreamingHttpResponse(zip_stream(adapter), content_type="application/zip")
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return response
+
+
+class _ZipSink:
+    """A write-only file for zipfile that hands out what was written so far."""
+
+    def __init__(self):
+        self.chunks: list[bytes] = []
+        self.position = 0
+
+    def write(self, data) -> int:
+        self.chunks.append(bytes(data))
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        out, self.chunks = b"".join(self.chunks), []
+        return out
+
+
+def zip_stream(adapter: Adapter) -> Iterator[bytes]:
+    """The adapter's files from S3 into a zip, piece by piece: nothing whole in memory or disk.
+    Entries are stored, not deflated: safetensors weights do not compress."""
+    sink = _ZipSink()
+    names = sorted(adapter.manifest.get("files", {})) + ["manifest.json"]
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED) as archive:
+        for name in names:
+            info = zipfile.ZipInfo(name, date_time=adapter.created_at.timetuple()[:6])
+            with archive.open(info, mode="w", force_zip64=True) as entry:
+                for chunk in storage.iter_object(adapter.s3_prefix + name):
+                    entry.write(chunk)
+                    yield sink.take()
+            yield sink.take()
+    yield sink.take()
+
+
+class UsageView(APIView):
+    """``GET /v1/usage``: trained tokens and compute seconds per month and per job, storage in
+    use, and the organization's limits. ``?month=YYYY-MM`` picks the month of the job list."""
+
+    @extend_schema(
+        parameters=[OpenApiParameter("month", str, description="YYYY-MM; this month if absent")],
+        responses={
+            200: inline_serializer(
+                "Usage",
+                {
+                    "object": serializers.CharField(),
+                    "month": serializers.CharField(),
+                    "totals": serializers.DictField(),
+                    "limits": serializers.DictField(),
+                    "months": serializers.ListField(child=serializers.DictField()),
+                    "jobs": serializers.ListField(child=serializers.DictField()),
+                },
+            )
+        },
+    )
+    def get(self, request):
+        org = current_org(request)
+        start = self._month(request.query_params.get("month"))
+        end = (start.replace(day=28) + timedelta(days=4)).replace(day=1)
+        ledger = UsageRecord.objects.for_org(org)
+        months = (
+            ledger.annotate(month=TruncMonth("created_at"))
+            .values("month")
+            .annotate(
+                trained_tokens=Sum("trained_tokens"),
+                compute_seconds=Sum("compute_seconds"),
+                jobs=Count("id"),
+            )
+            .order_by("-month")
+        )
+        in_month = ledger.filter(created_at__gte=start, created_at__lt=end)
+        totals = in_month.aggregate(
+            trained_tokens=Sum("trained_tokens"), compute_seconds=Sum("compute_seconds")
+        )
+        return Response(
+            {
+                "object": "usage",
+                "organization_id": org.id,
+                "month": start.strftime("%Y-%m"),
+                "totals": {
+                    "trained_tokens": int(totals["trained_tokens"] or 0),
+                    "compute_seconds": round(totals["compute_seconds"] or 0, 1),
+                    "storage_bytes": storage_bytes(org),
+                },
+                "limits": Quota.for_org(org).limits(),
+                "months": [
+                    {
+                        "month": row["month"].strftime("%Y-%m"),
+                        "trained_tokens": int(row["trained_tokens"] or 0),
+                        "compute_seconds": round(row["compute_seconds"] or 0, 1),
+                        "jobs": row["jobs"],
+                    }
+                    for row in months
+                ],
+                "jobs": [
+                    {
+                        "job": record.job_id,
+                        "trained_tokens": record.trained_tokens,
+                        "compute_seconds": round(record.compute_seconds, 1),
+                        "recorded_at": int(record.created_at.timestamp()),
+                    }
+                    for record in in_month.order_by("-created_at")[:1000]
+                ],
+            }
+        )
+
+    def _month(self, raw: str | None) -> datetime:
+        if not raw:
+            return month_start()
+        try:
+            parsed = datetime.strptime(raw, "%Y-%m")
+        except ValueError:
+            raise LoftAPIError("month must look like 2026-11.", param="month") from None
+        return month_start().replace(year=parsed.year, month=parsed.month)

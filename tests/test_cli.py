@@ -1,0 +1,436 @@
+"""The ``loft`` command-line client, run in-process against a real server on the test database.
+
+The CLI is a client: these tests prove it sends what the API expects, renders what the server
+answers and exits with the right status. Jobs are driven by writing their rows, not by training.
+"""
+
+import http.server
+import io
+import json
+import threading
+import time
+import zipfile
+
+import pytest
+from django.db import connection
+
+from jobs.models import Adapter, BaseModel, FineTuneJob, JobEvent
+from loft import cli, storage
+from worker.artifacts import build_manifest
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MODEL = ["--model", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+CHAT_LINE = json.dumps(
+    {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+        ]
+    }
+)
+
+
+@pytest.fixture
+def as_tenant_a(monkeypatch, live_server, tenant_a):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("LOFT_API_KEY", tenant_a.secret)
+    monkeypatch.setenv("LOFT_BASE_URL", f"{live_server.url}/v1")
+    BaseModel.seed_bundled()
+    return tenant_a
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([CHAT_LINE] * 4) + "\n")
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, "--json", *argv)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def uploaded_file_id(capsys, path) -> str:
+    return run_json(capsys, "files", "upload", str(path))["id"]
+
+
+# --- configuration and failures --------------------------------------------------------
+
+
+def test_it_says_in_one_sentence_that_the_key_is_missing(monkeypatch, capsys):
+    monkeypatch.delenv("LOFT_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+    code, out, err = run(capsys, "files", "list")
+
+    assert code == 2 and out == ""
+    assert (
+        err.strip() == "loft: no API key: set LOFT_API_KEY (or OPENAI_API_KEY), or pass --api-key."
+    )
+
+
+def test_it_names_the_url_it_cannot_reach(monkeypatch, capsys):
+    monkeypatch.setenv("LOFT_API_KEY", "sk-loft-anything")
+    monkeypatch.setenv("LOFT_BASE_URL", "http://127.0.0.1:9/v1")  # the discard port: closed
+
+    code, _, err = run(capsys, "jobs", "list")
+
+    assert code == 1
+    assert err.startswith("loft: cannot reach Loft at http://127.0.0.1:9/v1: ")
+    assert "Traceback" not in err
+
+
+def test_it_refuses_a_base_url_that_is_not_http(monkeypatch, capsys):
+    monkeypatch.setenv("LOFT_API_KEY", "sk-loft-anything")
+
+    code, _, err = run(capsys, "--base-url", "file:///etc/passwd", "files", "list")
+
+    assert code == 2 and "must start with http:// or https://" in err
+
+
+def test_a_wrong_key_gets_the_servers_message(as_tenant_a, capsys):
+    code, _, err = run(capsys, "files", "list", "--api-key", "sk-loft-wrong")
+
+    assert code == 1
+    assert err.startswith("loft: ") and "API key" in err
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def test_it_uploads_a_dataset_and_lists_it(as_tenant_a, capsys, dataset):
+    code, out, err = run(capsys, "files", "upload", str(dataset))
+
+    assert code == 0, err
+    assert "Uploaded train.jsonl as file-" in out and "(processed)" in out
+    assert "4 rows" in out and "format chat" in out
+    file_id = out.split(" as ")[1].split()[0]
+
+    code, out, _ = run(capsys, "files", "list")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split()[:4] == ["ID", "FILENAME", "PURPOSE", "STATUS"]
+    assert row.split()[:4] == [file_id, "train.jsonl", "fine-tune", "processed"]
+
+    listing = run_json(capsys, "files", "list")
+    assert listing["object"] == "list" and [f["id"] for f in listing["data"]] == [file_id]
+    assert run_json(capsys, "files", "get", file_id)["rows"] == 4
+
+
+def test_a_malformed_file_is_refused_with_its_line_numbers(as_tenant_a, capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [\nnot json\n{"messages": []}\n')
+
+    code, out, err = run(capsys, "files", "upload", str(bad))
+
+    assert code == 1 and out == ""
+    assert err.startswith("loft: ") and "(param: file, code: no_valid_rows)" in err
+    assert "line 1: not valid JSON" in err and 'line 3: "messages" is empty' in err
+    assert "Traceback" not in err
+
+
+def test_the_multipart_body_is_read_from_disk_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "CHUNK_BYTES", 1000)
+    path = tmp_path / 'we"ird.jsonl'
+    path.write_bytes(b"x" * 4500)
+
+    body = cli.MultipartBody({"purpose": "fine-tune"}, "file", path)
+    chunks = list(body)
+
+    assert sum(len(chunk) for chunk in chunks) == body.length
+    assert [len(chunk) for chunk in chunks[1:-1]] == [1000, 1000, 1000, 1000, 500]
+    assert b'filename="we%22ird.jsonl"' in chunks[0]
+    assert chunks[-1] == f"\r\n--{body.boundary}--\r\n".encode()
+
+
+# --- jobs --------------------------------------------------------------------------------
+
+
+def test_a_dry_run_prints_the_plan_and_creates_no_job(as_tenant_a, capsys, dataset):
+    file_id = uploaded_file_id(capsys, dataset)
+
+    code, out, err = run(
+        capsys,
+        "jobs",
+        "create",
+        *MODEL,
+        "--training-file",
+        file_id,
+        "--max-steps",
+        "3",
+        "--dry-run",
+    )
+
+    assert code == 0, err
+    assert out.startswith("The job fits.")
+    assert not FineTuneJob.objects.exists()
+    plan = run_json(capsys, "jobs", "create", *MODEL, "--training-file", file_id, "--dry-run")
+    assert plan["object"] == "fine_tuning.job.plan" and plan["fits"] is True
+
+
+def test_it_creates_gets_lists_and_cancels_a_job(as_tenant_a, capsys, dataset):
+    code, out, err = run(
+        capsys,
+        "jobs",
+        "create",
+        *MODEL,
+        "--training-file",
+        str(dataset),  # a local path: uploaded first
+        "--suffix",
+        "cli",
+        "--epochs",
+        "2",
+        "--lora-rank",
+        "4",
+        "--idempotency-key",
+        "cli-test-1",
+    )
+    assert code == 0, err
+    assert "Uploaded " in err and " as file-" in err
+    assert out.startswith("Created ftjob-") and "(queued)" in out
+    job_id = out.split()[1]
+    job = FineTuneJob.objects.get(pk=job_id)
+    assert job.org == as_tenant_a.org and job.suffix == "cli"
+    assert job.hyperparameters["n_epochs"] == 2 and job.hyperparameters["lora_rank"] == 4
+
+    flags = ["--suffix", "cli", "--epochs", "2", "--lora-rank", "4"]
+    again = run_json(
+        capsys,
+        "jobs",
+        "create",
+        *MODEL,
+        "--training-file",
+        job.training_file_id,
+        *flags,
+        "--idempotency-key",
+        "cli-test-1",
+    )
+    assert again["id"] == job_id and FineTuneJob.objects.count() == 1
+
+    code, out, _ = run(capsys, "jobs", "get", job_id)
+    assert code == 0
+    assert f"id                {job_id}" in out and "status            queued" in out
+
+    code, out, _ = run(capsys, "jobs", "list")
+    assert code == 0 and out.splitlines()[1].split()[:2] == [job_id, "queued"]
+
+    code, out, _ = run(capsys, "jobs", "cancel", job_id)
+    assert code == 0 and out.strip() == f"Cancelled {job_id}."
+    assert run_json(capsys, "jobs", "get", job_id)["status"] == "cancelled"
+
+
+def test_another_tenants_job_is_not_found(as_tenant_a, tenant_b, capsys, dataset):
+    job_id = run_json(capsys, "jobs", "create", *MODEL, "--training-file", str(dataset))["id"]
+
+    code, out, err = run(capsys, "--api-key", tenant_b.secret, "jobs", "get", job_id)
+
+    assert code == 1 and out == ""
+    assert err.startswith("loft: ") and job_id in err and "Traceback" not in err
+
+
+def _drive(job_id: str, steps: list[dict], end: dict, pause: float) -> None:
+    """What a worker would write, step by step, from another thread (and connection)."""
+    try:
+        job = FineTuneJob.objects.get(pk=job_id)
+        FineTuneJob.objects.filter(pk=job_id).update(status="running")
+        job.add_event("info", "Attempt 1 started on test-worker.")
+        for progress in steps:
+            time.sleep(pause)
+            FineTuneJob.objects.filter(pk=job_id).update(progress=progress)
+            job.add_event("info", f"Step {progress['step']}/{progress['total_steps']}")
+        time.sleep(pause)
+        if end["status"] == "succeeded":
+            job.add_event("info", "Job succeeded.")
+            Adapter.objects.create(
+                org=job.org, job=job, name="ft:smol:a:cli", base_model=job.base_model
+            )
+        else:
+            job.add_event("error", end["error"]["message"])
+        FineTuneJob.objects.filter(pk=job_id).update(**end)
+    finally:
+        connection.close()
+
+
+def _progress(step: int) -> dict:
+    return {
+        "step": step,
+        "total_steps": 4,
+        "epoch": step / 4,
+        "loss": 2.0 / step,
+        "learning_rate": 1e-4,
+        "tokens_per_second": 123.4,
+        "eta_seconds": 4 - step,
+        "trained_tokens": 100 * step,
+    }
+
+
+def _follow_while_driving(capsys, job_id: str, end: dict) -> tuple[int, str, str]:
+    driver = threading.Thread(target=_drive, args=(job_id, [_progress(1), _progress(2)], end, 0.5))
+    driver.start()
+    try:
+        return run(capsys, "jobs", "follow", job_id, "--interval", "0.2")
+    finally:
+        driver.join()
+
+
+def test_follow_shows_events_and_progress_until_the_job_succeeds(as_tenant_a, capsys, dataset):
+    job_id = run_json(capsys, "jobs", "create", *MODEL, "--training-file", str(dataset))["id"]
+
+    code, out, err = _follow_while_driving(capsys, job_id, {"status": "succeeded"})
+
+    assert code == 0, err
+    lines = out.splitlines()
+    messages = [line.split("  ", 1)[1] for line in lines if line[:2].isdigit()]
+    assert messages == [
+        "Job created and queued.",
+        "Attempt 1 started on test-worker.",
+        "Step 1/4",
+        "Step 2/4",
+        "Job succeeded.",
+    ]
+    assert "[#####...............] step 1/4  loss 2.000  123.4 tok/s  ETA 0:00:03" in lines
+    assert "[##########..........] step 2/4  loss 1.000  123.4 tok/s  ETA 0:00:02" in lines
+    assert lines[-1] == f"{job_id} succeeded: ft:smol:a:cli"
+
+
+def test_follow_exits_1_with_the_error_when_the_job_fails(as_tenant_a, capsys, dataset):
+    job_id = run_json(capsys, "jobs", "create", *MODEL, "--training-file", str(dataset))["id"]
+    error = {"code": "out_of_memory", "message": "The GPU ran out of memory.", "param": None}
+
+    code, out, err = _follow_while_driving(capsys, job_id, {"status": "failed", "error": error})
+
+    assert code == 1
+    assert "error: The GPU ran out of memory." in out
+    assert err.strip() == f"loft: {job_id} failed: The GPU ran out of memory."
+    assert JobEvent.objects.filter(job_id=job_id).count() == 5
+
+
+def test_ctrl_c_stops_following_but_not_the_job(as_tenant_a, capsys, dataset, monkeypatch):
+    job_id = run_json(capsys, "jobs", "create", *MODEL, "--training-file", str(dataset))["id"]
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "pause", interrupt)
+    code, out, err = run(capsys, "jobs", "follow", job_id)
+
+    assert code == 130
+    assert "Job created and queued." in out
+    assert f"the job goes on. To stop it: loft jobs cancel {job_id}" in err
+    assert FineTuneJob.objects.get(pk=job_id).status == "queued"
+
+
+def test_the_status_line_is_redrawn_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    line = cli.StatusLine(screen)
+    line.update("[#.] step 1/2")
+    line.line("an event")
+    line.update("[##] step 2/2")
+    line.close()
+
+    assert screen.getvalue() == (
+        "\r[#.] step 1/2\r             \ran event\n[#.] step 1/2\r[##] step 2/2\n"
+    )
+
+
+# --- adapters ----------------------------------------------------------------------------
+
+
+def _stored_adapter(org, tmp_path) -> Adapter:
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 4}')
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 2048)
+    manifest = build_manifest(folder)
+    adapter = Adapter(
+        org=org,
+        name="ft:smol:a:cli",
+        base_model=BaseModel.seed_bundled(),
+        manifest=manifest,
+        size_bytes=manifest["total_bytes"],
+    )
+    adapter.s3_prefix = f"orgs/{org.id}/adapters/{adapter.id}/"
+    storage.upload_folder(folder, adapter.s3_prefix, manifest)
+    adapter.save()
+    return adapter
+
+
+def test_an_adapter_is_listed_and_downloaded_with_its_manifest(as_tenant_a, capsys, tmp_path):
+    adapter = _stored_adapter(as_tenant_a.org, tmp_path)
+
+    code, out, _ = run(capsys, "adapters", "list")
+    assert code == 0
+    assert out.splitlines()[1].split()[:2] == [adapter.id, "ft:smol:a:cli"]
+
+    target, unpacked = tmp_path / "out.zip", tmp_path / "unpacked"
+    code, out, err = run(
+        capsys, "adapters", "download", adapter.id, "-o", str(target), "--extract", str(unpacked)
+    )
+
+    assert code == 0, err
+    assert f"Saved {target}" in out and "All 2 files match manifest.json." in out
+    with zipfile.ZipFile(target) as archive:
+        names = {name.rsplit("/", 1)[-1] for name in archive.namelist()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= names
+    assert any(path.name == "adapter_model.safetensors" for path in unpacked.rglob("*"))
+
+
+class _Redirecting(http.server.BaseHTTPRequestHandler):
+    """Loft answering a download with a redirect to storage, and the storage, in one server."""
+
+    seen: dict = {}  # noqa: RUF012 -- per-test, reset below
+
+    def do_GET(self):
+        self.seen[self.path] = self.headers.get("Authorization")
+        if self.path.startswith("/v1/"):
+            self.send_response(302)
+            port = self.server.server_address[1]
+            self.send_header("Location", f"http://localhost:{port}/bucket/a.zip?X-Amz-Signature=s")
+            self.end_headers()
+            return
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as zipped:
+            zipped.writestr("adapter_config.json", "{}")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/zip")
+        self.send_header("Content-Length", str(len(archive.getvalue())))
+        self.end_headers()
+        self.wfile.write(archive.getvalue())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_redirected_download_leaves_the_key_behind(monkeypatch, capsys, tmp_path):
+    _Redirecting.seen = {}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("LOFT_API_KEY", "sk-loft-secret")
+    monkeypatch.setenv("LOFT_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/v1")
+    try:
+        code, _, err = run(
+            capsys, "adapters", "download", "adapter-x", "-o", str(tmp_path / "a.zip")
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert code == 0, err
+    assert _Redirecting.seen == {
+        "/v1/adapters/adapter-x/download": "Bearer sk-loft-secret",
+        "/bucket/a.zip?X-Amz-Signature=s": None,
+    }

@@ -1,0 +1,104 @@
+"""The whole flow with the official openai package against a live server and a real Celery
+worker: upload, fine-tune, follow, read events and checkpoints, find the model; cancel."""
+
+import json
+import time
+
+import openai
+import pytest
+
+from jobs.models import BaseModel
+from loft.models import ApiKey, Organization
+from tests.test_training_jobs import ANSWER
+
+pytestmark = pytest.mark.slow
+
+
+def banana_jsonl(rows: int = 24) -> bytes:
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Tell me about topic {i}."},
+                    {"role": "assistant", "content": ANSWER},
+                ]
+            }
+        )
+        for i in range(rows)
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_the_openai_client_fine_tunes_follows_and_cancels_unchanged(
+    live_server, transactional_db, celery_worker
+):
+    BaseModel.seed_bundled()
+    org = Organization.objects.create(slug="sdk", name="SDK")
+    _, secret = ApiKey.issue(org)
+    client = openai.OpenAI(api_key=secret, base_url=f"{live_server.url}/v1", max_retries=0)
+
+    file = client.files.create(file=("banana.jsonl", banana_jsonl()), purpose="fine-tune")
+    assert file.status == "processed"
+    job = client.fine_tuning.jobs.create(
+        model=BaseModel.default().name,
+        training_file=file.id,
+        suffix="banana",
+        seed=3,
+        method={
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": {
+                    "n_epochs": 1,
+                    "batch_size": 4,
+                    "learning_rate_multiplier": 25,
+                    # Loft's options ride in the same object.
+                    "lora_rank": 8,
+                    "max_seq_length": 128,
+                    "max_steps": 3,
+                    "checkpoint_every": 2,
+                }
+            },
+        },
+    )
+    assert job.id.startswith("ftjob-") and job.status == "queued"
+    assert job.hyperparameters.batch_size == 4 and job.seed == 3
+
+    deadline = time.monotonic() + 600
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(1)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:{BaseModel.default().name}:sdk:banana:{job.id}"
+    assert job.trained_tokens > 0 and job.finished_at >= job.created_at
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    messages = [event.message for event in events]
+    assert messages[0] == f"Job succeeded: {job.fine_tuned_model}."  # newest first
+    assert messages[-1] == "Job created and queued."
+    assert any(m.startswith("Step 3/3: training loss") for m in messages)
+
+    checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in checkpoints] == [3, 2]
+    assert checkpoints[0].fine_tuned_model_checkpoint.endswith(":ckpt-step-3")
+    assert checkpoints[0].metrics.train_loss > 0
+
+    assert job.fine_tuned_model in [model.id for model in client.models.list()]
+    assert client.models.retrieve(job.fine_tuned_model).id == job.fine_tuned_model
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=5)] == [job.id]
+
+    second = client.fine_tuning.jobs.create(
+        model=BaseModel.default().name,
+        training_file=file.id,
+        hyperparameters={"n_epochs": 3, "batch_size": 1},
+    )
+    cancelled = client.fine_tuning.jobs.cancel(second.id)
+    deadline = time.monotonic() + 120
+    while cancelled.status != "cancelled":
+        assert time.monotonic() < deadline, cancelled
+        time.sleep(0.5)
+        cancelled = client.fine_tuning.jobs.retrieve(second.id)
+    assert cancelled.fine_tuned_model is None
+
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-missing")

@@ -1,0 +1,259 @@
+"""Pre-flight: resolve "auto" settings from the data, and estimate a run before it is queued.
+
+A job that cannot fit on the worker should be refused with numbers and a way out when it is
+submitted, not die of out-of-memory an hour later. The estimates are deliberately simple and
+err high: weights + LoRA and its optimizer state + the activations kept for the backward pass
+of one micro-batch + the vocabulary projection of its trained tokens.
+
+No Django here: the API turns a File's validation report into ``DataStats`` and the base model
+row into ``ModelShape``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+# OpenAI's published defaults for "auto" epochs: aim at 3 epochs, but see at least 100 and at
+# most 25,000 examples in total.
+TARGET_EPOCHS = 3
+MIN_TARGET_EXAMPLES = 100
+MAX_TARGET_EXAMPLES = 25_000
+MAX_AUTO_EPOCHS = 25
+BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0
+# Startup before the first step: loading the base model, tokenizing, the first checkpoint.
+STARTUP_SECONDS = 30
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory and speed depend on. ``from_parameters`` guesses it when a catalogue entry
+    has no architecture recorded."""
+
+    parameters: int
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    vocab_size: int
+
+    @classmethod
+    def from_parameters(cls, parameters: int) -> ModelShape:
+        layers = 32
+        hidden = int(math.sqrt(parameters / (12 * layers)))
+        return cls(parameters, hidden, layers, int(hidden * 8 / 3), 32_000)
+
+    def lora_parameters(self, rank: int) -> int:
+        """LoRA on every linear layer of every block (peft's "all-linear"): A and B matrices
+        on q, k, v, o (hidden→hidden, an upper bound for grouped k/v) and gate, up, down."""
+        attention = 4 * rank * (2 * self.hidden_size)
+        mlp = 3 * rank * (self.hidden_size + self.intermediate_size)
+        return self.num_layers * (attention + mlp)
+
+
+@dataclass(frozen=True)
+class DataStats:
+    rows: int
+    tokens: int
+    max_row_tokens: int
+
+
+@dataclass(frozen=True)
+class WorkerClass:
+    """The machines a queue's workers run on. Throughput is measured for a 135M-parameter
+    model (bench/train.py) and scaled by parameter count for others."""
+
+    name: str
+    memory_bytes: int
+    tokens_per_second_135m: float
+    bytes_per_activation: int = 4  # float32 on CPU; 2 on a GPU with bf16
+
+    def tokens_per_second(self, parameters: int) -> float:
+        return self.tokens_per_second_135m * 135e6 / max(parameters, 1)
+
+
+# --- "auto" ----------------------------------------------------------------------------------
+
+
+def auto_epochs(train_rows: int) -> int:
+    if train_rows * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
+        return min(MAX_AUTO_EPOCHS, max(1, MIN_TARGET_EXAMPLES // max(train_rows, 1)))
+    if train_rows * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
+        return max(1, MAX_TARGET_EXAMPLES // train_rows)
+    return TARGET_EPOCHS
+
+
+def auto_batch_size(train_rows: int) -> int:
+    """About 0.2 % of the examples, a power of two between 1 and 32 (OpenAI's rule, capped)."""
+    wanted = max(1.0, train_rows * 0.002)
+    return min(32, 2 ** round(math.log2(wanted)))
+
+
+def auto_max_seq_length(max_row_tokens: int, context_length: int) -> int:
+    """The longest row rounded up to a power of two, at least 128, at most the context."""
+    return min(context_length, max(128, 2 ** math.ceil(math.log2(max(max_row_tokens, 1)))))
+
+
+def train_rows(stats: DataStats, validation_fraction: float, has_validation_file: bool) -> int:
+    """Rows left for training once a share is held out (train.split_validation's rule)."""
+    if has_validation_file or validation_fraction <= 0 or stats.rows < 2:
+        return stats.rows
+    return stats.rows - min(500, max(1, round(stats.rows * validation_fraction)))
+
+
+# --- the estimate ----------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    training_examples: int
+    tokens_per_epoch: int
+    n_epochs: int
+    steps: int
+    trained_tokens: int
+    tokens_per_step: int
+    worker_class: str
+    estimated_seconds: int
+    estimated_peak_memory_bytes: int
+    memory_breakdown: dict
+    worker_memory_bytes: int
+    fits: bool
+    suggestion: str | None
+
+    def as_dict(self) -> dict:
+        return {"object": "fine_tuning.job.plan", **asdict(self)}
+
+
+def peak_memory(
+    shape: ModelShape,
+    *,
+    quantization: str,
+    lora_rank: int,
+    tokens_in_flight: int,
+    bytes_per_activation: int,
+) -> dict:
+    """Bytes by part for one micro-batch of ``tokens_in_flight`` tokens."""
+    weight_bytes = 0.55 if quantization == "nf4" else bytes_per_activation  # NF4 + its scales
+    lora = shape.lora_parameters(lora_rank)
+    # Kept for backward, per token and layer: attention inputs/outputs (~10 × hidden) and the
+    # MLP's gate, up, product and down input (~4 × intermediate), in the activation dtype.
+    per_token = shape.num_layers * (10 * shape.hidden_size + 4 * shape.intermediate_size)
+    parts = {
+        "weights": int(shape.parameters * weight_bytes),
+        # fp32 LoRA weights, their gradients and AdamW's two moments.
+        "lora_and_optimizer": lora * 16,
+        "activations": tokens_in_flight * per_token * bytes_per_activation,
+        # Logits and their gradient for the trained positions (every one, at worst), in fp32.
+        "logits": tokens_in_flight * shape.vocab_size * 4 * 2,
+        # The framework itself: allocator slack, kernels, the tokenizer, the Python process.
+        "overhead": GIB // 2,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def tokens_in_flight(
+    *, packing: bool, batch_size: int, max_seq_length: int, max_row_tokens: int
+) -> int:
+    """Packed: one row of max_seq_length tokens at a time (train.py backs each row off on its
+    own). Padded: the whole batch at once, padded to its longest example."""
+    if packing:
+        return max_seq_length
+    return batch_size * min(max_seq_length, max_row_tokens)
+
+
+def estimate(
+    shape: ModelShape,
+    stats: DataStats,
+    worker: WorkerClass,
+    *,
+    quantization: str,
+    lora_rank: int,
+    batch_size: int,
+    max_seq_length: int,
+    packing: bool,
+    n_epochs: int,
+    max_steps: int | None,
+    training_examples: int,
+) -> Plan:
+    mean_tokens = stats.tokens / max(stats.rows, 1)
+    per_example = min(mean_tokens, max_seq_length)
+    steps_per_epoch = math.ceil(training_examples / batch_size)
+    steps = steps_per_epoch * n_epochs
+    if max_steps:
+        steps = min(steps, max_steps)
+    trained_tokens = int(steps * min(batch_size, training_examples) * per_example)
+    in_flight = tokens_in_flight(
+        packing=packing,
+        batch_size=batch_size,
+        max_seq_length=max_seq_length,
+        max_row_tokens=stats.max_row_tokens,
+    )
+    memory = peak_memory(
+        shape,
+        quantization=quantization,
+        lora_rank=lora_rank,
+        tokens_in_flight=in_flight,
+        bytes_per_activation=worker.bytes_per_activation,
+    )
+    seconds = STARTUP_SECONDS + trained_tokens / worker.tokens_per_second(shape.parameters)
+    fits = memory["total"] <= worker.memory_bytes
+    return Plan(
+        training_examples=training_examples,
+        tokens_per_epoch=int(training_examples * per_example),
+        n_epochs=n_epochs,
+        steps=steps,
+        trained_tokens=trained_tokens,
+        tokens_per_step=int(min(batch_size, training_examples) * per_example),
+        worker_class=worker.name,
+        estimated_seconds=int(seconds),
+        estimated_peak_memory_bytes=memory["total"],
+        memory_breakdown=memory,
+        worker_memory_bytes=worker.memory_bytes,
+        fits=fits,
+        suggestion=None
+        if fits
+        else _suggestion(
+            shape, stats, worker, quantization, lora_rank, batch_size, max_seq_length, packing
+        ),
+    )
+
+
+def _suggestion(
+    shape, stats, worker, quantization, lora_rank, batch_size, max_seq_length, packing
+) -> str:
+    """The nearest settings that fit, in words: turn packing on, then halve what drives memory."""
+
+    def fits(**changes) -> bool:
+        settings = {
+            "packing": packing,
+            "batch_size": batch_size,
+            "max_seq_length": max_seq_length,
+            **changes,
+        }
+        in_flight = tokens_in_flight(max_row_tokens=stats.max_row_tokens, **settings)
+        total = peak_memory(
+            shape,
+            quantization=quantization,
+            lora_rank=lora_rank,
+            tokens_in_flight=in_flight,
+            bytes_per_activation=worker.bytes_per_activation,
+        )["total"]
+        return total <= worker.memory_bytes
+
+    if not packing and fits(packing=True):
+        return "Set packing to true: packed rows are trained one at a time."
+    if not packing:
+        size = batch_size
+        while size > 1 and not fits(batch_size=size):
+            size //= 2
+        if fits(batch_size=size):
+            return f"Lower batch_size to {size}, or set packing to true."
+    length = max_seq_length
+    while length > 16 and not fits(max_seq_length=length, packing=True):
+        length //= 2
+    if fits(max_seq_length=length, packing=True):
+        return f"Lower max_seq_length to {length} with packing on."
+    if quantization != "nf4":
+        return "Use quantization nf4 (QLoRA): the base model then takes a quarter of the memory."
+    return f"This base model does not fit on {worker.name} workers; pick a smaller one."
