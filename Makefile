@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint format clean
+.PHONY: run test install lint format clean fuzz
 
 run: install
 	$(PY) -m loft.stack
@@ -33,3 +33,6 @@ format: install
 
 clean:
 	rm -rf $(VENV) .loft .pytest_cache
+
+fuzz: install
+	$(PY) -m pytest tests/test_api_fuzz.py -s

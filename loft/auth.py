@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
 from loft.models import ApiKey
@@ -62,3 +63,13 @@ class IsOrganizationMember(permissions.BasePermission):
         if not (request.user and request.user.is_authenticated):
             return False
         return current_org(request) is not None
+
+
+class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """Tells the OpenAPI schema that /v1 takes ``Authorization: Bearer <key>``."""
+
+    target_class = ApiKeyAuthentication
+    name = "apiKey"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "description": "A Loft API key, sk-loft-…"}

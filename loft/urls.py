@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from jobs import views as job_views
@@ -24,7 +24,7 @@ api_v1 = [
     path("models", ModelListView.as_view(), name="model-list"),
     path("models/<path:model>", ModelDetailView.as_view(), name="model-detail"),
     path("usage", UsageView.as_view(), name="usage"),
-    path("openapi.json", SpectacularAPIView.as_view(), name="openapi-schema"),
+    path("openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     *router.urls,
 ]
 
@@ -33,6 +33,7 @@ urlpatterns = [
     path("login", auth_views.LoginView.as_view(), name="login"),
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", healthz, name="healthz"),
+    path("docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="api-docs"),
     path("datasets", job_views.dataset_list, name="dataset-list"),
     path("datasets/<str:file_id>", job_views.dataset_detail, name="dataset-detail"),
     path("datasets/<str:file_id>/delete", job_views.dataset_delete, name="dataset-delete"),

@@ -62,7 +62,7 @@ class FileSerializer(serializers.ModelSerializer):
     def get_object(self, file: File) -> str:
         return "file"
 
-    def get_expires_at(self, file: File) -> None:
+    def get_expires_at(self, file: File) -> int | None:
         return None
 
     def get_status_details(self, file: File) -> str | None:
@@ -179,7 +179,7 @@ class JobSerializer(serializers.ModelSerializer):
         adapter = self._adapter(job)
         return adapter.id if adapter else None
 
-    def get_evaluation(self, job) -> None:
+    def get_evaluation(self, job) -> dict | None:
         return None  # the held-out evaluation of base against adapter comes with evaluations
 
     def get_integrations(self, job) -> list:

@@ -2,7 +2,8 @@ from django.conf import settings
 from django.db import transaction
 from django.http import StreamingHttpResponse
 from django.template.defaultfilters import filesizeformat
-from rest_framework import mixins, status
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status
 from rest_framework.authentication import get_authorization_header
 from rest_framework.decorators import action
 from rest_framework.parsers import MultiPartParser
@@ -35,6 +36,13 @@ class ModelListView(APIView):
     """``GET /v1/models``: the enabled base models of the catalogue, then the organization's
     fine-tuned models (its adapters), newest first."""
 
+    @extend_schema(
+        operation_id="models_list",
+        responses=inline_serializer(
+            "ModelList",
+            {"object": serializers.CharField(), "data": ModelSerializer(many=True)},
+        ),
+    )
     def get(self, request):
         adapters = Adapter.objects.for_org(current_org(request)).select_related("org", "base_model")
         data = ModelSerializer(BaseModel.objects.enabled(), many=True).data + (
@@ -46,6 +54,7 @@ class ModelListView(APIView):
 class ModelDetailView(APIView):
     """``GET /v1/models/{model}``; model ids contain a slash, so the route takes a path."""
 
+    @extend_schema(operation_id="models_retrieve", responses=ModelSerializer)
     def get(self, request, model: str):
         found = BaseModel.objects.enabled().filter(name=model).first()
         if found is not None:

@@ -66,6 +66,19 @@ class AfterLimitPagination(BasePagination):
             raise LoftAPIError(f"limit must be between 1 and {self.max_limit}.", param="limit")
         return limit
 
+    def get_paginated_response_schema(self, schema):
+        return {
+            "type": "object",
+            "required": ["object", "data", "has_more"],
+            "properties": {
+                "object": {"type": "string", "enum": ["list"]},
+                "data": schema,
+                "first_id": {"type": "string", "nullable": True},
+                "last_id": {"type": "string", "nullable": True},
+                "has_more": {"type": "boolean"},
+            },
+        }
+
     def get_schema_operation_parameters(self, view):
         return [
             {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
