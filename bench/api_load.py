@@ -443,11 +443,11 @@ def main() -> int:
         base, jobs = "/v1/models/HuggingFaceTB/SmolLM2-135M-Instruct", "/v1/fine_tuning/jobs"
         scenarios = [
             Scenario("baseline GET /v1/models/{base}", [base]),
-            Scenario("GET /v1/fine_tuning/jobs", ["/v1/fine_tuning/jobs"], target=True),
-            Scenario("GET /v1/fine_tuning/jobs?limit=100", ["/v1/fine_tuning/jobs?limit=100"]),
+            Scenario("GET /v1/fine_tuning/jobs", [jobs], target=True),
+            Scenario("GET /v1/fine_tuning/jobs?limit=100", [f"{jobs}?limit=100"]),
             Scenario(
                 "GET /v1/fine_tuning/jobs/{id}",
-                [f"/v1/fine_tuning/jobs/{i}" for i in ids],
+                [f"{jobs}/{i}" for i in ids],
                 target=True,
             ),
             Scenario("GET …/jobs?after=<deep> (last page)", [f"{jobs}?after={ids[-21]}"]),
@@ -472,11 +472,11 @@ def main() -> int:
         print_report(args, url, rows, queries, load_before, gunicorn_shape(server), ids)
         if seeding:
             print(f"(seeded {args.jobs} jobs straight into the database in {seed_seconds:.1f} s)")
-        baseline_ok = all(not r[1].errors and not r[2].errors for r in rows)
+        answered = all(not r[1].errors and not r[2].errors for r in rows)
         targets_ok = all(
             r[1].percentile(95) < TARGET_P95_MS for r in rows if r[0].target and r[1].latencies
         )
-        return 0 if baseline_ok and targets_ok else 1
+        return 0 if answered and targets_ok else 1
     finally:
         if pool is not None:
             pool.close()
@@ -509,7 +509,7 @@ def print_report(args, url, rows, queries, load_before, server, ids) -> None:
     print()
     header = (
         f"{'scenario':<40} {'req/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7} "
-        f"{'p95/base':>8} {'1 client p50':>12} {'queries':>7}"
+        f"{'p95/base':>8} {'1 client p50/p95':>16} {'queries':>7}"
     )
     print(header + "   (latencies in ms)")
     print("-" * len(header))
@@ -523,7 +523,7 @@ def print_report(args, url, rows, queries, load_before, server, ids) -> None:
             f"{scenario.name:<40} {len(loaded.latencies) / loaded.seconds:7.0f} "
             f"{loaded.percentile(50):7.1f} {p95:7.1f} {loaded.percentile(99):7.1f} "
             f"{max(loaded.latencies):7.1f} {p95 / base_p95:8.2f} "
-            f"{statistics.median(single.latencies):12.1f} "
+            f"{single.percentile(50):8.1f}/{single.percentile(95):<7.1f} "
             f"{queries.get(scenario.name, '?'):>7}"
         )
     print()
@@ -539,6 +539,12 @@ def print_report(args, url, rows, queries, load_before, server, ids) -> None:
             f"{loaded.client_cpu * 1000 / n:7.2f}   "
             f"{cpu.get('machine', 0) / loaded.seconds * 100 / cores:5.0f}%"
         )
+    in_flight = args.clients
+    print(
+        f"\n{in_flight} requests are always in flight, so latency = {in_flight} / (requests/s): "
+        f"p95 < {TARGET_P95_MS} ms needs more than {in_flight * 1000 // TARGET_P95_MS} req/s; "
+        "'1 client' is the latency without the queue."
+    )
     print()
     for scenario, loaded, single, _ in rows:
         for message, count in (loaded.errors + single.errors).most_common(5):

@@ -29,6 +29,7 @@ BUNDLED_BASE_MODEL = {
         "num_layers": 30,
         "intermediate_size": 1536,
         "vocab_size": 49152,
+        "tied_embeddings": True,
     },
 }
 
@@ -153,20 +154,25 @@ class File(TenantOwnedModel):
         self.save()
 
     def delete_with_content(self) -> None:
-        """Delete the row and its bytes; refused (FileInUse) while an unfinished job needs it."""
+        """Delete the row, then its bytes; refused (FileInUse) while an unfinished job needs it.
+        Under the organization's lock, so no job can be created on it in between."""
         from loft import storage
+        from loft.models import Organization
 
-        active = FineTuneJob.objects.filter(
-            models.Q(training_file=self) | models.Q(validation_file=self),
-            status__in=FineTuneJob.ACTIVE,
-        ).first()
-        if active is not None:
-            raise FileInUse(
-                f"The file {self.id} is used by the job {active.id}, which has not finished; "
-                "cancel the job or wait for it before deleting the file."
-            )
-        storage.delete_prefix(f"orgs/{self.org_id}/files/{self.id}/")
-        self.delete()
+        with transaction.atomic():
+            Organization.lock(self.org_id)
+            active = FineTuneJob.objects.filter(
+                models.Q(training_file=self) | models.Q(validation_file=self),
+                status__in=FineTuneJob.ACTIVE,
+            ).first()
+            if active is not None:
+                raise FileInUse(
+                    f"The file {self.id} is used by the job {active.id}, which has not "
+                    "finished; cancel the job or wait for it before deleting the file."
+                )
+            prefix = f"orgs/{self.org_id}/files/{self.id}/"
+            self.delete()
+            transaction.on_commit(lambda: storage.delete_prefix(prefix))
 
     def mark_error(self, message: str, report: dict | None = None) -> None:
         self.status = self.Status.ERROR
@@ -209,13 +215,19 @@ class FineTuneJob(TenantOwnedModel):
 
     id = models.CharField(primary_key=True, max_length=40, default=new_job_id, editable=False)
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT)
-    # A finished job's files may be deleted (the job then shows null); an active job's may not
-    # (File.delete_with_content refuses).
+    # A finished job's files may be deleted (an unfinished job's may not: see
+    # File.delete_with_content); the job still names them, as OpenAI's jobs do, so the
+    # columns keep the ids without a database constraint.
     training_file = models.ForeignKey(
-        File, null=True, on_delete=models.SET_NULL, related_name="training_jobs"
+        File, on_delete=models.DO_NOTHING, db_constraint=False, related_name="training_jobs"
     )
     validation_file = models.ForeignKey(
-        File, null=True, blank=True, on_delete=models.SET_NULL, related_name="validation_jobs"
+        File,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="validation_jobs",
     )
     parent_adapter = models.ForeignKey(
         "Adapter", null=True, blank=True, on_delete=models.PROTECT, related_name="children_jobs"
@@ -296,12 +308,13 @@ class FineTuneJob(TenantOwnedModel):
         idempotency_key: str = "",
         fingerprint: str = "",
     ) -> FineTuneJob:
-        """Create a job from checked settings (raises train.ConfigError naming the field).
+        """Create a job from resolved settings (TrainConfig's arguments; raises
+        train.ConfigError naming the field, preflight.JobTooLarge, QuotaExceeded).
 
         Under a lock on the organization's row, so that quotas and idempotency keys hold when
         many requests arrive at once: the same ``idempotency_key`` returns the job it made
-        (``job.replayed`` is then True), a quota that would be exceeded raises QuotaExceeded.
-        A job whose files are still being validated waits in ``validating_files``.
+        (``job.replayed`` is then True). A job whose files are still being validated waits in
+        ``validating_files``; files_validated moves it on.
         """
         from jobs import preflight
         from loft.models import Organization
@@ -311,10 +324,8 @@ class FineTuneJob(TenantOwnedModel):
         base_model = base_model or (
             parent_adapter.base_model if parent_adapter else BaseModel.default()
         )
-        files = [f for f in (training_file, validation_file) if f is not None]
-        ready = all(f.status == File.Status.PROCESSED for f in files)
         with transaction.atomic():
-            Organization.objects.select_for_update().filter(pk=org.pk).first()
+            Organization.lock(org.pk)
             if idempotency_key:
                 earlier = cls.objects.filter(org=org, idempotency_key=idempotency_key).first()
                 if earlier is not None:
@@ -322,11 +333,15 @@ class FineTuneJob(TenantOwnedModel):
                         raise IdempotencyKeyReused(idempotency_key)
                     earlier.replayed = True
                     return earlier
-            plan = None
-            if ready:
-                plan = preflight.plan(config, base_model, training_file, validation_file)
+            # Re-read under the lock: a file deleted meanwhile cannot be trained on.
+            for file in (training_file, validation_file):
+                if file is not None:
+                    file.refresh_from_db()
+            plan = preflight.plan(config, base_model, training_file, validation_file)
+            if plan is not None:
                 preflight.refuse_if_too_large(plan)
             Quota.for_org(org).check_new_job(plan)
+            ready = plan is not None
             job = cls.objects.create(
                 org=org,
                 base_model=base_model,
@@ -339,7 +354,7 @@ class FineTuneJob(TenantOwnedModel):
                 seed=seed,
                 suffix=suffix,
                 metadata=metadata or {},
-                plan=plan.as_dict() if plan else {},
+                plan=plan.as_dict() if ready else {},
                 idempotency_key=idempotency_key,
                 request_fingerprint=fingerprint,
                 status=cls.Status.QUEUED if ready else cls.Status.VALIDATING_FILES,
@@ -349,64 +364,75 @@ class FineTuneJob(TenantOwnedModel):
                 job.enqueue()
             else:
                 job.add_event("info", "Job created; waiting for its files to be validated.")
+                # The file may have finished validating before this commit, unseen: look again.
+                transaction.on_commit(lambda: cls.files_validated(training_file))
         job.replayed = False
         return job
 
     @classmethod
     def files_validated(cls, file: File) -> None:
-        """A file finished validating in the background: start, or fail, the jobs waiting on it."""
-        from jobs import preflight
-
+        """A file finished validating in the background: start, or fail, the jobs waiting on
+        it. Safe to call again: every move out of validating_files is a conditional UPDATE."""
         waiting = cls.objects.filter(
             models.Q(training_file=file) | models.Q(validation_file=file),
             status=cls.Status.VALIDATING_FILES,
         )
         for job in waiting.select_related("training_file", "validation_file", "base_model"):
-            files = [f for f in (job.training_file, job.validation_file) if f is not None]
-            failed = next((f for f in files if f.status == File.Status.ERROR), None)
-            if failed is not None:
-                job._fail_before_start(
-                    "invalid_file",
-                    f"The file {failed.id} failed validation: {failed.status_details}",
-                    "training_file" if failed == job.training_file else "validation_file",
-                )
-                continue
-            if not all(f.status == File.Status.PROCESSED for f in files):
-                continue
-            # "auto" settings can be resolved now that the data is measured.
-            from worker.train import ConfigError, TrainConfig
+            job._start_after_validation()
 
+    def _start_after_validation(self) -> None:
+        """Resolve "auto" now that the data is measured, plan, check the quota, queue."""
+        from jobs import preflight
+        from loft.models import Organization
+        from worker.train import ConfigError, TrainConfig
+
+        files = [f for f in (self.training_file, self.validation_file) if f is not None]
+        failed = next((f for f in files if f.status == File.Status.ERROR), None)
+        if failed is not None:
+            param = "training_file" if failed == self.training_file else "validation_file"
+            message = f"The file {failed.id} failed validation: {failed.status_details}"
+            self._fail_before_start("invalid_file", message, param)
+            return
+        if not all(f.status == File.Status.PROCESSED for f in files):
+            return
+        try:
+            resolved = preflight.resolve_hyperparameters(
+                self.requested_hyperparameters,
+                self.training_file,
+                self.validation_file,
+                self.base_model,
+            )
+            config = TrainConfig(**{**resolved, "seed": self.seed})
+        except ConfigError as error:
+            self._fail_before_start("invalid_hyperparameters", str(error), "hyperparameters")
+            return
+        plan = preflight.plan(config, self.base_model, self.training_file, self.validation_file)
+        if not plan.fits:
+            message = preflight.too_large_message(plan)
+            self._fail_before_start("job_too_large", message, "hyperparameters")
+            return
+        with transaction.atomic():
+            Organization.lock(self.org_id)
             try:
-                resolved = preflight.resolve_hyperparameters(
-                    job.requested_hyperparameters,
-                    job.training_file,
-                    job.validation_file,
-                    job.base_model,
-                )
-                config = TrainConfig(**{**resolved, "seed": job.seed})
-            except ConfigError as error:
-                job._fail_before_start("invalid_hyperparameters", str(error), "hyperparameters")
-                continue
-            plan = preflight.plan(config, job.base_model, job.training_file, job.validation_file)
-            if not plan.fits:
-                job._fail_before_start("job_too_large", preflight.too_large_message(plan), None)
-                continue
-            with transaction.atomic():
-                if cls.objects.filter(pk=job.pk, status=cls.Status.VALIDATING_FILES).update(
-                    status=cls.Status.QUEUED, plan=plan.as_dict(), hyperparameters=asdict(config)
-                ):
-                    job.add_event("info", "Files validated; job queued.", {"plan": plan.as_dict()})
-                    job.enqueue()
+                Quota.for_org(self.org).check_new_job(plan, starting=self)
+            except QuotaExceeded as error:
+                self._fail_before_start("quota_exceeded", str(error), error.quota)
+                return
+            if FineTuneJob.objects.filter(pk=self.pk, status=self.Status.VALIDATING_FILES).update(
+                status=self.Status.QUEUED, plan=plan.as_dict(), hyperparameters=asdict(config)
+            ):
+                self.add_event("info", "Files validated; job queued.", {"plan": plan.as_dict()})
+                self.enqueue()
 
     def _fail_before_start(self, code: str, message: str, param: str | None) -> None:
-        if FineTuneJob.objects.filter(pk=self.pk, status=self.Status.VALIDATING_FILES).update(
-            status=self.Status.FAILED,
-            finished_at=timezone.now(),
-            error={"code": code, "message": message, "param": param},
-        ):
-            self.add_event("error", message)
-            self.refresh_from_db()
-            self.announce_end()
+        with transaction.atomic():
+            if FineTuneJob.objects.filter(pk=self.pk, status=self.Status.VALIDATING_FILES).update(
+                status=self.Status.FAILED,
+                finished_at=timezone.now(),
+                error={"code": code, "message": message, "param": param},
+            ):
+                self.refresh_from_db()
+                self._ended("error", message)
 
     def enqueue(self) -> None:
         """Send the hint after the row is committed, so a worker always finds what it is told."""
@@ -418,20 +444,28 @@ class FineTuneJob(TenantOwnedModel):
         transaction.on_commit(lambda: run_fine_tune.apply_async((job_id,), queue=queue))
 
     def request_cancel(self) -> None:
-        """Queued: cancelled at once. Running: the training loop stops at its next step."""
-        now = timezone.now()
+        """Not started yet: cancelled at once. Running: the training loop stops at its next
+        step (train.py reads should_stop), and the worker ends the job."""
         waiting = (self.Status.VALIDATING_FILES, self.Status.QUEUED)
-        if FineTuneJob.objects.filter(pk=self.pk, status__in=waiting).update(
-            status=self.Status.CANCELLED, cancel_requested=True, finished_at=now
-        ):
-            self.add_event("info", "Job cancelled before it started.")
-            self.refresh_from_db()
-            self.announce_end()
-        else:
-            FineTuneJob.objects.filter(pk=self.pk, status=self.Status.RUNNING).update(
-                cancel_requested=True
-            )
+        with transaction.atomic():
+            if FineTuneJob.objects.filter(pk=self.pk, status__in=waiting).update(
+                status=self.Status.CANCELLED, cancel_requested=True, finished_at=timezone.now()
+            ):
+                self.refresh_from_db()
+                self._ended("info", "Job cancelled before it started.")
+            else:
+                FineTuneJob.objects.filter(pk=self.pk, status=self.Status.RUNNING).update(
+                    cancel_requested=True
+                )
         self.refresh_from_db()
+
+    def _ended(self, level: str, message: str) -> None:
+        """What every move to succeeded, failed or cancelled does, in the same transaction:
+        the last event, the usage line when it ran at all, and the webhooks' announcement."""
+        self.add_event(level, message)
+        if self.attempt:
+            self.record_usage()
+        self.announce_end()
 
     # --- the worker's side, fenced by the attempt -----------------------------------------
 
@@ -472,9 +506,11 @@ class FineTuneJob(TenantOwnedModel):
             )
         )
 
-    def finish(self, attempt: int, status: str, *, error: dict | None = None, **fields) -> bool:
-        """End this attempt's run as succeeded, failed or cancelled; False if it was fenced off.
-        What the run used goes to the usage ledger in the same transaction."""
+    def finish(
+        self, attempt: int, status: str, message: str, *, error: dict | None = None, **fields
+    ) -> bool:
+        """End this attempt's run as succeeded, failed or cancelled, with ``message`` as the
+        last event; False (and nothing changes) if this attempt was fenced off."""
         with transaction.atomic():
             done = self.fenced(attempt).update(
                 status=status, error=error, finished_at=timezone.now(), **fields
@@ -482,8 +518,7 @@ class FineTuneJob(TenantOwnedModel):
             if not done:
                 return False
             self.refresh_from_db()
-            self.record_usage()
-        self.announce_end()
+            self._ended("error" if status == self.Status.FAILED else "info", message)
         return True
 
     def record_usage(self) -> None:
@@ -495,7 +530,8 @@ class FineTuneJob(TenantOwnedModel):
         )
 
     def announce_end(self) -> None:
-        """Tell the organization's webhooks that this job ended (after the commit)."""
+        """Queue this job's end for the organization's webhooks; sent once the caller's
+        transaction commits (loft.webhooks.announce)."""
         from loft import webhooks
 
         webhooks.announce(
@@ -528,34 +564,42 @@ class FineTuneJob(TenantOwnedModel):
         cutoff = timezone.now() - timedelta(seconds=lease_seconds)
         acted = []
         for job in cls.objects.filter(status=cls.Status.RUNNING, heartbeat_at__lt=cutoff):
-            fenced = job.fenced(job.attempt).filter(heartbeat_at__lt=cutoff)
-            if job.attempt >= max_attempts:
-                message = (
-                    f"The worker running this job stopped {job.attempt} times "
-                    f"(last on {job.worker}); "
-                    "Loft gave up. The data or settings may make the worker crash: try a smaller "
-                    "batch_size or max_seq_length."
-                )
-                if fenced.update(
-                    status=cls.Status.FAILED,
-                    finished_at=timezone.now(),
-                    error={"code": "worker_lost", "message": message, "param": None},
-                ):
-                    job.add_event("error", message)
-                    job.refresh_from_db()
-                    job.record_usage()
-                    job.announce_end()
+            with transaction.atomic():
+                if job._reap(cutoff, max_attempts):
                     acted.append(job.id)
-            elif fenced.update(status=cls.Status.QUEUED, worker=""):
-                job.add_event(
-                    "warning",
-                    f"Attempt {job.attempt} stopped answering on {job.worker}; "
-                    "queued again to resume "
-                    "from its last checkpoint.",
-                )
-                job.enqueue()
-                acted.append(job.id)
         return acted
+
+    def _reap(self, cutoff, max_attempts: int) -> bool:
+        fenced = self.fenced(self.attempt).filter(heartbeat_at__lt=cutoff)
+        now = timezone.now()
+        if self.cancel_requested:
+            # Cancelled while its worker died: nobody is left to end it but the reaper.
+            if fenced.update(status=self.Status.CANCELLED, finished_at=now):
+                self.refresh_from_db()
+                self._ended("info", "Job cancelled (its worker had stopped).")
+                return True
+            return False
+        if self.attempt >= max_attempts:
+            message = (
+                f"The worker running this job stopped {self.attempt} times "
+                f"(last on {self.worker}); Loft gave up. The data or settings may make the "
+                "worker crash: try a smaller batch_size or max_seq_length."
+            )
+            error = {"code": "worker_lost", "message": message, "param": None}
+            if fenced.update(status=self.Status.FAILED, finished_at=now, error=error):
+                self.refresh_from_db()
+                self._ended("error", message)
+                return True
+            return False
+        if fenced.update(status=self.Status.QUEUED, worker=""):
+            self.add_event(
+                "warning",
+                f"Attempt {self.attempt} stopped answering on {self.worker}; "
+                "queued again to resume from its last checkpoint.",
+            )
+            self.enqueue()
+            return True
+        return False
 
 
 class JobEvent(models.Model):
@@ -644,7 +688,8 @@ def month_start(now=None):
 
 
 class Quota(models.Model):
-    """An organization's limits. No row, or an empty field: the operator's defaults (settings).
+    """An organization's limits. No row, or an empty field: the operator's defaults (settings);
+    0 in a field here allows nothing (e.g. to freeze a tenant).
 
     Checked under a lock on the organization's row (FineTuneJob.submit, uploads), so that they
     hold when many requests arrive at once.
@@ -657,7 +702,7 @@ class Quota(models.Model):
         null=True, blank=True, help_text="Jobs validating, queued or running at once."
     )
     max_storage_bytes = models.BigIntegerField(
-        null=True, blank=True, help_text="Datasets, checkpoints and adapters together."
+        null=True, blank=True, help_text="Datasets and adapters together."
     )
     max_monthly_trained_tokens = models.BigIntegerField(
         null=True, blank=True, help_text="Tokens trained per calendar month (UTC)."
@@ -671,44 +716,55 @@ class Quota(models.Model):
         return cls.objects.filter(org=org).first() or cls(org=org)
 
     def limits(self) -> dict:
+        """Each limit, or None for none. This row's own value wins (0 allows nothing); an empty
+        field takes the operator's default, where 0 means no limit."""
         from django.conf import settings
 
+        defaults = {
+            "concurrent_jobs": settings.LOFT_QUOTA_CONCURRENT_JOBS,
+            "storage_bytes": settings.LOFT_QUOTA_STORAGE_BYTES,
+            "monthly_trained_tokens": settings.LOFT_QUOTA_MONTHLY_TRAINED_TOKENS,
+        }
+        own = {
+            "concurrent_jobs": self.max_concurrent_jobs,
+            "storage_bytes": self.max_storage_bytes,
+            "monthly_trained_tokens": self.max_monthly_trained_tokens,
+        }
         return {
-            "concurrent_jobs": self.max_concurrent_jobs
-            if self.max_concurrent_jobs is not None
-            else settings.LOFT_QUOTA_CONCURRENT_JOBS,
-            "storage_bytes": self.max_storage_bytes
-            if self.max_storage_bytes is not None
-            else settings.LOFT_QUOTA_STORAGE_BYTES,
-            "monthly_trained_tokens": self.max_monthly_trained_tokens
-            if self.max_monthly_trained_tokens is not None
-            else settings.LOFT_QUOTA_MONTHLY_TRAINED_TOKENS,
+            name: own[name] if own[name] is not None else (defaults[name] or None)
+            for name in defaults
         }
 
-    def check_new_job(self, plan) -> None:
-        """Raise QuotaExceeded if one more job would pass a limit (the caller holds the lock)."""
+    def check_new_job(self, plan, starting: FineTuneJob | None = None) -> None:
+        """Raise QuotaExceeded if a new job (or ``starting``, a job leaving validating_files)
+        would pass a limit. The caller holds the organization's lock."""
         limits = self.limits()
-        active = FineTuneJob.objects.filter(org=self.org, status__in=FineTuneJob.ACTIVE).count()
-        if limits["concurrent_jobs"] and active >= limits["concurrent_jobs"]:
-            raise QuotaExceeded(
-                "concurrent_jobs",
-                f"Quota concurrent_jobs reached: {active} of {limits['concurrent_jobs']} jobs are "
-                "validating, queued or running. Wait for one to finish or cancel one.",
-            )
-        if limits["monthly_trained_tokens"] and plan is not None:
-            used = trained_tokens_this_month(self.org)
+        active = FineTuneJob.objects.filter(org=self.org, status__in=FineTuneJob.ACTIVE)
+        if starting is None and limits["concurrent_jobs"] is not None:
+            count = active.count()
+            if count >= limits["concurrent_jobs"]:
+                raise QuotaExceeded(
+                    "concurrent_jobs",
+                    f"Quota concurrent_jobs reached: {count} of {limits['concurrent_jobs']} "
+                    "jobs are validating, queued or running. Wait for one to finish or cancel "
+                    "one.",
+                )
+        if limits["monthly_trained_tokens"] is not None and plan is not None:
+            others = active.exclude(pk=starting.pk) if starting else active
+            used = trained_tokens_this_month(self.org, others)
             if used + plan.trained_tokens > limits["monthly_trained_tokens"]:
                 raise QuotaExceeded(
                     "monthly_trained_tokens",
-                    f"Quota monthly_trained_tokens reached: {used:,} tokens trained this month, "
-                    f"this job would train about {plan.trained_tokens:,} more and the limit is "
+                    f"Quota monthly_trained_tokens reached: {used:,} tokens trained or reserved "
+                    f"by unfinished jobs this month, this job would train about "
+                    f"{plan.trained_tokens:,} more and the limit is "
                     f"{limits['monthly_trained_tokens']:,}.",
                 )
 
     def check_new_bytes(self, size: int) -> None:
         limit = self.limits()["storage_bytes"]
         used = storage_bytes(self.org)
-        if limit and used + size > limit:
+        if limit is not None and used + size > limit:
             raise QuotaExceeded(
                 "storage_bytes",
                 f"Quota storage_bytes reached: {used:,} bytes stored, this upload adds "
@@ -717,8 +773,8 @@ class Quota(models.Model):
 
 
 def storage_bytes(org) -> int:
-    """What the organization keeps in object storage: files and adapters (checkpoints are
-    deleted with their jobs' adapters and are not counted)."""
+    """What the organization keeps in object storage that counts against its quota: files and
+    adapters. (Checkpoints are a job's working state and are not counted.)"""
     files = File.objects.filter(org=org).exclude(status=File.Status.ERROR)
     adapters = Adapter.objects.filter(org=org)
     return int(files.aggregate(total=models.Sum("bytes"))["total"] or 0) + int(
@@ -726,14 +782,17 @@ def storage_bytes(org) -> int:
     )
 
 
-def trained_tokens_this_month(org) -> int:
+def trained_tokens_this_month(org, unfinished) -> int:
+    """The month's ledger, plus what ``unfinished`` jobs have reserved: their plan's tokens, or
+    what they trained already if more."""
     used = UsageRecord.objects.filter(org=org, created_at__gte=month_start()).aggregate(
         total=models.Sum("trained_tokens")
     )["total"]
-    running = FineTuneJob.objects.filter(org=org, status=FineTuneJob.Status.RUNNING).aggregate(
-        total=models.Sum("trained_tokens")
-    )["total"]
-    return int(used or 0) + int(running or 0)
+    reserved = sum(
+        max((plan or {}).get("trained_tokens", 0), trained)
+        for plan, trained in unfinished.values_list("plan", "trained_tokens")
+    )
+    return int(used or 0) + reserved
 
 
 class UsageRecord(TenantOwnedModel):
@@ -748,6 +807,7 @@ class UsageRecord(TenantOwnedModel):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["job"], name="one_usage_record_per_job")]
 
     def __str__(self) -> str:
         return f"{self.org_id} {self.job_id}: {self.trained_tokens} tokens"

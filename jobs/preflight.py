@@ -3,6 +3,8 @@ the data, and estimate the run (worker/plan.py) on the worker class of the train
 
 from __future__ import annotations
 
+import math
+
 from django.conf import settings
 
 from jobs.models import BaseModel, File
@@ -25,6 +27,8 @@ LOFT_HYPERPARAMETERS = (
     "validation_fraction",
 )
 QUANTIZATION_METHODS = {"nf4": "qlora", "none": "lora"}
+# What "auto" (or leaving it out) resolves from the measured data.
+AUTO_RESOLVED = ("n_epochs", "batch_size", "max_seq_length")
 
 
 class JobTooLarge(Exception):
@@ -51,6 +55,7 @@ def model_shape(base_model: BaseModel) -> planning.ModelShape:
             num_layers=arch["num_layers"],
             intermediate_size=arch["intermediate_size"],
             vocab_size=arch["vocab_size"],
+            tied_embeddings=arch.get("tied_embeddings", False),
         )
     except KeyError:
         return planning.ModelShape.from_parameters(base_model.parameters)
@@ -73,6 +78,8 @@ def resolve_hyperparameters(
 ) -> dict:
     """TrainConfig's arguments from a request's hyperparameters: "auto" (or absent) resolved
     from the training data when it has been measured. Raises ConfigError naming the field."""
+    if not isinstance(requested, dict):
+        raise ConfigError("hyperparameters must be an object.")
     unknown = set(requested) - set(OPENAI_HYPERPARAMETERS) - set(LOFT_HYPERPARAMETERS)
     if unknown:
         raise ConfigError(
@@ -93,25 +100,43 @@ def resolve_hyperparameters(
     for name, value in given.items():
         config[name] = _checked_type(name, value)
 
-    measured = training_file.status == File.Status.PROCESSED and training_file.rows
-    if measured:
+    if files_measured(training_file, validation_file):
         stats = data_stats(training_file)
         fraction = config.get("validation_fraction", TrainConfig.validation_fraction)
         rows = planning.train_rows(stats, fraction, validation_file is not None)
         config.setdefault("n_epochs", planning.auto_epochs(rows))
         config.setdefault("batch_size", planning.auto_batch_size(rows))
-        config.setdefault(
-            "max_seq_length",
-            planning.auto_max_seq_length(stats.max_row_tokens, base_model.context_length),
-        )
+        if "max_seq_length" not in config:
+            method = config.get("method", TrainConfig.method)
+            config["max_seq_length"] = planning.auto_max_seq_length(
+                stats.max_row_tokens,
+                base_model.context_length,
+                fits=lambda length: planning.fits_in_memory(
+                    model_shape(base_model),
+                    worker_class(),
+                    quantization="nf4" if method == "qlora" else "none",
+                    lora_rank=config.get("lora_rank", TrainConfig.lora_rank),
+                    tokens_in_flight=planning.tokens_in_flight(
+                        packing=config.get("packing", TrainConfig.packing),
+                        batch_size=config["batch_size"],
+                        max_seq_length=length,
+                        max_row_tokens=stats.max_row_tokens,
+                    ),
+                ),
+            )
     TrainConfig(**config)  # raises ConfigError naming the first bad field
     return config
 
 
 def _number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number or 'auto', got {value!r}")
-    return float(value)
+    """A finite float; huge integers and NaN are refused here rather than overflow later."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(number):
+        raise ConfigError(f"{name} must be a number or 'auto', got {str(value)[:40]}")
+    return number
 
 
 _TYPES = {
@@ -131,16 +156,18 @@ _TYPES = {
 
 def _checked_type(name: str, value):
     wanted = _TYPES[name]
+    if wanted is float:
+        return _number(value, name)
     if wanted is bool:
         ok = isinstance(value, bool)
-    elif wanted is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:  # a whole number: 2 or 2.0, never true
+        ok = not isinstance(value, bool) and (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        )
     if not ok:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}[wanted]
-        raise ConfigError(f"{name} must be {kind} or 'auto', got {value!r}")
-    return float(value) if wanted is float else value
+        kind = "true or false" if wanted is bool else "an integer"
+        raise ConfigError(f"{name} must be {kind} or 'auto', got {str(value)[:40]}")
+    return int(value) if wanted is int else value
 
 
 def public_hyperparameters(config: dict) -> dict:
@@ -162,9 +189,19 @@ def public_hyperparameters(config: dict) -> dict:
     }
 
 
+def files_measured(training_file: File, validation_file: File | None) -> bool:
+    return all(
+        f.status == File.Status.PROCESSED for f in (training_file, validation_file) if f is not None
+    )
+
+
 def plan(
     config: TrainConfig, base_model: BaseModel, training_file: File, validation_file: File | None
-) -> planning.Plan:
+) -> planning.Plan | None:
+    """The run's estimate on the training queue's worker class; None while a file is still
+    being validated (there is nothing to count yet)."""
+    if not files_measured(training_file, validation_file):
+        return None
     stats = data_stats(training_file)
     return planning.estimate(
         model_shape(base_model),

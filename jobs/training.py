@@ -15,7 +15,7 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, transaction
 
 from jobs.datasets import spec_of, tokenizer_for
 from jobs.models import Adapter, Checkpoint, File, FineTuneJob
@@ -63,8 +63,12 @@ def run_job(job_id: str, worker: str) -> None:
     try:
         _train_and_store(job, attempt, work, started)
     except train.TrainingCancelled:
-        if job.finish(attempt, Status.CANCELLED, compute_seconds=_compute_seconds(job, started)):
-            job.add_event("info", "Job cancelled.")
+        job.finish(
+            attempt,
+            Status.CANCELLED,
+            "Job cancelled.",
+            compute_seconds=_compute_seconds(job, started),
+        )
     except (data.DatasetError, train.ConfigError) as error:
         _fail(
             job,
@@ -117,13 +121,13 @@ def _compute_seconds(job: FineTuneJob, started: float) -> float:
 
 
 def _fail(job: FineTuneJob, attempt: int, code: str, message: str, started: float) -> None:
-    if job.finish(
+    job.finish(
         attempt,
         Status.FAILED,
+        message,
         error={"code": code, "message": message, "param": None},
         compute_seconds=_compute_seconds(job, started),
-    ):
-        job.add_event("error", message)
+    )
 
 
 def read_examples(file: File) -> tuple[list[data.Example], int]:
@@ -217,7 +221,11 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
         job.add_event(
             "info",
             f"Step {progress.step}/{progress.total_steps}: training loss {progress.loss:.4f}",
-            {"step": progress.step, "loss": progress.loss, "learning_rate": progress.learning_rate},
+            {
+                "step": progress.step,
+                "train_loss": progress.loss,
+                "learning_rate": progress.learning_rate,
+            },
             attempt=attempt,
         )
 
@@ -277,22 +285,21 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
         org=job.org, name=name, job=job, base_model=job.base_model, parent=job.parent_adapter
     )
     adapter.s3_prefix = f"orgs/{job.org_id}/adapters/{adapter.id}/"
-    manifest = artifacts.build_manifest(folder)
-    storage.upload_folder(folder, adapter.s3_prefix, manifest)
-    if not job.fenced(attempt).exists():
-        storage.delete_prefix(adapter.s3_prefix)  # this attempt was fenced off meanwhile
-        return
-    adapter.manifest, adapter.size_bytes, adapter.metrics = (
-        manifest,
-        manifest["total_bytes"],
-        metrics,
-    )
-    adapter.save()
-    if job.finish(
-        attempt,
-        Status.SUCCEEDED,
-        metrics=metrics,
-        trained_tokens=train.scheduled_tokens(train_rows, config),
-        compute_seconds=_compute_seconds(job, started),
-    ):
-        job.add_event("info", f"Job succeeded: {name}.", {"adapter": adapter.id})
+    adapter.manifest = artifacts.build_manifest(folder)
+    adapter.size_bytes, adapter.metrics = adapter.manifest["total_bytes"], metrics
+    storage.upload_folder(folder, adapter.s3_prefix, adapter.manifest)
+    # The adapter row and the job's success commit together, and only while this attempt still
+    # holds the job (its row locked, so the reaper cannot take it in between).
+    with transaction.atomic():
+        if job.fenced(attempt).select_for_update().exists():
+            adapter.save()
+            job.finish(
+                attempt,
+                Status.SUCCEEDED,
+                f"Job succeeded: {name}.",
+                metrics=metrics,
+                trained_tokens=train.scheduled_tokens(train_rows, config),
+                compute_seconds=_compute_seconds(job, started),
+            )
+            return
+    storage.delete_prefix(adapter.s3_prefix)  # this attempt was fenced off meanwhile

@@ -43,6 +43,12 @@ class Organization(models.Model):
         return self.slug
 
     @classmethod
+    def lock(cls, org_id: str) -> None:
+        """Hold this organization's row until the transaction ends: what its quotas and
+        idempotency keys check is then not changed by a parallel request in between."""
+        list(cls.objects.select_for_update().filter(pk=org_id).values_list("pk"))
+
+    @classmethod
     def get_or_create_by_slug(cls, slug: str) -> tuple[Organization, bool]:
         slug = slugify(slug)
         return cls.objects.get_or_create(slug=slug, defaults={"name": slug})

@@ -7,9 +7,11 @@ import io
 import json
 import threading
 import zipfile
+from datetime import timedelta
 
 import pytest
 import requests
+from django.utils import timezone
 
 from jobs.models import Adapter, BaseModel, File, FineTuneJob, Quota, UsageRecord
 from loft import storage
@@ -276,7 +278,9 @@ def test_a_file_in_use_by_an_unfinished_job_cannot_be_deleted(api_a, tenant_a):
     assert refused.status_code == 409 and job["id"] in refused.json()["error"]["message"]
     api_a.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert api_a.delete(f"/v1/files/{file_id}").json()["deleted"] is True
-    assert api_a.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["training_file"] is None
+    # The finished job still names its file, as OpenAI's jobs do.
+    assert api_a.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["training_file"] == file_id
+    assert create(api_a, file_id).status_code == 400
 
 
 @pytest.mark.django_db
@@ -288,8 +292,10 @@ def test_a_job_on_a_file_still_validating_waits_then_queues_with_auto_settings(
     settings.LOFT_INLINE_VALIDATION_MAX_BYTES = 100  # every upload validates in the background
     file_id = upload(api_a, jsonl(chat_rows(30))).json()["id"]
     assert File.objects.get(pk=file_id).status == "uploaded"
-    job = create(api_a, file_id, hyperparameters={"n_epochs": "auto"}).json()
+    job = create(api_a, file_id, hyperparameters={"n_epochs": "auto", "batch_size": 2}).json()
     assert job["status"] == "validating_files" and job["plan"] == {}
+    assert job["hyperparameters"]["n_epochs"] == "auto"
+    assert job["hyperparameters"]["batch_size"] == 2
     refused = create(api_a, file_id, dry_run=True)
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "file_not_ready"
 
@@ -311,19 +317,29 @@ def test_storage_and_monthly_token_quotas_refuse_with_429_and_keep_nothing(api_a
     assert refused.json()["error"]["param"] == "storage_bytes"
     assert File.objects.count() == 1 and storage.list_keys(f"orgs/{tenant_a.org.id}/") == before
 
-    quota.max_monthly_trained_tokens = 1000
+    # Unfinished jobs reserve the tokens of their plan: a second job would pass the limit.
+    quota.max_storage_bytes = None
+    first = create(api_a, file_id, hyperparameters={"n_epochs": 1}).json()
+    quota.max_monthly_trained_tokens = first["plan"]["trained_tokens"] * 3 // 2
     quota.save()
-    UsageRecord.objects.create(org=tenant_a.org, trained_tokens=900)
-    refused = create(api_a, file_id)
+    refused = create(api_a, file_id, hyperparameters={"n_epochs": 1})
     assert refused.status_code == 429
     assert refused.json()["error"]["param"] == "monthly_trained_tokens"
+    UsageRecord.objects.create(org=tenant_a.org, trained_tokens=10**9)
+    api_a.post(f"/v1/fine_tuning/jobs/{first['id']}/cancel")
+    assert create(api_a, file_id).status_code == 429  # the month's ledger counts too
+
+    # 0 allows nothing: an operator can freeze a tenant.
+    quota.max_monthly_trained_tokens, quota.max_concurrent_jobs = None, 0
+    quota.save()
+    assert create(api_a, file_id).json()["error"]["param"] == "concurrent_jobs"
 
 
 @pytest.mark.django_db
 def test_usage_reports_what_finished_jobs_used_per_month_and_per_job(api_a, tenant_a):
     job = FineTuneJob.objects.get(pk=create(api_a, training_file(tenant_a)).json()["id"])
     attempt = job.claim("test-worker")
-    assert job.finish(attempt, "succeeded", trained_tokens=1234, compute_seconds=56.7)
+    assert job.finish(attempt, "succeeded", "Done.", trained_tokens=1234, compute_seconds=56.7)
     usage = api_a.get("/v1/usage").json()
     assert usage["object"] == "usage"
     assert usage["totals"]["trained_tokens"] == 1234
@@ -405,3 +421,119 @@ def test_a_job_can_continue_from_one_of_the_tenants_adapters(api_a, api_b, tenan
         format="json",
     )
     assert other.status_code == 400 and other.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.django_db
+def test_a_job_waiting_for_validation_is_failed_when_its_plan_passes_the_token_quota(
+    api_a, tenant_a, settings
+):
+    from worker.tasks import validate_file
+
+    settings.LOFT_INLINE_VALIDATION_MAX_BYTES = 100
+    Quota.objects.create(org=tenant_a.org, max_monthly_trained_tokens=10)
+    file_id = upload(api_a, jsonl(chat_rows(30))).json()["id"]
+    job = create(api_a, file_id).json()
+    assert job["status"] == "validating_files"
+    validate_file(file_id)
+    job = api_a.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "quota_exceeded"
+    assert job["error"]["param"] == "monthly_trained_tokens"
+
+
+@pytest.mark.django_db
+def test_a_parent_adapter_survives_background_validation(api_a, tenant_a, settings, tmp_path):
+    from worker.tasks import validate_file
+
+    adapter = stored_adapter(tenant_a, tmp_path)
+    settings.LOFT_INLINE_VALIDATION_MAX_BYTES = 100
+    file_id = upload(api_a, jsonl(chat_rows(30))).json()["id"]
+    job = create(api_a, file_id, hyperparameters={"parent_adapter": adapter.id}).json()
+    validate_file(file_id)
+    job = api_a.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert job["status"] == "queued" and job["parent_adapter"] == adapter.id, job["error"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"method": {"type": "supervised", "supervised": "x"}},
+        {"method": ["supervised"]},
+        {"hyperparameters": {"learning_rate_multiplier": 10**400}},
+        {"hyperparameters": {"lora_dropout": 10**400}},
+        {"hyperparameters": {"lora_alpha": 10**400}},
+        {"hyperparameters": {"max_steps": 10**30}},
+        {"hyperparameters": []},
+        {"hyperparameters": ""},
+        {"hyperparameters": {"parent_adapter": "\u0000"}},
+        {"hyperparameters": {"parent_adapter": 7}},
+        {"metadata": {"\u0000": "x"}},
+        {"metadata": {"k": 1}},
+        {"suffix": "no spaces please"},
+        {"seed": -1},
+        {"model": "\u0000"},
+        {"training_file": None},
+    ],
+)
+def test_malformed_create_bodies_get_a_400_never_a_500(api_a, tenant_a, body):
+    payload = json.dumps(
+        {"model": BaseModel.default().name, "training_file": training_file(tenant_a), **body}
+    )
+    response = api_a.post("/v1/fine_tuning/jobs", payload, content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["message"]
+    assert not FineTuneJob.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/v1/fine_tuning/jobs/%00", 404),
+        ("/v1/fine_tuning/jobs?after=%00", 400),
+        ("/v1/fine_tuning/jobs/ftjob-x/events?after=ftevent-%C2%B2", 404),
+        ("/v1/usage?month=9999-12", 400),
+        ("/v1/models/%00", 404),
+        ("/v1/adapters/%00/download", 404),
+        ("/v1/fine_tuning/jobs?limit=0", 400),
+    ],
+)
+def test_odd_paths_and_cursors_get_a_4xx_never_a_500(api_a, path, status):
+    assert api_a.get(path).status_code == status
+
+
+@pytest.mark.django_db
+def test_every_way_a_job_ends_announces_it_once_and_records_what_it_used(api_a, tenant_a, settings):
+    from loft.models import WebhookDelivery, WebhookEndpoint
+
+    settings.LOFT_WEBHOOK_QUEUE = settings.LOFT_TRAINING_QUEUE  # nobody sends them here
+    WebhookEndpoint.objects.create(org=tenant_a.org, url="https://hooks.example.com/loft")
+    file_id = training_file(tenant_a)
+    jobs = [FineTuneJob.objects.get(pk=create(api_a, file_id).json()["id"]) for _ in range(4)]
+
+    jobs[0].request_cancel()  # before it started
+    jobs[0].request_cancel()
+    attempt = jobs[1].claim("w")
+    assert jobs[1].finish(attempt, "succeeded", "Done.", trained_tokens=5)
+    assert not jobs[1].finish(attempt, "failed", "Late.")  # fenced: it ended already
+    # A running job is cancelled, then its worker dies: the reaper ends it.
+    jobs[2].claim("w")
+    jobs[2].request_cancel()
+    # A running job whose worker died for the last allowed time fails.
+    jobs[3].claim("w")
+    FineTuneJob.objects.filter(pk__in=[jobs[2].pk, jobs[3].pk]).update(
+        heartbeat_at=timezone.now() - timedelta(minutes=5)
+    )
+    assert sorted(FineTuneJob.reap_stale(lease_seconds=60, max_attempts=1)) == sorted(
+        [jobs[2].id, jobs[3].id]
+    )
+    assert FineTuneJob.reap_stale(lease_seconds=60, max_attempts=1) == []
+
+    statuses = [FineTuneJob.objects.get(pk=job.pk).status for job in jobs]
+    assert statuses == ["cancelled", "succeeded", "cancelled", "failed"]
+    announced = sorted(WebhookDelivery.objects.values_list("event_type", flat=True))
+    assert announced == sorted(f"fine_tuning.job.{status}" for status in statuses)
+    # The ledger has a line for each job that ran (the first never did).
+    assert sorted(UsageRecord.objects.values_list("job_id", flat=True)) == sorted(
+        job.id for job in jobs[1:]
+    )

@@ -12,6 +12,7 @@ row into ``ModelShape``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 # OpenAI's published defaults for "auto" epochs: aim at 3 epochs, but see at least 100 and at
@@ -23,6 +24,8 @@ MAX_AUTO_EPOCHS = 25
 BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0
 # Startup before the first step: loading the base model, tokenizing, the first checkpoint.
 STARTUP_SECONDS = 30
+# Added to the sum of the parts: the estimate should err high, not low.
+MEMORY_MARGIN = 0.2
 GIB = 2**30
 
 
@@ -36,12 +39,21 @@ class ModelShape:
     num_layers: int
     intermediate_size: int
     vocab_size: int
+    tied_embeddings: bool = True
 
     @classmethod
     def from_parameters(cls, parameters: int) -> ModelShape:
+        """A guess that errs high where it matters: a large vocabulary (logits) and untied
+        embeddings (kept unquantized)."""
         layers = 32
         hidden = int(math.sqrt(parameters / (12 * layers)))
-        return cls(parameters, hidden, layers, int(hidden * 8 / 3), 32_000)
+        return cls(parameters, hidden, layers, int(hidden * 8 / 3), 152_064, False)
+
+    @property
+    def embedding_parameters(self) -> int:
+        """The input embeddings and the output projection: bitsandbytes leaves them
+        unquantized, and peft's prepare_model_for_kbit_training keeps them in float32."""
+        return self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
 
     def lora_parameters(self, rank: int) -> int:
         """LoRA on every linear layer of every block (peft's "all-linear"): A and B matrices
@@ -89,9 +101,16 @@ def auto_batch_size(train_rows: int) -> int:
     return min(32, 2 ** round(math.log2(wanted)))
 
 
-def auto_max_seq_length(max_row_tokens: int, context_length: int) -> int:
-    """The longest row rounded up to a power of two, at least 128, at most the context."""
-    return min(context_length, max(128, 2 ** math.ceil(math.log2(max(max_row_tokens, 1)))))
+def auto_max_seq_length(
+    max_row_tokens: int, context_length: int, fits: Callable[[int], bool] = lambda length: True
+) -> int:
+    """The longest row rounded up to a power of two, at least 128, at most the context; then
+    halved while a run at that length would not fit (a rare long row is truncated instead of
+    the job refused)."""
+    length = min(context_length, max(128, 2 ** math.ceil(math.log2(max(max_row_tokens, 1)))))
+    while length > 128 and not fits(length):
+        length //= 2
+    return length
 
 
 def train_rows(stats: DataStats, validation_fraction: float, has_validation_file: bool) -> int:
@@ -132,24 +151,49 @@ def peak_memory(
     tokens_in_flight: int,
     bytes_per_activation: int,
 ) -> dict:
-    """Bytes by part for one micro-batch of ``tokens_in_flight`` tokens."""
-    weight_bytes = 0.55 if quantization == "nf4" else bytes_per_activation  # NF4 + its scales
+    """Bytes by part for one micro-batch of ``tokens_in_flight`` tokens, with a margin."""
+    if quantization == "nf4":  # 4-bit blocks + their scales; embeddings stay in float32
+        quantized = max(shape.parameters - shape.embedding_parameters, 0)
+        weights = quantized * 0.55 + shape.embedding_parameters * 4
+    else:
+        weights = shape.parameters * bytes_per_activation
     lora = shape.lora_parameters(lora_rank)
-    # Kept for backward, per token and layer: attention inputs/outputs (~10 × hidden) and the
-    # MLP's gate, up, product and down input (~4 × intermediate), in the activation dtype.
-    per_token = shape.num_layers * (10 * shape.hidden_size + 4 * shape.intermediate_size)
+    # Kept for backward, per token and layer: attention inputs/outputs (~10 × hidden), the
+    # MLP's gate, up, product and down input (~4 × intermediate), and LoRA dropout's copies of
+    # each adapted layer's input (~7 × hidden), in the activation dtype.
+    per_token = shape.num_layers * (17 * shape.hidden_size + 4 * shape.intermediate_size)
     parts = {
-        "weights": int(shape.parameters * weight_bytes),
+        "weights": int(weights),
         # fp32 LoRA weights, their gradients and AdamW's two moments.
         "lora_and_optimizer": lora * 16,
         "activations": tokens_in_flight * per_token * bytes_per_activation,
-        # Logits and their gradient for the trained positions (every one, at worst), in fp32.
-        "logits": tokens_in_flight * shape.vocab_size * 4 * 2,
+        # Logits, their float32 log-softmax and its gradient for the trained positions (every
+        # one, at worst).
+        "logits": tokens_in_flight * shape.vocab_size * 4 * 3,
         # The framework itself: allocator slack, kernels, the tokenizer, the Python process.
         "overhead": GIB // 2,
     }
+    parts["margin"] = int(sum(parts.values()) * MEMORY_MARGIN)
     parts["total"] = sum(parts.values())
     return parts
+
+
+def fits_in_memory(
+    shape: ModelShape,
+    worker: WorkerClass,
+    *,
+    quantization: str,
+    lora_rank: int,
+    tokens_in_flight: int,
+) -> bool:
+    total = peak_memory(
+        shape,
+        quantization=quantization,
+        lora_rank=lora_rank,
+        tokens_in_flight=tokens_in_flight,
+        bytes_per_activation=worker.bytes_per_activation,
+    )["total"]
+    return total <= worker.memory_bytes
 
 
 def tokens_in_flight(
@@ -231,15 +275,13 @@ def _suggestion(
             "max_seq_length": max_seq_length,
             **changes,
         }
-        in_flight = tokens_in_flight(max_row_tokens=stats.max_row_tokens, **settings)
-        total = peak_memory(
+        return fits_in_memory(
             shape,
+            worker,
             quantization=quantization,
             lora_rank=lora_rank,
-            tokens_in_flight=in_flight,
-            bytes_per_activation=worker.bytes_per_activation,
-        )["total"]
-        return total <= worker.memory_bytes
+            tokens_in_flight=tokens_in_flight(max_row_tokens=stats.max_row_tokens, **settings),
+        )
 
     if not packing and fits(packing=True):
         return "Set packing to true: packed rows are trained one at a time."

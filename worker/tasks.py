@@ -17,10 +17,12 @@ def validate_file(file_id: str) -> None:
     from jobs.datasets import validate_stored_file
     from jobs.models import File, FineTuneJob
 
-    file = File.objects.filter(pk=file_id, status=File.Status.UPLOADED).first()
+    file = File.objects.filter(pk=file_id).first()
     if file is None:
-        return  # deleted, or already validated by an earlier delivery
-    validate_stored_file(file)
+        return  # deleted meanwhile
+    if file.status == File.Status.UPLOADED:  # else an earlier delivery validated it
+        validate_stored_file(file)
+    # Always: an earlier delivery may have died between validating and waking the jobs.
     FineTuneJob.files_validated(file)
 
 

@@ -73,17 +73,23 @@ class TrainConfig:
 
         need(self.method in METHODS, "method", "qlora or lora")
         need(1 <= self.lora_rank <= 256, "lora_rank", "between 1 and 256")
-        need(self.lora_alpha >= 1, "lora_alpha", "at least 1")
+        need(1 <= self.lora_alpha <= 4096, "lora_alpha", "between 1 and 4096")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
         need(0 < self.learning_rate <= 1, "learning_rate", "in (0, 1]")
         need(1 <= self.n_epochs <= 100, "n_epochs", "between 1 and 100")
-        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "at least 1")
+        need(
+            self.max_steps is None or 1 <= self.max_steps <= 10_000_000,
+            "max_steps",
+            "between 1 and 10,000,000",
+        )
         need(1 <= self.batch_size <= 1024, "batch_size", "between 1 and 1024")
         need(16 <= self.max_seq_length <= 131072, "max_seq_length", "between 16 and 131072")
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
         need(self.weight_decay >= 0, "weight_decay", "at least 0")
         need(self.max_grad_norm > 0, "max_grad_norm", "positive")
-        need(self.checkpoint_every >= 1, "checkpoint_every", "at least 1")
+        need(
+            1 <= self.checkpoint_every <= 10_000_000, "checkpoint_every", "between 1 and 10,000,000"
+        )
         need(0 <= self.validation_fraction < 1, "validation_fraction", "in [0, 1)")
 
     @property

@@ -71,7 +71,7 @@ class NumberedCursorPagination(AfterLimitPagination):
         after = request.query_params.get("after")
         if after:
             number = after.removeprefix(self.prefix)
-            if not number.isdigit():
+            if not (number.isascii() and number.isdigit() and len(number) < 19):
                 raise LoftAPIError(f"No such object to page after: {after}", param="after")
             queryset = queryset.filter(pk__lt=int(number))
         rows = list(queryset[: limit + 1])
@@ -138,7 +138,7 @@ class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Ten
                 validation_file=validation_file,
                 base_model=base_model,
                 hyperparameters=resolved,
-                requested_hyperparameters=values["hyperparameters"],
+                requested_hyperparameters=requested,
                 seed=seed,
                 suffix=values.get("suffix") or "",
                 parent_adapter=parent,
@@ -152,6 +152,12 @@ class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Ten
             )
         except preflight.JobTooLarge as error:
             raise self._too_large(error.plan) from None
+        except File.DoesNotExist:
+            raise LoftAPIError(
+                f"No such File object: {values['training_file']}",
+                param="training_file",
+                code="invalid_file",
+            ) from None
         except QuotaExceeded as error:
             raise quota_error(error) from None
         except IdempotencyKeyReused as error:
@@ -406,6 +412,8 @@ class UsageView(APIView):
             return month_start()
         try:
             parsed = datetime.strptime(raw, "%Y-%m")
+            if not 2000 <= parsed.year <= 9000:
+                raise ValueError(raw)
         except ValueError:
             raise LoftAPIError("month must look like 2026-11.", param="month") from None
         return month_start().replace(year=parsed.year, month=parsed.month)

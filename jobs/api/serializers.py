@@ -2,7 +2,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from jobs.models import Adapter, BaseModel, Checkpoint, File, FineTuneJob, JobEvent
-from jobs.preflight import public_hyperparameters
+from jobs.preflight import AUTO_RESOLVED, public_hyperparameters
 from loft.api.base import UnixTimestampField
 from worker.data import FORMATS
 
@@ -151,12 +151,18 @@ class JobSerializer(serializers.ModelSerializer):
         return adapter.name if adapter else None
 
     def get_hyperparameters(self, job) -> dict:
-        return public_hyperparameters(job.hyperparameters)
+        shown = public_hyperparameters(job.hyperparameters)
+        if job.status == FineTuneJob.Status.VALIDATING_FILES:
+            # Resolved from the data once it is measured; until then, what the client asked.
+            for name in AUTO_RESOLVED:
+                if job.requested_hyperparameters.get(name, "auto") == "auto":
+                    shown[name] = "auto"
+        return shown
 
     def get_method(self, job) -> dict:
         return {
             "type": "supervised",
-            "supervised": {"hyperparameters": public_hyperparameters(job.hyperparameters)},
+            "supervised": {"hyperparameters": self.get_hyperparameters(job)},
         }
 
     def get_result_files(self, job) -> list[str]:
@@ -262,7 +268,12 @@ class JobCreateSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
     def validate_metadata(self, metadata):
-        if metadata and (len(metadata) > 16 or any(len(key) > 64 for key in metadata)):
+        raw = self.initial_data.get("metadata") or {}
+        if any(not isinstance(value, str) for value in raw.values()):
+            raise serializers.ValidationError("metadata values must be strings.")
+        if metadata and (
+            len(metadata) > 16 or any(not 0 < len(key) <= 64 or "\x00" in key for key in metadata)
+        ):
             raise serializers.ValidationError(
                 "metadata holds at most 16 pairs with keys of up to 64 characters."
             )
@@ -279,7 +290,8 @@ class JobCreateSerializer(serializers.Serializer):
                         ]
                     }
                 )
-            inner = (method.get("supervised") or {}).get("hyperparameters") or {}
+            supervised = method.get("supervised") or {}
+            inner = supervised.get("hyperparameters", {}) if isinstance(supervised, dict) else None
             if not isinstance(inner, dict):
                 raise serializers.ValidationError(
                     {"method": ["method.supervised.hyperparameters must be an object."]}
@@ -291,10 +303,20 @@ class JobCreateSerializer(serializers.Serializer):
             attrs["hyperparameters"] = inner
         else:
             # The raw object: "auto" and Loft's checks live in jobs.preflight.
-            attrs["hyperparameters"] = self.initial_data.get("hyperparameters") or {}
+            raw = self.initial_data.get("hyperparameters")
+            attrs["hyperparameters"] = {} if raw is None else raw
         if not isinstance(attrs["hyperparameters"], dict):
             raise serializers.ValidationError({"hyperparameters": ["Must be an object."]})
+        parent = attrs["hyperparameters"].get("parent_adapter")
+        if parent is not None and not (isinstance(parent, str) and _printable(parent)):
+            raise serializers.ValidationError(
+                {"hyperparameters": ["parent_adapter must be an adapter id or model name."]}
+            )
         return attrs
+
+
+def _printable(text: str) -> bool:
+    return 0 < len(text) <= 300 and "\x00" not in text
 
 
 class EventSerializer(serializers.ModelSerializer):
@@ -314,7 +336,12 @@ class EventSerializer(serializers.ModelSerializer):
         return "fine_tuning.job.event"
 
     def get_type(self, event) -> str:
-        return "metrics" if "loss" in event.data else "message"
+        return "metrics" if "train_loss" in event.data else "message"
+
+    def to_representation(self, event):
+        data = super().to_representation(event)
+        data["level"] = {"warning": "warn"}.get(data["level"], data["level"])  # OpenAI's word
+        return data
 
 
 class CheckpointSerializer(serializers.ModelSerializer):

@@ -21,7 +21,7 @@ from jobs.datasets import check_object_head, rejection_details, validate_object
 from jobs.models import Adapter, BaseModel, File, FileInUse, Quota, QuotaExceeded, new_file_id
 from jobs.uploads import S3StreamingUploadHandler, StoredUpload
 from loft import storage
-from loft.api.base import TenantScopedViewSet
+from loft.api.base import TenantScopedViewSet, is_id_like
 from loft.api.errors import LoftAPIError
 from loft.models import Organization
 from loft.tenancy import current_org
@@ -56,6 +56,8 @@ class ModelDetailView(APIView):
 
     @extend_schema(operation_id="models_retrieve", responses=ModelSerializer)
     def get(self, request, model: str):
+        if not is_id_like(model, max_length=300):
+            model = ""  # found by no query
         found = BaseModel.objects.enabled().filter(name=model).first()
         if found is not None:
             return Response(ModelSerializer(found).data)

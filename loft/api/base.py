@@ -12,6 +12,12 @@ from loft.api.errors import LoftAPIError
 from loft.tenancy import current_org
 
 
+def is_id_like(text: str, max_length: int = 100) -> bool:
+    """Could this be an object's id? (PostgreSQL refuses NUL in text: such an id is just not
+    found, rather than a database error.)"""
+    return len(text) <= max_length and "\x00" not in text
+
+
 class UnixTimestampField(serializers.ReadOnlyField):
     """OpenAI's timestamps are whole seconds since the epoch."""
 
@@ -34,7 +40,11 @@ class AfterLimitPagination(BasePagination):
         queryset = queryset.order_by("-created_at", "-pk")
         after = request.query_params.get("after")
         if after:
-            anchor = queryset.filter(pk=after).values("created_at", "pk").first()
+            anchor = (
+                queryset.filter(pk=after).values("created_at", "pk").first()
+                if (is_id_like(after))
+                else None
+            )
             if anchor is None:
                 raise LoftAPIError(f"No such object to page after: {after}", param="after")
             queryset = queryset.filter(
@@ -105,7 +115,11 @@ class TenantScopedViewSet(viewsets.GenericViewSet):
 
     def get_object(self):
         lookup = self.kwargs[self.lookup_url_kwarg or self.lookup_field]
-        obj = self.get_queryset().filter(**{self.lookup_field: lookup}).first()
+        obj = (
+            self.get_queryset().filter(**{self.lookup_field: lookup}).first()
+            if is_id_like(lookup)
+            else None
+        )
         if obj is None:
             raise LoftAPIError(
                 f"No such {self.object_name}: {lookup}",
