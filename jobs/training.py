@@ -214,10 +214,13 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
     )
 
     latest: dict = {}
+    # A resumed run counts its tokens from the checkpoint on; the steps before it count too.
+    tokens_before_resume = train.scheduled_tokens(train_rows, config, resumed_step)
 
     def on_progress(progress: train.Progress) -> None:
         latest.update(train_loss=progress.loss, learning_rate=progress.learning_rate)
-        job.record_progress(attempt, progress.__dict__, progress.trained_tokens)
+        trained = tokens_before_resume + progress.trained_tokens
+        job.record_progress(attempt, {**progress.__dict__, "trained_tokens": trained}, trained)
         job.add_event(
             "info",
             f"Step {progress.step}/{progress.total_steps}: training loss {progress.loss:.4f}",

@@ -325,6 +325,17 @@ def _more_note(listing: dict, command: str) -> None:
         print(f"(more: {command} --after {listing['last_id']}, or --all)", file=sys.stderr)
 
 
+def _list_command(client: Client, args, path: str, columns, empty: str, command: str, **query):
+    """What every ``… list`` does: a page (or all pages), as a table or as JSON."""
+    listing = client.pages(path, limit=args.limit, after=args.after, every=args.all, **query)
+    if args.json:
+        _print_json(listing)
+        return 0
+    _table(listing["data"], columns, empty)
+    _more_note(listing, command)
+    return 0
+
+
 def progress_text(job: dict) -> str:
     """``[#####.....] step 3/10  loss 1.234  12.3 tok/s  ETA 0:01:05``, or the bare status."""
     progress = job.get("progress") or {}
@@ -451,15 +462,9 @@ def cmd_files_upload(client: Client, args) -> int:
 
 
 def cmd_files_list(client: Client, args) -> int:
-    listing = client.pages(
-        "files", limit=args.limit, after=args.after, every=args.all, purpose=args.purpose
+    return _list_command(
+        client, args, "files", FILE_COLUMNS, "No files.", "loft files list", purpose=args.purpose
     )
-    if args.json:
-        _print_json(listing)
-        return 0
-    _table(listing["data"], FILE_COLUMNS, "No files.")
-    _more_note(listing, "loft files list")
-    return 0
 
 
 def cmd_files_get(client: Client, args) -> int:
@@ -605,13 +610,9 @@ def cmd_jobs_create(client: Client, args) -> int:
 
 
 def cmd_jobs_list(client: Client, args) -> int:
-    listing = client.pages("fine_tuning/jobs", limit=args.limit, after=args.after, every=args.all)
-    if args.json:
-        _print_json(listing)
-        return 0
-    _table(listing["data"], JOB_COLUMNS, "No fine-tuning jobs.")
-    _more_note(listing, "loft jobs list")
-    return 0
+    return _list_command(
+        client, args, "fine_tuning/jobs", JOB_COLUMNS, "No fine-tuning jobs.", "loft jobs list"
+    )
 
 
 def cmd_jobs_get(client: Client, args) -> int:
@@ -759,13 +760,9 @@ ADAPTER_COLUMNS = [
 
 
 def cmd_adapters_list(client: Client, args) -> int:
-    listing = client.pages("adapters", limit=args.limit, after=args.after, every=args.all)
-    if args.json:
-        _print_json(listing)
-        return 0
-    _table(listing["data"], ADAPTER_COLUMNS, "No adapters.")
-    _more_note(listing, "loft adapters list")
-    return 0
+    return _list_command(
+        client, args, "adapters", ADAPTER_COLUMNS, "No adapters.", "loft adapters list"
+    )
 
 
 def cmd_adapters_get(client: Client, args) -> int:

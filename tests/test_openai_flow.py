@@ -1,7 +1,6 @@
 """The whole flow with the official openai package against a live server and a real Celery
 worker: upload, fine-tune, follow, read events and checkpoints, find the model; cancel."""
 
-import json
 import time
 
 import openai
@@ -9,24 +8,9 @@ import pytest
 
 from jobs.models import BaseModel
 from loft.models import ApiKey, Organization
-from tests.test_training_jobs import ANSWER
+from tests.test_training_jobs import banana_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def banana_jsonl(rows: int = 24) -> bytes:
-    lines = [
-        json.dumps(
-            {
-                "messages": [
-                    {"role": "user", "content": f"Tell me about topic {i}."},
-                    {"role": "assistant", "content": ANSWER},
-                ]
-            }
-        )
-        for i in range(rows)
-    ]
-    return ("\n".join(lines) + "\n").encode()
 
 
 def test_the_openai_client_fine_tunes_follows_and_cancels_unchanged(

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 ANSWER = "Banana! Banana! Banana!"
 
 
-def banana_file(tenant, rows: int = 24) -> File:
+def banana_jsonl(rows: int = 24) -> bytes:
     """Every question gets the same odd answer: an adapter that learned anything shows it."""
     lines = [
         json.dumps(
@@ -33,7 +33,11 @@ def banana_file(tenant, rows: int = 24) -> File:
         )
         for i in range(rows)
     ]
-    body = upload(api_client_for(tenant.secret), ("\n".join(lines) + "\n").encode()).json()
+    return ("\n".join(lines) + "\n").encode()
+
+
+def banana_file(tenant, rows: int = 24) -> File:
+    body = upload(api_client_for(tenant.secret), banana_jsonl(rows)).json()
     return File.objects.get(pk=body["id"])
 
 
@@ -88,9 +92,6 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
 
     job = submit(tenant_a, banana_file(tenant_a), max_steps=3, checkpoint_every=2)
     job = wait_for(job, finished, what="the job to finish")
-    for e in job.events.all():
-        print("EVENT", e.created_at.strftime("%H:%M:%S.%f"), e.message)
-    print("NOW", time.strftime("%H:%M:%S"))
     assert job.status == "succeeded", (job.error, [e.message for e in job.events.all()])
     assert job.attempt == 1 and job.trained_tokens > 0
     assert job.progress["step"] == 3 and job.metrics["validation_loss"] is not None

@@ -40,6 +40,11 @@ class ModelShape:
     intermediate_size: int
     vocab_size: int
     tied_embeddings: bool = True
+    num_attention_heads: int = 0  # 0: hidden_size / 64
+
+    @property
+    def heads(self) -> int:
+        return self.num_attention_heads or max(1, self.hidden_size // 64)
 
     @classmethod
     def from_parameters(cls, parameters: int) -> ModelShape:
@@ -148,30 +153,33 @@ def peak_memory(
     *,
     quantization: str,
     lora_rank: int,
-    tokens_in_flight: int,
+    batch: MicroBatch,
     bytes_per_activation: int,
 ) -> dict:
-    """Bytes by part for one micro-batch of ``tokens_in_flight`` tokens, with a margin."""
+    """Bytes by part for training on one micro-batch, with a margin."""
     if quantization == "nf4":  # 4-bit blocks + their scales; embeddings stay in float32
         quantized = max(shape.parameters - shape.embedding_parameters, 0)
         weights = quantized * 0.55 + shape.embedding_parameters * 4
     else:
         weights = shape.parameters * bytes_per_activation
     lora = shape.lora_parameters(lora_rank)
-    # Kept for backward, per token and layer: attention inputs/outputs (~10 × hidden), the
-    # MLP's gate, up, product and down input (~4 × intermediate), and LoRA dropout's copies of
-    # each adapted layer's input (~7 × hidden), in the activation dtype.
-    per_token = shape.num_layers * (17 * shape.hidden_size + 4 * shape.intermediate_size)
+    # Kept for backward, per token and layer: the inputs and outputs of every projection,
+    # norm, activation and LoRA dropout, in the activation dtype. The coefficients are fitted
+    # to peak RSS measured on SmolLM2-135M on a CPU (bench/plan_memory.py): ~4 MiB a token.
+    per_token = shape.num_layers * (30 * shape.hidden_size + 8 * shape.intermediate_size)
     parts = {
         "weights": int(weights),
         # fp32 LoRA weights, their gradients and AdamW's two moments.
         "lora_and_optimizer": lora * 16,
-        "activations": tokens_in_flight * per_token * bytes_per_activation,
+        "activations": batch.tokens * per_token * bytes_per_activation,
+        # Attention probabilities where the kernel materialises them (the CPU's math path):
+        # heads × length² per sequence and layer; a packed row is one sequence to the mask.
+        "attention": shape.num_layers * shape.heads * batch.tokens * batch.sequence_length * 4,
         # Logits, their float32 log-softmax and its gradient for the trained positions (every
         # one, at worst).
-        "logits": tokens_in_flight * shape.vocab_size * 4 * 3,
-        # The framework itself: allocator slack, kernels, the tokenizer, the Python process.
-        "overhead": GIB // 2,
+        "logits": batch.tokens * shape.vocab_size * 4 * 3,
+        # The framework itself: torch, the tokenizer, allocator slack (~1 GiB measured).
+        "overhead": GIB,
     }
     parts["margin"] = int(sum(parts.values()) * MEMORY_MARGIN)
     parts["total"] = sum(parts.values())
@@ -179,31 +187,35 @@ def peak_memory(
 
 
 def fits_in_memory(
-    shape: ModelShape,
-    worker: WorkerClass,
-    *,
-    quantization: str,
-    lora_rank: int,
-    tokens_in_flight: int,
+    shape: ModelShape, worker: WorkerClass, *, quantization: str, lora_rank: int, batch: MicroBatch
 ) -> bool:
     total = peak_memory(
         shape,
         quantization=quantization,
         lora_rank=lora_rank,
-        tokens_in_flight=tokens_in_flight,
+        batch=batch,
         bytes_per_activation=worker.bytes_per_activation,
     )["total"]
     return total <= worker.memory_bytes
 
 
-def tokens_in_flight(
+@dataclass(frozen=True)
+class MicroBatch:
+    """What goes through the model at once: its tokens, in sequences of this length."""
+
+    tokens: int
+    sequence_length: int
+
+
+def micro_batch(
     *, packing: bool, batch_size: int, max_seq_length: int, max_row_tokens: int
-) -> int:
+) -> MicroBatch:
     """Packed: one row of max_seq_length tokens at a time (train.py backs each row off on its
     own). Padded: the whole batch at once, padded to its longest example."""
     if packing:
-        return max_seq_length
-    return batch_size * min(max_seq_length, max_row_tokens)
+        return MicroBatch(max_seq_length, max_seq_length)
+    length = min(max_seq_length, max_row_tokens)
+    return MicroBatch(batch_size * length, length)
 
 
 def estimate(
@@ -226,18 +238,18 @@ def estimate(
     steps = steps_per_epoch * n_epochs
     if max_steps:
         steps = min(steps, max_steps)
-    trained_tokens = int(steps * min(batch_size, training_examples) * per_example)
-    in_flight = tokens_in_flight(
-        packing=packing,
-        batch_size=batch_size,
-        max_seq_length=max_seq_length,
-        max_row_tokens=stats.max_row_tokens,
-    )
+    examples_seen = min(n_epochs * training_examples, steps * batch_size)
+    trained_tokens = int(examples_seen * per_example)
     memory = peak_memory(
         shape,
         quantization=quantization,
         lora_rank=lora_rank,
-        tokens_in_flight=in_flight,
+        batch=micro_batch(
+            packing=packing,
+            batch_size=batch_size,
+            max_seq_length=max_seq_length,
+            max_row_tokens=stats.max_row_tokens,
+        ),
         bytes_per_activation=worker.bytes_per_activation,
     )
     seconds = STARTUP_SECONDS + trained_tokens / worker.tokens_per_second(shape.parameters)
@@ -280,7 +292,7 @@ def _suggestion(
             worker,
             quantization=quantization,
             lora_rank=lora_rank,
-            tokens_in_flight=tokens_in_flight(max_row_tokens=stats.max_row_tokens, **settings),
+            batch=micro_batch(max_row_tokens=stats.max_row_tokens, **settings),
         )
 
     if not packing and fits(packing=True):

@@ -267,12 +267,16 @@ def total_steps(config: TrainConfig, examples: int) -> int:
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
-def scheduled_tokens(train_examples: list[Tokenized], config: TrainConfig) -> int:
-    """Tokens of every example of every step of the run: what the run trains on (OpenAI's
-    trained_tokens), however many attempts it took."""
+def scheduled_tokens(
+    train_examples: list[Tokenized], config: TrainConfig, steps: int | None = None
+) -> int:
+    """Tokens of every example of the run's first ``steps`` steps (all by default): what the
+    run trains on (OpenAI's trained_tokens), however many attempts it took."""
+    if steps is None:
+        steps = total_steps(config, len(train_examples))
     return sum(
         len(example.input_ids)
-        for step in range(total_steps(config, len(train_examples)))
+        for step in range(steps)
         for example in examples_for_step(train_examples, config, step)
     )
 

@@ -1,0 +1,78 @@
+"""worker/plan.py: the "auto" rules and the pre-flight estimate, as pure functions."""
+
+import pytest
+
+from worker import plan
+
+SMOLLM2 = plan.ModelShape(134_515_008, 576, 30, 1536, 49152, True, 9)
+CPU = plan.WorkerClass("cpu", memory_bytes=12 * plan.GIB, tokens_per_second_135m=150)
+
+
+@pytest.mark.parametrize(
+    ("rows", "epochs"), [(10, 10), (27, 3), (40, 3), (5_000, 3), (20_000, 1), (1, 25)]
+)
+def test_auto_epochs_follow_openais_rule(rows, epochs):
+    assert plan.auto_epochs(rows) == epochs
+
+
+def test_auto_batch_size_is_a_small_power_of_two():
+    assert [plan.auto_batch_size(n) for n in (10, 1_000, 4_000, 100_000)] == [1, 2, 8, 32]
+
+
+def test_auto_max_seq_length_covers_the_longest_row_unless_that_would_not_fit():
+    assert plan.auto_max_seq_length(40, 8192) == 128
+    assert plan.auto_max_seq_length(700, 8192) == 1024
+    assert plan.auto_max_seq_length(100_000, 8192) == 8192
+    assert plan.auto_max_seq_length(5_000, 8192, fits=lambda length: length <= 1024) == 1024
+
+
+def estimate(shape=SMOLLM2, stats=None, **overrides):
+    settings = dict(
+        quantization="nf4",
+        lora_rank=16,
+        batch_size=8,
+        max_seq_length=1024,
+        packing=True,
+        n_epochs=2,
+        max_steps=None,
+        training_examples=90,
+    )
+    settings.update(overrides)
+    stats = stats or plan.DataStats(rows=100, tokens=100 * 300, max_row_tokens=900)
+    return plan.estimate(shape, stats, CPU, **settings)
+
+
+def test_the_estimate_counts_steps_tokens_and_time():
+    result = estimate()
+    assert result.steps == 12 * 2 and result.tokens_per_step == 8 * 300
+    assert result.trained_tokens == 2 * 90 * 300  # the last step of an epoch is short
+    rate = CPU.tokens_per_second(SMOLLM2.parameters)
+    assert result.estimated_seconds == int(plan.STARTUP_SECONDS + 2 * 90 * 300 / rate)
+    assert estimate(max_steps=5).steps == 5
+    assert estimate(max_steps=5).trained_tokens == 5 * 8 * 300
+    assert result.fits and result.suggestion is None
+
+
+def test_memory_grows_with_what_goes_through_the_model_at_once():
+    packed = estimate().estimated_peak_memory_bytes
+    assert estimate(max_seq_length=2048).estimated_peak_memory_bytes > packed
+    # Packed rows go one at a time: the batch size does not change the peak.
+    assert estimate(batch_size=64).estimated_peak_memory_bytes == packed
+    assert estimate(packing=False, batch_size=64).estimated_peak_memory_bytes > packed
+    lora = estimate(quantization="none").memory_breakdown["weights"]
+    assert lora > 3 * estimate().memory_breakdown["weights"]
+
+
+def test_a_plan_that_does_not_fit_names_the_nearest_settings_that_do():
+    padded = estimate(packing=False, batch_size=256)
+    assert not padded.fits and padded.suggestion.startswith("Set packing to true")
+    long_rows = estimate(max_seq_length=65536)
+    assert not long_rows.fits and "Lower max_seq_length to" in long_rows.suggestion
+    huge = estimate(
+        plan.ModelShape.from_parameters(70_000_000_000),
+        plan.DataStats(rows=10, tokens=1000, max_row_tokens=100),
+        batch_size=1,
+        max_seq_length=128,
+        training_examples=10,
+    )
+    assert not huge.fits and "does not fit on cpu workers" in huge.suggestion
