@@ -38,7 +38,6 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -298,25 +297,25 @@ def drive(
 
 
 class CpuMeter:
-    """CPU seconds of groups of processes, and of the whole machine, over a window. A group is
-    a function that names its processes when the window opens (database backends come and go)."""
+    """CPU seconds of process trees (a server and its workers), and of the whole machine, over
+    a window. Workers and database backends come and go: a tree's figure is what its live
+    processes used plus what its ended ones did (counted in their parent once it reaped them)."""
 
-    def __init__(self, groups: dict[str, Callable[[], list[psutil.Process]]]):
-        self.groups = groups
+    def __init__(self, roots: dict[str, psutil.Process]):
+        self.roots = roots
 
     def _sample(self) -> dict[str, float]:
         sample = {}
-        for name, processes in self.processes.items():
+        for name, root in self.roots.items():
             sample[name] = 0.0
-            for process in processes:
+            for process in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.NoSuchProcess):
-                    sample[name] += sum(process.cpu_times()[:2])
+                    sample[name] += sum(process.cpu_times()[:4])
         times = psutil.cpu_times()
         sample["machine"] = sum(times) - times.idle - getattr(times, "iowait", 0.0)
         return sample
 
     def start(self) -> None:
-        self.processes = {name: find() for name, find in self.groups.items()}
         self.before = self._sample()
 
     def stop(self) -> dict[str, float]:
@@ -368,18 +367,16 @@ def job_ids(url: str, key: str) -> list[str]:
         after = f"&after={page['last_id']}"
 
 
-def gunicorn_processes(port: int) -> list[psutil.Process]:
-    """The web server's master and workers. The workers share the master's listening socket,
-    and psutil names one holder of a shared socket only, so go up to the master first."""
+def gunicorn_master(port: int) -> psutil.Process:
+    """The web server's master. Its workers share its listening socket, and psutil names one
+    holder of a shared socket only: a worker, whose parent is then the master."""
     holder = psutil.Process(web_pids(port)[0])
-    master = holder.parent()
-    if master is None or master.cmdline() != holder.cmdline():
-        master = holder
-    return [master, *master.children()]
+    parent = holder.parent()
+    return parent if parent is not None and parent.cmdline() == holder.cmdline() else holder
 
 
-def gunicorn_shape(processes: list[psutil.Process]) -> str:
-    argv = processes[0].cmdline()
+def gunicorn_shape(master: psutil.Process) -> str:
+    argv = master.cmdline()
     if "--workers" not in argv:
         return "the web server"
     workers = argv[argv.index("--workers") + 1]
@@ -387,16 +384,15 @@ def gunicorn_shape(processes: list[psutil.Process]) -> str:
     return f"gunicorn {workers} workers x {threads} threads"
 
 
-def database_processes() -> list[psutil.Process]:
-    """The PostgreSQL server this process's settings name, and its backends (when it is local)."""
+def database_server() -> psutil.Process | None:
+    """The PostgreSQL server this process's settings name, when it runs on this machine."""
     from django.conf import settings
 
     port = int(settings.DATABASES["default"].get("PORT") or 5432)
     try:
-        postmaster = psutil.Process(web_pids(port)[0])
+        return psutil.Process(web_pids(port)[0])
     except SystemExit:
-        return []
-    return [postmaster, *postmaster.children()]
+        return None
 
 
 def main() -> int:
@@ -455,11 +451,11 @@ def main() -> int:
         ]
         queries = query_counts(key, {s.name: s.paths[0] for s in scenarios}) if seeding else {}
 
-        server = gunicorn_processes(urllib.parse.urlsplit(url).port)
-        groups = {"web": lambda: server}
-        if seeding:
-            groups["db"] = database_processes
-        meter = CpuMeter(groups)
+        server = gunicorn_master(urllib.parse.urlsplit(url).port)
+        roots = {"web": server}
+        if seeding and (database := database_server()) is not None:
+            roots["db"] = database
+        meter = CpuMeter(roots)
         if args.processes > 1:
             pool = multiprocessing.get_context("spawn").Pool(args.processes)
 
