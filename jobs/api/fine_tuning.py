@@ -88,7 +88,13 @@ class CheckpointPagination(NumberedCursorPagination):
 
 
 class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
-    queryset = FineTuneJob.objects.select_related("base_model", "adapter")
+    # Only what the job object shows: manifests and descriptions are large and unused here.
+    queryset = FineTuneJob.objects.select_related("base_model", "adapter").defer(
+        "adapter__manifest",
+        "adapter__metrics",
+        "base_model__architecture",
+        "base_model__description",
+    )
     serializer_class = JobSerializer
     object_name = "fine-tuning job"
 

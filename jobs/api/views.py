@@ -44,7 +44,11 @@ class ModelListView(APIView):
         ),
     )
     def get(self, request):
-        adapters = Adapter.objects.for_org(current_org(request)).select_related("org", "base_model")
+        adapters = (
+            Adapter.objects.for_org(current_org(request))
+            .select_related("org", "base_model")
+            .only("id", "name", "created_at", "org__slug", "base_model__name")
+        )
         data = ModelSerializer(BaseModel.objects.enabled(), many=True).data + (
             FineTunedModelSerializer(adapters.order_by("-created_at"), many=True).data
         )
