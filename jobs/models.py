@@ -153,7 +153,7 @@ class File(TenantOwnedModel):
                 )
             prefix = f"orgs/{self.org_id}/files/{self.id}/"
             self.delete()
-            transaction.on_commit(lambda: storage.delete_prefix(prefix))
+        storage.delete_prefix(prefix)  # after the row: a file is never listed without its bytes
 
     def mark_error(self, message: str, report: dict | None = None) -> None:
         self.status = self.Status.ERROR

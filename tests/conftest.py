@@ -15,12 +15,17 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.servers.basehttp import ThreadedWSGIServer
 from rest_framework.test import APIClient
 
 from loft import storage
 from loft.models import ApiKey, Membership, Organization
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+# The live server's listen backlog (Django's default is 10): tests that open 50 connections at
+# once must reach the server, not have the kernel refuse them.
+ThreadedWSGIServer.request_queue_size = 128
 
 
 @pytest.fixture(scope="session", autouse=True)

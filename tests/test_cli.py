@@ -18,7 +18,8 @@ from jobs.models import Adapter, BaseModel, FineTuneJob, JobEvent
 from loft import cli, storage
 from worker.artifacts import build_manifest
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# private_queue: no worker of the run trains the jobs these tests create and drive by hand.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("private_queue")]
 
 MODEL = ["--model", "HuggingFaceTB/SmolLM2-135M-Instruct"]
 CHAT_LINE = json.dumps(

@@ -269,7 +269,7 @@ class JobCreateSerializer(serializers.Serializer):
 
     def validate_metadata(self, metadata):
         raw = self.initial_data.get("metadata") or {}
-        if any(not isinstance(value, str) for value in raw.values()):
+        if not isinstance(raw, dict) or any(not isinstance(value, str) for value in raw.values()):
             raise serializers.ValidationError("metadata values must be strings.")
         if metadata and (
             len(metadata) > 16 or any(not 0 < len(key) <= 64 or "\x00" in key for key in metadata)
