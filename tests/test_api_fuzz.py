@@ -53,6 +53,7 @@ def test_schemathesis_finds_no_server_error(live_server, transactional_db, tenan
         capture_output=True,
         text=True,
         timeout=900,
+        cwd=tmp_path,  # schemathesis keeps a cache folder where it runs
     )
     print(run.stdout[-3000:])
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
