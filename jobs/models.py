@@ -644,6 +644,60 @@ class Adapter(TenantOwnedModel):
         return self.name
 
 
+def new_evaluation_id() -> str:
+    return make_id("eval")
+
+
+class Evaluation(TenantOwnedModel):
+    """Base against adapter on the same held-out rows (worker/evaluate.py's Comparison):
+    per-model scores, side-by-side samples, and the promotion gate's verdict."""
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_evaluation_id, editable=False
+    )
+    job = models.ForeignKey(
+        FineTuneJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="evaluations"
+    )
+    adapter = models.ForeignKey(
+        Adapter, null=True, blank=True, on_delete=models.CASCADE, related_name="evaluations"
+    )
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT)
+    results = models.JSONField(default=dict, help_text="base, adapter, samples, worst")
+    verdict = models.JSONField(default=dict, help_text="better, worse_on, generation_metric")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.adapter_id})"
+
+    @classmethod
+    def record_for_job(cls, job: FineTuneJob, adapter: Adapter, comparison: dict) -> Evaluation:
+        """The evaluation a job makes of its adapter at the end of training; the adapter's
+        metrics carry the verdict, so a worse adapter is flagged wherever it is listed."""
+        adapter.metrics = {**adapter.metrics, "verdict": comparison["verdict"]}
+        adapter.save(update_fields=["metrics"])
+        return cls.objects.create(
+            org_id=job.org_id,
+            job=job,
+            adapter=adapter,
+            base_model=job.base_model,
+            results={k: v for k, v in comparison.items() if k != "verdict"},
+            verdict=comparison["verdict"],
+        )
+
+    def summary(self) -> dict:
+        """What the job and adapter objects show; the samples are in the full evaluation."""
+        return {
+            "id": self.id,
+            "base": self.results.get("base"),
+            "adapter": self.results.get("adapter"),
+            "verdict": self.verdict,
+            "samples": self.results.get("samples", [])[:3],
+        }
+
+
 # --- quotas and usage -------------------------------------------------------------------------
 
 

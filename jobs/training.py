@@ -18,9 +18,9 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 
 from jobs.datasets import spec_of, tokenizer_for
-from jobs.models import Adapter, Checkpoint, File, FineTuneJob
+from jobs.models import Adapter, Checkpoint, Evaluation, File, FineTuneJob
 from loft import storage
-from worker import artifacts, data, train
+from worker import artifacts, data, evaluate, train
 from worker.base_models import training_device, warm_base_models
 
 logger = logging.getLogger(__name__)
@@ -147,12 +147,20 @@ def read_examples(file: File) -> tuple[list[data.Example], int]:
 
 
 def _prepare_data(job: FineTuneJob, attempt: int, config: train.TrainConfig, tokenizer):
+    """Training rows, held-out rows, and the held-out examples as text (for generation): the
+    validation file's, or a seeded share of the training file split off before tokenizing."""
     examples, skipped = read_examples(job.training_file)
     if skipped:
         job.add_event(
             "warning",
             f"Skipped {skipped} rows of the training file that have errors.",
             attempt=attempt,
+        )
+    if job.validation_file is not None:
+        held_examples = read_examples(job.validation_file)[0]
+    else:
+        examples, held_examples = train.split_validation(
+            examples, config.validation_fraction, config.seed
         )
     tokenized, dropped = train.tokenize(examples, tokenizer, config.max_seq_length)
     if dropped:
@@ -166,12 +174,8 @@ def _prepare_data(job: FineTuneJob, attempt: int, config: train.TrainConfig, tok
         raise data.DatasetError(
             "no_valid_rows", "No row of the training file has an assistant turn to learn from."
         )
-    if job.validation_file is not None:
-        held_out, _ = train.tokenize(
-            read_examples(job.validation_file)[0], tokenizer, config.max_seq_length
-        )
-        return tokenized, held_out
-    return train.split_validation(tokenized, config.validation_fraction, config.seed)
+    held_out, _ = train.tokenize(held_examples, tokenizer, config.max_seq_length)
+    return tokenized, held_out, held_examples
 
 
 def _latest_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None, int]:
@@ -194,7 +198,7 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
     spec = spec_of(job.base_model)
     device = training_device()
     tokenizer = tokenizer_for(job.base_model)
-    train_rows, held_out = _prepare_data(job, attempt, config, tokenizer)
+    train_rows, held_out, held_examples = _prepare_data(job, attempt, config, tokenizer)
     resume_from, resumed_step = _latest_checkpoint(job, work)
     if resume_from is not None:
         job.add_event(
@@ -256,13 +260,31 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
         pad_id=tokenizer.pad_token_id or 0,
     )
 
-    # --- save
+    # --- evaluate: the same held-out rows through the base and the adapter
     try:
         folder = work / "adapter"
         train.save_adapter(model, folder)
+        job.add_event(
+            "info",
+            f"Evaluating base and adapter on {len(held_examples)} held-out rows.",
+            attempt=attempt,
+        )
+        comparison = evaluate.compare(
+            model,
+            tokenizer,
+            held_examples,
+            held_out,
+            row_tokens=config.max_seq_length,
+            device=device,
+            max_generations=settings.LOFT_EVAL_MAX_GENERATIONS,
+            max_new_tokens=settings.LOFT_EVAL_MAX_NEW_TOKENS,
+        ).as_dict()
     finally:
         warm_base_models.give_back(model.unload())
+
+    # --- save
     tokenizer.save_pretrained(folder)
+    artifacts.write_json(folder / "eval_report.json", comparison)
     metrics = {
         "train_loss": result.train_loss,
         "validation_loss": result.validation_loss,
@@ -282,6 +304,7 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
             data_stats={"training examples": len(train_rows), "held-out examples": len(held_out)},
             metrics=metrics,
             parent=job.parent_adapter.name if job.parent_adapter else None,
+            evaluation=comparison,
         )
     )
     adapter = Adapter(
@@ -296,6 +319,7 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
     with transaction.atomic():
         if job.fenced(attempt).select_for_update().exists():
             adapter.save()
+            Evaluation.record_for_job(job, adapter, comparison)
             job.finish(
                 attempt,
                 Status.SUCCEEDED,

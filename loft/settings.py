@@ -119,6 +119,10 @@ LOFT_WORKER_MEMORY_BYTES = env.integer("LOFT_WORKER_MEMORY_BYTES", 12 * 2**30)
 LOFT_WORKER_TOKENS_PER_SECOND = env.integer("LOFT_WORKER_TOKENS_PER_SECOND", 150)
 LOFT_WORKER_BYTES_PER_ACTIVATION = env.integer("LOFT_WORKER_BYTES_PER_ACTIVATION", 4)
 
+# Evaluation at the end of every job: greedy answers on up to this many held-out rows.
+LOFT_EVAL_MAX_GENERATIONS = env.integer("LOFT_EVAL_MAX_GENERATIONS", 50)
+LOFT_EVAL_MAX_NEW_TOKENS = env.integer("LOFT_EVAL_MAX_NEW_TOKENS", 64)
+
 # --- Quotas: defaults for organizations without their own (jobs.models.Quota); 0 = none ----
 LOFT_QUOTA_CONCURRENT_JOBS = env.integer("LOFT_QUOTA_CONCURRENT_JOBS", 4)
 LOFT_QUOTA_STORAGE_BYTES = env.integer("LOFT_QUOTA_STORAGE_BYTES", 50 * 2**30)

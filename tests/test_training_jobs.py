@@ -108,6 +108,7 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
         "tokenizer.json",
         "tokenizer_config.json",
         "chat_template.jinja",
+        "eval_report.json",
     }
     assert expected <= set(adapter.manifest["files"])
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in adapter.manifest["files"])
@@ -123,6 +124,19 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
     after = greedy(tuned, tokenizer, "Tell me about topic 99.")
     assert after != before, after
     assert "Banana" in after
+
+    # The job evaluated base and adapter on the same held-out rows and kept both numbers.
+    evaluation = job.evaluations.get()
+    base_scores, adapter_scores = evaluation.results["base"], evaluation.results["adapter"]
+    assert adapter_scores["loss"] < base_scores["loss"]
+    assert adapter_scores["generations"] == base_scores["generations"] > 0
+    assert adapter_scores["rouge_l"] > base_scores["rouge_l"], evaluation.results["samples"]
+    assert evaluation.verdict["better"] is True and adapter.metrics["verdict"]["better"]
+    sample = evaluation.results["samples"][0]
+    assert "Banana" in sample["adapter_output"] and sample["reference"] == ANSWER
+    report = json.loads((folder / "eval_report.json").read_text())
+    assert report["adapter"] == adapter_scores
+    assert "## Evaluation on held-out rows" in (folder / "README.md").read_text()
 
     # A second job on the same worker finds the base model still loaded; it continues from the
     # first job's adapter, and its adapter records that parent.

@@ -52,8 +52,10 @@ def model_card(
     data_stats: dict,
     metrics: dict,
     parent: str | None,
+    evaluation: dict | None = None,
 ) -> str:
-    """README.md of the adapter folder: what it is, how it was made, how to load it."""
+    """README.md of the adapter folder: what it is, how it was made, how to load it, and what
+    it gained (or lost) over its base on held-out rows."""
     rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(hyperparameters.items()))
     data_rows = "\n".join(f"| {key} | {value} |" for key, value in data_stats.items())
     metric_rows = "\n".join(f"| {key} | {value} |" for key, value in metrics.items())
@@ -98,6 +100,45 @@ The folder holds safetensors weights only; `manifest.json` lists each file's sha
 | | |
 |---|---|
 {metric_rows}
+{_evaluation_section(evaluation)}"""
+
+
+EVALUATION_ROWS = [
+    ("held-out loss", "loss"),
+    ("perplexity", "perplexity"),
+    ("token accuracy", "token_accuracy"),
+    ("exact match", "exact_match"),
+    ("normalized exact match", "normalized_exact_match"),
+    ("ROUGE-L", "rouge_l"),
+]
+
+
+def _evaluation_section(evaluation: dict | None) -> str:
+    """Base against adapter on the same held-out rows (eval_report.json has the samples)."""
+    if not evaluation:
+        return ""
+
+    def shown(value) -> str:
+        return "–" if value is None else f"{value:.4g}"
+
+    rows = "\n".join(
+        f"| {label} | {shown(evaluation['base'][key])} | {shown(evaluation['adapter'][key])} |"
+        for label, key in EVALUATION_ROWS
+    )
+    verdict = evaluation["verdict"]
+    gate = (
+        "The adapter is not worse than its base on held-out data."
+        if verdict["better"]
+        else f"**Worse than its base on: {', '.join(verdict['worse_on'])}.**"
+    )
+    return f"""
+## Evaluation on held-out rows
+
+| | base | adapter |
+|---|---|---|
+{rows}
+
+{gate} Samples, best and worst first: `eval_report.json`.
 """
 
 

@@ -220,10 +220,11 @@ def pad(examples: list[Tokenized], pad_id: int) -> list[Row]:
 # --- loss ------------------------------------------------------------------------------------
 
 
-def loss_sum(model, row: Row) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over trained tokens, and their count.
+def labelled_logits(model, row: Row) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float logits and their targets at the positions that carry a label.
 
-    The vocabulary projection (49k × 576 for SmolLM2, a fifth of the model's work) runs only on
+    The decoder runs on the row without a KV cache (so packed examples stay apart); the
+    vocabulary projection (49k × 576 for SmolLM2, a fifth of the model's work) runs only on
     the positions that have a label, not on every token as a plain forward pass would.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -235,8 +236,13 @@ def loss_sum(model, row: Row) -> tuple[torch.Tensor, int]:
     ).last_hidden_state
     targets = row.labels[:, 1:]
     keep = targets != IGNORE
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+    return causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep]
+
+
+def loss_sum(model, row: Row) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over trained tokens, and their count."""
+    logits, targets = labelled_logits(model, row)
+    return F.cross_entropy(logits, targets, reduction="sum"), targets.numel()
 
 
 @torch.no_grad()

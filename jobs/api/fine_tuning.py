@@ -89,11 +89,15 @@ class CheckpointPagination(NumberedCursorPagination):
 
 class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
     # Only what the job object shows: manifests and descriptions are large and unused here.
-    queryset = FineTuneJob.objects.select_related("base_model", "adapter").defer(
-        "adapter__manifest",
-        "adapter__metrics",
-        "base_model__architecture",
-        "base_model__description",
+    queryset = (
+        FineTuneJob.objects.select_related("base_model", "adapter")
+        .prefetch_related("evaluations")
+        .defer(
+            "adapter__manifest",
+            "adapter__metrics",
+            "base_model__architecture",
+            "base_model__description",
+        )
     )
     serializer_class = JobSerializer
     object_name = "fine-tuning job"

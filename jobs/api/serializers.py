@@ -186,7 +186,10 @@ class JobSerializer(serializers.ModelSerializer):
         return adapter.id if adapter else None
 
     def get_evaluation(self, job) -> dict | None:
-        return None  # the held-out evaluation of base against adapter comes with evaluations
+        """Base against adapter on the held-out rows, with the promotion gate's verdict."""
+        # evaluations are prefetched by the views: no query per job in a list
+        latest = max(job.evaluations.all(), key=lambda e: e.created_at, default=None)
+        return latest.summary() if latest else None
 
     def get_integrations(self, job) -> list:
         return []
@@ -383,6 +386,7 @@ class AdapterSerializer(serializers.ModelSerializer):
     base_model = serializers.CharField(source="base_model.name")
     created_at = UnixTimestampField()
     files = serializers.SerializerMethodField()
+    flagged_worse_than_base = serializers.SerializerMethodField()
 
     class Meta:
         model = Adapter
@@ -396,12 +400,19 @@ class AdapterSerializer(serializers.ModelSerializer):
             "size_bytes",
             "files",
             "metrics",
+            "flagged_worse_than_base",
             "created_at",
         ]
         read_only_fields = fields
 
     def get_object(self, adapter) -> str:
         return "adapter"
+
+    def get_flagged_worse_than_base(self, adapter) -> bool | None:
+        """The promotion gate: True when held-out evaluation found it worse than its base;
+        None when it was not evaluated."""
+        verdict = (adapter.metrics or {}).get("verdict")
+        return None if verdict is None else not verdict["better"]
 
     def get_files(self, adapter) -> dict:
         return (adapter.manifest or {}).get("files", {})

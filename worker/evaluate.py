@@ -1,0 +1,356 @@
+"""Evaluation: the same held-out rows through the base model and through the adapter.
+
+No Django, no Celery, no S3: a comparison takes a peft model, its tokenizer and the held-out
+examples, and returns numbers and samples that the job stores as its evaluation report.
+
+Why both, on the same rows: a fine-tuning job is judged against what it started from. A loss of
+0.9 says little alone; 0.9 where the base had 1.4 says the adapter learned the data, and an
+adapter worse than its base (on held-out loss or on what it writes) is flagged before anyone
+deploys it. The base costs nothing extra to run: ``model.disable_adapter()`` turns the LoRA
+layers off, so the one model in memory answers as the base, then as the adapter.
+
+Two kinds of measure:
+
+- teacher-forced, on every held-out row: loss per trained token, perplexity and token accuracy
+  (argmax = label), computed on exactly the tokens training learns (assistant turns and their
+  end-of-turn token), packed the way training packs them;
+- generated, on up to ``max_generations`` chat rows: greedy answers to the conversation up to
+  its last assistant turn, scored against that turn by exact match, normalized exact match and
+  ROUGE-L. Greedy decoding makes the answers, and so the scores, repeatable.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker import data, train
+
+SHOWN_SAMPLES = 5
+# exp() of a larger loss overflows a float; no model that loads is anywhere near it.
+MAX_LOSS_FOR_PERPLEXITY = 700.0
+
+
+# --- text metrics -------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    """Lowercase, without punctuation, whitespace collapsed: "Paris." and " paris" agree."""
+    kept = "".join(c for c in text.lower() if not unicodedata.category(c).startswith("P"))
+    return " ".join(kept.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the texts are the same but for surrounding whitespace (chat templates and
+    decoding differ in the newlines they leave at the ends)."""
+    return float(prediction.strip() == reference.strip())
+
+
+def normalized_exact_match(prediction: str, reference: str) -> float:
+    return float(normalize(prediction) == normalize(reference))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """F1 of the longest common subsequence of the normalized words (ROUGE-L, β = 1)."""
+    predicted, expected = normalize(prediction).split(), normalize(reference).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = _lcs_length(predicted, expected)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for word in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+# --- teacher-forced metrics ---------------------------------------------------------------
+
+
+@dataclass
+class TokenMetrics:
+    loss: float | None  # mean cross-entropy per trained token; None without held-out rows
+    perplexity: float | None
+    token_accuracy: float | None  # share of trained tokens the model ranks first
+    tokens: int  # trained tokens measured
+
+
+@torch.no_grad()
+def token_metrics(
+    model, examples: list[train.Tokenized], row_tokens: int, device: str
+) -> TokenMetrics:
+    """Loss, perplexity and token accuracy over the trained tokens of the examples."""
+    was_training = model.training
+    model.eval()
+    loss_total, correct, count = 0.0, 0, 0
+    for row in train.pack(examples, row_tokens) if examples else []:
+        logits, targets = train.labelled_logits(model, row.to(device))
+        loss_total += float(F.cross_entropy(logits, targets, reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
+        count += targets.numel()
+    model.train(was_training)
+    if count == 0:
+        return TokenMetrics(None, None, None, 0)
+    loss = loss_total / count
+    return TokenMetrics(
+        loss=loss,
+        perplexity=math.exp(min(loss, MAX_LOSS_FOR_PERPLEXITY)),
+        token_accuracy=correct / count,
+        tokens=count,
+    )
+
+
+# --- generation ---------------------------------------------------------------------------
+
+
+def prompt_and_reference(example: data.Example) -> tuple[list[data.Message], str] | None:
+    """The conversation before its last assistant turn, and that turn's text; None for a row
+    with nothing to answer (plain text)."""
+    answers = [i for i, m in enumerate(example.messages) if m.role == "assistant"]
+    if example.text is not None or not answers or answers[-1] == 0:
+        return None
+    last = answers[-1]
+    return example.messages[:last], example.messages[last].content
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that end an answer: the end-of-sequence token, and the special token the chat
+    template closes an assistant turn with (Gemma's <end_of_turn>, Llama 3's <|eot_id|>), which
+    is the last token training learns in a turn."""
+    probe = data.Example(
+        0, "chat", [data.Message("user", "Hi"), data.Message("assistant", "Hello", True)]
+    )
+    rendered, _ = data.render(probe, tokenizer)
+    trained = [t for t, on in zip(rendered.input_ids, rendered.trained, strict=True) if on]
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if trained and (
+        trained[-1] in tokenizer.all_special_ids or trained[-1] in tokenizer.added_tokens_decoder
+    ):
+        ids.add(trained[-1])
+    return sorted(ids)
+
+
+def _prompt_ids(messages: list[data.Message], tokenizer) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    examples: list[data.Example],
+    max_new_tokens: int,
+    device: str,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy answers to each chat example's conversation up to its last assistant turn.
+
+    Batched with left padding, prompts of similar length together; the KV cache is asked for
+    explicitly, since the model's config turns it off for packed training. An answer ends at the
+    end-of-turn token, which is not part of the text.
+    """
+    from transformers import GenerationConfig
+
+    stops = end_of_turn_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    prompts = []
+    for example in examples:
+        pair = prompt_and_reference(example)
+        if pair is None:
+            raise ValueError(f"line {example.line}: no assistant turn to generate")
+        prompts.append(_prompt_ids(pair[0], tokenizer))
+
+    was_training = model.training
+    model.eval()
+    answers = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        ids, mask = _left_padded([prompts[i] for i in chosen], pad_id)
+        output = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+        )
+        for index, tokens in zip(chosen, output[:, ids.shape[1] :].tolist(), strict=True):
+            answers[index] = _decode_until(tokens, stops, tokenizer)
+    model.train(was_training)
+    return answers
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = torch.tensor(prompt)
+        mask[row, length - len(prompt) :] = 1
+    return ids, mask
+
+
+def _decode_until(tokens: list[int], stops: list[int], tokenizer) -> str:
+    end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+    return tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
+
+
+# --- base against adapter -----------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """One model's results on the held-out rows."""
+
+    loss: float | None
+    perplexity: float | None
+    token_accuracy: float | None
+    tokens: int
+    exact_match: float | None  # means over the generated rows; None without any
+    normalized_exact_match: float | None
+    rouge_l: float | None
+    generations: int
+
+
+@dataclass
+class Sample:
+    """One held-out row side by side; ``prompt`` is the last turn before the reference."""
+
+    line: int
+    prompt: str
+    reference: str
+    base_output: str
+    adapter_output: str
+    base_rouge_l: float
+    adapter_rouge_l: float
+
+    @property
+    def gain(self) -> float:
+        return self.adapter_rouge_l - self.base_rouge_l
+
+
+@dataclass
+class Comparison:
+    base: Scores
+    adapter: Scores
+    samples: list[Sample]  # every generated row, the adapter's largest gain over the base first
+    verdict: dict
+
+    @property
+    def worst(self) -> list[Sample]:
+        """The rows where the adapter lost most against the base, worst first."""
+        return self.samples[::-1][:SHOWN_SAMPLES]
+
+    def as_dict(self) -> dict:
+        return {
+            "base": asdict(self.base),
+            "adapter": asdict(self.adapter),
+            "verdict": self.verdict,
+            "samples": [asdict(s) for s in self.samples],
+            "worst": [asdict(s) for s in self.worst],
+        }
+
+
+def _scores(tokens: TokenMetrics, outputs: list[str], references: list[str]) -> Scores:
+    def mean(metric) -> float | None:
+        if not outputs:
+            return None
+        return sum(metric(o, r) for o, r in zip(outputs, references, strict=True)) / len(outputs)
+
+    return Scores(
+        loss=tokens.loss,
+        perplexity=tokens.perplexity,
+        token_accuracy=tokens.token_accuracy,
+        tokens=tokens.tokens,
+        exact_match=mean(exact_match),
+        normalized_exact_match=mean(normalized_exact_match),
+        rouge_l=mean(rouge_l),
+        generations=len(outputs),
+    )
+
+
+def verdict(base: Scores, adapter: Scores) -> dict:
+    """The promotion gate: the adapter is flagged when it is worse than its base on held-out
+    loss or on the generation score. The generation score is normalized exact match, or ROUGE-L
+    when neither model matched a single reference (free-form answers rarely match exactly).
+    ``better`` means worse on neither: an adapter equal to its base passes."""
+    exact = (base.normalized_exact_match or 0) + (adapter.normalized_exact_match or 0)
+    metric = "normalized_exact_match" if exact > 0 else "rouge_l"
+    worse_on = []
+    if base.loss is not None and adapter.loss is not None and adapter.loss > base.loss:
+        worse_on.append("loss")
+    base_score, adapter_score = getattr(base, metric), getattr(adapter, metric)
+    if base_score is not None and adapter_score is not None and adapter_score < base_score:
+        worse_on.append(metric)
+    return {"better": not worse_on, "worse_on": worse_on, "generation_metric": metric}
+
+
+def compare(
+    model,
+    tokenizer,
+    held_out_examples: list[data.Example],
+    held_out_tokenized: list[train.Tokenized],
+    *,
+    row_tokens: int,
+    device: str,
+    max_generations: int = 50,
+    max_new_tokens: int = 64,
+) -> Comparison:
+    """Score the base (adapter disabled) and the adapter on the same held-out rows.
+
+    ``model`` is a peft model with its adapter active; ``held_out_tokenized`` are the held-out
+    examples as training tokenized them, and generation answers the first ``max_generations``
+    chat rows of ``held_out_examples``.
+    """
+    rows = [(e, pair) for e in held_out_examples if (pair := prompt_and_reference(e))]
+    rows = rows[:max_generations]
+    chat = [example for example, _ in rows]
+
+    def run() -> tuple[TokenMetrics, list[str]]:
+        tokens = token_metrics(model, held_out_tokenized, row_tokens, device)
+        return tokens, generate_answers(model, tokenizer, chat, max_new_tokens, device)
+
+    with model.disable_adapter():
+        base_tokens, base_outputs = run()
+    adapter_tokens, adapter_outputs = run()
+
+    references = [reference for _, (_, reference) in rows]
+    samples = [
+        Sample(
+            line=example.line,
+            prompt=messages[-1].content,
+            reference=reference,
+            base_output=base_out,
+            adapter_output=adapter_out,
+            base_rouge_l=rouge_l(base_out, reference),
+            adapter_rouge_l=rouge_l(adapter_out, reference),
+        )
+        for (example, (messages, reference)), base_out, adapter_out in zip(
+            rows, base_outputs, adapter_outputs, strict=True
+        )
+    ]
+    samples.sort(key=lambda s: (-s.gain, -s.adapter_rouge_l))
+    base = _scores(base_tokens, base_outputs, references)
+    adapter = _scores(adapter_tokens, adapter_outputs, references)
+    return Comparison(base, adapter, samples, verdict(base, adapter))
