@@ -3,7 +3,7 @@ from rest_framework import serializers
 
 from jobs.models import Adapter, BaseModel, Checkpoint, File, FineTuneJob, JobEvent
 from jobs.preflight import AUTO_RESOLVED, public_hyperparameters
-from loft.api.base import UnixTimestampField
+from loft.api.base import ObjectTypeField, UnixTimestampField
 from worker.data import FORMATS
 
 EVENT_ID_PREFIX = "ftevent-"
@@ -14,16 +14,13 @@ class ModelSerializer(serializers.ModelSerializer):
     """OpenAI's Model object, plus the catalogue's facts a person picks a base model by."""
 
     id = serializers.CharField(source="name")
-    object = serializers.SerializerMethodField()
+    object = ObjectTypeField("model")
     created = UnixTimestampField(source="created_at")
     owned_by = serializers.SerializerMethodField()
 
     class Meta:
         model = BaseModel
         fields = ["id", "object", "created", "owned_by", "parameters", "context_length", "license"]
-
-    def get_object(self, model: BaseModel) -> str:
-        return "model"
 
     def get_owned_by(self, model: BaseModel) -> str:
         return model.name.split("/", 1)[0] if "/" in model.name else "loft"
@@ -32,7 +29,7 @@ class ModelSerializer(serializers.ModelSerializer):
 class FileSerializer(serializers.ModelSerializer):
     """OpenAI's File object, plus Loft's measurements of the dataset."""
 
-    object = serializers.SerializerMethodField()
+    object = ObjectTypeField("file")
     created_at = UnixTimestampField()
     expires_at = serializers.SerializerMethodField()
     status_details = serializers.SerializerMethodField()
@@ -58,9 +55,6 @@ class FileSerializer(serializers.ModelSerializer):
             "sha256",
             "validation",
         ]
-
-    def get_object(self, file: File) -> str:
-        return "file"
 
     def get_expires_at(self, file: File) -> int | None:
         return None
@@ -96,7 +90,7 @@ class FileUploadSerializer(serializers.Serializer):
 class JobSerializer(serializers.ModelSerializer):
     """OpenAI's FineTuningJob object, plus Loft's progress, metrics, plan and adapter."""
 
-    object = serializers.SerializerMethodField()
+    object = ObjectTypeField("fine_tuning.job")
     model = serializers.CharField(source="base_model.name")
     fine_tuned_model = serializers.SerializerMethodField()
     organization_id = serializers.CharField(source="org_id")
@@ -142,9 +136,6 @@ class JobSerializer(serializers.ModelSerializer):
             "evaluation",
         ]
         read_only_fields = fields
-
-    def get_object(self, job) -> str:
-        return "fine_tuning.job"
 
     def get_fine_tuned_model(self, job) -> str | None:
         adapter = self._adapter(job)
@@ -324,7 +315,7 @@ def _printable(text: str) -> bool:
 
 class EventSerializer(serializers.ModelSerializer):
     id = serializers.SerializerMethodField()
-    object = serializers.SerializerMethodField()
+    object = ObjectTypeField("fine_tuning.job.event")
     created_at = UnixTimestampField()
     type = serializers.SerializerMethodField()
 
@@ -334,9 +325,6 @@ class EventSerializer(serializers.ModelSerializer):
 
     def get_id(self, event) -> str:
         return f"{EVENT_ID_PREFIX}{event.pk}"
-
-    def get_object(self, event) -> str:
-        return "fine_tuning.job.event"
 
     def get_type(self, event) -> str:
         return "metrics" if "train_loss" in event.data else "message"
@@ -349,7 +337,7 @@ class EventSerializer(serializers.ModelSerializer):
 
 class CheckpointSerializer(serializers.ModelSerializer):
     id = serializers.SerializerMethodField()
-    object = serializers.SerializerMethodField()
+    object = ObjectTypeField("fine_tuning.job.checkpoint")
     created_at = UnixTimestampField()
     fine_tuned_model_checkpoint = serializers.SerializerMethodField()
     fine_tuning_job_id = serializers.CharField(source="job_id")
@@ -371,9 +359,6 @@ class CheckpointSerializer(serializers.ModelSerializer):
     def get_id(self, checkpoint) -> str:
         return f"{CHECKPOINT_ID_PREFIX}{checkpoint.pk}"
 
-    def get_object(self, checkpoint) -> str:
-        return "fine_tuning.job.checkpoint"
-
     def get_fine_tuned_model_checkpoint(self, checkpoint) -> str:
         return f"{checkpoint.job.fine_tuned_model_name}:ckpt-step-{checkpoint.step}"
 
@@ -382,7 +367,7 @@ class CheckpointSerializer(serializers.ModelSerializer):
 
 
 class AdapterSerializer(serializers.ModelSerializer):
-    object = serializers.SerializerMethodField()
+    object = ObjectTypeField("adapter")
     base_model = serializers.CharField(source="base_model.name")
     created_at = UnixTimestampField()
     files = serializers.SerializerMethodField()
@@ -405,9 +390,6 @@ class AdapterSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
-    def get_object(self, adapter) -> str:
-        return "adapter"
-
     def get_flagged_worse_than_base(self, adapter) -> bool | None:
         """The promotion gate: True when held-out evaluation found it worse than its base;
         None when it was not evaluated."""
@@ -422,7 +404,7 @@ class FineTunedModelSerializer(serializers.ModelSerializer):
     """A tenant's adapter as OpenAI lists a fine-tuned model."""
 
     id = serializers.CharField(source="name")
-    object = serializers.SerializerMethodField()
+    object = ObjectTypeField("model")
     created = UnixTimestampField(source="created_at")
     owned_by = serializers.CharField(source="org.slug")
     root = serializers.CharField(source="base_model.name")
@@ -431,9 +413,6 @@ class FineTunedModelSerializer(serializers.ModelSerializer):
     class Meta:
         model = Adapter
         fields = ["id", "object", "created", "owned_by", "root", "adapter"]
-
-    def get_object(self, adapter) -> str:
-        return "model"
 
 
 class JobCreateRequestSerializer(JobCreateSerializer):

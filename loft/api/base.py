@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from django.db.models import Q
 from django.utils.functional import cached_property
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers, viewsets
 from rest_framework.pagination import BasePagination
 from rest_framework.response import Response
@@ -16,6 +18,18 @@ def is_id_like(text: str, max_length: int = 100) -> bool:
     """Could this be an object's id? (PostgreSQL refuses NUL in text: such an id is just not
     found, rather than a database error.)"""
     return len(text) <= max_length and "\x00" not in text
+
+
+@extend_schema_field(OpenApiTypes.STR)
+class ObjectTypeField(serializers.Field):
+    """OpenAI's ``object`` member: the same word for every object of a kind ("file", …)."""
+
+    def __init__(self, object_type: str):
+        self.object_type = object_type
+        super().__init__(read_only=True, source="*")
+
+    def to_representation(self, value) -> str:
+        return self.object_type
 
 
 class UnixTimestampField(serializers.ReadOnlyField):

@@ -1,11 +1,11 @@
 from rest_framework import serializers
 
-from loft.api.base import UnixTimestampField
+from loft.api.base import ObjectTypeField, UnixTimestampField
 from loft.models import ApiKey
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
-    object = serializers.SerializerMethodField()
+    object = ObjectTypeField("api_key")
     redacted_value = serializers.SerializerMethodField()
     created_at = UnixTimestampField()
     last_used_at = UnixTimestampField()
@@ -30,9 +30,6 @@ class ApiKeySerializer(serializers.ModelSerializer):
             "last_used_at",
             "revoked_at",
         ]
-
-    def get_object(self, key: ApiKey) -> str:
-        return "api_key"
 
     def get_redacted_value(self, key: ApiKey) -> str:
         return f"{key.prefix}…"

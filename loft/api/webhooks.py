@@ -12,13 +12,13 @@ from rest_framework import mixins, serializers, status
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from loft.api.base import TenantScopedViewSet, UnixTimestampField
+from loft.api.base import ObjectTypeField, TenantScopedViewSet, UnixTimestampField
 from loft.models import JOB_EVENTS, WebhookDelivery, WebhookEndpoint
 from loft.webhooks import UnsafeWebhookURL, check_url
 
 
 class WebhookEndpointSerializer(serializers.ModelSerializer):
-    object = serializers.SerializerMethodField()
+    object = ObjectTypeField("webhook_endpoint")
     event_types = serializers.ListField(
         child=serializers.ChoiceField(choices=JOB_EVENTS),
         allow_empty=False,
@@ -33,9 +33,6 @@ class WebhookEndpointSerializer(serializers.ModelSerializer):
         # Nothing else is writable: the org, id and secret are the server's, whatever is sent.
         fields = ["id", "object", "url", "name", "event_types", "signing_secret_hint", "created_at"]
         read_only_fields = ["id", "object", "signing_secret_hint", "created_at"]
-
-    def get_object(self, endpoint: WebhookEndpoint) -> str:
-        return "webhook_endpoint"
 
     def validate_url(self, url: str) -> str:
         try:
@@ -58,7 +55,7 @@ class WebhookEndpointWithSecretSerializer(WebhookEndpointSerializer):
 
 
 class WebhookDeliverySerializer(serializers.ModelSerializer):
-    object = serializers.SerializerMethodField()
+    object = ObjectTypeField("webhook_delivery")
     response_codes = serializers.SerializerMethodField()
     created_at = UnixTimestampField()
     next_attempt_at = UnixTimestampField()
@@ -84,9 +81,6 @@ class WebhookDeliverySerializer(serializers.ModelSerializer):
             "delivered_at",
         ]
         read_only_fields = fields
-
-    def get_object(self, delivery: WebhookDelivery) -> str:
-        return "webhook_delivery"
 
     def get_response_codes(self, delivery: WebhookDelivery) -> list[int | None]:
         return [attempt["response_code"] for attempt in delivery.attempts_log]
