@@ -1,6 +1,14 @@
 from django.contrib import admin
 
-from jobs.models import Adapter, BaseModel, Checkpoint, File, FineTuneJob, JobEvent
+from jobs.models import (
+    Adapter,
+    BaseModel,
+    Checkpoint,
+    Evaluation,
+    File,
+    FineTuneJob,
+    JobEvent,
+)
 
 
 @admin.register(BaseModel)
@@ -78,3 +86,14 @@ class AdapterAdmin(admin.ModelAdmin):
     list_filter = ["org", "base_model"]
     search_fields = ["id", "name", "org__slug"]
     readonly_fields = [f.name for f in Adapter._meta.fields]
+
+
+@admin.register(Evaluation)
+class EvaluationAdmin(admin.ModelAdmin):
+    list_display = ["id", "kind", "status", "org", "base_model", "job", "file", "created_at"]
+    list_filter = ["kind", "status", "org", "base_model"]
+    search_fields = ["id", "org__slug", "job__id", "adapter__name"]
+    readonly_fields = [f.name for f in Evaluation._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False

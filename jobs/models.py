@@ -649,28 +649,57 @@ def new_evaluation_id() -> str:
 
 
 class Evaluation(TenantOwnedModel):
-    """Base against adapter on the same held-out rows (worker/evaluate.py's Comparison):
-    per-model scores, side-by-side samples, and the promotion gate's verdict."""
+    """Models scored on the same rows (worker/evaluate.py). Two kinds:
+
+    - ``job``: made at the end of every job, base against the new adapter on the held-out rows,
+      with side-by-side samples, the forgetting probes and the promotion gate's verdict;
+    - ``custom``: asked for through ``POST /v1/evaluations``: the base and any of the tenant's
+      adapters of it on an eval file, run in the background (jobs/evaluations.py). The
+      leaderboard of an eval file ranks every model ever evaluated on it.
+    """
+
+    class Kind(models.TextChoices):
+        JOB = "job"
+        CUSTOM = "custom"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
 
     id = models.CharField(
         primary_key=True, max_length=40, default=new_evaluation_id, editable=False
     )
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.JOB)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.SUCCEEDED)
     job = models.ForeignKey(
         FineTuneJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="evaluations"
     )
     adapter = models.ForeignKey(
         Adapter, null=True, blank=True, on_delete=models.CASCADE, related_name="evaluations"
     )
+    file = models.ForeignKey(
+        File, null=True, blank=True, on_delete=models.SET_NULL, related_name="evaluations"
+    )
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT)
-    results = models.JSONField(default=dict, help_text="base, adapter, samples, worst")
+    candidates = models.JSONField(
+        default=list, blank=True, help_text='Custom: [{"model": name, "adapter": id or null}]'
+    )
+    options = models.JSONField(default=dict, blank=True, help_text="max_generations, …")
+    results = models.JSONField(default=dict, help_text="Per model scores and samples")
     verdict = models.JSONField(default=dict, help_text="better, worse_on, generation_metric")
+    error = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    FINISHED = (Status.SUCCEEDED, Status.FAILED)
 
     class Meta:
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
-        return f"{self.id} ({self.adapter_id})"
+        return f"{self.id} ({self.kind})"
 
     @classmethod
     def record_for_job(cls, job: FineTuneJob, adapter: Adapter, comparison: dict) -> Evaluation:
@@ -682,10 +711,76 @@ class Evaluation(TenantOwnedModel):
             org_id=job.org_id,
             job=job,
             adapter=adapter,
+            file=job.validation_file,
             base_model=job.base_model,
+            candidates=[
+                {"model": job.base_model.name, "adapter": None},
+                {"model": adapter.name, "adapter": adapter.id},
+            ],
             results={k: v for k, v in comparison.items() if k != "verdict"},
             verdict=comparison["verdict"],
+            finished_at=timezone.now(),
         )
+
+    @classmethod
+    def submit(
+        cls, *, org, file: File, base_model: BaseModel, adapters: list[Adapter], options: dict
+    ) -> Evaluation:
+        """A custom evaluation of the base and ``adapters`` on ``file``, queued for a worker."""
+        from django.conf import settings
+
+        from worker.tasks import run_evaluation
+
+        evaluation = cls.objects.create(
+            org=org,
+            kind=cls.Kind.CUSTOM,
+            status=cls.Status.QUEUED,
+            file=file,
+            base_model=base_model,
+            candidates=[{"model": base_model.name, "adapter": None}]
+            + [{"model": a.name, "adapter": a.id} for a in adapters],
+            options=options,
+        )
+        evaluation_id, queue = evaluation.id, settings.LOFT_TRAINING_QUEUE
+        transaction.on_commit(lambda: run_evaluation.apply_async((evaluation_id,), queue=queue))
+        return evaluation
+
+    def claim(self) -> bool:
+        """queued → running. A running one may be claimed again: its worker died and the
+        message came back (acks_late); scoring again has no side effect but the result."""
+        return bool(
+            Evaluation.objects.filter(
+                pk=self.pk, status__in=(self.Status.QUEUED, self.Status.RUNNING)
+            ).update(status=self.Status.RUNNING)
+        )
+
+    def succeed(self, results: dict) -> None:
+        self._finish(self.Status.SUCCEEDED, results=results)
+
+    def fail(self, code: str, message: str) -> None:
+        self._finish(self.Status.FAILED, error={"code": code, "message": message, "param": None})
+
+    def _finish(self, status: str, **fields) -> None:
+        fields.update(status=status, finished_at=timezone.now())
+        Evaluation.objects.filter(pk=self.pk, status=self.Status.RUNNING).update(**fields)
+        self.refresh_from_db()
+
+    def scores_by_model(self) -> list[dict]:
+        """Each model's scores, the base first: one shape for both kinds."""
+        candidates = self.candidates
+        if self.kind == self.Kind.JOB:
+            stored = [self.results.get("base"), self.results.get("adapter")]
+            if not candidates:  # recorded before evaluations named their models
+                candidates = [
+                    {"model": self.base_model.name, "adapter": None},
+                    {"model": getattr(self.adapter, "name", "adapter"), "adapter": self.adapter_id},
+                ]
+        else:  # nothing yet while queued or running
+            stored = self.results.get("models") or [None] * len(candidates)
+        return [
+            {**candidate, **(scores or {})}
+            for candidate, scores in zip(candidates, stored, strict=True)
+        ]
 
     def summary(self) -> dict:
         """What the job and adapter objects show; the samples are in the full evaluation."""
@@ -694,8 +789,21 @@ class Evaluation(TenantOwnedModel):
             "base": self.results.get("base"),
             "adapter": self.results.get("adapter"),
             "verdict": self.verdict,
+            "forgetting": _forgetting_headline(self.results.get("forgetting")),
             "samples": self.results.get("samples", [])[:3],
         }
+
+
+def _forgetting_headline(forgetting: dict | None) -> dict | None:
+    if not forgetting:
+        return None
+    return {
+        "probes": forgetting["probes"],
+        "base_answered": forgetting["base"]["answered"],
+        "adapter_answered": forgetting["adapter"]["answered"],
+        "lost": len(forgetting["lost"]),
+        "gained": len(forgetting["gained"]),
+    }
 
 
 # --- quotas and usage -------------------------------------------------------------------------

@@ -262,6 +262,8 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
 
     # --- evaluate: the same held-out rows through the base and the adapter
     try:
+        if job.should_stop(attempt):  # a cancel that came during the last step
+            raise train.TrainingCancelled("cancelled before the evaluation")
         folder = work / "adapter"
         train.save_adapter(model, folder)
         job.add_event(
@@ -278,6 +280,7 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
             device=device,
             max_generations=settings.LOFT_EVAL_MAX_GENERATIONS,
             max_new_tokens=settings.LOFT_EVAL_MAX_NEW_TOKENS,
+            probes=evaluate.load_probes()[: settings.LOFT_EVAL_FORGETTING_PROBES],
         ).as_dict()
     finally:
         warm_base_models.give_back(model.unload())

@@ -1,4 +1,5 @@
-"""Browser pages of the fine-tuning domain: datasets (so far)."""
+"""Browser pages of the fine-tuning domain: datasets, evaluations and leaderboards, the
+playground."""
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -6,8 +7,20 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from jobs.models import File, FileInUse
+from jobs import evaluations, inference
+from jobs.api.evaluations import GenerateSerializer
+from jobs.models import Adapter, Evaluation, File, FileInUse
 from loft.tenancy import current_org
+
+# The scores shown for each model, in this order: (label, key, higher is better).
+METRIC_COLUMNS = [
+    ("Exact match", "exact_match", True),
+    ("Normalized exact match", "normalized_exact_match", True),
+    ("ROUGE-L", "rouge_l", True),
+    ("Loss", "loss", False),
+    ("Perplexity", "perplexity", False),
+    ("Token accuracy", "token_accuracy", True),
+]
 
 
 def _org_or_404(request):
@@ -43,3 +56,87 @@ def dataset_delete(request, file_id: str):
         return redirect("dataset-detail", file_id=file.id)
     messages.success(request, f"Deleted {file.filename}.")
     return redirect("dataset-list")
+
+
+# --- evaluations, leaderboards, playground -------------------------------------------------
+
+
+@login_required
+def evaluation_detail(request, evaluation_id: str):
+    org = _org_or_404(request)
+    evaluation = get_object_or_404(
+        Evaluation.objects.for_org(org).select_related("base_model", "file", "adapter"),
+        pk=evaluation_id,
+    )
+    return render(
+        request,
+        "jobs/evaluation_detail.html",
+        {
+            "evaluation": evaluation,
+            "models": evaluation.scores_by_model(),
+            "metrics": METRIC_COLUMNS,
+            "samples": evaluation.results.get("samples", []),
+            "forgetting": evaluation.results.get("forgetting"),
+        },
+    )
+
+
+@login_required
+def leaderboard(request, file_id: str):
+    """Every model evaluated on one eval file, best first."""
+    org = _org_or_404(request)
+    file = get_object_or_404(File.objects.for_org(org), pk=file_id)
+    runs = Evaluation.objects.for_org(org).filter(
+        file=file, kind=Evaluation.Kind.CUSTOM, status=Evaluation.Status.SUCCEEDED
+    )
+    return render(
+        request,
+        "jobs/leaderboard.html",
+        {"file": file, "entries": evaluations.leaderboard(runs), "metrics": METRIC_COLUMNS},
+    )
+
+
+@login_required
+def playground(request, adapter_id: str):
+    """The adapter and its base answering the same conversation side by side. With
+    JavaScript both answers stream in from /v1/adapters/{id}/generate; without, the form posts
+    here and the page comes back with both answers."""
+    org = _org_or_404(request)
+    adapter = get_object_or_404(
+        Adapter.objects.for_org(org).select_related("base_model"), pk=adapter_id
+    )
+    context = {"adapter": adapter, "system": "", "prompt": "", "max_tokens": 128, "temperature": 0}
+    if request.method == "POST":
+        system, prompt = request.POST.get("system", ""), request.POST.get("prompt", "")
+        messages = [{"role": "system", "content": system}] if system.strip() else []
+        form = GenerateSerializer(
+            data={
+                "messages": [*messages, {"role": "user", "content": prompt}],
+                "max_tokens": request.POST.get("max_tokens") or 128,
+                "temperature": request.POST.get("temperature") or 0,
+            }
+        )
+        context.update(system=system, prompt=prompt)
+        if not form.is_valid():
+            context["error"] = _first_error(form.errors)
+        else:
+            values = {
+                **form.validated_data,
+                "messages": [dict(m) for m in form.validated_data["messages"]],
+            }
+            values.pop("stream", None)
+            context.update(max_tokens=values["max_tokens"], temperature=values["temperature"])
+            try:
+                context["answers"] = {
+                    side: inference.answer(adapter, {**values, "with_adapter": with_adapter})
+                    for side, with_adapter in (("base", False), ("adapter", True))
+                }
+            except inference.GenerationFailed as error:
+                context["error"] = str(error)
+    return render(request, "jobs/playground.html", context)
+
+
+def _first_error(errors) -> str:
+    while isinstance(errors, dict | list):
+        errors = next(iter(errors.values())) if isinstance(errors, dict) else errors[0]
+    return str(errors)

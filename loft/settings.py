@@ -86,7 +86,10 @@ STATIC_ROOT = Path(env.string("DJANGO_STATIC_ROOT", str(LOFT_HOME / "staticfiles
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
 # --- Broker (Celery) -------------------------------------------------------------------------
-CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or env.string("REDIS_URL")
+# Redis (Valkey locally): the broker, and the channel playground answers stream back through
+# (jobs/inference.py). A deployment with another broker still sets REDIS_URL for the latter.
+REDIS_URL = env.get("REDIS_URL") or env.string("CELERY_BROKER_URL")
+CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or REDIS_URL
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # The database row is the truth; the message is a hint. A task is acknowledged only after it
 # ran, is redelivered if its worker dies, and a worker takes one message at a time.
@@ -122,6 +125,20 @@ LOFT_WORKER_BYTES_PER_ACTIVATION = env.integer("LOFT_WORKER_BYTES_PER_ACTIVATION
 # Evaluation at the end of every job: greedy answers on up to this many held-out rows.
 LOFT_EVAL_MAX_GENERATIONS = env.integer("LOFT_EVAL_MAX_GENERATIONS", 50)
 LOFT_EVAL_MAX_NEW_TOKENS = env.integer("LOFT_EVAL_MAX_NEW_TOKENS", 64)
+# ... and on (up to this many questions of) Loft's general probe set, worker/probes.jsonl, to
+# show what the adapter forgot; 0 turns that check off.
+LOFT_EVAL_FORGETTING_PROBES = env.integer("LOFT_EVAL_FORGETTING_PROBES", 100)
+
+# --- Inference (playground): workers of this queue keep one base model loaded and switch among
+# up to LOFT_INFERENCE_ADAPTERS of its adapters without reloading it (jobs/inference.py).
+LOFT_INFERENCE_QUEUE = env.string("LOFT_INFERENCE_QUEUE", "inference")
+LOFT_INFERENCE_ADAPTERS = env.integer("LOFT_INFERENCE_ADAPTERS", 8)
+# Full precision by default: on CPUs bitsandbytes' 4-bit layers are slow to generate with and
+# rewrite their weights when peft loads adapters; a GPU deployment may set nf4.
+LOFT_INFERENCE_QUANTIZATION = env.string("LOFT_INFERENCE_QUANTIZATION", "none")
+# How long a playground request waits for a worker to start answering, and at most generates.
+LOFT_INFERENCE_TIMEOUT_SECONDS = env.integer("LOFT_INFERENCE_TIMEOUT_SECONDS", 120)
+LOFT_INFERENCE_MAX_TOKENS = env.integer("LOFT_INFERENCE_MAX_TOKENS", 1024)
 
 # --- Quotas: defaults for organizations without their own (jobs.models.Quota); 0 = none ----
 LOFT_QUOTA_CONCURRENT_JOBS = env.integer("LOFT_QUOTA_CONCURRENT_JOBS", 4)

@@ -4,7 +4,8 @@
 
 Starts the embedded services (loft/embedded.py) unless their URLs are set, migrates, runs
 ``bootstrap`` (bucket, base-model catalogue, demo organization, staff user, first API key),
-then one Celery worker and the web server, and waits until ``/healthz`` reports a live worker.
+then a training worker, an inference (playground) worker, beat and the web server, and waits
+until ``/healthz`` reports a live worker.
 Data stays in ``$LOFT_HOME`` (default ``./.loft``); the next run finds it again.
 """
 
@@ -43,9 +44,9 @@ def manage(env: dict[str, str], *args: str) -> None:
         )
 
 
-def worker_child(env: dict[str, str]) -> Child:
+def worker_child(env: dict[str, str], name: str = "worker", queue: str = "default") -> Child:
     return Child(
-        "worker",
+        name,
         [
             str(BIN_DIR / "celery"),
             "-A",
@@ -56,9 +57,9 @@ def worker_child(env: dict[str, str]) -> Child:
             "--concurrency",
             "1",
             "--hostname",
-            "worker@%h",
+            f"{name}@%h",
             "--queues",
-            "default",
+            queue,
         ],
         env=env,
     )
@@ -148,7 +149,13 @@ def run() -> int:
         manage(env, "collectstatic", "--noinput", "-v", "0")
         manage(env, "bootstrap", "--demo")
 
-        apps = [worker_child(env), beat_child(env, home), web_child(env, host, port)]
+        # Training and the playground in separate workers: an answer never waits for a job.
+        apps = [
+            worker_child(env),
+            worker_child(env, "inference", env.get("LOFT_INFERENCE_QUEUE", "inference")),
+            beat_child(env, home),
+            web_child(env, host, port),
+        ]
         for child in apps:
             child.start()
         say(f"Waiting for the web server and a worker at {base_url}/healthz …")

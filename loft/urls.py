@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from jobs import views as job_views
+from jobs.api.evaluations import EvaluationViewSet
 from jobs.api.fine_tuning import AdapterViewSet, FineTuningJobViewSet, UsageView
 from jobs.api.views import FileViewSet, ModelDetailView, ModelListView
 from loft import views
@@ -18,6 +19,7 @@ router.register("api_keys", ApiKeyViewSet, basename="api-key")
 router.register("files", FileViewSet, basename="file")
 router.register("fine_tuning/jobs", FineTuningJobViewSet, basename="fine-tuning-job")
 router.register("adapters", AdapterViewSet, basename="adapter")
+router.register("evaluations", EvaluationViewSet, basename="evaluation")
 router.register("webhook_endpoints", WebhookEndpointViewSet, basename="webhook-endpoint")
 
 api_v1 = [
@@ -37,6 +39,9 @@ urlpatterns = [
     path("datasets", job_views.dataset_list, name="dataset-list"),
     path("datasets/<str:file_id>", job_views.dataset_detail, name="dataset-detail"),
     path("datasets/<str:file_id>/delete", job_views.dataset_delete, name="dataset-delete"),
+    path("datasets/<str:file_id>/leaderboard", job_views.leaderboard, name="leaderboard"),
+    path("evaluations/<str:evaluation_id>", job_views.evaluation_detail, name="evaluation-detail"),
+    path("adapters/<str:adapter_id>/playground", job_views.playground, name="playground"),
     path("admin/", admin.site.urls),
     path("v1/", include(api_v1)),
 ]

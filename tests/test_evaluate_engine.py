@@ -148,7 +148,14 @@ def test_a_fresh_adapter_scores_exactly_like_its_base(base, tokenizer, examples,
     model = T.attach_lora(base, T.TrainConfig(method="lora", lora_rank=4), None)
     try:
         comparison = E.compare(
-            model, tokenizer, examples, tokenized, row_tokens=256, device="cpu", max_new_tokens=8
+            model,
+            tokenizer,
+            examples,
+            tokenized,
+            row_tokens=256,
+            device="cpu",
+            max_new_tokens=8,
+            probes=E.load_probes()[:4],
         )
     finally:
         model.unload()
@@ -160,5 +167,48 @@ def test_a_fresh_adapter_scores_exactly_like_its_base(base, tokenizer, examples,
     assert all(s.base_output == s.adapter_output for s in comparison.samples)
     assert {s.line for s in comparison.samples} == {e.line for e in examples}
     report = comparison.as_dict()
-    assert set(report) == {"base", "adapter", "verdict", "samples", "worst"}
+    assert set(report) == {"base", "adapter", "verdict", "samples", "worst", "forgetting"}
     assert report["worst"][0] == report["samples"][-1]
+    # The forgetting check: same probes, same answers, nothing lost or gained.
+    forgetting = report["forgetting"]
+    assert forgetting["probes"] == 4 and forgetting["base"] == forgetting["adapter"]
+    assert forgetting["lost"] == forgetting["gained"] == []
+
+
+def test_lofts_probe_set_is_a_few_dozen_general_questions_with_answers():
+    probes = E.load_probes()
+    assert 30 <= len(probes) <= 60
+    assert len({p.prompt for p in probes}) == len(probes)
+    # Each reference answer names what a right answer must name.
+    assert all(E.names_expected(p.answer, p.expect) for p in probes)
+
+
+def test_a_probe_is_answered_when_the_answer_names_the_expected_words():
+    assert E.names_expected("The capital of France is Paris.", ("paris",))
+    assert E.names_expected("It has 8 legs", ("eight", "8"))
+    assert not E.names_expected("I prefer comparisons", ("paris",))  # whole words only
+    assert not E.names_expected("", ("paris",))
+
+
+def test_the_base_answers_most_probes_and_a_damaged_model_does_not(base, tokenizer):
+    """The probe set measures something: SmolLM2 answers many; with its LoRA layers pushed far
+    off (a crude stand-in for catastrophic forgetting) it answers fewer, and they are listed."""
+    import torch
+
+    probes = E.load_probes()[:12]
+    model = T.attach_lora(base, T.TrainConfig(method="lora", lora_rank=4), None)
+    try:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        result = E.forgetting(model, tokenizer, probes, device="cpu", max_new_tokens=16)
+    finally:
+        model.unload()
+    assert result["base"]["answered"] >= 0.5, result
+    assert result["adapter"]["answered"] < result["base"]["answered"], result
+    assert result["adapter"]["loss"] > result["base"]["loss"]
+    assert result["lost"] and all(
+        set(entry) == {"prompt", "expected", "base_output", "adapter_output"}
+        for entry in result["lost"]
+    )

@@ -139,6 +139,20 @@ def _evaluation_section(evaluation: dict | None) -> str:
 {rows}
 
 {gate} Samples, best and worst first: `eval_report.json`.
+{_forgetting_section(evaluation.get("forgetting"))}"""
+
+
+def _forgetting_section(forgetting: dict | None) -> str:
+    """What the adapter lost of the base's general knowledge (Loft's probe set)."""
+    if not forgetting:
+        return ""
+    lost = "".join(f"\n- {p['prompt']}" for p in forgetting["lost"]) or "\n- none"
+    return f"""
+## General knowledge (forgetting check)
+
+Of {forgetting["probes"]} general questions, the base answers \
+{forgetting["base"]["answered"]:.0%} and the adapter {forgetting["adapter"]["answered"]:.0%}. \
+Answered by the base but no longer by the adapter:{lost}
 """
 
 

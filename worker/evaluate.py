@@ -21,9 +21,11 @@ Two kinds of measure:
 
 from __future__ import annotations
 
+import json
 import math
 import unicodedata
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -256,6 +258,7 @@ class Comparison:
     adapter: Scores
     samples: list[Sample]  # every generated row, the adapter's largest gain over the base first
     verdict: dict
+    forgetting: dict | None = None  # the probe set, base against adapter (see forgetting())
 
     @property
     def worst(self) -> list[Sample]:
@@ -269,6 +272,7 @@ class Comparison:
             "verdict": self.verdict,
             "samples": [asdict(s) for s in self.samples],
             "worst": [asdict(s) for s in self.worst],
+            "forgetting": self.forgetting,
         }
 
 
@@ -306,6 +310,30 @@ def verdict(base: Scores, adapter: Scores) -> dict:
     return {"better": not worse_on, "worse_on": worse_on, "generation_metric": metric}
 
 
+def score(
+    model,
+    tokenizer,
+    examples: list[data.Example],
+    tokenized: list[train.Tokenized],
+    *,
+    row_tokens: int,
+    device: str,
+    max_new_tokens: int,
+) -> tuple[Scores, list[str]]:
+    """One model as it is now (adapter on or off) on evaluation rows: the teacher-forced
+    metrics over ``tokenized`` and greedy answers to ``examples`` (rows with an answer), scored
+    against their references. Returns the scores and the answers."""
+    tokens = token_metrics(model, tokenized, row_tokens, device)
+    outputs = generate_answers(model, tokenizer, examples, max_new_tokens, device)
+    references = [prompt_and_reference(e)[1] for e in examples]
+    return _scores(tokens, outputs, references), outputs
+
+
+def answerable(examples: list[data.Example], limit: int) -> list[data.Example]:
+    """The first ``limit`` rows that have an assistant turn to generate."""
+    return [e for e in examples if prompt_and_reference(e)][:limit]
+
+
 def compare(
     model,
     tokenizer,
@@ -316,41 +344,112 @@ def compare(
     device: str,
     max_generations: int = 50,
     max_new_tokens: int = 64,
+    probes: list[Probe] | None = None,
 ) -> Comparison:
-    """Score the base (adapter disabled) and the adapter on the same held-out rows.
+    """Score the base (adapter disabled) and the adapter on the same held-out rows, and on the
+    forgetting probes when given.
 
     ``model`` is a peft model with its adapter active; ``held_out_tokenized`` are the held-out
     examples as training tokenized them, and generation answers the first ``max_generations``
     chat rows of ``held_out_examples``.
     """
-    rows = [(e, pair) for e in held_out_examples if (pair := prompt_and_reference(e))]
-    rows = rows[:max_generations]
-    chat = [example for example, _ in rows]
+    chat = answerable(held_out_examples, max_generations)
+    options = {"row_tokens": row_tokens, "device": device, "max_new_tokens": max_new_tokens}
+    with model.disable_adapter():
+        base, base_outputs = score(model, tokenizer, chat, held_out_tokenized, **options)
+    adapter, adapter_outputs = score(model, tokenizer, chat, held_out_tokenized, **options)
 
-    def run() -> tuple[TokenMetrics, list[str]]:
-        tokens = token_metrics(model, held_out_tokenized, row_tokens, device)
-        return tokens, generate_answers(model, tokenizer, chat, max_new_tokens, device)
+    samples = []
+    for example, base_out, adapter_out in zip(chat, base_outputs, adapter_outputs, strict=True):
+        messages, reference = prompt_and_reference(example)
+        samples.append(
+            Sample(
+                line=example.line,
+                prompt=messages[-1].content,
+                reference=reference,
+                base_output=base_out,
+                adapter_output=adapter_out,
+                base_rouge_l=rouge_l(base_out, reference),
+                adapter_rouge_l=rouge_l(adapter_out, reference),
+            )
+        )
+    samples.sort(key=lambda s: (-s.gain, -s.adapter_rouge_l))
+    lost = forgetting(model, tokenizer, probes, device=device) if probes else None
+    return Comparison(base, adapter, samples, verdict(base, adapter), lost)
+
+
+# --- forgetting: what the adapter lost of the base's general knowledge ----------------------
+
+PROBES_PATH = Path(__file__).with_name("probes.jsonl")
+PROBE_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A general question any instruction-tuned base answers, with a reference answer (scored
+    teacher-forced) and the words a right answer names (scored on the generated text)."""
+
+    prompt: str
+    answer: str
+    expect: tuple[str, ...]
+
+
+def load_probes(path: Path = PROBES_PATH) -> list[Probe]:
+    """Loft's probe set: a few dozen generic questions with short, unambiguous answers."""
+    probes = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            probes.append(Probe(row["prompt"], row["answer"], tuple(row["expect"])))
+    return probes
+
+
+def names_expected(output: str, expect: tuple[str, ...]) -> bool:
+    """Whether the answer names one of the expected words, as whole words ("Paris, of course"
+    names "paris"; "comparison" does not)."""
+    words = f" {normalize(output)} "
+    return any(f" {normalize(e)} " in words for e in expect)
+
+
+def forgetting(
+    model, tokenizer, probes: list[Probe], *, device: str, max_new_tokens: int = PROBE_NEW_TOKENS
+) -> dict:
+    """Base and adapter on the probe set: the share of probes each answers, their loss on the
+    reference answers, and the probes the adapter lost (answered by the base, not by it) or
+    gained. Fine-tuning on a narrow task often costs general ability; this shows how much."""
+    examples = [
+        data.Example(
+            i + 1,
+            "chat",
+            [data.Message("user", p.prompt), data.Message("assistant", p.answer, True)],
+        )
+        for i, p in enumerate(probes)
+    ]
+    tokenized, _ = train.tokenize(examples, tokenizer, 256)
+
+    def run() -> tuple[dict, list[bool], list[str]]:
+        tokens = token_metrics(model, tokenized, 256, device)
+        outputs = generate_answers(model, tokenizer, examples, max_new_tokens, device)
+        hits = [names_expected(o, p.expect) for o, p in zip(outputs, probes, strict=True)]
+        return {"answered": sum(hits) / len(probes), "loss": tokens.loss}, hits, outputs
 
     with model.disable_adapter():
-        base_tokens, base_outputs = run()
-    adapter_tokens, adapter_outputs = run()
+        base, base_hits, base_outputs = run()
+    adapter, adapter_hits, adapter_outputs = run()
 
-    references = [reference for _, (_, reference) in rows]
-    samples = [
-        Sample(
-            line=example.line,
-            prompt=messages[-1].content,
-            reference=reference,
-            base_output=base_out,
-            adapter_output=adapter_out,
-            base_rouge_l=rouge_l(base_out, reference),
-            adapter_rouge_l=rouge_l(adapter_out, reference),
-        )
-        for (example, (messages, reference)), base_out, adapter_out in zip(
-            rows, base_outputs, adapter_outputs, strict=True
-        )
-    ]
-    samples.sort(key=lambda s: (-s.gain, -s.adapter_rouge_l))
-    base = _scores(base_tokens, base_outputs, references)
-    adapter = _scores(adapter_tokens, adapter_outputs, references)
-    return Comparison(base, adapter, samples, verdict(base, adapter))
+    def listed(keep) -> list[dict]:
+        return [
+            {"prompt": p.prompt, "expected": p.answer, "base_output": b, "adapter_output": a}
+            for p, b, a, hb, ha in zip(
+                probes, base_outputs, adapter_outputs, base_hits, adapter_hits, strict=True
+            )
+            if keep(hb, ha)
+        ]
+
+    return {
+        "probes": len(probes),
+        "base": base,
+        "adapter": adapter,
+        "lost": listed(lambda base_hit, adapter_hit: base_hit and not adapter_hit),
+        "gained": listed(lambda base_hit, adapter_hit: adapter_hit and not base_hit),
+    }

@@ -39,6 +39,26 @@ def run_fine_tune(self, job_id: str) -> None:
     run_job(job_id, worker=self.request.hostname or "worker")
 
 
+@shared_task(
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS,
+)
+def run_evaluation(evaluation_id: str) -> None:
+    from jobs.evaluations import run_evaluation as run
+
+    run(evaluation_id)
+
+
+# A playground request is answered once or not at all: its client is waiting now, and a retry
+# after a worker died would answer nobody.
+@shared_task(acks_late=False)
+def generate(request_id: str, org_id: str, adapter_id: str, request: dict) -> None:
+    from jobs.inference import serve_generation
+
+    serve_generation(request_id, org_id, adapter_id, request)
+
+
 @shared_task
 def reap_stale_jobs() -> list[str]:
     """Periodic (beat): re-queue jobs whose worker stopped heartbeating; fail them after K tries."""

@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from jobs import preflight
+from jobs.api.evaluations import GenerateSerializer, generate_response
 from jobs.api.serializers import (
     CHECKPOINT_ID_PREFIX,
     EVENT_ID_PREFIX,
@@ -305,6 +306,17 @@ class AdapterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
         response = StreamingHttpResponse(zip_stream(adapter), content_type="application/zip")
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
+
+    @extend_schema(
+        request=GenerateSerializer,
+        responses={200: dict, (200, "text/event-stream"): str},
+        description="The playground: answer a conversation with the adapter (or, with "
+        "with_adapter false, its base) on an inference worker. stream: true sends "
+        "chat.completion.chunk server-sent events, then data: [DONE].",
+    )
+    @action(detail=True, methods=["post"])
+    def generate(self, request, pk=None):
+        return generate_response(self.get_object(), request)
 
 
 class _ZipSink:

@@ -215,7 +215,26 @@ class HyperparametersSerializer(serializers.Serializer):
     )
 
 
-class JobCreateSerializer(serializers.Serializer):
+class StrictSerializer(serializers.Serializer):
+    """A request body whose unknown fields are refused by name, so that a client never sets
+    what the server owns (status, ids, tenants) and a typo is not silently ignored."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError(
+                    {
+                        unknown[0]: [
+                            f"Unknown parameter {unknown[0]!r}: Loft sets it, or it does not exist."
+                        ]
+                    },
+                    code="unknown_parameter",
+                )
+        return super().to_internal_value(data)
+
+
+class JobCreateSerializer(StrictSerializer):
     """OpenAI's create body. Anything else, e.g. ``status``, is refused by name."""
 
     model = serializers.CharField()
@@ -246,20 +265,6 @@ class JobCreateSerializer(serializers.Serializer):
     dry_run = serializers.BooleanField(
         required=False, default=False, help_text="Return the pre-flight plan; create nothing."
     )
-
-    def to_internal_value(self, data):
-        if isinstance(data, dict):
-            unknown = sorted(set(data) - set(self.fields))
-            if unknown:
-                raise serializers.ValidationError(
-                    {
-                        unknown[0]: [
-                            f"Unknown parameter {unknown[0]!r}: Loft sets it, or it does not exist."
-                        ]
-                    },
-                    code="unknown_parameter",
-                )
-        return super().to_internal_value(data)
 
     def validate_metadata(self, metadata):
         raw = self.initial_data.get("metadata") or {}

@@ -25,6 +25,8 @@ def pytest_load_initial_conftests(early_config, parser, args):
     # tryfirst: pytest-django's hook of the same name reads the settings right after this.
     home = Path(tempfile.mkdtemp(prefix="loft-test-"))
     os.environ["LOFT_HOME"] = str(home)
+    # Every training job in the suite runs the forgetting check; a few probes keep them short.
+    os.environ.setdefault("LOFT_EVAL_FORGETTING_PROBES", "8")
     stack = EmbeddedStack(home, persistent=False)
     os.environ.update(stack.start())
     early_config.stash[STACK_KEY] = stack

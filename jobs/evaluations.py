@@ -1,0 +1,117 @@
+"""Running a custom evaluation on a worker: the base and the chosen adapters on one eval file.
+
+``POST /v1/evaluations`` creates the row (Evaluation.submit); the Celery task (worker/tasks.py)
+calls ``run_evaluation``. Every model answers the same rows through the same scorer as the
+end-of-job evaluation (worker/evaluate.py: loss, perplexity, token accuracy, exact match,
+normalized exact match, ROUGE-L), on one loaded base with the adapters switched in and out
+(jobs/inference.py), so comparing five adapters costs one base load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+from django.conf import settings
+
+from jobs import inference
+from jobs.datasets import tokenizer_for
+from jobs.models import Adapter, Evaluation
+from jobs.training import read_examples
+from loft.storage import StorageError
+from worker import data, evaluate, train
+from worker.base_models import training_device
+
+logger = logging.getLogger(__name__)
+SAMPLES = 20
+
+
+def run_evaluation(evaluation_id: str) -> None:
+    evaluation = Evaluation.objects.select_related("base_model", "file").filter(pk=evaluation_id)
+    evaluation = evaluation.first()
+    if evaluation is None or not evaluation.claim():
+        return  # deleted, or already finished
+    try:
+        evaluation.succeed(_score_every_model(evaluation))
+    except data.DatasetError as error:
+        evaluation.fail(error.code, str(error))
+    except StorageError as error:
+        evaluation.fail("storage_unavailable", f"Object storage failed: {error}")
+    except Exception as error:  # noqa: BLE001 - the evaluation must end with a sentence
+        logger.exception("evaluation %s failed", evaluation.id)
+        evaluation.fail("evaluation_failed", f"{error.__class__.__name__}: {error}")
+
+
+def _score_every_model(evaluation: Evaluation) -> dict:
+    if evaluation.file is None:
+        raise data.DatasetError("file_deleted", "The eval file was deleted before it was run.")
+    examples, _ = read_examples(evaluation.file)
+    tokenizer = tokenizer_for(evaluation.base_model)
+    max_length = evaluation.base_model.context_length
+    tokenized, _ = train.tokenize(examples, tokenizer, max_length)
+    answerable = evaluate.answerable(examples, evaluation.options["max_generations"])
+    if not tokenized:
+        raise data.DatasetError(
+            "no_valid_rows", "No row of the eval file has an assistant turn to score."
+        )
+    adapters = Adapter.objects.for_org(evaluation.org_id).in_bulk(
+        [c["adapter"] for c in evaluation.candidates if c["adapter"]]
+    )
+    options = {
+        "row_tokens": max_length,
+        "device": training_device(),
+        "max_new_tokens": evaluation.options["max_new_tokens"],
+    }
+    scores, outputs = [], []
+    cache = inference.adapter_cache(evaluation.base_model)
+    for candidate in evaluation.candidates:
+        adapter = adapters.get(candidate["adapter"]) if candidate["adapter"] else None
+        if candidate["adapter"] and adapter is None:
+            scores.append({"error": "The adapter was deleted before it was evaluated."})
+            outputs.append([""] * len(answerable))
+            continue
+        key = adapter.id if adapter else None
+        with cache.use(key, lambda a=adapter: inference.adapter_folder(a)) as model:
+            result, answers = evaluate.score(model, tokenizer, answerable, tokenized, **options)
+        scores.append(asdict(result))
+        outputs.append(answers)
+
+    samples = []
+    for row, example in enumerate(answerable[:SAMPLES]):
+        messages, reference = evaluate.prompt_and_reference(example)
+        samples.append(
+            {
+                "line": example.line,
+                "prompt": messages[-1].content,
+                "reference": reference,
+                "outputs": [answers[row] for answers in outputs],
+            }
+        )
+    return {"models": scores, "samples": samples, "rows": len(examples)}
+
+
+def leaderboard(evaluations) -> list[dict]:
+    """Every model evaluated on one eval file, its latest succeeded result, best first: by
+    normalized exact match, then ROUGE-L, then the lowest loss."""
+    latest: dict[str, dict] = {}
+    for evaluation in sorted(evaluations, key=lambda e: e.created_at):
+        for entry in evaluation.scores_by_model():
+            if "error" not in entry:
+                latest[entry["model"]] = {**entry, "evaluation": evaluation.id}
+
+    def rank(entry: dict) -> tuple:
+        loss = entry.get("loss")
+        return (
+            -(entry.get("normalized_exact_match") or 0),
+            -(entry.get("rouge_l") or 0),
+            loss if loss is not None else float("inf"),
+        )
+
+    return sorted(latest.values(), key=rank)
+
+
+def default_options(body: dict) -> dict:
+    return {
+        "max_generations": body.get("max_generations") or settings.LOFT_EVAL_MAX_GENERATIONS,
+        "max_new_tokens": body.get("max_new_tokens") or settings.LOFT_EVAL_MAX_NEW_TOKENS,
+    }
