@@ -212,3 +212,10 @@ def test_the_base_answers_most_probes_and_a_damaged_model_does_not(base, tokeniz
         set(entry) == {"prompt", "expected", "base_output", "adapter_output"}
         for entry in result["lost"]
     )
+
+
+def test_generation_stops_at_twice_the_longest_reference_and_a_margin(tokenizer):
+    short = E.answer_budget(tokenizer, ["2021-03-05", "1999-12-31"], 64)
+    assert short == 2 * len(tokenizer("2021-03-05")["input_ids"]) + 8 < 64
+    assert E.answer_budget(tokenizer, ["word " * 200], 64) == 64
+    assert E.answer_budget(tokenizer, [], 64) == 64

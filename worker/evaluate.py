@@ -324,9 +324,20 @@ def score(
     metrics over ``tokenized`` and greedy answers to ``examples`` (rows with an answer), scored
     against their references. Returns the scores and the answers."""
     tokens = token_metrics(model, tokenized, row_tokens, device)
-    outputs = generate_answers(model, tokenizer, examples, max_new_tokens, device)
     references = [prompt_and_reference(e)[1] for e in examples]
+    budget = answer_budget(tokenizer, references, max_new_tokens)
+    outputs = generate_answers(model, tokenizer, examples, budget, device)
     return _scores(tokens, outputs, references), outputs
+
+
+def answer_budget(tokenizer, references: list[str], max_new_tokens: int) -> int:
+    """New tokens to generate: twice the longest reference and a margin, at most
+    ``max_new_tokens``. An answer far longer than every reference scores no better for its
+    length, and a base model that rambles on would cost most of the evaluation's time."""
+    if not references:
+        return max_new_tokens
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    return max(1, min(max_new_tokens, 2 * longest + 8))
 
 
 def answerable(examples: list[data.Example], limit: int) -> list[data.Example]:
