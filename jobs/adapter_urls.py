@@ -1,0 +1,3 @@
+"""Adapter pages: the list, one adapter, downloads and merged weights."""
+
+urlpatterns: list = []
