@@ -42,7 +42,7 @@ urlpatterns = [
     path("datasets/<str:file_id>/leaderboard", job_views.leaderboard, name="leaderboard"),
     path("evaluations/<str:evaluation_id>", job_views.evaluation_detail, name="evaluation-detail"),
     path("adapters/<str:adapter_id>/playground", job_views.playground, name="playground"),
-    path("account/", include("loft.account_urls")),
+    path("account/", include("jobs.account_urls")),
     path("", include("jobs.adapter_urls")),
     path("admin/", admin.site.urls),
     path("v1/", include(api_v1)),
