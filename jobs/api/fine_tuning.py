@@ -6,11 +6,9 @@ import hashlib
 import json
 import zipfile
 from collections.abc import Iterator
-from dataclasses import asdict
-from datetime import datetime, timedelta
+from dataclasses import asdict, dataclass
+from datetime import datetime
 
-from django.db.models import Count, Sum
-from django.db.models.functions import TruncMonth
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status
@@ -36,12 +34,10 @@ from jobs.models import (
     File,
     FineTuneJob,
     IdempotencyKeyReused,
-    Quota,
     QuotaExceeded,
-    UsageRecord,
     month_start,
-    storage_bytes,
 )
+from jobs.usage import usage_of
 from loft import storage
 from loft.api.base import AfterLimitPagination, TenantScopedViewSet
 from loft.api.errors import LoftAPIError
@@ -113,68 +109,19 @@ class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Ten
         body = JobCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         values = body.validated_data
-        base_model, parent = self._base_model_and_parent(values)
-        training_file = self._file(values["training_file"], "training_file")
-        validation_file = (
-            self._file(values["validation_file"], "validation_file")
-            if values.get("validation_file")
-            else None
-        )
-        requested = dict(values["hyperparameters"])
-        requested.pop("parent_adapter", None)
-        try:
-            resolved = preflight.resolve_hyperparameters(
-                requested, training_file, validation_file, base_model
-            )
-            seed = values.get("seed")
-            seed = 42 if seed is None else seed
-            config = TrainConfig(**{**resolved, "seed": seed})
-        except ConfigError as error:
-            raise LoftAPIError(
-                str(error), param="hyperparameters", code="invalid_hyperparameters"
-            ) from None
-
+        prepared = prepare_job(self.org, values)
         if values.get("dry_run"):
-            return Response(self._dry_run(config, base_model, training_file, validation_file))
-
+            return Response(dry_run(prepared))
         key = request.headers.get(IDEMPOTENCY_HEADER, "")
         if len(key) > 255:
             raise LoftAPIError(
                 "The Idempotency-Key header is longer than 255 characters.", param=None
             )
-        try:
-            job = FineTuneJob.submit(
-                org=self.org,
-                training_file=training_file,
-                validation_file=validation_file,
-                base_model=base_model,
-                hyperparameters=resolved,
-                requested_hyperparameters=requested,
-                seed=seed,
-                suffix=values.get("suffix") or "",
-                parent_adapter=parent,
-                metadata=values.get("metadata") or {},
-                idempotency_key=key,
-                fingerprint=hashlib.sha256(
-                    json.dumps(request.data, sort_keys=True, default=str).encode()
-                ).hexdigest()
-                if key
-                else "",
-            )
-        except preflight.JobTooLarge as error:
-            raise self._too_large(error.plan) from None
-        except File.DoesNotExist:
-            raise LoftAPIError(
-                f"No such File object: {values['training_file']}",
-                param="training_file",
-                code="invalid_file",
-            ) from None
-        except QuotaExceeded as error:
-            raise quota_error(error) from None
-        except IdempotencyKeyReused as error:
-            raise LoftAPIError(
-                str(error), status_code=409, param=None, code="idempotency_key_reused"
-            ) from None
+        fingerprint = ""
+        if key:
+            canonical = json.dumps(request.data, sort_keys=True, default=str).encode()
+            fingerprint = hashlib.sha256(canonical).hexdigest()
+        job = submit_job(self.org, prepared, values, idempotency_key=key, fingerprint=fingerprint)
         response = Response(self.get_serializer(job).data)
         if job.replayed:
             response["Idempotent-Replayed"] = "true"
@@ -207,84 +154,170 @@ class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Ten
         page = self.paginate_queryset(job.checkpoints.select_related("job__org", "job__base_model"))
         return self.get_paginated_response(CheckpointSerializer(page, many=True).data)
 
-    # --- helpers ----------------------------------------------------------------------------
 
-    def _base_model_and_parent(self, values) -> tuple[BaseModel, Adapter | None]:
-        """``model`` names a base model, or one of the tenant's fine-tuned models to continue
-        from (OpenAI's way); ``hyperparameters.parent_adapter`` is Loft's way to say the same."""
-        name = values["model"]
-        parent_ref = values["hyperparameters"].get("parent_adapter")
-        parent = None
-        if name.startswith("ft:") or parent_ref:
-            ref = parent_ref or name
-            parent = Adapter.objects.for_org(self.org).filter(pk=ref).first() or (
-                Adapter.objects.for_org(self.org).filter(name=ref).first()
-            )
-            if parent is None:
-                param = "hyperparameters.parent_adapter" if parent_ref else "model"
-                raise LoftAPIError(
-                    f"The adapter '{ref}' does not exist.", param=param, code="model_not_found"
-                )
-            if not name.startswith("ft:") and name != parent.base_model.name:
-                raise LoftAPIError(
-                    f"The parent adapter was trained on {parent.base_model.name}, not {name}.",
-                    param="model",
-                )
-            return parent.base_model, parent
-        base_model = BaseModel.objects.enabled().filter(name=name).first()
-        if base_model is None:
-            raise LoftAPIError(
-                f"The model '{name}' does not exist or cannot be fine-tuned; "
-                "GET /v1/models lists the ones that can.",
-                param="model",
-                code="model_not_found",
-            )
-        return base_model, None
+# --- creating a job: shared by the API and the browser wizard (jobs/wizard.py) -------------
 
-    def _file(self, file_id: str, param: str) -> File:
-        """Another tenant's file reads exactly like a missing one."""
-        file = File.objects.for_org(self.org).filter(pk=file_id).first()
-        if file is None:
-            raise LoftAPIError(f"No such File object: {file_id}", param=param, code="invalid_file")
-        if file.status == File.Status.ERROR:
-            raise LoftAPIError(
-                f"The file {file_id} failed validation: {file.status_details}",
-                param=param,
-                code="invalid_file",
-            )
-        if param == "training_file" and file.purpose != File.Purpose.FINE_TUNE:
-            raise LoftAPIError(
-                f"The file {file_id} was uploaded with purpose '{file.purpose}'; "
-                "a training file needs purpose 'fine-tune'.",
-                param=param,
-                code="invalid_file",
-            )
-        return file
 
-    def _dry_run(self, config, base_model, training_file, validation_file) -> dict:
-        if training_file.status != File.Status.PROCESSED:
-            raise LoftAPIError(
-                f"The file {training_file.id} is still being validated; "
-                "a plan needs its measurements. Try again shortly.",
-                param="training_file",
-                code="file_not_ready",
-            )
-        plan = preflight.plan(config, base_model, training_file, validation_file)
-        if not plan.fits:
-            raise self._too_large(plan)
-        return {
-            **plan.as_dict(),
-            "model": base_model.name,
-            "hyperparameters": preflight.public_hyperparameters(asdict(config)),
-        }
+@dataclass
+class PreparedJob:
+    """A create request checked and resolved: what ``submit_job`` or ``dry_run`` needs."""
 
-    def _too_large(self, plan) -> LoftAPIError:
-        return LoftAPIError(
-            preflight.too_large_message(plan),
-            param="hyperparameters",
-            code="job_too_large",
-            details={"plan": plan.as_dict()},
+    base_model: BaseModel
+    parent: Adapter | None
+    training_file: File
+    validation_file: File | None
+    requested: dict
+    resolved: dict
+    config: TrainConfig
+    seed: int
+
+
+def prepare_job(org, values: dict) -> PreparedJob:
+    """Check a create body (JobCreateSerializer's validated data) against the tenant's files
+    and adapters and resolve "auto"; raises LoftAPIError whose ``param`` names the field."""
+    base_model, parent = _base_model_and_parent(org, values)
+    training_file = _file(org, values["training_file"], "training_file")
+    validation_file = (
+        _file(org, values["validation_file"], "validation_file")
+        if values.get("validation_file")
+        else None
+    )
+    requested = dict(values["hyperparameters"])
+    requested.pop("parent_adapter", None)
+    try:
+        resolved = preflight.resolve_hyperparameters(
+            requested, training_file, validation_file, base_model
         )
+        seed = values.get("seed")
+        seed = 42 if seed is None else seed
+        config = TrainConfig(**{**resolved, "seed": seed})
+    except ConfigError as error:
+        raise LoftAPIError(
+            str(error), param="hyperparameters", code="invalid_hyperparameters"
+        ) from None
+    return PreparedJob(
+        base_model, parent, training_file, validation_file, requested, resolved, config, seed
+    )
+
+
+def submit_job(
+    org, prepared: PreparedJob, values: dict, idempotency_key: str = "", fingerprint: str = ""
+) -> FineTuneJob:
+    try:
+        return FineTuneJob.submit(
+            org=org,
+            training_file=prepared.training_file,
+            validation_file=prepared.validation_file,
+            base_model=prepared.base_model,
+            hyperparameters=prepared.resolved,
+            requested_hyperparameters=prepared.requested,
+            seed=prepared.seed,
+            suffix=values.get("suffix") or "",
+            parent_adapter=prepared.parent,
+            metadata=values.get("metadata") or {},
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+        )
+    except preflight.JobTooLarge as error:
+        raise _too_large(error.plan) from None
+    except File.DoesNotExist:
+        raise LoftAPIError(
+            f"No such File object: {values['training_file']}",
+            param="training_file",
+            code="invalid_file",
+        ) from None
+    except QuotaExceeded as error:
+        raise quota_error(error) from None
+    except IdempotencyKeyReused as error:
+        raise LoftAPIError(
+            str(error), status_code=409, param=None, code="idempotency_key_reused"
+        ) from None
+
+
+def dry_run(prepared: PreparedJob) -> dict:
+    """The pre-flight plan of a prepared job, or LoftAPIError when it cannot be planned or
+    would not fit."""
+    training_file = prepared.training_file
+    if training_file.status != File.Status.PROCESSED:
+        raise LoftAPIError(
+            f"The file {training_file.id} is still being validated; "
+            "a plan needs its measurements. Try again shortly.",
+            param="training_file",
+            code="file_not_ready",
+        )
+    plan = preflight.plan(
+        prepared.config, prepared.base_model, training_file, prepared.validation_file
+    )
+    if not plan.fits:
+        raise _too_large(plan)
+    return {
+        **plan.as_dict(),
+        "model": prepared.base_model.name,
+        "hyperparameters": preflight.public_hyperparameters(asdict(prepared.config)),
+    }
+
+
+def _base_model_and_parent(org, values) -> tuple[BaseModel, Adapter | None]:
+    """``model`` names a base model, or one of the tenant's fine-tuned models to continue
+    from (OpenAI's way); ``hyperparameters.parent_adapter`` is Loft's way to say the same."""
+    name = values["model"]
+    parent_ref = values["hyperparameters"].get("parent_adapter")
+    parent = None
+    if name.startswith("ft:") or parent_ref:
+        ref = parent_ref or name
+        parent = Adapter.objects.for_org(org).filter(pk=ref).first() or (
+            Adapter.objects.for_org(org).filter(name=ref).first()
+        )
+        if parent is None:
+            param = "hyperparameters.parent_adapter" if parent_ref else "model"
+            raise LoftAPIError(
+                f"The adapter '{ref}' does not exist.", param=param, code="model_not_found"
+            )
+        if not name.startswith("ft:") and name != parent.base_model.name:
+            raise LoftAPIError(
+                f"The parent adapter was trained on {parent.base_model.name}, not {name}.",
+                param="model",
+            )
+        return parent.base_model, parent
+    base_model = BaseModel.objects.enabled().filter(name=name).first()
+    if base_model is None:
+        raise LoftAPIError(
+            f"The model '{name}' does not exist or cannot be fine-tuned; "
+            "GET /v1/models lists the ones that can.",
+            param="model",
+            code="model_not_found",
+        )
+    return base_model, None
+
+
+def _file(org, file_id: str, param: str) -> File:
+    """Another tenant's file reads exactly like a missing one."""
+    file = File.objects.for_org(org).filter(pk=file_id).first()
+    if file is None:
+        raise LoftAPIError(f"No such File object: {file_id}", param=param, code="invalid_file")
+    if file.status == File.Status.ERROR:
+        raise LoftAPIError(
+            f"The file {file_id} failed validation: {file.status_details}",
+            param=param,
+            code="invalid_file",
+        )
+    if param == "training_file" and file.purpose != File.Purpose.FINE_TUNE:
+        raise LoftAPIError(
+            f"The file {file_id} was uploaded with purpose '{file.purpose}'; "
+            "a training file needs purpose 'fine-tune'.",
+            param=param,
+            code="invalid_file",
+        )
+    return file
+
+
+def _too_large(plan) -> LoftAPIError:
+    return LoftAPIError(
+        preflight.too_large_message(plan),
+        param="hyperparameters",
+        code="job_too_large",
+        details={"plan": plan.as_dict()},
+    )
 
 
 class AdapterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
@@ -379,55 +412,8 @@ class UsageView(APIView):
         },
     )
     def get(self, request):
-        org = current_org(request)
         start = self._month(request.query_params.get("month"))
-        end = (start.replace(day=28) + timedelta(days=4)).replace(day=1)
-        ledger = UsageRecord.objects.for_org(org)
-        months = (
-            ledger.annotate(month=TruncMonth("created_at"))
-            .values("month")
-            .annotate(
-                trained_tokens=Sum("trained_tokens"),
-                compute_seconds=Sum("compute_seconds"),
-                jobs=Count("id"),
-            )
-            .order_by("-month")
-        )
-        in_month = ledger.filter(created_at__gte=start, created_at__lt=end)
-        totals = in_month.aggregate(
-            trained_tokens=Sum("trained_tokens"), compute_seconds=Sum("compute_seconds")
-        )
-        return Response(
-            {
-                "object": "usage",
-                "organization_id": org.id,
-                "month": start.strftime("%Y-%m"),
-                "totals": {
-                    "trained_tokens": int(totals["trained_tokens"] or 0),
-                    "compute_seconds": round(totals["compute_seconds"] or 0, 1),
-                    "storage_bytes": storage_bytes(org),
-                },
-                "limits": Quota.for_org(org).limits(),
-                "months": [
-                    {
-                        "month": row["month"].strftime("%Y-%m"),
-                        "trained_tokens": int(row["trained_tokens"] or 0),
-                        "compute_seconds": round(row["compute_seconds"] or 0, 1),
-                        "jobs": row["jobs"],
-                    }
-                    for row in months
-                ],
-                "jobs": [
-                    {
-                        "job": record.job_id,
-                        "trained_tokens": record.trained_tokens,
-                        "compute_seconds": round(record.compute_seconds, 1),
-                        "recorded_at": int(record.created_at.timestamp()),
-                    }
-                    for record in in_month.order_by("-created_at")[:1000]
-                ],
-            }
-        )
+        return Response(usage_of(current_org(request), start).as_json())
 
     def _month(self, raw: str | None) -> datetime:
         if not raw:
