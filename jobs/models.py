@@ -618,7 +618,18 @@ class Checkpoint(models.Model):
 
 
 class Adapter(TenantOwnedModel):
-    """A trained LoRA adapter: a PEFT folder in S3 whose manifest lists every file's sha256."""
+    """A trained LoRA adapter: a PEFT folder in S3 whose manifest lists every file's sha256.
+
+    On request, its merged weights: the base model with the adapter folded in, a plain
+    safetensors model folder under ``merged_prefix`` for tools that load no LoRA adapters
+    (jobs/merging.py makes it on a worker)."""
+
+    class MergedStatus(models.TextChoices):
+        NONE = "none"
+        QUEUED = "queued"
+        RUNNING = "running"
+        READY = "ready"
+        FAILED = "failed"
 
     id = models.CharField(primary_key=True, max_length=40, default=new_adapter_id, editable=False)
     name = models.CharField(
@@ -635,6 +646,12 @@ class Adapter(TenantOwnedModel):
     manifest = models.JSONField(default=dict)
     size_bytes = models.BigIntegerField(default=0)
     metrics = models.JSONField(default=dict, blank=True)
+    merged_status = models.CharField(
+        max_length=10, choices=MergedStatus.choices, default=MergedStatus.NONE
+    )
+    merged_error = models.TextField(blank=True, help_text="Why merging failed, in a sentence.")
+    merged_manifest = models.JSONField(default=dict, blank=True)
+    merged_size_bytes = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -642,6 +659,28 @@ class Adapter(TenantOwnedModel):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def merged_prefix(self) -> str:
+        return f"{self.s3_prefix}merged/"
+
+    def request_merge(self) -> bool:
+        """Queue the making of merged weights; True if this call queued it. Asking again while
+        they are queued, being made or ready changes nothing; after a failure it tries anew."""
+        from django.conf import settings
+
+        from worker.tasks import merge_adapter
+
+        waiting = (self.MergedStatus.NONE, self.MergedStatus.FAILED)
+        with transaction.atomic():
+            queued = Adapter.objects.filter(pk=self.pk, merged_status__in=waiting).update(
+                merged_status=self.MergedStatus.QUEUED, merged_error=""
+            )
+            if queued:
+                adapter_id, queue = self.pk, settings.LOFT_TRAINING_QUEUE
+                transaction.on_commit(lambda: merge_adapter.apply_async((adapter_id,), queue=queue))
+        self.refresh_from_db(fields=["merged_status", "merged_error"])
+        return bool(queued)
 
 
 def new_evaluation_id() -> str:

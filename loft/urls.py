@@ -4,6 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from jobs import job_pages, wizard
 from jobs import views as job_views
 from jobs.api.evaluations import EvaluationViewSet
 from jobs.api.fine_tuning import AdapterViewSet, FineTuningJobViewSet, UsageView
@@ -36,6 +37,13 @@ urlpatterns = [
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", healthz, name="healthz"),
     path("docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="api-docs"),
+    path("train/new", wizard.data_step, name="wizard"),
+    path("train/new/model", wizard.model_step, name="wizard-model"),
+    path("train/new/review", wizard.review_step, name="wizard-review"),
+    path("jobs", job_pages.job_list, name="job-list"),
+    path("jobs/<str:job_id>", job_pages.job_detail, name="job-detail"),
+    path("jobs/<str:job_id>/live", job_pages.job_live, name="job-live"),
+    path("jobs/<str:job_id>/cancel", job_pages.job_cancel, name="job-cancel"),
     path("datasets", job_views.dataset_list, name="dataset-list"),
     path("datasets/<str:file_id>", job_views.dataset_detail, name="dataset-detail"),
     path("datasets/<str:file_id>/delete", job_views.dataset_delete, name="dataset-delete"),

@@ -87,3 +87,14 @@ def send_overdue_webhooks() -> int:
     from loft import webhooks
 
     return webhooks.send_overdue()
+
+
+@shared_task(
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS,
+)
+def merge_adapter(adapter_id: str) -> None:
+    from jobs.merging import run_merge
+
+    run_merge(adapter_id)

@@ -1,0 +1,124 @@
+"""Browser pages of adapters: the list, one adapter, and its merged weights.
+
+The adapter zip itself is the API's route (``/v1/adapters/<id>/download`` accepts the browser
+session); merged weights are made on request by a worker (jobs/merging.py) and streamed from
+here as a zip.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from datetime import datetime
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db.models import Prefetch
+from django.http import StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from jobs.api.fine_tuning import _ZipSink
+from jobs.models import Adapter, Evaluation
+from jobs.views import _org_or_404
+from loft import storage
+
+# The headline score of an evaluation, the first that both models have: (label, key, percent).
+HEADLINE_METRICS = [
+    ("exact match", "exact_match", True),
+    ("ROUGE-L", "rouge_l", True),
+    ("loss", "loss", False),
+]
+
+
+def _adapters(request):
+    latest_job_evaluation = Prefetch(
+        "evaluations",
+        queryset=Evaluation.objects.filter(kind=Evaluation.Kind.JOB).order_by("-created_at"),
+        to_attr="job_evaluations",
+    )
+    return (
+        Adapter.objects.for_org(_org_or_404(request))
+        .select_related("base_model", "parent")
+        .prefetch_related(latest_job_evaluation)
+    )
+
+
+def headline(evaluation: Evaluation | None) -> str:
+    """"exact match 0% → 90%": base → adapter on held-out rows. Exact match only where either
+    model matched a reference at all, else ROUGE-L, else the loss."""
+    if evaluation is None:
+        return ""
+    base, adapter = evaluation.results.get("base") or {}, evaluation.results.get("adapter") or {}
+    for label, key, percent in HEADLINE_METRICS:
+        before, after = base.get(key), adapter.get(key)
+        if before is None or after is None or (key == "exact_match" and not before + after):
+            continue
+        if percent:
+            return f"{label} {before:.0%} → {after:.0%}"
+        return f"{label} {before:.3g} → {after:.3g}"
+    return ""
+
+
+def _with_headline(adapter: Adapter) -> Adapter:
+    adapter.evaluation = next(iter(adapter.job_evaluations), None)
+    adapter.headline = headline(adapter.evaluation)
+    adapter.worse_than_base = (adapter.metrics or {}).get("verdict", {}).get("better") is False
+    return adapter
+
+
+@login_required
+def adapter_list(request):
+    adapters = _adapters(request).defer("manifest", "merged_manifest").order_by("-created_at")
+    return render(
+        request, "jobs/adapter_list.html", {"adapters": [_with_headline(a) for a in adapters[:200]]}
+    )
+
+
+@login_required
+def adapter_detail(request, adapter_id: str):
+    adapter = _with_headline(get_object_or_404(_adapters(request), pk=adapter_id))
+    files = sorted(adapter.manifest.get("files", {}).items())
+    return render(request, "jobs/adapter_detail.html", {"adapter": adapter, "files": files})
+
+
+@login_required
+@require_POST
+def adapter_merge(request, adapter_id: str):
+    adapter = get_object_or_404(Adapter.objects.for_org(_org_or_404(request)), pk=adapter_id)
+    if adapter.request_merge():
+        messages.success(request, "Preparing merged weights; this takes a few minutes.")
+    else:
+        messages.info(request, f"Merged weights are already {adapter.merged_status}.")
+    return redirect("adapter-detail", adapter_id=adapter.id)
+
+
+@login_required
+def adapter_merged_download(request, adapter_id: str):
+    adapter = get_object_or_404(
+        Adapter.objects.for_org(_org_or_404(request)),
+        pk=adapter_id,
+        merged_status=Adapter.MergedStatus.READY,
+    )
+    archive = zip_folder(adapter.merged_prefix, adapter.merged_manifest, adapter.created_at)
+    response = StreamingHttpResponse(archive, content_type="application/zip")
+    filename = adapter.name.replace(":", "_").replace("/", "_") + "-merged.zip"
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+def zip_folder(prefix: str, manifest: dict, date: datetime) -> Iterator[bytes]:
+    """An artifact's files from S3 and its manifest.json, as a zip streamed piece by piece
+    (entries stored: safetensors weights do not compress). Like fine_tuning.zip_stream, for
+    any artifact."""
+    sink = _ZipSink()
+    names = sorted(manifest.get("files", {})) + ["manifest.json"]
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED) as archive:
+        for name in names:
+            info = zipfile.ZipInfo(name, date_time=date.timetuple()[:6])
+            with archive.open(info, mode="w", force_zip64=True) as entry:
+                for chunk in storage.iter_object(prefix + name):
+                    entry.write(chunk)
+                    yield sink.take()
+            yield sink.take()
+    yield sink.take()

@@ -1,0 +1,120 @@
+"""The jobs list and the live job page.
+
+The job page is server-rendered; its live part (status, progress, loss chart, events,
+checkpoints, and the evaluation once done) is a fragment at ``/jobs/<id>/live`` that
+static/loft/live.js fetches every two seconds and swaps in, until the job has finished. Without
+JavaScript the page is the same, a reload away.
+"""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from jobs.models import FineTuneJob
+from jobs.views import METRIC_COLUMNS, _org_or_404
+
+CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 640, 220, 36
+SHOWN_EVENTS = 40
+
+
+@login_required
+def job_list(request):
+    org = _org_or_404(request)
+    jobs = FineTuneJob.objects.for_org(org).select_related("base_model", "training_file")
+    return render(request, "jobs/job_list.html", {"jobs": jobs.order_by("-created_at")[:100]})
+
+
+def _job(request, job_id: str) -> FineTuneJob:
+    queryset = FineTuneJob.objects.for_org(_org_or_404(request)).select_related(
+        "base_model", "training_file", "adapter"
+    )
+    return get_object_or_404(queryset, pk=job_id)
+
+
+@login_required
+def job_detail(request, job_id: str):
+    job = _job(request, job_id)
+    return render(request, "jobs/job_detail.html", _live_context(job))
+
+
+@login_required
+def job_live(request, job_id: str):
+    return render(request, "jobs/_job_live.html", _live_context(_job(request, job_id)))
+
+
+@login_required
+@require_POST
+def job_cancel(request, job_id: str):
+    job = _job(request, job_id)
+    if job.status in FineTuneJob.FINISHED:
+        messages.error(request, f"The job has already {job.status}; there is nothing to cancel.")
+    else:
+        job.request_cancel()
+        messages.success(request, "Cancel requested: the job stops at its next step.")
+    return redirect("job-detail", job_id=job.id)
+
+
+def _live_context(job: FineTuneJob) -> dict:
+    events = list(job.events.order_by("-pk")[:SHOWN_EVENTS])
+    losses = [
+        (e.data["step"], e.data["train_loss"])
+        for e in job.events.filter(data__has_key="train_loss").order_by("pk")
+    ]
+    validation = (job.metrics or {}).get("validation_loss")
+    progress = job.progress or {}
+    evaluation = max(job.evaluations.all(), key=lambda e: e.created_at, default=None)
+    return {
+        "job": job,
+        "finished": job.status in FineTuneJob.FINISHED,
+        "events": events,
+        "checkpoints": job.checkpoints.order_by("step"),
+        "percent": _percent(progress),
+        "progress": progress,
+        "chart": loss_chart(losses, validation, progress.get("total_steps") or 0),
+        "evaluation": evaluation,
+        "models": evaluation.scores_by_model() if evaluation else [],
+        "metrics": METRIC_COLUMNS,
+        "adapter": getattr(job, "adapter", None),
+    }
+
+
+def _percent(progress: dict) -> int:
+    total = progress.get("total_steps") or 0
+    return int(100 * progress.get("step", 0) / total) if total else 0
+
+
+def loss_chart(losses: list[tuple[int, float]], validation: float | None, steps: int) -> dict:
+    """Training loss per step as an SVG polyline, and the held-out loss as a dashed line at
+    the end: coordinates for templates/jobs/_loss_chart.html (no charting library needed)."""
+    if not losses:
+        return {}
+    values = [loss for _, loss in losses] + ([validation] if validation is not None else [])
+    top, bottom = max(values), min(min(values), 0.0)
+    span = (top - bottom) or 1.0
+    last_step = max(steps, losses[-1][0], 1)
+    inner_w, inner_h = CHART_WIDTH - 2 * CHART_MARGIN, CHART_HEIGHT - 2 * CHART_MARGIN
+
+    def x(step: float) -> float:
+        return round(CHART_MARGIN + inner_w * step / last_step, 1)
+
+    def y(loss: float) -> float:
+        return round(CHART_MARGIN + inner_h * (top - loss) / span, 1)
+
+    return {
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+        "points": " ".join(f"{x(step)},{y(loss)}" for step, loss in losses),
+        "validation_y": y(validation) if validation is not None else None,
+        "left": CHART_MARGIN,
+        "right": CHART_WIDTH - CHART_MARGIN,
+        "top": CHART_MARGIN,
+        "bottom": CHART_HEIGHT - CHART_MARGIN,
+        "top_label": f"{top:.3g}",
+        "bottom_label": f"{bottom:.3g}",
+        "last_step": last_step,
+        "latest": f"{losses[-1][1]:.4f}",
+        "validation": f"{validation:.4f}" if validation is not None else None,
+    }

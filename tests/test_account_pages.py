@@ -1,0 +1,204 @@
+"""The account pages: usage against quotas, API keys (shown once, revocable), members; each
+scoped to the signed-in person's organization."""
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from jobs.models import Quota, UsageRecord
+from loft.models import ApiKey, Membership
+from tests.conftest import api_client_for
+
+pytestmark = pytest.mark.django_db
+
+
+def signed_in(tenant) -> Client:
+    browser = Client()
+    browser.force_login(tenant.user)
+    return browser
+
+
+def created_key(browser: Client, name: str) -> tuple[ApiKey, str, str]:
+    """Create a key on the page; the key, its secret and the page that showed it."""
+    response = browser.post("/account/keys", {"name": name})
+    assert response.status_code == 200
+    html = response.content.decode()
+    key = ApiKey.objects.get(name=name)
+    secret = response.context["new_secret"]
+    return key, secret, html
+
+
+# --- sign-in and tenant walls ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/account/usage", "/account/keys", "/account/members"])
+def test_a_signed_out_visitor_is_sent_to_sign_in(path):
+    response = Client().get(path)
+    assert response.status_code == 302
+    assert response["Location"].startswith("/login?next=")
+
+
+def test_a_person_without_an_organization_gets_404(db):
+    loner = get_user_model().objects.create_user("loner", password="pw-for-tests-1")
+    browser = Client()
+    browser.force_login(loner)
+    for path in ("/account/usage", "/account/keys", "/account/members"):
+        assert browser.get(path).status_code == 404
+
+
+# --- usage ----------------------------------------------------------------------------------
+
+
+def test_the_usage_page_shows_the_ledger_against_the_quotas(tenant_a, tenant_b):
+    Quota.objects.create(org=tenant_a.org, max_monthly_trained_tokens=100_000)
+    UsageRecord.objects.create(org=tenant_a.org, trained_tokens=12_345, compute_seconds=67.84)
+    UsageRecord.objects.create(org=tenant_b.org, trained_tokens=999_999, compute_seconds=1)
+
+    response = signed_in(tenant_a).get("/account/usage")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "12,345 of 100,000 (12%)" in html
+    assert '<progress class="meter" max="100" value="12"' in html
+    assert "67.8 seconds" in html
+    assert "0 of 4 (0%)" in html  # concurrent jobs, the operator's default limit
+    assert "999,999" not in html
+    assert [row["trained_tokens"] for row in response.context["usage"].months] == [12_345]
+
+
+def test_a_limit_of_none_reads_no_limit_and_an_empty_ledger_says_so(tenant_b):
+    html = signed_in(tenant_b).get("/account/usage").content.decode()
+    assert "0 — no limit." in html  # monthly trained tokens: no default limit
+    assert "No usage yet" in html and "No jobs finished this month yet." in html
+
+
+def test_the_page_and_the_api_report_the_same_figures(tenant_a, api_a):
+    UsageRecord.objects.create(org=tenant_a.org, trained_tokens=500, compute_seconds=2.25)
+    usage = signed_in(tenant_a).get("/account/usage").context["usage"]
+    assert usage.as_json() == api_a.get("/v1/usage").json()
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+def test_the_keys_page_lists_only_the_organizations_keys(tenant_a, tenant_b):
+    html = signed_in(tenant_a).get("/account/keys").content.decode()
+    assert f"{tenant_a.key.prefix}…" in html and "a key" in html
+    assert tenant_b.key.prefix not in html and "b key" not in html
+    assert "Revoke" in html
+
+
+def test_a_new_key_is_shown_once_and_works_against_the_api(tenant_a):
+    browser = signed_in(tenant_a)
+    key, secret, html = created_key(browser, "laptop")
+    assert secret in html
+    assert "Copy it now, it will not be shown again." in html
+    assert "no-store" in browser.get("/account/keys")["Cache-Control"]
+    assert key.org == tenant_a.org and key.created_by == tenant_a.user
+
+    reloaded = browser.get("/account/keys").content.decode()
+    assert secret not in reloaded and "Copy it now" not in reloaded
+    assert f"{key.prefix}…" in reloaded and "laptop" in reloaded
+
+    assert api_client_for(secret).get("/v1/files").status_code == 200
+
+
+def test_a_revoked_key_stops_working(tenant_a):
+    browser = signed_in(tenant_a)
+    key, secret, _ = created_key(browser, "ci")
+    response = browser.post(f"/account/keys/{key.id}/revoke", follow=True)
+    assert response.redirect_chain == [("/account/keys", 302)]
+    assert f"Revoked {key.prefix}… (ci)." in response.content.decode()
+    key.refresh_from_db()
+    assert key.revoked_at is not None
+    assert api_client_for(secret).get("/v1/files").status_code == 401
+
+
+def test_another_tenants_key_cannot_be_revoked(tenant_a, tenant_b):
+    response = signed_in(tenant_b).post(f"/account/keys/{tenant_a.key.id}/revoke")
+    assert response.status_code == 404
+    tenant_a.key.refresh_from_db()
+    assert tenant_a.key.is_active
+
+
+def test_revoking_needs_a_post(tenant_a):
+    assert signed_in(tenant_a).get(f"/account/keys/{tenant_a.key.id}/revoke").status_code == 405
+
+
+def test_a_key_without_a_name_is_refused_with_a_sentence_beside_the_field(tenant_a):
+    response = signed_in(tenant_a).post("/account/keys", {"name": "  "})
+    assert response.status_code == 400
+    assert "Give the key a name" in response.content.decode()
+    assert ApiKey.objects.for_org(tenant_a.org).count() == 1
+
+
+def test_a_too_long_name_is_refused(tenant_a):
+    response = signed_in(tenant_a).post("/account/keys", {"name": "x" * 101})
+    assert response.status_code == 400
+    assert "longer than 100 characters" in response.content.decode()
+
+
+# --- members --------------------------------------------------------------------------------
+
+
+def test_the_members_page_lists_the_organizations_members(tenant_a, tenant_b):
+    html = signed_in(tenant_a).get("/account/members").content.decode()
+    assert "a-person" in html and "owner" in html
+    assert "b-person" not in html
+    assert "Add a member" in html
+
+
+def test_a_member_sees_the_list_read_only_and_cannot_add(tenant_a, tenant_b):
+    browser = signed_in(tenant_b)
+    html = browser.get("/account/members").content.decode()
+    assert "b-person" in html
+    assert "Only owners of this organization can add or remove members." in html
+    assert "<button" not in html.split("</header>")[1]
+    response = browser.post("/account/members", {"username": tenant_a.user.username})
+    assert response.status_code == 403
+    assert not Membership.objects.for_org(tenant_b.org).filter(user=tenant_a.user).exists()
+
+
+def test_an_owner_adds_an_existing_user_as_a_member_and_removes_them(tenant_a, tenant_b):
+    browser = signed_in(tenant_a)
+    response = browser.post("/account/members", {"username": "b-person"}, follow=True)
+    assert "Added b-person as a member." in response.content.decode()
+    membership = Membership.objects.for_org(tenant_a.org).get(user=tenant_b.user)
+    assert membership.role == Membership.Role.MEMBER
+
+    response = browser.post(f"/account/members/{membership.pk}/remove", follow=True)
+    assert "Removed b-person from Org A." in response.content.decode()
+    assert not Membership.objects.for_org(tenant_a.org).filter(user=tenant_b.user).exists()
+
+
+def test_adding_an_unknown_user_or_a_member_twice_says_why(tenant_a):
+    browser = signed_in(tenant_a)
+    unknown = browser.post("/account/members", {"username": "nobody"})
+    assert unknown.status_code == 400
+    assert "There is no user named &#x27;nobody&#x27;." in unknown.content.decode()
+    twice = browser.post("/account/members", {"username": "a-person"})
+    assert twice.status_code == 400
+    assert "a-person is already a member of Org A." in twice.content.decode()
+
+
+def test_an_owner_cannot_remove_themselves(tenant_a):
+    own = Membership.objects.for_org(tenant_a.org).get(user=tenant_a.user)
+    response = signed_in(tenant_a).post(f"/account/members/{own.pk}/remove")
+    assert response.status_code == 400
+    assert "You cannot remove yourself" in response.content.decode()
+    assert Membership.objects.filter(pk=own.pk).exists()
+
+
+def test_a_member_cannot_remove_anyone(tenant_b, django_user_model):
+    colleague = django_user_model.objects.create_user("c-person", password="pw-for-tests-1")
+    membership = tenant_b.org.add_member(colleague)
+    response = signed_in(tenant_b).post(f"/account/members/{membership.pk}/remove")
+    assert response.status_code == 403
+    assert "Only owners of this organization" in response.content.decode()
+    assert Membership.objects.filter(pk=membership.pk).exists()
+
+
+def test_another_organizations_membership_is_not_found(tenant_a, tenant_b):
+    member_of_b = Membership.objects.for_org(tenant_b.org).get(user=tenant_b.user)
+    response = signed_in(tenant_a).post(f"/account/members/{member_of_b.pk}/remove")
+    assert response.status_code == 404
+    assert Membership.objects.filter(pk=member_of_b.pk).exists()

@@ -1,0 +1,59 @@
+"""Merged weights (worker/merge.py): the merged model answers exactly as base + adapter did,
+and it is safetensors only."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import SMOLLM2
+from worker.base_models import load_base_model
+from worker.merge import MergeError, merge_adapter
+
+
+def random_adapter(cache: Path, folder: Path):
+    """A LoRA adapter on SmolLM2 with random weights (a fresh one changes nothing), saved as
+    a PEFT folder; returns the PeftModel."""
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(load_base_model(SMOLLM2, cache, "none", "cpu"), config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer("Merged weights answer like base and adapter.", return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def test_the_merged_model_answers_as_base_and_adapter_did(cache, tokenizer, base, tmp_path):
+    unmerged = random_adapter(cache, tmp_path / "adapter")
+    weights = merge_adapter(
+        lambda: load_base_model(SMOLLM2, cache, "none", "cpu"),
+        tmp_path / "adapter",
+        tmp_path / "merged",
+        tokenizer,
+    )
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    expected = logits(unmerged, tokenizer)
+    assert torch.allclose(logits(merged, tokenizer), expected, atol=1e-4)
+    assert not torch.allclose(logits(base, tokenizer), expected, atol=1e-2)  # the adapter counts
+    assert weights == ["model.safetensors"]
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"config.json", "tokenizer.json"} <= files
+    assert not [name for name in files if name.endswith((".bin", ".pt", ".pkl"))]
+    assert merged.config.use_cache
+
+
+def test_it_refuses_an_adapter_with_pickled_weights(cache, tokenizer, tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(MergeError, match="no adapter_model.safetensors"):
+        merge_adapter(lambda: None, folder, tmp_path / "merged", tokenizer)
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(MergeError, match="pickled files: adapter_model.bin"):
+        merge_adapter(lambda: None, folder, tmp_path / "merged", tokenizer)

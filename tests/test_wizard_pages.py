@@ -1,0 +1,112 @@
+"""The wizard and the job pages with Django's test client: every step, going back, errors
+beside their field, tenant walls. (The same flow in a real browser: tests/test_browser.py.)"""
+
+import pytest
+
+from jobs.job_pages import loss_chart
+from jobs.models import File, FineTuneJob
+from tests.test_files_api import chat_rows, jsonl, upload
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]
+
+
+@pytest.fixture
+def browser_a(client, tenant_a):
+    client.force_login(tenant_a.user)
+    return client
+
+
+def dataset(api, rows: int = 30) -> str:
+    response = upload(api, jsonl(chat_rows(rows)), name="support.jsonl")
+    assert response.status_code == 200, response.content
+    return response.json()["id"]
+
+
+def test_the_wizard_walks_data_model_review_and_launches_a_job(browser_a, api_a, tenant_a):
+    file_id = dataset(api_a)
+    page = browser_a.get(f"/train/new?file={file_id}").content.decode()
+    assert "support.jsonl" in page and "As training sees it" in page  # the report and preview
+    assert browser_a.post("/train/new", {"file": file_id})["Location"] == "/train/new/model"
+
+    page = browser_a.get("/train/new/model").content.decode()
+    assert "Quick" in page and "Balanced" in page and "Thorough" in page
+    assert 'value="auto"' in page  # Balanced: epochs from the data
+    quick = browser_a.post(
+        "/train/new/model",
+        {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "preset": "quick", "action": "apply_preset"},
+    ).content.decode()
+    assert 'id="field-lora_rank" name="lora_rank" value="8"' in quick
+
+    settings = {
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "preset": "quick",
+        "quantization": "nf4",
+        "n_epochs": "1",
+        "batch_size": "auto",
+        "learning_rate_multiplier": "2.0",
+        "lora_rank": "0",  # out of range: refused beside its field
+        "lora_alpha": "16",
+        "lora_dropout": "0.05",
+        "max_seq_length": "auto",
+        "warmup_ratio": "0.03",
+        "max_steps": "2",
+        "packing": "on",
+        "suffix": "wizard",
+        "action": "next",
+    }
+    refused = browser_a.post("/train/new/model", settings).content.decode()
+    assert 'id="error-lora_rank"' in refused and "lora_rank must be between 1 and 256" in refused
+    assert not FineTuneJob.objects.exists()
+    settings["lora_rank"] = "8"
+    assert browser_a.post("/train/new/model", settings)["Location"] == "/train/new/review"
+
+    # Going back keeps what was chosen.
+    back = browser_a.get("/train/new/model").content.decode()
+    assert 'name="max_steps" value="2"' in back and 'value="wizard"' in back
+
+    review = browser_a.get("/train/new/review").content.decode()
+    assert "Pre-flight estimate" in review and "2 steps" in review
+    launched = browser_a.post("/train/new/review")
+    job = FineTuneJob.objects.get()
+    assert launched["Location"] == f"/jobs/{job.id}"
+    assert job.org == tenant_a.org and job.hyperparameters["lora_rank"] == 8
+    assert job.hyperparameters["max_steps"] == 2 and job.suffix == "wizard"
+
+    page = browser_a.get(f"/jobs/{job.id}").content.decode()
+    assert 'data-live-url="/jobs/' in page and "Cancel" in page
+    assert "queued" in browser_a.get(f"/jobs/{job.id}/live").content.decode()
+    assert browser_a.post(f"/jobs/{job.id}/cancel").status_code == 302
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+    assert "data-final" in browser_a.get(f"/jobs/{job.id}/live").content.decode()
+
+
+def test_a_file_with_errors_cannot_go_on_and_says_why(browser_a, api_a):
+    response = upload(api_a, b'{"messages": []}\nnot json\n', name="broken.jsonl")
+    assert response.status_code == 400  # the API refuses it at once, with line numbers
+    assert "line 2" in response.json()["error"]["message"].lower() or response.json()["details"]
+    page = browser_a.post("/train/new", {}).content.decode()
+    assert "Choose a dataset, or upload one." in page
+
+
+def test_job_pages_are_the_tenants_own(client, api_a, tenant_a, tenant_b):
+    job = FineTuneJob.submit(
+        org=tenant_a.org,
+        training_file=File.objects.get(pk=dataset(api_a)),
+        hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
+    )
+    client.force_login(tenant_b.user)
+    for url in (f"/jobs/{job.id}", f"/jobs/{job.id}/live"):
+        assert client.get(url).status_code == 404
+    assert client.post(f"/jobs/{job.id}/cancel").status_code == 404
+    assert job.id not in client.get("/jobs").content.decode()
+
+
+def test_the_loss_chart_scales_training_and_held_out_loss_into_the_box():
+    chart = loss_chart([(1, 2.0), (2, 1.0), (4, 0.5)], 0.8, steps=4)
+    xs = [float(p.split(",")[0]) for p in chart["points"].split()]
+    ys = [float(p.split(",")[1]) for p in chart["points"].split()]
+    assert xs[0] < xs[1] < xs[2] == chart["right"]
+    assert ys[0] == chart["top"] and ys[2] > ys[1] > ys[0]  # lower loss is drawn lower
+    assert chart["top"] < chart["validation_y"] < chart["bottom"]
+    assert loss_chart([], None, 0) == {}
