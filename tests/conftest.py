@@ -201,3 +201,34 @@ def tokenizer(cache):
 def base(cache):
     """SmolLM2 in full precision on the CPU, one per test module."""
     return load_base_model(SMOLLM2, cache, "none", "cpu")
+
+
+# --- a real browser: Debian's Chromium driven by Playwright (tests/test_browser.py) ----------
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_chromium() -> Path:
+    """Debian's Chromium, installed with apt when missing (Playwright downloads no browser)."""
+    if not CHROMIUM.exists():
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], env=env, check=True)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    executable = ensure_chromium()
+    # Playwright's sync API keeps an asyncio loop in this thread; Django then takes every ORM
+    # call here for one made from async code. The calls are synchronous; say so.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(executable), headless=True, args=["--no-sandbox"]
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()

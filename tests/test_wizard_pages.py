@@ -33,7 +33,11 @@ def test_the_wizard_walks_data_model_review_and_launches_a_job(browser_a, api_a,
     assert 'value="auto"' in page  # Balanced: epochs from the data
     quick = browser_a.post(
         "/train/new/model",
-        {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "preset": "quick", "action": "apply_preset"},
+        {
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "preset": "quick",
+            "action": "apply_preset",
+        },
     ).content.decode()
     assert 'id="field-lora_rank" name="lora_rank" value="8"' in quick
 
