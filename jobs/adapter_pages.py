@@ -45,7 +45,7 @@ def _adapters(request):
 
 
 def headline(evaluation: Evaluation | None) -> str:
-    """"exact match 0% → 90%": base → adapter on held-out rows. Exact match only where either
+    """Base → adapter on held-out rows, e.g. "exact match 0% → 90%": exact match where either
     model matched a reference at all, else ROUGE-L, else the loss."""
     if evaluation is None:
         return ""

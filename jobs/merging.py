@@ -51,7 +51,8 @@ def run_merge(adapter_id: str) -> None:
 
 def merged_weights(adapter: Adapter) -> dict:
     """Merge on this worker and upload the folder; returns its manifest."""
-    spec, cache, device = spec_of(adapter.base_model), settings.LOFT_HOME / "models", training_device()
+    spec, device = spec_of(adapter.base_model), training_device()
+    cache = settings.LOFT_HOME / "models"
     work = settings.LOFT_HOME / "merging"
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work) as tmp:

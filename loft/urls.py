@@ -36,7 +36,7 @@ urlpatterns = [
     path("login", auth_views.LoginView.as_view(), name="login"),
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", healthz, name="healthz"),
-    path("docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="api-docs"),
+    path("docs", SpectacularSwaggerView.as_view(url_name="api:openapi-schema"), name="api-docs"),
     path("train/new", wizard.data_step, name="wizard"),
     path("train/new/model", wizard.model_step, name="wizard-model"),
     path("train/new/review", wizard.review_step, name="wizard-review"),
@@ -53,7 +53,7 @@ urlpatterns = [
     path("account/", include("jobs.account_urls")),
     path("", include("jobs.adapter_urls")),
     path("admin/", admin.site.urls),
-    path("v1/", include(api_v1)),
+    path("v1/", include((api_v1, "api"))),
 ]
 
 handler404 = "loft.views.page_not_found"

@@ -49,7 +49,7 @@ def evaluated(adapter: Adapter, base: dict, scores: dict, better: bool) -> Evalu
 @pytest.mark.django_db
 def test_an_empty_list_invites_training_one(tenant_a):
     html = signed_in(tenant_a).get("/adapters").content.decode()
-    assert "No adapters yet — <a href=\"/train/new\">train one</a>." in html
+    assert 'No adapters yet — <a href="/train/new">train one</a>.' in html
 
 
 @pytest.mark.django_db
@@ -64,7 +64,9 @@ def test_the_list_and_detail_show_the_headline_and_flag_a_worse_adapter(tenant_a
     assert html.index(worse.name) < html.index(good.name)  # newest first
     assert "exact match 0% → 90%" in html and "ROUGE-L 50% → 25%" in html
     assert html.count("Worse than its base") == 1
-    assert f'href="/adapters/{good.id}"' in html and f'href="/v1/adapters/{good.id}/download"' in html
+    assert (
+        f'href="/adapters/{good.id}"' in html and f'href="/v1/adapters/{good.id}/download"' in html
+    )
     assert f'href="/adapters/{good.id}/playground"' in html and "293.0\xa0KB" in html
 
     html = browser.get(f"/adapters/{good.id}").content.decode()

@@ -99,6 +99,7 @@ def test_the_wizard_trains_an_adapter_watched_live_then_evaluated_and_downloaded
 
     # The evaluation report, side by side.
     page.click("#open-evaluation")
+    page.wait_for_url("**/evaluations/*")
     page.get_by_role("heading", name="Side by side").wait_for()
     assert job.evaluations.exists()
     shot(page, "6-evaluation")
