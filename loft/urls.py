@@ -56,5 +56,6 @@ urlpatterns = [
     path("v1/", include((api_v1, "api"))),
 ]
 
+handler403 = "loft.views.permission_denied"
 handler404 = "loft.views.page_not_found"
 handler500 = "loft.views.server_error"

@@ -30,6 +30,14 @@ def page_not_found(request, exception=None):
     return render(request, "404.html", status=404)
 
 
+def permission_denied(request, exception=None):
+    if _wants_json(request):
+        return error_response(
+            403, "You may not do this with this key.", "invalid_request_error", code="forbidden"
+        )
+    return render(request, "403.html", status=403)
+
+
 def server_error(request):
     if _wants_json(request):
         return error_response(
