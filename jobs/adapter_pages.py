@@ -20,8 +20,8 @@ from django.views.decorators.http import require_POST
 
 from jobs.api.fine_tuning import _ZipSink
 from jobs.models import Adapter, Evaluation
-from jobs.views import _org_or_404
 from loft import storage
+from loft.tenancy import org_or_404
 
 # The headline score of an evaluation, the first that both models have: (label, key, percent).
 HEADLINE_METRICS = [
@@ -38,7 +38,7 @@ def _adapters(request):
         to_attr="job_evaluations",
     )
     return (
-        Adapter.objects.for_org(_org_or_404(request))
+        Adapter.objects.for_org(org_or_404(request))
         .select_related("base_model", "parent")
         .prefetch_related(latest_job_evaluation)
     )
@@ -85,7 +85,7 @@ def adapter_detail(request, adapter_id: str):
 @login_required
 @require_POST
 def adapter_merge(request, adapter_id: str):
-    adapter = get_object_or_404(Adapter.objects.for_org(_org_or_404(request)), pk=adapter_id)
+    adapter = get_object_or_404(Adapter.objects.for_org(org_or_404(request)), pk=adapter_id)
     if adapter.request_merge():
         messages.success(request, "Preparing merged weights; this takes a few minutes.")
     else:
@@ -96,7 +96,7 @@ def adapter_merge(request, adapter_id: str):
 @login_required
 def adapter_merged_download(request, adapter_id: str):
     adapter = get_object_or_404(
-        Adapter.objects.for_org(_org_or_404(request)),
+        Adapter.objects.for_org(org_or_404(request)),
         pk=adapter_id,
         merged_status=Adapter.MergedStatus.READY,
     )

@@ -14,7 +14,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from jobs.models import FineTuneJob
-from jobs.views import METRIC_COLUMNS, _org_or_404
+from jobs.views import METRIC_COLUMNS
+from loft.tenancy import org_or_404
 
 CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 640, 220, 36
 SHOWN_EVENTS = 40
@@ -22,13 +23,13 @@ SHOWN_EVENTS = 40
 
 @login_required
 def job_list(request):
-    org = _org_or_404(request)
+    org = org_or_404(request)
     jobs = FineTuneJob.objects.for_org(org).select_related("base_model", "training_file")
     return render(request, "jobs/job_list.html", {"jobs": jobs.order_by("-created_at")[:100]})
 
 
 def _job(request, job_id: str) -> FineTuneJob:
-    queryset = FineTuneJob.objects.for_org(_org_or_404(request)).select_related(
+    queryset = FineTuneJob.objects.for_org(org_or_404(request)).select_related(
         "base_model", "training_file", "adapter"
     )
     return get_object_or_404(queryset, pk=job_id)

@@ -5,7 +5,7 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
 
 from jobs.usage import quota_meters, usage_of
-from loft.account import org_or_404
+from loft.tenancy import org_or_404
 
 RECENT_LINES = 50
 

@@ -3,14 +3,13 @@ playground."""
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from jobs import evaluations, inference
 from jobs.api.evaluations import GenerateSerializer
 from jobs.models import Adapter, Evaluation, File, FileInUse
-from loft.tenancy import current_org
+from loft.tenancy import org_or_404
 
 # The scores shown for each model, in this order: (label, key, higher is better).
 METRIC_COLUMNS = [
@@ -23,16 +22,9 @@ METRIC_COLUMNS = [
 ]
 
 
-def _org_or_404(request):
-    org = current_org(request)
-    if org is None:
-        raise Http404("You are not a member of an organization.")
-    return org
-
-
 @login_required
 def dataset_list(request):
-    org = _org_or_404(request)
+    org = org_or_404(request)
     files = File.objects.for_org(org).order_by("-created_at")[:200]
     return render(
         request, "jobs/dataset_list.html", {"files": files, "purposes": File.Purpose.choices}
@@ -41,14 +33,14 @@ def dataset_list(request):
 
 @login_required
 def dataset_detail(request, file_id: str):
-    file = get_object_or_404(File.objects.for_org(_org_or_404(request)), pk=file_id)
+    file = get_object_or_404(File.objects.for_org(org_or_404(request)), pk=file_id)
     return render(request, "jobs/dataset_detail.html", {"file": file, "report": file.report})
 
 
 @login_required
 @require_POST
 def dataset_delete(request, file_id: str):
-    file = get_object_or_404(File.objects.for_org(_org_or_404(request)), pk=file_id)
+    file = get_object_or_404(File.objects.for_org(org_or_404(request)), pk=file_id)
     try:
         file.delete_with_content()
     except FileInUse as error:
@@ -63,7 +55,7 @@ def dataset_delete(request, file_id: str):
 
 @login_required
 def evaluation_detail(request, evaluation_id: str):
-    org = _org_or_404(request)
+    org = org_or_404(request)
     evaluation = get_object_or_404(
         Evaluation.objects.for_org(org).select_related("base_model", "file", "adapter"),
         pk=evaluation_id,
@@ -84,7 +76,7 @@ def evaluation_detail(request, evaluation_id: str):
 @login_required
 def leaderboard(request, file_id: str):
     """Every model evaluated on one eval file, best first."""
-    org = _org_or_404(request)
+    org = org_or_404(request)
     file = get_object_or_404(File.objects.for_org(org), pk=file_id)
     runs = Evaluation.objects.for_org(org).filter(
         file=file, kind=Evaluation.Kind.CUSTOM, status=Evaluation.Status.SUCCEEDED
@@ -101,7 +93,7 @@ def playground(request, adapter_id: str):
     """The adapter and its base answering the same conversation side by side. With
     JavaScript both answers stream in from /v1/adapters/{id}/generate; without, the form posts
     here and the page comes back with both answers."""
-    org = _org_or_404(request)
+    org = org_or_404(request)
     adapter = get_object_or_404(
         Adapter.objects.for_org(org).select_related("base_model"), pk=adapter_id
     )

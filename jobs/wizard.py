@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -19,8 +20,8 @@ from jobs.api.fine_tuning import dry_run, prepare_job, submit_job
 from jobs.api.serializers import JobCreateSerializer
 from jobs.models import Adapter, BaseModel, File, FineTuneJob, Quota, trained_tokens_this_month
 from jobs.preflight import AUTO_RESOLVED, LOFT_HYPERPARAMETERS, OPENAI_HYPERPARAMETERS
-from jobs.views import _org_or_404
 from loft.api.errors import LoftAPIError
+from loft.tenancy import org_or_404
 
 SESSION_KEY = "wizard"
 COMMON = {
@@ -93,7 +94,7 @@ def _steps(current: int) -> list[dict]:
 
 @login_required
 def data_step(request):
-    org = _org_or_404(request)
+    org = org_or_404(request)
     files = File.objects.for_org(org).filter(purpose=File.Purpose.FINE_TUNE)
     files = files.order_by("-created_at")[:50]
     if request.GET.get("parent"):  # "Train again from this adapter"
@@ -133,12 +134,15 @@ def data_step(request):
 
 @login_required
 def model_step(request):
-    org = _org_or_404(request)
+    org = org_or_404(request)
     state = _state(request)
     if not state.get("file"):
         return redirect("wizard")
     parent = Adapter.objects.for_org(org).filter(pk=state.get("parent")).first()
-    models = BaseModel.objects.enabled().order_by("parameters")
+    models = list(BaseModel.objects.enabled().order_by("parameters"))
+    if not models:
+        messages.error(request, "No base model is enabled; an operator enables them in the admin.")
+        return redirect("wizard")
     preset = state.get("preset", "balanced")
     values = state.get("values") or dict(PRESETS[preset]["values"])
     chosen_model = state.get("model") or (parent.base_model.name if parent else models[0].name)
@@ -254,7 +258,7 @@ def _field_of(error: LoftAPIError) -> str:
 
 @login_required
 def review_step(request):
-    org = _org_or_404(request)
+    org = org_or_404(request)
     state = _state(request)
     if not state.get("file") or not state.get("values"):
         return redirect("wizard-model" if state.get("file") else "wizard")

@@ -4,23 +4,15 @@ is jobs/usage_page.py: usage and quotas are jobs' models.)"""
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
-from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
 from loft.models import ApiKey, Membership, Organization
-from loft.tenancy import current_org
+from loft.tenancy import org_or_404
 
 API_KEY_NAME_MAX = ApiKey._meta.get_field("name").max_length
 ONLY_OWNERS = "Only owners of this organization can add or remove members."
-
-
-def org_or_404(request) -> Organization:
-    org = current_org(request)
-    if org is None:
-        raise Http404("You are not a member of an organization.")
-    return org
 
 
 # --- API keys -------------------------------------------------------------------------------

@@ -52,6 +52,16 @@ def current_org(request: HttpRequest) -> Organization | None:
     return membership.org if membership else None
 
 
+def org_or_404(request: HttpRequest) -> Organization:
+    """The request's organization, or a 404 for a signed-in person who belongs to none."""
+    from django.http import Http404
+
+    org = current_org(request)
+    if org is None:
+        raise Http404("You are not a member of an organization.")
+    return org
+
+
 def current_org_context(request: HttpRequest) -> dict:
     """Template context processor: ``org`` for the page header and navigation."""
     return {"org": current_org(request)}
