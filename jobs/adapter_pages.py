@@ -7,10 +7,6 @@ here as a zip.
 
 from __future__ import annotations
 
-import zipfile
-from collections.abc import Iterator
-from datetime import datetime
-
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Prefetch
@@ -18,9 +14,8 @@ from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from jobs.api.fine_tuning import _ZipSink
+from jobs.api.fine_tuning import zip_folder
 from jobs.models import Adapter, Evaluation
-from loft import storage
 from loft.tenancy import org_or_404
 
 # The headline score of an evaluation, the first that both models have: (label, key, percent).
@@ -105,20 +100,3 @@ def adapter_merged_download(request, adapter_id: str):
     filename = adapter.name.replace(":", "_").replace("/", "_") + "-merged.zip"
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response
-
-
-def zip_folder(prefix: str, manifest: dict, date: datetime) -> Iterator[bytes]:
-    """An artifact's files from S3 and its manifest.json, as a zip streamed piece by piece
-    (entries stored: safetensors weights do not compress). Like fine_tuning.zip_stream, for
-    any artifact."""
-    sink = _ZipSink()
-    names = sorted(manifest.get("files", {})) + ["manifest.json"]
-    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED) as archive:
-        for name in names:
-            info = zipfile.ZipInfo(name, date_time=date.timetuple()[:6])
-            with archive.open(info, mode="w", force_zip64=True) as entry:
-                for chunk in storage.iter_object(prefix + name):
-                    entry.write(chunk)
-                    yield sink.take()
-            yield sink.take()
-    yield sink.take()

@@ -376,15 +376,21 @@ class _ZipSink:
 
 
 def zip_stream(adapter: Adapter) -> Iterator[bytes]:
-    """The adapter's files from S3 into a zip, piece by piece: nothing whole in memory or disk.
-    Entries are stored, not deflated: safetensors weights do not compress."""
+    """The adapter's PEFT folder and its manifest as a zip (see zip_folder)."""
+    return zip_folder(adapter.s3_prefix, adapter.manifest, adapter.created_at)
+
+
+def zip_folder(prefix: str, manifest: dict, date: datetime) -> Iterator[bytes]:
+    """An artifact's files from S3 and its manifest.json as a zip, piece by piece: nothing whole
+    in memory or on disk. Entries are stored, not deflated: safetensors weights do not
+    compress."""
     sink = _ZipSink()
-    names = sorted(adapter.manifest.get("files", {})) + ["manifest.json"]
+    names = sorted(manifest.get("files", {})) + ["manifest.json"]
     with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED) as archive:
         for name in names:
-            info = zipfile.ZipInfo(name, date_time=adapter.created_at.timetuple()[:6])
+            info = zipfile.ZipInfo(name, date_time=date.timetuple()[:6])
             with archive.open(info, mode="w", force_zip64=True) as entry:
-                for chunk in storage.iter_object(adapter.s3_prefix + name):
+                for chunk in storage.iter_object(prefix + name):
                     entry.write(chunk)
                     yield sink.take()
             yield sink.take()
