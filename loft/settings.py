@@ -140,6 +140,9 @@ LOFT_INFERENCE_QUANTIZATION = env.string("LOFT_INFERENCE_QUANTIZATION", "none")
 LOFT_INFERENCE_TIMEOUT_SECONDS = env.integer("LOFT_INFERENCE_TIMEOUT_SECONDS", 120)
 LOFT_INFERENCE_MAX_TOKENS = env.integer("LOFT_INFERENCE_MAX_TOKENS", 1024)
 
+# --- Operations: /metrics answers staff sessions, and scrapers that send this token (if set).
+LOFT_METRICS_TOKEN = env.string("LOFT_METRICS_TOKEN", "")
+
 # --- Quotas: defaults for organizations without their own (jobs.models.Quota); 0 = none ----
 LOFT_QUOTA_CONCURRENT_JOBS = env.integer("LOFT_QUOTA_CONCURRENT_JOBS", 4)
 LOFT_QUOTA_STORAGE_BYTES = env.integer("LOFT_QUOTA_STORAGE_BYTES", 50 * 2**30)

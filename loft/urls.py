@@ -9,6 +9,7 @@ from jobs import views as job_views
 from jobs.api.evaluations import EvaluationViewSet
 from jobs.api.fine_tuning import AdapterViewSet, FineTuningJobViewSet, UsageView
 from jobs.api.views import FileViewSet, ModelDetailView, ModelListView
+from jobs.metrics import metrics
 from loft import views
 from loft.api.views import ApiKeyViewSet
 from loft.api.webhooks import WebhookEndpointViewSet
@@ -36,6 +37,7 @@ urlpatterns = [
     path("login", auth_views.LoginView.as_view(), name="login"),
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics, name="metrics"),
     path("docs", SpectacularSwaggerView.as_view(url_name="api:openapi-schema"), name="api-docs"),
     path("train/new", wizard.data_step, name="wizard"),
     path("train/new/model", wizard.model_step, name="wizard-model"),

@@ -1,0 +1,91 @@
+"""Prometheus ``/metrics``: what operators graph and alert on, computed when scraped.
+
+Every figure comes from the database (the truth) or the broker (queue depth), so any web
+process answers the same and nothing needs to be shared between processes. Access: a staff
+session, or ``Authorization: Bearer <LOFT_METRICS_TOKEN>`` for a scraper; anyone else gets 403.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import timedelta
+
+import redis
+from django.conf import settings
+from django.db.models import Count, Sum
+from django.http import HttpResponse
+from django.utils import timezone
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+from jobs.models import File, FineTuneJob
+from loft.views import permission_denied
+
+DURATION_BUCKETS = (60, 300, 900, 3600, 4 * 3600, 12 * 3600)
+RECENT = timedelta(hours=24)
+
+
+class LoftCollector:
+    def collect(self):
+        by_status = GaugeMetricFamily("loft_jobs", "Fine-tuning jobs by status.", labels=["status"])
+        counts = dict(
+            FineTuneJob.objects.values("status").annotate(n=Count("id")).values_list("status", "n")
+        )
+        for status in FineTuneJob.Status.values:
+            by_status.add_metric([status], counts.get(status, 0))
+        yield by_status
+
+        depth = GaugeMetricFamily(
+            "loft_queue_depth", "Messages waiting in each Celery queue.", labels=["queue"]
+        )
+        connection = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=2)
+        for queue in sorted({settings.LOFT_TRAINING_QUEUE, settings.LOFT_INFERENCE_QUEUE}):
+            depth.add_metric([queue], connection.llen(queue))
+        yield depth
+
+        durations = [
+            (job.finished_at - job.started_at).total_seconds()
+            for job in FineTuneJob.objects.filter(
+                finished_at__gte=timezone.now() - RECENT, started_at__isnull=False
+            ).only("started_at", "finished_at")
+        ]
+        buckets = [
+            (str(bound), sum(1 for d in durations if d <= bound)) for bound in DURATION_BUCKETS
+        ] + [("+Inf", len(durations))]
+        yield HistogramMetricFamily(
+            "loft_job_duration_seconds",
+            "Run time of the jobs that finished in the last 24 hours.",
+            buckets=buckets,
+            sum_value=sum(durations),
+        )
+
+        rate = GaugeMetricFamily(
+            "loft_training_tokens_per_second", "Tokens per second of the running jobs, summed."
+        )
+        running = FineTuneJob.objects.filter(status=FineTuneJob.Status.RUNNING)
+        rate.add_metric(
+            [], sum((job.progress or {}).get("tokens_per_second", 0) for job in running)
+        )
+        yield rate
+
+        uploaded = GaugeMetricFamily(
+            "loft_uploaded_bytes", "Bytes of the uploaded files that are kept."
+        )
+        uploaded.add_metric([], File.objects.aggregate(total=Sum("bytes"))["total"] or 0)
+        yield uploaded
+
+
+def _allowed(request) -> bool:
+    if request.user.is_authenticated and request.user.is_staff:
+        return True
+    token = settings.LOFT_METRICS_TOKEN
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    return bool(token) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def metrics(request):
+    if not _allowed(request):
+        return permission_denied(request)
+    registry = CollectorRegistry()
+    registry.register(LoftCollector())
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,47 @@
+"""``/metrics``: Prometheus text that prometheus_client's own parser reads, for staff or a
+scraper's token only."""
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobs.models import File, FineTuneJob
+from tests.test_files_api import chat_rows, jsonl, upload
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]
+
+
+def families(text: str) -> dict:
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def test_metrics_show_jobs_by_status_queues_durations_and_uploads(
+    client, django_user_model, api_a, tenant_a
+):
+    file_id = upload(api_a, jsonl(chat_rows(8))).json()["id"]
+    FineTuneJob.submit(
+        org=tenant_a.org,
+        training_file=File.objects.get(pk=file_id),
+        hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
+    )
+    staff = django_user_model.objects.create_user("operator", password="x", is_staff=True)
+    client.force_login(staff)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    found = families(response.content.decode())
+    jobs = {s.labels["status"]: s.value for s in found["loft_jobs"].samples}
+    assert jobs["queued"] == 1 and jobs["succeeded"] == 0
+    queues = {s.labels["queue"] for s in found["loft_queue_depth"].samples}
+    assert queues >= {"inference"} and len(queues) == 2
+    assert "loft_job_duration_seconds" in found
+    assert found["loft_uploaded_bytes"].samples[0].value > 0
+    assert found["loft_training_tokens_per_second"].samples[0].value == 0
+
+
+def test_metrics_refuse_anyone_but_staff_or_the_token(client, tenant_a, settings):
+    assert client.get("/metrics").status_code == 403
+    client.force_login(tenant_a.user)  # an owner of an organization, not an operator
+    assert client.get("/metrics").status_code == 403
+    client.logout()
+    settings.LOFT_METRICS_TOKEN = "scrape-me"
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 403
+    assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-me").status_code == 200
