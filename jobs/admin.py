@@ -1,4 +1,10 @@
+"""The admin for operators: every model of the fine-tuning domain, with the columns, filters
+and actions running a Loft needs (cancel, retry, enable base models). Fields the server owns
+are read-only: an operator acts through actions, which go through the job's lifecycle
+methods, never by editing a status."""
+
 from django.contrib import admin
+from django.utils.html import format_html
 
 from jobs.models import (
     Adapter,
@@ -7,8 +13,26 @@ from jobs.models import (
     Evaluation,
     File,
     FineTuneJob,
+    JobAttempt,
     JobEvent,
+    MonthlyUsage,
+    UsageRecord,
+    WorkerHeartbeat,
 )
+
+
+def _read_only(model) -> list[str]:
+    return [field.name for field in model._meta.fields]
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows the system writes; an operator reads them."""
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(BaseModel)
@@ -18,6 +42,15 @@ class BaseModelAdmin(admin.ModelAdmin):
     list_editable = ["enabled"]
     search_fields = ["name"]
     readonly_fields = ["created_at"]
+    actions = ["enable", "disable"]
+
+    @admin.action(description="Enable the selected base models (offered for new jobs)")
+    def enable(self, request, queryset):
+        self.message_user(request, f"Enabled {queryset.update(enabled=True)} base model(s).")
+
+    @admin.action(description="Disable the selected base models (existing jobs keep them)")
+    def disable(self, request, queryset):
+        self.message_user(request, f"Disabled {queryset.update(enabled=False)} base model(s).")
 
 
 @admin.register(File)
@@ -33,9 +66,20 @@ class FileAdmin(admin.ModelAdmin):
         "bytes",
         "created_at",
     ]
-    list_filter = ["status", "purpose", "org"]
+    list_filter = ["status", "purpose", "org", "created_at"]
+    date_hierarchy = "created_at"
     search_fields = ["id", "filename", "org__slug"]
-    readonly_fields = [f.name for f in File._meta.fields]
+    readonly_fields = _read_only(File)
+
+
+class JobAttemptInline(admin.TabularInline):
+    model = JobAttempt
+    extra = 0
+    can_delete = False
+    readonly_fields = ["number", "worker", "started_at", "ended_at", "outcome"]
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
 
 
 class JobEventInline(admin.TabularInline):
@@ -44,12 +88,18 @@ class JobEventInline(admin.TabularInline):
     can_delete = False
     readonly_fields = ["created_at", "level", "message", "data"]
 
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
 
 class CheckpointInline(admin.TabularInline):
     model = Checkpoint
     extra = 0
     can_delete = False
     readonly_fields = ["step", "attempt", "s3_prefix", "created_at"]
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(FineTuneJob)
@@ -61,17 +111,27 @@ class FineTuneJobAdmin(admin.ModelAdmin):
         "method",
         "status",
         "attempt",
+        "step",
+        "worker",
         "created_at",
         "finished_at",
     ]
-    list_filter = ["status", "method", "org", "base_model"]
-    search_fields = ["id", "org__slug", "suffix"]
-    readonly_fields = [f.name for f in FineTuneJob._meta.fields]
-    inlines = [CheckpointInline, JobEventInline]
-    actions = ["cancel"]
+    list_filter = ["status", "method", "base_model", "org", "created_at"]
+    date_hierarchy = "created_at"
+    search_fields = ["id", "org__slug", "suffix", "worker"]
+    readonly_fields = _read_only(FineTuneJob)
+    inlines = [JobAttemptInline, CheckpointInline, JobEventInline]
+    actions = ["cancel", "retry"]
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    @admin.display(description="step")
+    def step(self, job: FineTuneJob) -> str:
+        progress = job.progress or {}
+        if "step" not in progress:
+            return "–"
+        return f"{progress['step']}/{progress.get('total_steps', '?')}"
 
     @admin.action(description="Cancel the selected jobs")
     def cancel(self, request, queryset):
@@ -79,21 +139,90 @@ class FineTuneJobAdmin(admin.ModelAdmin):
             job.request_cancel()
         self.message_user(request, f"Asked {queryset.count()} job(s) to cancel.")
 
+    @admin.action(description="Retry the selected failed jobs from their last checkpoint")
+    def retry(self, request, queryset):
+        retried = [job.id for job in queryset if job.retry(by=f"operator {request.user}")]
+        skipped = queryset.count() - len(retried)
+        message = f"Queued {len(retried)} job(s) again."
+        if skipped:
+            message += (
+                f" {skipped} could not be retried: only failed jobs that started can be "
+                "(a job that failed before starting needs a new job)."
+            )
+        self.message_user(request, message)
+
+
+@admin.register(JobAttempt)
+class JobAttemptAdmin(ReadOnlyAdmin):
+    list_display = ["job", "number", "worker", "started_at", "ended_at", "outcome"]
+    list_filter = ["outcome", "started_at"]
+    search_fields = ["job__id", "worker"]
+
 
 @admin.register(Adapter)
 class AdapterAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "org", "base_model", "size_bytes", "created_at"]
-    list_filter = ["org", "base_model"]
+    list_display = [
+        "id",
+        "name",
+        "org",
+        "base_model",
+        "size_bytes",
+        "merged_status",
+        "created_at",
+    ]
+    list_filter = ["base_model", "merged_status", "org", "created_at"]
+    date_hierarchy = "created_at"
     search_fields = ["id", "name", "org__slug"]
-    readonly_fields = [f.name for f in Adapter._meta.fields]
+    readonly_fields = _read_only(Adapter)
 
 
 @admin.register(Evaluation)
 class EvaluationAdmin(admin.ModelAdmin):
     list_display = ["id", "kind", "status", "org", "base_model", "job", "file", "created_at"]
-    list_filter = ["kind", "status", "org", "base_model"]
+    list_filter = ["kind", "status", "base_model", "org", "created_at"]
+    date_hierarchy = "created_at"
     search_fields = ["id", "org__slug", "job__id", "adapter__name"]
-    readonly_fields = [f.name for f in Evaluation._meta.fields]
+    readonly_fields = _read_only(Evaluation)
 
     def has_add_permission(self, request) -> bool:
         return False
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(ReadOnlyAdmin):
+    list_display = ["org", "job", "trained_tokens", "compute_seconds", "created_at"]
+    list_filter = ["org", "created_at"]
+    date_hierarchy = "created_at"
+    search_fields = ["org__slug", "job__id"]
+
+
+@admin.register(MonthlyUsage)
+class MonthlyUsageAdmin(ReadOnlyAdmin):
+    list_display = ["month", "org", "jobs", "trained_tokens", "compute_seconds", "updated_at"]
+    list_filter = ["month", "org"]
+    search_fields = ["org__slug"]
+
+
+@admin.register(WorkerHeartbeat)
+class WorkerHeartbeatAdmin(ReadOnlyAdmin):
+    list_display = [
+        "hostname",
+        "pid",
+        "queues",
+        "device",
+        "memory",
+        "current_job",
+        "last_seen",
+        "stopped_at",
+    ]
+    list_filter = ["device", ("stopped_at", admin.EmptyFieldListFilter)]
+    search_fields = ["hostname", "current_job"]
+
+    @admin.display(description="memory used / total")
+    def memory(self, worker: WorkerHeartbeat) -> str:
+        gib = 2**30
+        return format_html(
+            "{} / {} GiB",
+            f"{worker.memory_used_bytes / gib:.1f}",
+            f"{worker.memory_total_bytes / gib:.1f}",
+        )

@@ -18,6 +18,7 @@ from jobs import inference
 from jobs.datasets import tokenizer_for
 from jobs.models import Adapter, Evaluation
 from jobs.training import read_examples
+from loft.observability import bind_log_fields
 from loft.storage import StorageError
 from worker import data, evaluate, train
 from worker.base_models import training_device
@@ -31,6 +32,7 @@ def run_evaluation(evaluation_id: str) -> None:
     evaluation = evaluation.first()
     if evaluation is None or not evaluation.claim():
         return  # deleted, or already finished
+    bind_log_fields(org_id=evaluation.org_id, job_id=evaluation.job_id)
     try:
         evaluation.succeed(_score_every_model(evaluation))
     except data.DatasetError as error:

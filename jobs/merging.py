@@ -17,6 +17,7 @@ from jobs import inference
 from jobs.datasets import spec_of, tokenizer_for
 from jobs.models import Adapter
 from loft import storage
+from loft.observability import bind_log_fields
 from loft.storage import StorageError
 from worker import artifacts, merge
 from worker.base_models import load_base_model, training_device
@@ -33,6 +34,7 @@ def run_merge(adapter_id: str) -> None:
     if not claimed:
         return  # deleted, or already made
     adapter = Adapter.objects.select_related("base_model").get(pk=adapter_id)
+    bind_log_fields(org_id=adapter.org_id)
     try:
         manifest = merged_weights(adapter)
     except StorageError as error:

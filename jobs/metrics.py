@@ -1,28 +1,30 @@
 """Prometheus ``/metrics``: what operators graph and alert on, computed when scraped.
 
-Every figure comes from the database (the truth) or the broker (queue depth), so any web
-process answers the same and nothing needs to be shared between processes. Access: a staff
+Every figure but one comes from the database (the truth), the broker (queue depth) or the
+workers' heartbeat rows, through the functions the ops page uses (jobs/ops.py), so any web
+process answers the same. The exception is HTTP latency, timed in each web process
+(loft/observability.py) and added up across processes under gunicorn. Access: a staff
 session, or ``Authorization: Bearer <LOFT_METRICS_TOKEN>`` for a scraper; anyone else gets 403.
 """
 
 from __future__ import annotations
 
 import hmac
-from datetime import timedelta
+import os
 
-import redis
 from django.conf import settings
 from django.db.models import Count, Sum
 from django.http import HttpResponse
 from django.utils import timezone
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
-from jobs.models import File, FineTuneJob
+from jobs import ops
+from jobs.models import File, FineTuneJob, WorkerHeartbeat
+from loft.observability import HTTP_LATENCY
 from loft.views import permission_denied
 
 DURATION_BUCKETS = (60, 300, 900, 3600, 4 * 3600, 12 * 3600)
-RECENT = timedelta(hours=24)
 
 
 class LoftCollector:
@@ -38,17 +40,18 @@ class LoftCollector:
         depth = GaugeMetricFamily(
             "loft_queue_depth", "Messages waiting in each Celery queue.", labels=["queue"]
         )
-        connection = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=2)
-        for queue in sorted({settings.LOFT_TRAINING_QUEUE, settings.LOFT_INFERENCE_QUEUE}):
-            depth.add_metric([queue], connection.llen(queue))
+        for queue, waiting in ops.queue_depths().items():
+            if waiting is not None:  # broker down: no figure rather than a false 0
+                depth.add_metric([queue], waiting)
         yield depth
 
-        durations = [
-            (job.finished_at - job.started_at).total_seconds()
-            for job in FineTuneJob.objects.filter(
-                finished_at__gte=timezone.now() - RECENT, started_at__isnull=False
-            ).only("started_at", "finished_at")
-        ]
+        workers = GaugeMetricFamily(
+            "loft_workers_online", "Worker processes whose heartbeat is recent."
+        )
+        workers.add_metric([], WorkerHeartbeat.online().count())
+        yield workers
+
+        durations = ops.run_seconds(timezone.now() - ops.RECENT)
         buckets = [
             (str(bound), sum(1 for d in durations if d <= bound)) for bound in DURATION_BUCKETS
         ] + [("+Inf", len(durations))]
@@ -88,4 +91,9 @@ def metrics(request):
         return permission_denied(request)
     registry = CollectorRegistry()
     registry.register(LoftCollector())
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Under gunicorn each web process times its own requests; add them all up.
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry.register(HTTP_LATENCY)
     return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

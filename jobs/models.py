@@ -223,6 +223,9 @@ class FineTuneJob(TenantOwnedModel):
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
     cancel_requested = models.BooleanField(default=False)
     attempt = models.PositiveIntegerField(default=0, help_text="Claims so far; the fencing token.")
+    attempts_before_retry = models.PositiveIntegerField(
+        default=0, help_text="``attempt`` when an operator last retried the job (0: never)."
+    )
     worker = models.CharField(max_length=200, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     progress = models.JSONField(default=dict, blank=True)
@@ -440,6 +443,30 @@ class FineTuneJob(TenantOwnedModel):
                 )
         self.refresh_from_db()
 
+    def retry(self, by: str) -> bool:
+        """An operator's second chance for a failed job that ran: queued again, it resumes
+        from its last checkpoint (jobs/training.py) with a fresh allowance of attempts. A job
+        that failed before it started has nothing to resume; it needs a new job."""
+        with transaction.atomic():
+            retried = FineTuneJob.objects.filter(
+                pk=self.pk, status=self.Status.FAILED, attempt__gte=1
+            ).update(
+                status=self.Status.QUEUED,
+                error=None,
+                finished_at=None,
+                worker="",
+                cancel_requested=False,
+                attempts_before_retry=models.F("attempt"),
+            )
+            if not retried:
+                return False
+            self.refresh_from_db()
+            latest = self.checkpoints.first()
+            where = f"the checkpoint at step {latest.step}" if latest else "the start"
+            self.add_event("warning", f"Retried by {by}; it resumes from {where}.")
+            self.enqueue()
+        return True
+
     def _ended(self, level: str, message: str) -> None:
         """What every move to succeeded, failed or cancelled does, in the same transaction:
         the last event, the usage line when it ran at all, and the webhooks' announcement."""
@@ -465,6 +492,7 @@ class FineTuneJob(TenantOwnedModel):
         if not won:
             return None
         self.refresh_from_db()
+        JobAttempt.objects.create(job=self, number=self.attempt, worker=worker, started_at=now)
         return self.attempt
 
     def fenced(self, attempt: int):
@@ -499,15 +527,20 @@ class FineTuneJob(TenantOwnedModel):
             if not done:
                 return False
             self.refresh_from_db()
+            JobAttempt.close(self, attempt, status)
             self._ended("error" if status == self.Status.FAILED else "info", message)
         return True
 
     def record_usage(self) -> None:
-        UsageRecord.objects.create(
-            org_id=self.org_id,
+        """The job's line in the usage ledger. Its figures are the job's totals over every
+        attempt, so a job an operator retried updates its line instead of adding one."""
+        UsageRecord.objects.update_or_create(
             job=self,
-            trained_tokens=self.trained_tokens,
-            compute_seconds=self.compute_seconds,
+            defaults={
+                "org_id": self.org_id,
+                "trained_tokens": self.trained_tokens,
+                "compute_seconds": self.compute_seconds,
+            },
         )
 
     def announce_end(self) -> None:
@@ -557,22 +590,27 @@ class FineTuneJob(TenantOwnedModel):
             # Cancelled while its worker died: nobody is left to end it but the reaper.
             if fenced.update(status=self.Status.CANCELLED, finished_at=now):
                 self.refresh_from_db()
+                JobAttempt.close(self, self.attempt, JobAttempt.LOST)
                 self._ended("info", "Job cancelled (its worker had stopped).")
                 return True
             return False
-        if self.attempt >= max_attempts:
+        # Attempts since an operator last retried the job: a retry grants max_attempts anew.
+        lost = self.attempt - self.attempts_before_retry
+        if lost >= max_attempts:
             message = (
-                f"The worker running this job stopped {self.attempt} times "
+                f"The worker running this job stopped {lost} times "
                 f"(last on {self.worker}); Loft gave up. The data or settings may make the "
                 "worker crash: try a smaller batch_size or max_seq_length."
             )
             error = {"code": "worker_lost", "message": message, "param": None}
             if fenced.update(status=self.Status.FAILED, finished_at=now, error=error):
                 self.refresh_from_db()
+                JobAttempt.close(self, self.attempt, JobAttempt.LOST)
                 self._ended("error", message)
                 return True
             return False
         if fenced.update(status=self.Status.QUEUED, worker=""):
+            JobAttempt.close(self, self.attempt, JobAttempt.LOST)
             self.add_event(
                 "warning",
                 f"Attempt {self.attempt} stopped answering on {self.worker}; "
@@ -595,6 +633,37 @@ class JobEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id} {self.level}: {self.message}"
+
+
+class JobAttempt(models.Model):
+    """One claim of a job by a worker, from its start to its end. The row is what the admin
+    shows of a job's history, and what proves two attempts of one job never overlapped."""
+
+    LOST = "lost"  # the worker stopped answering and the reaper took the job back
+
+    job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveIntegerField()
+    worker = models.CharField(max_length=200)
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(
+        max_length=20, blank=True, help_text="succeeded, failed, cancelled or lost; empty: running"
+    )
+
+    class Meta:
+        ordering = ["number"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "number"], name="one_row_per_attempt")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} attempt {self.number} ({self.outcome or 'running'})"
+
+    @classmethod
+    def close(cls, job: FineTuneJob, number: int, outcome: str) -> None:
+        cls.objects.filter(job=job, number=number, ended_at__isnull=True).update(
+            ended_at=timezone.now(), outcome=outcome
+        )
 
 
 class Checkpoint(models.Model):
@@ -993,3 +1062,81 @@ class UsageRecord(TenantOwnedModel):
 
     def __str__(self) -> str:
         return f"{self.org_id} {self.job_id}: {self.trained_tokens} tokens"
+
+
+class MonthlyUsage(TenantOwnedModel):
+    """The usage ledger rolled up per organization and calendar month (UTC), by the periodic
+    task ``roll_up_usage``: what an operator bills from, without summing every job's line."""
+
+    month = models.DateField(help_text="The first day of the month.")
+    jobs = models.PositiveIntegerField(default=0)
+    trained_tokens = models.BigIntegerField(default=0)
+    compute_seconds = models.FloatField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-month", "org"]
+        constraints = [
+            models.UniqueConstraint(fields=["org", "month"], name="one_usage_line_per_month")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.org_id} {self.month:%Y-%m}: {self.trained_tokens} tokens"
+
+    @classmethod
+    def roll_up(cls, month) -> int:
+        """Recompute every organization's line for the month that starts at ``month`` (a
+        datetime at a month's start); safe to run again. Returns how many lines it wrote."""
+        next_month = (month + timedelta(days=32)).replace(day=1)
+        totals = (
+            UsageRecord.objects.filter(created_at__gte=month, created_at__lt=next_month)
+            .values("org")
+            .annotate(
+                jobs=models.Count("id"),
+                trained_tokens=models.Sum("trained_tokens"),
+                compute_seconds=models.Sum("compute_seconds"),
+            )
+        )
+        for line in totals:
+            cls.objects.update_or_create(
+                org_id=line["org"],
+                month=month.date(),
+                defaults={
+                    "jobs": line["jobs"],
+                    "trained_tokens": line["trained_tokens"] or 0,
+                    "compute_seconds": line["compute_seconds"] or 0,
+                },
+            )
+        return len(totals)
+
+
+class WorkerHeartbeat(models.Model):
+    """A worker process's last report of itself (jobs/workers.py), written every few seconds
+    while it runs: what the ops dashboard and ``loft_workers_online`` count as online."""
+
+    hostname = models.CharField(primary_key=True, max_length=200, help_text="Celery's node name.")
+    pid = models.PositiveIntegerField()
+    queues = models.JSONField(default=list)
+    device = models.CharField(max_length=200, help_text="GPU name, or cpu.")
+    memory_used_bytes = models.BigIntegerField(
+        default=0, help_text="GPU memory in use, or the worker's resident memory on a CPU."
+    )
+    memory_total_bytes = models.BigIntegerField(default=0)
+    current_job = models.CharField(max_length=40, blank=True)
+    started_at = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["hostname"]
+
+    def __str__(self) -> str:
+        return self.hostname
+
+    @classmethod
+    def online(cls):
+        from django.conf import settings
+
+        # Three missed beats and it is counted as gone.
+        cutoff = timezone.now() - timedelta(seconds=3 * settings.LOFT_WORKER_HEARTBEAT_SECONDS)
+        return cls.objects.filter(last_seen__gte=cutoff, stopped_at__isnull=True)

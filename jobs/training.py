@@ -20,6 +20,7 @@ from django.db import close_old_connections, transaction
 from jobs.datasets import spec_of, tokenizer_for
 from jobs.models import Adapter, Checkpoint, Evaluation, File, FineTuneJob
 from loft import storage
+from loft.observability import bind_log_fields
 from worker import artifacts, data, evaluate, train
 from worker.base_models import training_device, warm_base_models
 
@@ -52,9 +53,12 @@ def run_job(job_id: str, worker: str) -> None:
     job = FineTuneJob.objects.select_related("org", "base_model").filter(pk=job_id).first()
     if job is None:
         return
+    bind_log_fields(org_id=job.org_id)
     attempt = job.claim(worker)
     if attempt is None:
+        logger.info("job not claimed: it is %s or another worker holds it", job.status)
         return  # another worker holds it, or it is finished or cancelled
+    logger.info("attempt %s of the job started", attempt, extra={"attempt": attempt})
     job.add_event("info", f"Attempt {attempt} started on {worker}.", attempt=attempt)
     heartbeat = Heartbeat(job, attempt, settings.LOFT_HEARTBEAT_SECONDS)
     heartbeat.start()
@@ -107,6 +111,8 @@ def run_job(job_id: str, worker: str) -> None:
     finally:
         heartbeat.stop()
         shutil.rmtree(work, ignore_errors=True)
+        job.refresh_from_db(fields=["status"])
+        logger.info("attempt %s of the job ended; the job is %s", attempt, job.status)
 
 
 def _is_out_of_memory(error: Exception) -> bool:

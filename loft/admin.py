@@ -1,5 +1,6 @@
 from django.contrib import admin
 
+from jobs.models import Quota
 from loft.models import ApiKey, Membership, Organization, WebhookDelivery, WebhookEndpoint
 
 
@@ -9,13 +10,30 @@ class MembershipInline(admin.TabularInline):
     autocomplete_fields = ["user"]
 
 
+class QuotaInline(admin.StackedInline):
+    """An organization's limits; an empty field takes the operator's default (settings)."""
+
+    model = Quota
+    can_delete = False
+    verbose_name_plural = "quota (empty: the default; 0: nothing allowed)"
+
+
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):
     list_display = ["slug", "name", "is_active", "created_at"]
-    list_filter = ["is_active"]
+    list_filter = ["is_active", "created_at"]
     search_fields = ["slug", "name", "id"]
     readonly_fields = ["id", "created_at"]
-    inlines = [MembershipInline]
+    inlines = [QuotaInline, MembershipInline]
+    actions = ["disable", "enable"]
+
+    @admin.action(description="Disable the selected organizations (keys and members refused)")
+    def disable(self, request, queryset):
+        self.message_user(request, f"Disabled {queryset.update(is_active=False)} organization(s).")
+
+    @admin.action(description="Enable the selected organizations")
+    def enable(self, request, queryset):
+        self.message_user(request, f"Enabled {queryset.update(is_active=True)} organization(s).")
 
 
 @admin.register(ApiKey)

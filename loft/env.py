@@ -90,6 +90,15 @@ class Env:
         except ValueError:
             raise ImproperlyConfigured(f"{name}={value!r} is not an integer.") from None
 
+    def number(self, name: str, default: float) -> float:
+        value = self.get(name)
+        if value is None:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}={value!r} is not a number.") from None
+
     def csv(self, name: str, default: list[str]) -> list[str]:
         value = self.get(name)
         if value is None:

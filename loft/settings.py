@@ -17,7 +17,7 @@ ALLOWED_HOSTS = env.csv("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.csv("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "loft.admin_site.LoftAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -32,6 +32,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "loft.observability.RequestMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -100,15 +101,50 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
+# Periodic upkeep (worker/tasks.py, jobs/maintenance.py), sent by `celery beat` to the queue
+# LOFT_MAINTENANCE_QUEUE; every one of them is safe to run twice or late.
+LOFT_MAINTENANCE_QUEUE = env.string("LOFT_MAINTENANCE_QUEUE", "default")
+LOFT_REAPER_EVERY_SECONDS = env.number("LOFT_REAPER_EVERY_SECONDS", 30.0)
+_maintenance = {"queue": LOFT_MAINTENANCE_QUEUE, "expires": 600}
 CELERY_BEAT_SCHEDULE = {
-    "reap-stale-jobs": {"task": "worker.tasks.reap_stale_jobs", "schedule": 30.0},
-    "send-overdue-webhooks": {"task": "worker.tasks.send_overdue_webhooks", "schedule": 60.0},
+    "reap-stale-jobs": {
+        "task": "worker.tasks.reap_stale_jobs",
+        "schedule": LOFT_REAPER_EVERY_SECONDS,
+        "options": {**_maintenance, "expires": max(LOFT_REAPER_EVERY_SECONDS, 5)},
+    },
+    "send-overdue-webhooks": {
+        "task": "worker.tasks.send_overdue_webhooks",
+        "schedule": 60.0,
+        "options": _maintenance,
+    },
+    "abort-abandoned-uploads": {
+        "task": "worker.tasks.abort_abandoned_uploads",
+        "schedule": 3600.0,
+        "options": _maintenance,
+    },
+    "sweep-orphan-objects": {
+        "task": "worker.tasks.sweep_orphan_objects",
+        "schedule": 6 * 3600.0,
+        "options": _maintenance,
+    },
+    "roll-up-usage": {
+        "task": "worker.tasks.roll_up_usage",
+        "schedule": 3600.0,
+        "options": _maintenance,
+    },
 }
+# A multipart upload still open after this long was abandoned (its request died).
+LOFT_ABANDONED_UPLOAD_SECONDS = env.integer("LOFT_ABANDONED_UPLOAD_SECONDS", 24 * 3600)
+# An object no row owns is deleted once it is this old: younger, its row may still be coming
+# (an upload writes the object before the row commits).
+LOFT_ORPHAN_GRACE_SECONDS = env.integer("LOFT_ORPHAN_GRACE_SECONDS", 24 * 3600)
 
 # --- Jobs ------------------------------------------------------------------------------------
 # Workers of a GPU class consume that class's queue; the embedded stack has one worker on it.
 LOFT_TRAINING_QUEUE = env.string("LOFT_TRAINING_QUEUE", "default")
 LOFT_HEARTBEAT_SECONDS = env.integer("LOFT_HEARTBEAT_SECONDS", 10)
+# How often each worker process reports itself (host, queues, device, memory) to /ops/.
+LOFT_WORKER_HEARTBEAT_SECONDS = env.number("LOFT_WORKER_HEARTBEAT_SECONDS", 10.0)
 # A running job whose heartbeat is older than this is taken to have lost its worker.
 LOFT_LEASE_SECONDS = env.integer("LOFT_LEASE_SECONDS", 60)
 LOFT_MAX_ATTEMPTS = env.integer("LOFT_MAX_ATTEMPTS", 3)
@@ -199,11 +235,21 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
 }
 
+# JSON lines by default (loft/observability.py), with the job and organization ids where the
+# code knows them; LOFT_LOG_FORMAT=plain for classic lines. Celery uses this too (loft/celery.py).
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "json": {"()": "loft.observability.JsonFormatter"},
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": env.string("LOFT_LOG_FORMAT", "json"),
+        }
+    },
     "root": {"handlers": ["console"], "level": env.string("LOFT_LOG_LEVEL", "INFO")},
     "loggers": {"botocore": {"level": "WARNING"}, "urllib3": {"level": "WARNING"}},
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -61,7 +62,7 @@ def worker_child(env: dict[str, str], name: str = "worker", queue: str = "defaul
             "--queues",
             queue,
         ],
-        env=env,
+        env={**env, "LOFT_SERVICE": name},
     )
 
 
@@ -78,11 +79,16 @@ def beat_child(env: dict[str, str], home: Path) -> Child:
             "--schedule",
             str(home / "celerybeat-schedule"),
         ],
-        env=env,
+        env={**env, "LOFT_SERVICE": "beat"},
     )
 
 
-def web_child(env: dict[str, str], host: str, port: int) -> Child:
+def web_child(env: dict[str, str], host: str, port: int, home: Path) -> Child:
+    # Each gunicorn process times its own requests; /metrics adds them up from this folder,
+    # emptied at start so that figures of processes from an earlier run are not counted.
+    metrics_dir = home / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
     return Child(
         "web",
         [
@@ -96,11 +102,10 @@ def web_child(env: dict[str, str], host: str, port: int) -> Child:
             "4",
             "--timeout",
             "120",
-            "--access-logfile",
-            "-",
+            # No access log: Loft logs each request itself, as JSON (loft/observability.py).
             "--no-control-socket",
         ],
-        env=env,
+        env={**env, "LOFT_SERVICE": "web", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
     )
 
 
@@ -154,7 +159,7 @@ def run() -> int:
             worker_child(env),
             worker_child(env, "inference", env.get("LOFT_INFERENCE_QUEUE", "inference")),
             beat_child(env, home),
-            web_child(env, host, port),
+            web_child(env, host, port, home),
         ]
         for child in apps:
             child.start()

@@ -130,6 +130,35 @@ def list_keys(prefix: str) -> list[str]:
         raise _fail(f"list {prefix}", error) from error
 
 
+def list_objects(prefix: str):
+    """(key, last modified) of every object under ``prefix``, page by page."""
+    try:
+        paginator = client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=settings.S3_BUCKET, Prefix=prefix):
+            for item in page.get("Contents", []):
+                yield item["Key"], item["LastModified"]
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"list {prefix}", error) from error
+
+
+def open_multipart_uploads():
+    """(key, upload id, initiated) of every multipart upload begun and not yet finished."""
+    try:
+        paginator = client().get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=settings.S3_BUCKET):
+            for item in page.get("Uploads", []):
+                yield item["Key"], item["UploadId"], item["Initiated"]
+    except (BotoCoreError, ClientError) as error:
+        raise _fail("list multipart uploads", error) from error
+
+
+def abort_multipart_upload(key: str, upload_id: str) -> None:
+    try:
+        client().abort_multipart_upload(Bucket=settings.S3_BUCKET, Key=key, UploadId=upload_id)
+    except (BotoCoreError, ClientError) as error:
+        raise _fail(f"abort the upload of {key}", error) from error
+
+
 def get_bytes(key: str) -> bytes:
     try:
         return client().get_object(Bucket=settings.S3_BUCKET, Key=key)["Body"].read()

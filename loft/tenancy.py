@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from django.db import models
 from django.http import HttpRequest
 
+from loft.observability import bind_log_fields
+
 if TYPE_CHECKING:
     from loft.models import Organization
 
@@ -40,6 +42,7 @@ def current_org(request: HttpRequest) -> Organization | None:
 
     auth = getattr(request, "auth", None)
     if isinstance(auth, ApiKey):
+        bind_log_fields(org_id=auth.org_id)
         return auth.org
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
@@ -49,7 +52,10 @@ def current_org(request: HttpRequest) -> Organization | None:
     membership = (chosen and memberships.filter(org_id=chosen).first()) or memberships.order_by(
         "created_at"
     ).first()
-    return membership.org if membership else None
+    if membership is None:
+        return None
+    bind_log_fields(org_id=membership.org_id)
+    return membership.org
 
 
 def org_or_404(request: HttpRequest) -> Organization:

@@ -4,7 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from jobs import job_pages, wizard
+from jobs import job_pages, ops, wizard
 from jobs import views as job_views
 from jobs.api.evaluations import EvaluationViewSet
 from jobs.api.fine_tuning import AdapterViewSet, FineTuningJobViewSet, UsageView
@@ -38,6 +38,8 @@ urlpatterns = [
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics, name="metrics"),
+    path("ops/", ops.dashboard, name="ops"),
+    path("ops/live", ops.dashboard_live, name="ops-live"),
     path("docs", SpectacularSwaggerView.as_view(url_name="api:openapi-schema"), name="api-docs"),
     path("train/new", wizard.data_step, name="wizard"),
     path("train/new/model", wizard.model_step, name="wizard-model"),

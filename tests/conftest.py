@@ -159,6 +159,41 @@ class WorkerProcess:
         return self.log.read_text(errors="replace")[-4000:]
 
 
+class BeatProcess:
+    """A real ``celery beat``: sends the periodic tasks of CELERY_BEAT_SCHEDULE to the broker."""
+
+    def __init__(self, log_dir: Path, **env: str):
+        self.log = log_dir / f"beat-{time.monotonic_ns()}.log"
+        self.schedule = log_dir / f"beat-schedule-{time.monotonic_ns()}"
+        self.env = {**os.environ, "DATABASE_URL": database_url_for_tests(), **env}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> BeatProcess:
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "loft", "beat", "--schedule"]
+                + [str(self.schedule)],
+                cwd=PROJECT_DIR,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
 @pytest.fixture
 def private_queue(settings):
     """Jobs of this test go to a queue only this test's workers consume (or none)."""

@@ -16,6 +16,7 @@ import urllib.request
 import openai
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loft.embedded import free_port
 from tests.conftest import PROJECT_DIR
@@ -49,7 +50,7 @@ class MakeRun:
     def __init__(self, home, port):
         # Only LOFT_HOME and LOFT_PORT: the embedded stack must start on its own.
         self.env = {k: v for k, v in os.environ.items() if k not in OUTSIDE_SERVICES}
-        self.env.update(LOFT_HOME=str(home), LOFT_PORT=str(port))
+        self.env.update(LOFT_HOME=str(home), LOFT_PORT=str(port), LOFT_METRICS_TOKEN="scrape")
         self.url = f"http://127.0.0.1:{port}"
         self.log = home.parent / f"make-run-{time.monotonic_ns()}.log"
 
@@ -113,6 +114,35 @@ def exercise_files_with_the_openai_client(url: str, key: str) -> None:
     assert client.files.delete(created.id).deleted
 
 
+def check_metrics_and_logs(run: MakeRun) -> None:
+    """/metrics adds up the gunicorn processes' request timings and counts the workers'
+    heartbeats; every part of the stack logs JSON lines naming itself."""
+    request = urllib.request.Request(f"{run.url}/metrics")
+    request.add_header("Authorization", f"Bearer {run.env['LOFT_METRICS_TOKEN']}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    timed = [
+        s
+        for s in families["loft_http_request_duration_seconds"].samples
+        if s.name.endswith("_count")
+    ]
+    assert sum(s.value for s in timed) >= 5, timed  # the files calls above, at least
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+        online = {f.name: f for f in text_string_to_metric_families(text)}["loft_workers_online"]
+        if online.samples[0].value >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert online.samples[0].value >= 2  # the training and the inference worker
+    services = set()
+    for line in run.log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            services.add(json.loads(line).get("service"))
+    assert {"web", "worker", "inference", "beat"} <= services, services
+
+
 def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     gone, still = psutil.wait_procs(processes, timeout=10)
     return [p for p in still if p.status() != psutil.STATUS_ZOMBIE]
@@ -124,7 +154,7 @@ def test_make_run_starts_stops_and_restarts_with_the_same_data(tmp_path):
     try:
         seconds = run.wait_healthy()
         print(f"healthy in {seconds:.1f}s")
-        assert "shown once" in run.output()
+        assert "shown once" in run.log.read_text(errors="replace")
 
         key = (
             run.manage("create_api_key", "--org", "acme", "--name", "test").strip().splitlines()[-1]
@@ -134,6 +164,7 @@ def test_make_run_starts_stops_and_restarts_with_the_same_data(tmp_path):
         assert "HuggingFaceTB/SmolLM2-135M-Instruct" in [m["id"] for m in models["data"]]
         _, keys = get_json(f"{run.url}/v1/api_keys", key)
         exercise_files_with_the_openai_client(run.url, key)
+        check_metrics_and_logs(run)
         stack_processes = run.stop()
     finally:
         if run.process.poll() is None:
@@ -149,7 +180,7 @@ def test_make_run_starts_stops_and_restarts_with_the_same_data(tmp_path):
         assert status == 200
         # The same organization and key: the key created in the first run still works.
         assert [k["id"] for k in keys_again["data"]] == [k["id"] for k in keys["data"]]
-        assert "shown once" not in again.output()
+        assert "shown once" not in again.log.read_text(errors="replace")
         stack_processes = again.stop()
     finally:
         if again.process.poll() is None:

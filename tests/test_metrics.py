@@ -31,10 +31,15 @@ def test_metrics_show_jobs_by_status_queues_durations_and_uploads(
     jobs = {s.labels["status"]: s.value for s in found["loft_jobs"].samples}
     assert jobs["queued"] == 1 and jobs["succeeded"] == 0
     queues = {s.labels["queue"] for s in found["loft_queue_depth"].samples}
-    assert queues >= {"inference"} and len(queues) == 2
+    assert queues >= {"inference", "default"} and len(queues) == 3
     assert "loft_job_duration_seconds" in found
     assert found["loft_uploaded_bytes"].samples[0].value > 0
     assert found["loft_training_tokens_per_second"].samples[0].value == 0
+    assert "loft_workers_online" in found
+    # The upload above was timed, under its route rather than its path.
+    latency = found["loft_http_request_duration_seconds"].samples
+    routes = {s.labels["route"] for s in latency if s.name.endswith("_count")}
+    assert any("files" in route for route in routes), routes
 
 
 def test_metrics_refuse_anyone_but_staff_or_the_token(client, tenant_a, settings):

@@ -11,7 +11,7 @@ from django.conf import settings
 from jobs.datasets import spec_of
 from jobs.models import Adapter, BaseModel, File, FineTuneJob
 from loft import storage
-from tests.conftest import WorkerProcess, api_client_for
+from tests.conftest import BeatProcess, WorkerProcess, api_client_for
 from tests.test_files_api import upload
 from worker.base_models import load_base_model, load_tokenizer
 
@@ -155,7 +155,7 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
 
 
 def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint_and_succeeds_once(
-    tenant_a, tmp_path, private_queue
+    tenant_a, tmp_path, private_queue, admin_client
 ):
     file = banana_file(tenant_a, rows=40)
     first = WorkerProcess(tmp_path, "doomed", private_queue, LOFT_HEARTBEAT_SECONDS="1").start()
@@ -166,24 +166,46 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint_and_succeeds_o
     finally:
         first.stop()
     checkpointed = job.checkpoints.first().step
-    second = WorkerProcess(tmp_path, "rescuer", private_queue, LOFT_HEARTBEAT_SECONDS="1").start()
+    # The periodic reaper, as `make run` schedules it (every second here), finds the lease run
+    # out and queues the job again; the rescuer runs both the reaper's task and the job.
+    maintenance = {
+        "LOFT_MAINTENANCE_QUEUE": private_queue,
+        "LOFT_TRAINING_QUEUE": private_queue,  # where the reaper sends the job back to
+        "LOFT_REAPER_EVERY_SECONDS": "1",
+        "LOFT_LEASE_SECONDS": "3",
+    }
+    beat = BeatProcess(tmp_path, **maintenance).start()
+    second = WorkerProcess(
+        tmp_path, "rescuer", private_queue, LOFT_HEARTBEAT_SECONDS="1", **maintenance
+    ).start()
     try:
-        wait_for(
-            job,
-            lambda j: FineTuneJob.reap_stale(lease_seconds=3, max_attempts=3) or j.attempt >= 2,
-            timeout=60,
-            what="the reaper to re-queue the job",
-        )
+        wait_for(job, lambda j: j.attempt >= 2, timeout=90, what="the reaper to re-queue the job")
         job = wait_for(job, finished, what="the resumed job to finish")
     finally:
+        beat.stop()
         second.stop()
     assert job.status == "succeeded", (job.error, [e.message for e in job.events.all()])
     assert job.attempt == 2
     assert job.metrics["resumed_from_step"] >= checkpointed >= 2
     messages = [e.message for e in job.events.all()]
+    assert any(m.startswith("Attempt 1 stopped answering") for m in messages)
     assert any(m.startswith("Resuming from the checkpoint at step") for m in messages)
     assert sum(m.startswith("Job succeeded") for m in messages) == 1
     assert Adapter.objects.filter(job=job).count() == 1
+
+    # Both attempts, one after the other, in the job's history and on its admin page.
+    attempts = list(job.attempts.order_by("number"))
+    assert [(a.number, a.outcome) for a in attempts] == [(1, "lost"), (2, "succeeded")]
+    assert attempts[0].worker.startswith("doomed@") and attempts[1].worker.startswith("rescuer@")
+    assert attempts[0].ended_at <= attempts[1].started_at
+    page = admin_client.get(f"/admin/jobs/finetunejob/{job.id}/change/").content.decode()
+    assert "rescuer@" in page and "doomed@" in page and ">lost<" in page
+
+    # The worker logged the job as JSON lines naming it and its organization.
+    lines = [json.loads(line) for line in second.log.read_text().splitlines() if line[:1] == "{"]
+    about_job = [line for line in lines if line.get("job_id") == job.id]
+    assert about_job and all(line["org_id"] == tenant_a.org.id for line in about_job)
+    assert any("attempt 2 of the job started" in line["message"] for line in about_job)
 
 
 def test_a_job_whose_worker_dies_every_time_fails_after_k_attempts_with_the_reason(

@@ -3,6 +3,7 @@
 from celery import shared_task
 from django.conf import settings
 
+from loft.observability import log_fields
 from loft.storage import StorageError
 
 
@@ -36,7 +37,8 @@ def validate_file(file_id: str) -> None:
 def run_fine_tune(self, job_id: str) -> None:
     from jobs.training import run_job
 
-    run_job(job_id, worker=self.request.hostname or "worker")
+    with log_fields(job_id=job_id):
+        run_job(job_id, worker=self.request.hostname or "worker")
 
 
 @shared_task(
@@ -47,7 +49,8 @@ def run_fine_tune(self, job_id: str) -> None:
 def run_evaluation(evaluation_id: str) -> None:
     from jobs.evaluations import run_evaluation as run
 
-    run(evaluation_id)
+    with log_fields(evaluation_id=evaluation_id):
+        run(evaluation_id)
 
 
 # A playground request is answered once or not at all: its client is waiting now, and a retry
@@ -56,7 +59,8 @@ def run_evaluation(evaluation_id: str) -> None:
 def generate(request_id: str, org_id: str, adapter_id: str, request: dict) -> None:
     from jobs.inference import serve_generation
 
-    serve_generation(request_id, org_id, adapter_id, request)
+    with log_fields(request_id=request_id, org_id=org_id, adapter_id=adapter_id):
+        serve_generation(request_id, org_id, adapter_id, request)
 
 
 @shared_task
@@ -97,4 +101,29 @@ def send_overdue_webhooks() -> int:
 def merge_adapter(adapter_id: str) -> None:
     from jobs.merging import run_merge
 
-    run_merge(adapter_id)
+    with log_fields(adapter_id=adapter_id):
+        run_merge(adapter_id)
+
+
+@shared_task
+def abort_abandoned_uploads() -> int:
+    """Periodic (beat): abort multipart uploads left open by requests that died."""
+    from jobs import maintenance
+
+    return maintenance.abort_abandoned_uploads()
+
+
+@shared_task
+def sweep_orphan_objects() -> int:
+    """Periodic (beat): delete old objects that no row owns."""
+    from jobs import maintenance
+
+    return maintenance.sweep_orphan_objects()
+
+
+@shared_task
+def roll_up_usage() -> int:
+    """Periodic (beat): the per-month usage lines operators bill from."""
+    from jobs import maintenance
+
+    return maintenance.roll_up_usage()

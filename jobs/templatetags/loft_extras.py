@@ -20,3 +20,16 @@ def metric(scores: dict, key: str) -> str:
 @register.filter
 def percent(value) -> str:
     return "–" if value is None else f"{value:.0%}"
+
+
+@register.filter
+def duration(seconds) -> str:
+    """Seconds as a person reads them: 45 s, 3 min 20 s, 2 h 5 min; – for none."""
+    if seconds is None:
+        return "–"
+    seconds = round(float(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

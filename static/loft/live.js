@@ -1,10 +1,12 @@
 // Live parts of a page: an element with data-live-url has its content replaced by that URL's
-// fragment every two seconds, until a fragment carries data-final (the job has finished).
+// fragment every two seconds (data-live-every: other milliseconds), until a fragment carries
+// data-final (the job has finished).
 (function () {
   "use strict";
   document.querySelectorAll("[data-live-url]").forEach(function (box) {
     if (box.hasAttribute("data-final")) return;
     const url = box.dataset.liveUrl;
+    const every = Number(box.dataset.liveEvery) || 2000;
     function refresh() {
       fetch(url, { credentials: "same-origin", headers: { "X-Requested-With": "fetch" } })
         .then(function (response) { return response.ok ? response.text() : Promise.reject(response.status); })
@@ -14,10 +16,10 @@
             box.setAttribute("data-final", "");
             return;
           }
-          setTimeout(refresh, 2000);
+          setTimeout(refresh, every);
         })
         .catch(function () { setTimeout(refresh, 5000); });
     }
-    setTimeout(refresh, 2000);
+    setTimeout(refresh, every);
   });
 })();

@@ -1,0 +1,80 @@
+"""Periodic upkeep that celery beat runs (schedule: CELERY_BEAT_SCHEDULE in loft/settings.py).
+
+Each function is safe to run twice, late, or on two workers at once: it recomputes from the
+database and the bucket, and deletes only what is old enough that nothing can still be
+writing it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from jobs.models import Adapter, File, FineTuneJob, MonthlyUsage, month_start
+from loft import storage
+
+logger = logging.getLogger(__name__)
+
+# What lives under orgs/<org id>/<kind>/<id>/ in the bucket, and the rows that own it.
+OWNERS = {"files": File, "adapters": Adapter, "jobs": FineTuneJob}
+
+
+def abort_abandoned_uploads(older_than: timedelta | None = None) -> int:
+    """Abort multipart uploads begun long ago and never finished (their request died midway):
+    S3 keeps their parts, and bills them, until someone does."""
+    older_than = older_than or timedelta(seconds=settings.LOFT_ABANDONED_UPLOAD_SECONDS)
+    cutoff = timezone.now() - older_than
+    aborted = 0
+    for key, upload_id, initiated in list(storage.open_multipart_uploads()):
+        if initiated <= cutoff:
+            storage.abort_multipart_upload(key, upload_id)
+            aborted += 1
+    if aborted:
+        logger.info("aborted %d abandoned multipart uploads", aborted)
+    return aborted
+
+
+def owner_of(key: str) -> tuple[str, type, str] | None:
+    """(org id, model, object id) for a key Loft writes, or None for a key it does not know."""
+    parts = key.split("/")
+    if len(parts) < 5 or parts[0] != "orgs" or parts[2] not in OWNERS:
+        return None
+    return parts[1], OWNERS[parts[2]], parts[3]
+
+
+def sweep_orphan_objects(older_than: timedelta | None = None, prefix: str = "orgs/") -> int:
+    """Delete objects under ``orgs/`` that no row owns: left by a write whose transaction
+    rolled back, or by a delete that removed the row and failed halfway through the objects.
+    Only objects older than the grace period: a younger one may be an upload whose row is
+    about to commit. Keys of a shape Loft does not write are left alone."""
+    older_than = older_than or timedelta(seconds=settings.LOFT_ORPHAN_GRACE_SECONDS)
+    cutoff = timezone.now() - older_than
+    candidates: dict[tuple[type, str, str], list[str]] = {}
+    for key, modified in storage.list_objects(prefix):
+        owner = owner_of(key)
+        if owner is not None and modified <= cutoff:
+            org_id, model, object_id = owner
+            candidates.setdefault((model, object_id, org_id), []).append(key)
+    deleted = 0
+    for model in OWNERS.values():
+        ids = [object_id for (m, object_id, _org) in candidates if m is model]
+        owned = set(model.objects.filter(pk__in=ids).values_list("pk", "org_id"))
+        for (m, object_id, org_id), keys in candidates.items():
+            if m is model and (object_id, org_id) not in owned:
+                for key in keys:
+                    storage.delete_object(key)
+                deleted += len(keys)
+    if deleted:
+        logger.info("deleted %d objects that no row owns", deleted)
+    return deleted
+
+
+def roll_up_usage() -> int:
+    """This month's usage lines, and last month's, so that the final hours of a month reach
+    its line even though the next run comes after the month has ended."""
+    this_month = month_start()
+    last_month = month_start(this_month - timedelta(days=1))
+    return MonthlyUsage.roll_up(last_month) + MonthlyUsage.roll_up(this_month)

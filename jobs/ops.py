@@ -1,0 +1,264 @@
+"""The operators' view of a running Loft: ``/ops/`` for people, and the figures ``/metrics``
+(jobs/metrics.py) serves to Prometheus, computed by the same functions.
+
+Every figure is read when asked, from PostgreSQL (the truth), the broker (queue depth) and the
+workers' heartbeat rows (jobs/workers.py), so any web process answers the same. The page's
+live part is a fragment at ``/ops/live`` that static/loft/live.js swaps in every few seconds.
+Staff only: a signed-in person who is not staff gets 403, an anonymous one the login form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+import redis
+from django.conf import settings
+from django.contrib.auth.views import redirect_to_login
+from django.db.models import Count, Q, Sum
+from django.shortcuts import render
+from django.utils import timezone
+
+from jobs.models import (
+    Adapter,
+    File,
+    FineTuneJob,
+    UsageRecord,
+    WorkerHeartbeat,
+    month_start,
+)
+from loft.models import Organization
+from loft.views import permission_denied
+
+RECENT = timedelta(hours=24)
+# A worker that has not reported for this long is dropped from the page (it is in the admin).
+FORGOTTEN_AFTER = timedelta(hours=1)
+LATEST_FAILURES = 10
+
+
+def queues() -> list[str]:
+    """Every queue Loft sends to; one name may serve several purposes."""
+    names = {
+        settings.CELERY_TASK_DEFAULT_QUEUE,
+        settings.LOFT_TRAINING_QUEUE,
+        settings.LOFT_INFERENCE_QUEUE,
+        settings.LOFT_WEBHOOK_QUEUE,
+        settings.LOFT_MAINTENANCE_QUEUE,
+    }
+    return sorted(names)
+
+
+def queue_depths() -> dict[str, int | None]:
+    """Messages waiting in each queue (a Redis list per queue); None if the broker is down."""
+    connection = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=2)
+    try:
+        return {queue: connection.llen(queue) for queue in queues()}
+    except redis.RedisError:
+        return dict.fromkeys(queues())
+    finally:
+        connection.close()
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    """The nearest-rank percentile (``share`` in 0..1); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def spread(values: list[float]) -> dict:
+    return {
+        "count": len(values),
+        "p50": percentile(values, 0.5),
+        "p90": percentile(values, 0.9),
+        "p99": percentile(values, 0.99),
+    }
+
+
+def run_seconds(since) -> list[float]:
+    """Run time (first start to end) of the jobs that finished since ``since``."""
+    return [
+        (finished - started).total_seconds()
+        for started, finished in FineTuneJob.objects.filter(
+            finished_at__gte=since, started_at__isnull=False
+        ).values_list("started_at", "finished_at")
+    ]
+
+
+def wait_seconds(since) -> list[float]:
+    """Queue wait (created to first start) of the jobs that started since ``since``."""
+    return [
+        (started - created).total_seconds()
+        for created, started in FineTuneJob.objects.filter(started_at__gte=since).values_list(
+            "created_at", "started_at"
+        )
+    ]
+
+
+@dataclass
+class Tenant:
+    org: Organization
+    jobs_active: int
+    trained_tokens_month: int
+    storage_bytes: int
+
+
+def tenants() -> list[Tenant]:
+    """Every organization's running work, tokens trained this month and bytes stored; the
+    largest users first. Four grouped queries, whatever the number of organizations."""
+    active = dict(
+        FineTuneJob.objects.filter(status__in=FineTuneJob.ACTIVE)
+        .values("org")
+        .annotate(n=Count("id"))
+        .values_list("org", "n")
+    )
+    tokens = dict(
+        UsageRecord.objects.filter(created_at__gte=month_start())
+        .values("org")
+        .annotate(n=Sum("trained_tokens"))
+        .values_list("org", "n")
+    )
+    files = dict(
+        File.objects.exclude(status=File.Status.ERROR)
+        .values("org")
+        .annotate(n=Sum("bytes"))
+        .values_list("org", "n")
+    )
+    adapters = dict(
+        Adapter.objects.values("org").annotate(n=Sum("size_bytes")).values_list("org", "n")
+    )
+    rows = [
+        Tenant(
+            org,
+            active.get(org.pk, 0),
+            tokens.get(org.pk) or 0,
+            (files.get(org.pk) or 0) + (adapters.get(org.pk) or 0),
+        )
+        for org in Organization.objects.order_by("slug")
+    ]
+    return sorted(rows, key=lambda t: (-t.trained_tokens_month, -t.storage_bytes, t.org.slug))
+
+
+# --- the jobs-over-time chart, drawn by the server as SVG (as the job page's loss chart) -----
+
+CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 640, 180, 30
+CHART_SERIES = ("succeeded", "failed", "other")
+
+
+def jobs_per_hour(now, hours: int = 24) -> list[dict]:
+    """Jobs created in each of the last ``hours`` hours, by how they stand now."""
+    start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
+    buckets = [
+        {"start": start + timedelta(hours=i), "succeeded": 0, "failed": 0, "other": 0}
+        for i in range(hours)
+    ]
+    for created, status in FineTuneJob.objects.filter(created_at__gte=start).values_list(
+        "created_at", "status"
+    ):
+        index = min(hours - 1, int((created - start).total_seconds() // 3600))
+        series = status if status in ("succeeded", "failed") else "other"
+        buckets[index][series] += 1
+    return buckets
+
+
+def jobs_chart(buckets: list[dict]) -> dict:
+    """Stacked bars, one per hour; the tallest bar reaches the top."""
+    tallest = max((sum(b[s] for s in CHART_SERIES) for b in buckets), default=0) or 1
+    inner_w = CHART_WIDTH - 2 * CHART_MARGIN
+    inner_h = CHART_HEIGHT - 2 * CHART_MARGIN
+    slot = inner_w / max(1, len(buckets))
+    bars = []
+    for i, bucket in enumerate(buckets):
+        bottom = CHART_HEIGHT - CHART_MARGIN
+        for series in CHART_SERIES:
+            height = bucket[series] / tallest * inner_h
+            if height:
+                bars.append(
+                    {
+                        "x": round(CHART_MARGIN + i * slot + 1, 1),
+                        "y": round(bottom - height, 1),
+                        "width": round(max(1.0, slot - 2), 1),
+                        "height": round(height, 1),
+                        "series": series,
+                        "title": f"{bucket['start']:%H:00}: {bucket[series]} {series}",
+                    }
+                )
+                bottom -= height
+    labels = [
+        {"x": round(CHART_MARGIN + i * slot, 1), "text": f"{bucket['start']:%H:00}"}
+        for i, bucket in enumerate(buckets)
+        if i % 6 == 0
+    ]
+    return {
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+        "bars": bars,
+        "labels": labels,
+        "tallest": tallest,
+        "top": CHART_MARGIN,
+        "baseline": CHART_HEIGHT - CHART_MARGIN,
+        "left": CHART_MARGIN,
+        "right": CHART_WIDTH - CHART_MARGIN,
+        "empty": not any(sum(b[s] for s in CHART_SERIES) for b in buckets),
+    }
+
+
+def snapshot() -> dict:
+    """Everything the dashboard shows, as of now."""
+    now = timezone.now()
+    since = now - RECENT
+    recent = FineTuneJob.objects.filter(created_at__gte=since)
+    by_status = dict(recent.values("status").annotate(n=Count("id")).values_list("status", "n"))
+    ended = FineTuneJob.objects.filter(finished_at__gte=since)
+    outcomes = ended.aggregate(
+        finished=Count("id"),
+        failed=Count("id", filter=Q(status=FineTuneJob.Status.FAILED)),
+    )
+    failures = (
+        ended.filter(status=FineTuneJob.Status.FAILED)
+        .select_related("org")
+        .order_by("-finished_at")[:LATEST_FAILURES]
+    )
+    online = set(WorkerHeartbeat.online().values_list("hostname", flat=True))
+    workers = WorkerHeartbeat.objects.filter(last_seen__gte=now - FORGOTTEN_AFTER)
+    return {
+        "now": now,
+        "queues": queue_depths(),
+        "workers": [(worker, worker.hostname in online) for worker in workers],
+        "workers_online": len(online),
+        "by_status": [(status, by_status.get(status, 0)) for status in FineTuneJob.Status.values],
+        "running": FineTuneJob.objects.filter(status=FineTuneJob.Status.RUNNING).count(),
+        "wait": spread(wait_seconds(since)),
+        "run": spread(run_seconds(since)),
+        "finished": outcomes["finished"],
+        "failed": outcomes["failed"],
+        "failure_rate": outcomes["failed"] / outcomes["finished"] if outcomes["finished"] else None,
+        "failures": failures,
+        "tenants": tenants(),
+        "chart": jobs_chart(jobs_per_hour(now)),
+    }
+
+
+def _staff_only(view):
+    def guarded(request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.get_full_path())
+        if not request.user.is_staff:
+            return permission_denied(request)
+        return view(request, *args, **kwargs)
+
+    guarded.__name__ = view.__name__
+    guarded.__doc__ = view.__doc__
+    return guarded
+
+
+@_staff_only
+def dashboard(request):
+    return render(request, "ops/dashboard.html", snapshot())
+
+
+@_staff_only
+def dashboard_live(request):
+    return render(request, "ops/_live.html", snapshot())

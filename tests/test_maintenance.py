@@ -1,0 +1,90 @@
+"""The periodic tasks beat runs: abandoned multipart uploads aborted, objects no row owns
+swept (and only those), the monthly usage roll-up; and the schedule wiring them."""
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.conf import settings
+from django.utils import timezone
+
+from jobs import maintenance
+from jobs.models import File, MonthlyUsage, UsageRecord, month_start
+from loft import storage
+from loft.celery import app
+
+pytestmark = pytest.mark.django_db
+
+
+def test_every_scheduled_task_exists_and_goes_to_the_maintenance_queue():
+    names = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert {
+        "worker.tasks.reap_stale_jobs",
+        "worker.tasks.abort_abandoned_uploads",
+        "worker.tasks.sweep_orphan_objects",
+        "worker.tasks.roll_up_usage",
+    } <= names
+    app.loader.import_default_modules()
+    assert names <= set(app.tasks)
+    for entry in settings.CELERY_BEAT_SCHEDULE.values():
+        assert entry["options"]["queue"] == settings.LOFT_MAINTENANCE_QUEUE
+
+
+def test_an_abandoned_multipart_upload_is_aborted(tenant_a):
+    client, bucket = storage.client(), settings.S3_BUCKET
+    key = f"orgs/{tenant_a.org.id}/files/file-abandoned/data"
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=b"x" * 100)
+
+    def still_open():
+        return any(u == upload_id for _, u, _ in storage.open_multipart_uploads())
+
+    assert still_open()
+    assert maintenance.abort_abandoned_uploads(older_than=timedelta(hours=1)) == 0
+    assert still_open()  # too young to be called abandoned
+    time.sleep(1.5)  # S3 reports when an upload began to the second
+    assert maintenance.abort_abandoned_uploads(older_than=timedelta(seconds=1)) >= 1
+    assert not still_open()
+
+
+def test_the_sweep_deletes_old_objects_no_row_owns_and_keeps_the_rest(tenant_a, tenant_b):
+    org, other = tenant_a.org, tenant_b.org
+    owned = File.objects.create(
+        org=org, filename="kept.jsonl", purpose="fine-tune", bytes=4, s3_key="x"
+    )
+    keys = {
+        "owned": f"orgs/{org.id}/files/{owned.id}/data",
+        "no_row": f"orgs/{org.id}/files/file-ghost/data",
+        "other_tenants_path": f"orgs/{other.id}/files/{owned.id}/data",
+        "unknown_kind": f"orgs/{org.id}/scratch/thing/data",
+    }
+    for key in keys.values():
+        storage.put_bytes(key, b"data")
+
+    assert maintenance.sweep_orphan_objects(prefix=f"orgs/{org.id}/") == 0  # all too young
+    time.sleep(1.5)  # S3 dates objects to the second
+    old = timedelta(seconds=1)
+    deleted = maintenance.sweep_orphan_objects(old, prefix=f"orgs/{org.id}/")
+    deleted += maintenance.sweep_orphan_objects(old, prefix=f"orgs/{other.id}/")
+    assert deleted == 2
+    left = set(storage.list_keys(f"orgs/{org.id}/")) | set(storage.list_keys(f"orgs/{other.id}/"))
+    assert left == {keys["owned"], keys["unknown_kind"]}
+
+
+def test_the_monthly_roll_up_sums_each_organizations_ledger_and_can_run_again(tenant_a, tenant_b):
+    this_month = month_start()
+    last_month = month_start(this_month - timedelta(days=1))
+    for org, tokens, seconds in ((tenant_a.org, 100, 1.5), (tenant_a.org, 50, 0.5)):
+        UsageRecord.objects.create(org=org, trained_tokens=tokens, compute_seconds=seconds)
+    old = UsageRecord.objects.create(org=tenant_b.org, trained_tokens=7, compute_seconds=1)
+    UsageRecord.objects.filter(pk=old.pk).update(created_at=last_month + timedelta(hours=1))
+
+    for _ in range(2):
+        maintenance.roll_up_usage()
+    lines = {(line.org_id, line.month): line for line in MonthlyUsage.objects.all()}
+    assert len(lines) == 2
+    a = lines[(tenant_a.org.id, this_month.date())]
+    assert (a.jobs, a.trained_tokens, a.compute_seconds) == (2, 150, 2.0)
+    b = lines[(tenant_b.org.id, last_month.date())]
+    assert (b.jobs, b.trained_tokens) == (1, 7)
+    assert timezone.now().date() >= a.month

@@ -1,0 +1,182 @@
+"""Operations: a live worker's heartbeat on /ops/, the admin's cancel and retry on real jobs,
+the staff-only walls, and JSON logs naming the job and the organization."""
+
+import json
+import logging
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobs.models import FineTuneJob, WorkerHeartbeat
+from loft.observability import JsonFormatter, log_fields
+from tests.conftest import WorkerProcess
+from tests.test_training_jobs import banana_file, finished, submit, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+def admin_action(admin_client, action: str, *jobs: FineTuneJob):
+    response = admin_client.post(
+        "/admin/jobs/finetunejob/",
+        {"action": action, "_selected_action": [job.id for job in jobs]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    return response
+
+
+@pytest.mark.slow
+def test_a_live_workers_heartbeat_shows_on_the_ops_page_with_device_and_memory(
+    admin_client, tmp_path, private_queue
+):
+    worker = WorkerProcess(
+        tmp_path, "watched", private_queue, LOFT_WORKER_HEARTBEAT_SECONDS="1"
+    ).start()
+    try:
+        row = wait_until(
+            lambda: WorkerHeartbeat.objects.filter(hostname__startswith="watched@").first(),
+            timeout=30,
+            what="the worker's first heartbeat",
+        )
+        first_seen = row.last_seen
+        row = wait_until(
+            lambda: WorkerHeartbeat.objects.filter(pk=row.pk, last_seen__gt=first_seen).first(),
+            timeout=10,
+            what="a second heartbeat within the interval",
+        )
+        assert row.pid == worker.process.pid
+        assert row.queues == [private_queue]
+        assert row.device.startswith("cpu") and row.memory_used_bytes > 50 * 2**20
+        assert row.memory_total_bytes > row.memory_used_bytes
+
+        page = admin_client.get("/ops/")
+        assert page.status_code == 200
+        html = page.content.decode()
+        assert row.hostname in html and "online" in html and row.device in html
+        assert "MB" in html  # memory used / total, as sizes
+        assert admin_client.get("/ops/live").status_code == 200
+
+        metrics = {
+            family.name: family
+            for family in text_string_to_metric_families(
+                admin_client.get("/metrics").content.decode()
+            )
+        }
+        assert metrics["loft_workers_online"].samples[0].value >= 1
+    finally:
+        worker.stop()
+    # A clean shutdown says so at once.
+    row.refresh_from_db()
+    assert row.stopped_at is not None
+    assert "stopped" in admin_client.get("/ops/live").content.decode()
+    # The worker's own log lines are JSON.
+    lines = [line for line in worker.log.read_text().splitlines() if line.startswith("{")]
+    assert any(json.loads(line)["message"].endswith(" ready.") for line in lines)
+
+
+@pytest.mark.slow
+def test_the_admins_retry_resumes_a_failed_job_and_its_cancel_stops_queued_and_running_jobs(
+    admin_client, tenant_a, tmp_path, private_queue
+):
+    file = banana_file(tenant_a, rows=24)
+    doomed = WorkerProcess(tmp_path, "doomed", private_queue, LOFT_HEARTBEAT_SECONDS="1").start()
+    try:
+        job = submit(tenant_a, file, max_steps=4, checkpoint_every=2)
+        wait_for(job, lambda j: j.checkpoints.exists(), what="a checkpoint")
+        doomed.kill()
+    finally:
+        doomed.stop()
+    time.sleep(3.5)
+    assert FineTuneJob.reap_stale(lease_seconds=3, max_attempts=1) == [job.id]
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error["code"] == "worker_lost"
+
+    # Cancel, on a job no worker has taken yet: cancelled at once.
+    waiting = submit(tenant_a, file, max_steps=4)
+    admin_action(admin_client, "cancel", waiting)
+    waiting.refresh_from_db()
+    assert waiting.status == "cancelled"
+
+    # Retry: only the failed job qualifies; it goes back to the queue with a fresh allowance.
+    page = admin_action(admin_client, "retry", job, waiting).content.decode()
+    assert "Queued 1 job(s) again" in page and "1 could not be retried" in page
+    job.refresh_from_db()
+    assert job.status == "queued" and job.error is None and job.finished_at is None
+    checkpointed = job.checkpoints.first().step
+
+    rescuer = WorkerProcess(tmp_path, "rescuer", private_queue, LOFT_HEARTBEAT_SECONDS="1")
+    rescuer.start()
+    try:
+        job = wait_for(job, finished, what="the retried job to finish")
+        assert job.status == "succeeded", (job.error, [e.message for e in job.events.all()])
+        assert job.metrics["resumed_from_step"] == checkpointed
+        assert [(a.number, a.outcome) for a in job.attempts.all()] == [
+            (1, "lost"),
+            (2, "succeeded"),
+        ]
+        messages = [e.message for e in job.events.all()]
+        assert any(m.startswith("Retried by operator") for m in messages)
+        assert job.usage.count() == 1  # the ledger's line was updated, not doubled
+
+        # Cancel, on a running job: it stops at its next step.
+        running = submit(tenant_a, file, max_steps=200, checkpoint_every=1000)
+        wait_for(running, lambda j: j.progress.get("step", 0) >= 1, what="the first step")
+        admin_action(admin_client, "cancel", running)
+        running = wait_for(running, finished, timeout=60, what="the running job to stop")
+        assert running.status == "cancelled" and running.progress["step"] < 200
+    finally:
+        rescuer.stop()
+
+
+def test_staff_only_pages_answer_403_to_members_and_send_anonymous_visitors_to_sign_in(
+    client, tenant_a
+):
+    client.force_login(tenant_a.user)
+    for path in ("/ops/", "/ops/live", "/metrics", "/admin/", "/admin/jobs/finetunejob/"):
+        assert client.get(path).status_code == 403, path
+    assert client.get("/admin/login/").status_code == 403
+    client.logout()
+    assert client.get("/ops/")["Location"].startswith("/login")
+    assert client.get("/admin/")["Location"].startswith("/admin/login/")
+    assert client.get("/metrics").status_code == 403
+
+
+def test_an_empty_ops_page_still_reads_well(admin_client):
+    html = admin_client.get("/ops/").content.decode()
+    assert "No job failed in the last 24 hours." in html
+    assert "No jobs in the last 24 hours." in html
+
+
+def test_json_log_lines_carry_the_bound_ids_and_the_callers_extras(caplog):
+    logger = logging.getLogger("loft.test")
+    with caplog.at_level(logging.INFO), log_fields(job_id="ftjob-1", org_id="org-1"):
+        logger.info("step %d", 3, extra={"loss": 0.5})
+    logger.info("outside")
+    record = caplog.records[0]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "step 3" and line["loss"] == 0.5
+    assert line["job_id"] == "ftjob-1" and line["org_id"] == "org-1"
+    assert line["level"] == "INFO" and line["logger"] == "loft.test"
+
+
+def test_each_request_is_logged_as_json_with_its_route_status_time_and_organization(
+    api_a, tenant_a, caplog
+):
+    with caplog.at_level(logging.INFO, logger="loft.requests"):
+        assert api_a.get("/v1/files").status_code == 200
+    record = next(r for r in caplog.records if r.name == "loft.requests")
+    line = json.loads(JsonFormatter().format(record))
+    assert line["path"] == "/v1/files" and line["status"] == 200
+    assert line["org_id"] == tenant_a.org.id and line["duration_ms"] >= 0
+    assert "files" in line["route"]
