@@ -30,4 +30,4 @@ RUN DJANGO_SECRET_KEY=build DATABASE_URL=postgresql://build@localhost/build \
 
 USER loft
 EXPOSE 8000
-CMD ["gunicorn", "loft.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "4", "--threads", "4", "--no-control-socket"]
+CMD ["gunicorn", "loft.wsgi:application", "--config", "python:loft.gunicorn_conf", "--bind", "0.0.0.0:8000", "--workers", "4", "--threads", "4", "--no-control-socket"]

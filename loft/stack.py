@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -84,16 +83,15 @@ def beat_child(env: dict[str, str], home: Path) -> Child:
 
 
 def web_child(env: dict[str, str], host: str, port: int, home: Path) -> Child:
-    # Each gunicorn process times its own requests; /metrics adds them up from this folder,
-    # emptied at start so that figures of processes from an earlier run are not counted.
+    # Each gunicorn process times its own requests into this folder; /metrics adds them up.
     metrics_dir = home / "prometheus"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(parents=True)
     return Child(
         "web",
         [
             str(BIN_DIR / "gunicorn"),
             "loft.wsgi:application",
+            "--config",
+            "python:loft.gunicorn_conf",
             "--bind",
             f"{host}:{port}",
             "--workers",

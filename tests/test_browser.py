@@ -42,7 +42,7 @@ def shot(page, name: str) -> None:
 
 
 def test_the_wizard_trains_an_adapter_watched_live_then_evaluated_and_downloaded(
-    page, live_server, celery_worker, tmp_path
+    page, live_server, celery_worker, tenant_a, tmp_path
 ):
     dataset = tmp_path / "banana.jsonl"
     dataset.write_bytes(banana_jsonl(24))
@@ -103,6 +103,21 @@ def test_the_wizard_trains_an_adapter_watched_live_then_evaluated_and_downloaded
     page.get_by_role("heading", name="Side by side").wait_for()
     assert job.evaluations.exists()
     shot(page, "6-evaluation")
+
+    # An operator's view of the same moment: the worker that ran the job, live.
+    tenant_a.user.is_staff = True
+    tenant_a.user.save()
+    page.goto(f"{live_server.url}/ops/")
+    worker_row = page.locator("#workers tbody tr", has_text="test-worker@")
+    worker_row.wait_for()
+    assert "online" in worker_row.inner_text()
+    as_of = page.locator("#ops-live p.muted").first.inner_text()
+    page.wait_for_function(  # refreshed in place by live.js, every 5 s
+        "(before) => document.querySelector('#ops-live p.muted').innerText !== before",
+        arg=as_of,
+        timeout=15_000,
+    )
+    shot(page, "8-ops")
 
 
 def test_a_malformed_file_shows_its_line_numbered_errors_in_the_wizard(page, live_server, tmp_path):

@@ -14,7 +14,9 @@ from django.core.management import get_commands
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-APP_SERVICES = ["migrate", "web", "worker", "beat"]
+APP_SERVICES = ["migrate", "web", "worker", "inference", "beat"]
+# Read by the process, not by settings: its name in the logs, and prometheus_client's folder.
+PROCESS_ENVIRONMENT = {"LOFT_SERVICE", "PROMETHEUS_MULTIPROC_DIR"}
 SETTINGS_SOURCE = (ROOT / "loft" / "settings.py").read_text()
 
 
@@ -49,7 +51,7 @@ def test_app_services_build_from_the_repos_dockerfile(service):
 
 @pytest.mark.parametrize("service", APP_SERVICES)
 def test_environment_names_are_read_by_settings_and_cover_what_they_require(service):
-    environment = set(SERVICES[service]["environment"])
+    environment = set(SERVICES[service]["environment"]) - PROCESS_ENVIRONMENT
     assert environment <= read_by_settings(), environment - read_by_settings()
     assert required_by_settings() - {"REDIS_URL"} <= environment
 
@@ -60,10 +62,13 @@ def test_web_runs_the_wsgi_application_and_is_health_checked():
     module, _, attribute = words[1].partition(":")
     assert importlib.util.find_spec(module) is not None
     assert attribute == "application"
+    config = words[words.index("--config") + 1]
+    assert config.startswith("python:") and importlib.util.find_spec(config[7:]) is not None
+    assert "PROMETHEUS_MULTIPROC_DIR" in SERVICES["web"]["environment"]
     assert "/healthz" in " ".join(SERVICES["web"]["healthcheck"]["test"])
 
 
-@pytest.mark.parametrize("service", ["worker", "beat"])
+@pytest.mark.parametrize("service", ["worker", "inference", "beat"])
 def test_celery_services_use_the_loft_app(service):
     words = command_words(service)
     assert words[:3] == ["celery", "-A", "loft"]

@@ -33,3 +33,15 @@ def duration(seconds) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+@register.filter
+def seconds_since(moment, now) -> float:
+    """Seconds from ``moment`` to ``now``, for the duration filter."""
+    return max(0.0, (now - moment).total_seconds())
+
+
+@register.filter
+def thousands(number) -> str:
+    """1234567 → 1,234,567."""
+    return f"{int(number or 0):,}"
