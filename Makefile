@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint format clean fuzz
+.PHONY: run test install lint format clean fuzz chaos
 
 run: install
 	$(PY) -m loft.stack
@@ -36,3 +36,11 @@ clean:
 
 fuzz: install
 	$(PY) -m pytest tests/test_api_fuzz.py -s
+
+# The fault-injection suite in its long form (tests/test_chaos.py; make test runs one kill run).
+# The figures of each test are printed and collected in chaos-report.json (RELIABILITY.md).
+chaos: install
+	rm -f chaos-report.json
+	LOFT_CHAOS_RUNS=$${LOFT_CHAOS_RUNS:-5} LOFT_CHAOS_REPORT=$(CURDIR)/chaos-report.json \
+		$(PY) -m pytest tests/test_chaos.py -m chaos -s $(PYTEST_ARGS)
+	@cat chaos-report.json

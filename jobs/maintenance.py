@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+import redis
 from django.conf import settings
 from django.utils import timezone
 
-from jobs.models import Adapter, File, FineTuneJob, MonthlyUsage, month_start
+from jobs import ops
+from jobs.models import Adapter, Evaluation, File, FineTuneJob, MonthlyUsage, month_start
 from loft import storage
 
 logger = logging.getLogger(__name__)
@@ -78,3 +80,60 @@ def roll_up_usage() -> int:
     this_month = month_start()
     last_month = month_start(this_month - timedelta(days=1))
     return MonthlyUsage.roll_up(last_month) + MonthlyUsage.roll_up(this_month)
+
+
+# kombu's Redis transport keeps the messages a worker has taken and not yet acknowledged here.
+UNACKED_KEY = "unacked"
+
+
+def messages_in_broker() -> str:
+    """Every message the broker holds, waiting or taken and unacknowledged, as one text to
+    search for ids (a task's arguments are in its message headers as plain text)."""
+    connection = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=5)
+    try:
+        held = [item for queue in ops.queues() for item in connection.lrange(queue, 0, -1)]
+        held += connection.hvals(UNACKED_KEY)
+    finally:
+        connection.close()
+    return "\n".join(item.decode(errors="replace") for item in held)
+
+
+def resend_lost_hints(grace: timedelta | None = None) -> int:
+    """PostgreSQL holds the truth, the broker only hints: re-send the hint of every job,
+    upload, evaluation and merge that waits for a worker while the broker holds no message
+    for it (the broker restarted empty, or was flushed). Only rows older than ``grace``: a
+    younger one's message may still be on its way. A hint sent twice is harmless, since each
+    is claimed by a conditional UPDATE."""
+    from worker.tasks import merge_adapter, run_evaluation, validate_file
+
+    grace = grace or timedelta(seconds=settings.LOFT_RESEND_GRACE_SECONDS)
+    cutoff = timezone.now() - grace
+    held = messages_in_broker()
+    queue = settings.LOFT_TRAINING_QUEUE
+    resent = 0
+    for job in FineTuneJob.objects.filter(status=FineTuneJob.Status.QUEUED, created_at__lt=cutoff):
+        if job.id not in held:
+            job.add_event("warning", "The broker had lost this job's hint; sent again.")
+            job.enqueue()
+            resent += 1
+    for file_id in File.objects.filter(
+        status=File.Status.UPLOADED, created_at__lt=cutoff
+    ).values_list("id", flat=True):
+        if file_id not in held:
+            validate_file.delay(file_id)
+            resent += 1
+    for evaluation_id in Evaluation.objects.filter(
+        status=Evaluation.Status.QUEUED, created_at__lt=cutoff
+    ).values_list("id", flat=True):
+        if evaluation_id not in held:
+            run_evaluation.apply_async((evaluation_id,), queue=queue)
+            resent += 1
+    for adapter_id in Adapter.objects.filter(
+        merged_status=Adapter.MergedStatus.QUEUED, created_at__lt=cutoff
+    ).values_list("id", flat=True):
+        if adapter_id not in held:
+            merge_adapter.apply_async((adapter_id,), queue=queue)
+            resent += 1
+    if resent:
+        logger.warning("re-sent %d hints the broker had lost", resent)
+    return resent

@@ -418,14 +418,18 @@ class FineTuneJob(TenantOwnedModel):
                 self.refresh_from_db()
                 self._ended("error", message)
 
-    def enqueue(self) -> None:
-        """Send the hint after the row is committed, so a worker always finds what it is told."""
+    def enqueue(self, countdown: float | None = None) -> None:
+        """Send the hint after the row is committed, so a worker always finds what it is told.
+        A hint that is lost all the same (a broker flushed) is sent again by the periodic
+        sweep (jobs/maintenance.py, resend_lost_hints)."""
         from django.conf import settings
 
         from worker.tasks import run_fine_tune
 
         job_id, queue = self.id, settings.LOFT_TRAINING_QUEUE
-        transaction.on_commit(lambda: run_fine_tune.apply_async((job_id,), queue=queue))
+        transaction.on_commit(
+            lambda: run_fine_tune.apply_async((job_id,), queue=queue, countdown=countdown)
+        )
 
     def request_cancel(self) -> None:
         """Not started yet: cancelled at once. Running: the training loop stops at its next
@@ -529,6 +533,33 @@ class FineTuneJob(TenantOwnedModel):
             self.refresh_from_db()
             JobAttempt.close(self, attempt, status)
             self._ended("error" if status == self.Status.FAILED else "info", message)
+        return True
+
+    def give_way(self, attempt: int, reason: str, max_attempts: int, retry_in: float) -> bool:
+        """This attempt cannot go on for a passing reason (object storage is down): queue the
+        job again, to resume from its last checkpoint after ``retry_in`` seconds; after
+        ``max_attempts`` attempts, fail it with the reason. False if the attempt was fenced off."""
+        with transaction.atomic():
+            if not self.fenced(attempt).select_for_update().exists():
+                return False
+            self.refresh_from_db()
+            JobAttempt.close(self, attempt, JobAttempt.STORAGE)
+            if attempt - self.attempts_before_retry >= max_attempts:
+                message = f"Loft gave up after {attempt} attempts: {reason}"
+                error = {"code": "storage_unavailable", "message": message, "param": None}
+                self.fenced(attempt).update(
+                    status=self.Status.FAILED, finished_at=timezone.now(), error=error
+                )
+                self.refresh_from_db()
+                self._ended("error", message)
+                return True
+            self.fenced(attempt).update(status=self.Status.QUEUED, worker="")
+            self.add_event(
+                "warning",
+                f"Attempt {attempt} stopped: {reason} Queued again; it resumes from its last "
+                f"checkpoint in {retry_in:g} s.",
+            )
+            self.enqueue(countdown=retry_in)
         return True
 
     def record_usage(self) -> None:
@@ -640,6 +671,7 @@ class JobAttempt(models.Model):
     shows of a job's history, and what proves two attempts of one job never overlapped."""
 
     LOST = "lost"  # the worker stopped answering and the reaper took the job back
+    STORAGE = "storage_unavailable"  # it gave way while object storage was down (give_way)
 
     job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="attempts")
     number = models.PositiveIntegerField()
@@ -647,7 +679,9 @@ class JobAttempt(models.Model):
     started_at = models.DateTimeField()
     ended_at = models.DateTimeField(null=True, blank=True)
     outcome = models.CharField(
-        max_length=20, blank=True, help_text="succeeded, failed, cancelled or lost; empty: running"
+        max_length=20,
+        blank=True,
+        help_text="succeeded, failed, cancelled, lost or storage_unavailable; empty: running",
     )
 
     class Meta:

@@ -66,6 +66,30 @@ def run_job(job_id: str, worker: str) -> None:
     started = time.monotonic()
     try:
         _train_and_store(job, attempt, work, started)
+    except storage.StorageError as error:
+        # Passing, most likely: the job waits and resumes rather than failing on a blip.
+        FineTuneJob.objects.filter(pk=job.pk).update(compute_seconds=_compute_seconds(job, started))
+        job.give_way(
+            attempt,
+            f"object storage failed ({error}).",
+            settings.LOFT_MAX_ATTEMPTS,
+            retry_in=settings.LOFT_STORAGE_RETRY_SECONDS * attempt,
+        )
+    except train.TimeLimitReached as limit:
+        kept = (
+            f"Its checkpoint at step {limit.step} is kept: an operator can retry the job from "
+            "there, or train fewer steps."
+            if limit.step
+            else "It stopped before its first step: train fewer or shorter rows."
+        )
+        _fail(
+            job,
+            attempt,
+            "time_limit",
+            f"Time limit reached: the job ran longer than "
+            f"{settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS} s, the most a worker allows. {kept}",
+            started,
+        )
     except train.TrainingCancelled:
         job.finish(
             attempt,
@@ -81,7 +105,7 @@ def run_job(job_id: str, worker: str) -> None:
             str(error),
             started,
         )
-    except SoftTimeLimitExceeded:
+    except SoftTimeLimitExceeded:  # Celery's backstop, for a step or evaluation that overran
         _fail(
             job,
             attempt,
@@ -260,7 +284,14 @@ def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float)
         base,
         device=device,
         work_dir=work,
-        callbacks=train.Callbacks(on_progress, lambda: job.should_stop(attempt), on_checkpoint),
+        callbacks=train.Callbacks(
+            on_progress,
+            lambda: job.should_stop(attempt),
+            on_checkpoint,
+            out_of_time=lambda: (
+                time.monotonic() - started > settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS
+            ),
+        ),
         resume_from=resume_from,
         parent_adapter=parent_folder,
         pad_id=tokenizer.pad_token_id or 0,

@@ -2,11 +2,67 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
+import redis
+from django.conf import settings
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
 from loft.models import ApiKey
 from loft.tenancy import current_org
+
+logger = logging.getLogger(__name__)
+
+
+class KeyGuessing:
+    """Wrong API keys counted per client address for a minute, in Redis (shared by every web
+    process): past ``LOFT_AUTH_FAILURES_PER_MINUTE`` the address gets 429 until the minute is
+    over, whatever key it sends, so keys cannot be guessed at speed. (Keys are 256 random
+    bits; this keeps the logs and the database quiet as much as it protects them.) Behind a
+    proxy, REMOTE_ADDR must be the client's: set it there. If Redis is down, nothing is
+    counted, rather than refusing everyone."""
+
+    WINDOW_SECONDS = 60
+
+    @staticmethod
+    @functools.cache
+    def _redis():
+        return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1)
+
+    @staticmethod
+    def _key(request) -> str:
+        return f"loft:wrong-keys:{request.META.get('REMOTE_ADDR', 'unknown')}"
+
+    @classmethod
+    def refuse_if_over(cls, request) -> None:
+        limit = settings.LOFT_AUTH_FAILURES_PER_MINUTE
+        if not limit:
+            return
+        try:
+            key = cls._key(request)
+            count = int(cls._redis().get(key) or 0)
+            wait = cls._redis().ttl(key) if count >= limit else 0
+        except redis.RedisError as error:
+            logger.warning("could not read the wrong-key counter: %s", error)
+            return
+        if count >= limit:
+            wait = max(int(wait), 1)
+            raise exceptions.Throttled(
+                wait=wait,
+                detail=f"Too many wrong API keys from your address; try again in {wait} s.",
+                code="rate_limit_exceeded",
+            )
+
+    @classmethod
+    def count(cls, request) -> None:
+        try:
+            key = cls._key(request)
+            with cls._redis().pipeline() as pipe:
+                pipe.incr(key).expire(key, cls.WINDOW_SECONDS, nx=True).execute()
+        except redis.RedisError as error:
+            logger.warning("could not count a wrong key: %s", error)
 
 
 class ApiKeyPrincipal:
@@ -38,8 +94,10 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         if keyword.lower() != self.keyword.lower():
             return None
         secret = secret.strip()
+        KeyGuessing.refuse_if_over(request)
         key = ApiKey.find_active(secret) if secret else None
         if key is None:
+            KeyGuessing.count(request)
             shown = f"{secret[:8]}…" if secret else "(empty)"
             raise exceptions.AuthenticationFailed(
                 f"Incorrect API key provided: {shown} Create a key in Loft's account page "

@@ -105,6 +105,10 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # LOFT_MAINTENANCE_QUEUE; every one of them is safe to run twice or late.
 LOFT_MAINTENANCE_QUEUE = env.string("LOFT_MAINTENANCE_QUEUE", "default")
 LOFT_REAPER_EVERY_SECONDS = env.number("LOFT_REAPER_EVERY_SECONDS", 30.0)
+# A waiting job, upload, evaluation or merge older than LOFT_RESEND_GRACE_SECONDS whose message
+# the broker no longer holds gets it again (jobs/maintenance.py, resend_lost_hints).
+LOFT_RESEND_EVERY_SECONDS = env.number("LOFT_RESEND_EVERY_SECONDS", 60.0)
+LOFT_RESEND_GRACE_SECONDS = env.integer("LOFT_RESEND_GRACE_SECONDS", 60)
 _maintenance = {"queue": LOFT_MAINTENANCE_QUEUE, "expires": 600}
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-jobs": {
@@ -127,6 +131,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 6 * 3600.0,
         "options": _maintenance,
     },
+    "resend-lost-hints": {
+        "task": "worker.tasks.resend_lost_hints",
+        "schedule": LOFT_RESEND_EVERY_SECONDS,
+        "options": {**_maintenance, "expires": max(LOFT_RESEND_EVERY_SECONDS, 5)},
+    },
     "roll-up-usage": {
         "task": "worker.tasks.roll_up_usage",
         "schedule": 3600.0,
@@ -148,6 +157,8 @@ LOFT_WORKER_HEARTBEAT_SECONDS = env.number("LOFT_WORKER_HEARTBEAT_SECONDS", 10.0
 # A running job whose heartbeat is older than this is taken to have lost its worker.
 LOFT_LEASE_SECONDS = env.integer("LOFT_LEASE_SECONDS", 60)
 LOFT_MAX_ATTEMPTS = env.integer("LOFT_MAX_ATTEMPTS", 3)
+# An attempt that object storage failed waits this long times its number, then resumes.
+LOFT_STORAGE_RETRY_SECONDS = env.number("LOFT_STORAGE_RETRY_SECONDS", 30.0)
 LOFT_JOB_SOFT_TIME_LIMIT_SECONDS = env.integer("LOFT_JOB_SOFT_TIME_LIMIT_SECONDS", 12 * 3600)
 
 # The worker class of the training queue, for pre-flight (worker/plan.py): jobs whose estimated
@@ -178,6 +189,8 @@ LOFT_INFERENCE_MAX_TOKENS = env.integer("LOFT_INFERENCE_MAX_TOKENS", 1024)
 
 # --- Operations: /metrics answers staff sessions, and scrapers that send this token (if set).
 LOFT_METRICS_TOKEN = env.string("LOFT_METRICS_TOKEN", "")
+# Wrong API keys one address may send per minute before it gets 429 (loft/auth.py); 0: no limit.
+LOFT_AUTH_FAILURES_PER_MINUTE = env.integer("LOFT_AUTH_FAILURES_PER_MINUTE", 30)
 
 # --- Quotas: defaults for organizations without their own (jobs.models.Quota); 0 = none ----
 LOFT_QUOTA_CONCURRENT_JOBS = env.integer("LOFT_QUOTA_CONCURRENT_JOBS", 4)

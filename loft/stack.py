@@ -5,7 +5,8 @@
 Starts the embedded services (loft/embedded.py) unless their URLs are set, migrates, runs
 ``bootstrap`` (bucket, base-model catalogue, demo organization, staff user, first API key),
 then a training worker, an inference (playground) worker, beat and the web server, and waits
-until ``/healthz`` reports a live worker.
+until ``/healthz`` reports a live worker. A worker, beat or the web server that dies is
+restarted (``Restarts``); an embedded service that dies stops the whole stack.
 Data stays in ``$LOFT_HOME`` (default ``./.loft``); the next run finds it again.
 """
 
@@ -107,6 +108,42 @@ def web_child(env: dict[str, str], host: str, port: int, home: Path) -> Child:
     )
 
 
+class Restarts:
+    """Loft's own processes are restarted when they die, as docker-compose's restart policy
+    does in production: a worker killed mid-job comes back, and the reaper hands it the job
+    again. One that dies again within a minute of its start waits longer each time (1 s, 2 s,
+    4 s … 60 s), so a process that cannot start does not spin."""
+
+    QUICK_DEATH_SECONDS = 60
+    LONGEST_WAIT_SECONDS = 60
+
+    def __init__(self):
+        self.started_at: dict[str, float] = {}
+        self.quick_deaths: dict[str, int] = {}
+        self.due_at: dict[str, float] = {}
+
+    def restart(self, child: Child) -> None:
+        now = time.monotonic()
+        name = child.name
+        if name not in self.due_at:
+            lived = now - self.started_at.get(name, 0.0)
+            quick = self.quick_deaths.get(name, 0) + 1 if lived < self.QUICK_DEATH_SECONDS else 0
+            self.quick_deaths[name] = quick
+            wait = min(2.0**quick, self.LONGEST_WAIT_SECONDS) if quick else 0.0
+            self.due_at[name] = now + wait
+            say(
+                f"{name} stopped (exit {child.process.returncode}); restarting it"
+                + (f" in {wait:.0f} s." if wait else ".")
+            )
+        if now < self.due_at[name]:
+            return
+        del self.due_at[name]
+        child.stop()  # whatever it left behind in its process group (a pool process) goes too
+        child.start()
+        self.started_at[name] = time.monotonic()
+        say(f"{name} restarted (pid {child.process.pid}).")
+
+
 def healthz(url: str) -> dict:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own server
@@ -169,8 +206,12 @@ def run() -> int:
         )
         say(f"Loft is running at {base_url}/  (admin: {base_url}/admin/, API: {base_url}/v1)")
         say("Press Ctrl-C to stop every part; data stays in LOFT_HOME.")
+        restarts = Restarts()
         while True:
-            for child in [*apps, *stack.children.values()]:
+            for child in apps:
+                if not child.running:
+                    restarts.restart(child)
+            for child in stack.children.values():
                 if not child.running:
                     raise StackError(
                         f"{child.name} stopped unexpectedly (exit {child.process.returncode})."

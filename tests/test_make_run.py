@@ -64,13 +64,13 @@ class MakeRun:
                 stderr=subprocess.STDOUT,
             )
 
-    def wait_healthy(self, timeout=180) -> float:
+    def wait_healthy(self, timeout=180, workers: int = 1) -> float:
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             assert self.process.poll() is None, self.output()
             try:
                 status, body = get_json(f"{self.url}/healthz")
-                if status == 200 and body["workers"] >= 1:
+                if status == 200 and body["workers"] >= workers:
                     return time.monotonic() - started
             except (OSError, ValueError):
                 pass
@@ -143,6 +143,26 @@ def check_metrics_and_logs(run: MakeRun) -> None:
     assert {"web", "worker", "inference", "beat"} <= services, services
 
 
+def check_supervision(run: MakeRun) -> None:
+    """A worker and beat that die are restarted, and the output says so."""
+    children = psutil.Process(run.process.pid).children()
+
+    def child(*words: str) -> psutil.Process:
+        return next(p for p in children if all(w in p.cmdline() for w in words))
+
+    for victim in (child("worker", "worker@%h"), child("beat")):
+        victim.kill()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        log = run.log.read_text(errors="replace")
+        if "worker restarted" in log and "beat restarted" in log:
+            break
+        time.sleep(0.5)
+    assert "worker stopped (exit -9); restarting it" in log, run.output()
+    assert "beat restarted" in log, run.output()
+    run.wait_healthy(workers=2)  # the training worker is back beside the inference one
+
+
 def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     gone, still = psutil.wait_procs(processes, timeout=10)
     return [p for p in still if p.status() != psutil.STATUS_ZOMBIE]
@@ -165,6 +185,7 @@ def test_make_run_starts_stops_and_restarts_with_the_same_data(tmp_path):
         _, keys = get_json(f"{run.url}/v1/api_keys", key)
         exercise_files_with_the_openai_client(run.url, key)
         check_metrics_and_logs(run)
+        check_supervision(run)
         stack_processes = run.stop()
     finally:
         if run.process.poll() is None:

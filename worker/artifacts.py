@@ -12,6 +12,26 @@ import json
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Files that torch or pickle would unpickle: loading one runs whatever code it carries.
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+
+
+def pickles_in(folder: Path) -> list[str]:
+    return sorted(
+        str(path.relative_to(folder))
+        for path in Path(folder).rglob("*")
+        if path.is_file() and path.suffix in PICKLE_SUFFIXES
+    )
+
+
+def refuse_unsafe_adapter(folder: Path) -> None:
+    """Raise ValueError unless ``folder`` is an adapter Loft may load: safetensors weights and
+    no pickled file beside them (peft would fall back to unpickling ``adapter_model.bin``)."""
+    if not (Path(folder) / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(f"The adapter folder has no {ADAPTER_WEIGHTS}.")
+    if refused := pickles_in(folder):
+        raise ValueError(f"The adapter folder holds pickled files: {', '.join(refused)}.")
 
 
 def sha256_of(path: Path) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from worker import data
+from worker import artifacts, data
 from worker.evaluate import _prompt_ids, end_of_turn_ids
 
 # A character split across tokens decodes to this until its last byte arrives.
@@ -128,6 +128,7 @@ class AdapterCache:
         from peft import PeftModel
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        artifacts.refuse_unsafe_adapter(path)  # before peft could unpickle anything in it
         base = self._loaded_base()
         self._counter += 1
         name = f"adapter{self._counter}"

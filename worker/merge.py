@@ -11,20 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+from worker import artifacts
 
 
 class MergeError(ValueError):
     """The adapter folder, or what merging produced, is not a safe, loadable model."""
-
-
-def pickles_in(folder: Path) -> list[str]:
-    return sorted(
-        str(path.relative_to(folder))
-        for path in folder.rglob("*")
-        if path.is_file() and path.suffix in PICKLE_SUFFIXES
-    )
 
 
 def merge_adapter(
@@ -37,10 +28,10 @@ def merge_adapter(
     from peft import PeftModel
 
     adapter_folder, output_folder = Path(adapter_folder), Path(output_folder)
-    if not (adapter_folder / ADAPTER_WEIGHTS).is_file():
-        raise MergeError(f"The adapter folder has no {ADAPTER_WEIGHTS}.")
-    if refused := pickles_in(adapter_folder):
-        raise MergeError(f"The adapter folder holds pickled files: {', '.join(refused)}.")
+    try:
+        artifacts.refuse_unsafe_adapter(adapter_folder)
+    except ValueError as error:
+        raise MergeError(str(error)) from None
 
     model = PeftModel.from_pretrained(load_base(), str(adapter_folder), is_trainable=False)
     merged = model.merge_and_unload()
@@ -51,7 +42,7 @@ def merge_adapter(
     merged.save_pretrained(output_folder)
     tokenizer.save_pretrained(output_folder)
 
-    if refused := pickles_in(output_folder):
+    if refused := artifacts.pickles_in(output_folder):
         raise MergeError(f"Merging wrote pickled files: {', '.join(refused)}.")
     weights = sorted(path.name for path in output_folder.glob("*.safetensors"))
     if not weights or not (output_folder / "config.json").is_file():

@@ -31,8 +31,10 @@ def validate_file(file_id: str) -> None:
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
-    soft_time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS,
-    time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS + 300,
+    # Loft's own limit (LOFT_JOB_SOFT_TIME_LIMIT_SECONDS) ends the loop at a step boundary with
+    # a checkpoint (jobs/training.py); Celery's limits are backstops for a step that hangs.
+    soft_time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS + 600,
+    time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS + 900,
 )
 def run_fine_tune(self, job_id: str) -> None:
     from jobs.training import run_job
@@ -127,3 +129,12 @@ def roll_up_usage() -> int:
     from jobs import maintenance
 
     return maintenance.roll_up_usage()
+
+
+@shared_task
+def resend_lost_hints() -> int:
+    """Periodic (beat): re-send the message of every unfinished job, upload, evaluation or
+    merge whose message the broker no longer holds (a broker restarted empty, or flushed)."""
+    from jobs import maintenance
+
+    return maintenance.resend_lost_hints()

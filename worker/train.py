@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from worker import data
+from worker import artifacts, data
 
 IGNORE = -100
 METHODS = ("qlora", "lora")
@@ -40,6 +40,15 @@ class ConfigError(ValueError):
 
 class TrainingCancelled(Exception):
     """The job was cancelled; raised at a step boundary."""
+
+
+class TimeLimitReached(Exception):
+    """The run used up its time; raised at a step boundary, after a checkpoint of the steps
+    done, so that a retry loses nothing."""
+
+    def __init__(self, step: int):
+        super().__init__(f"time limit reached after step {step}")
+        self.step = step
 
 
 @dataclass
@@ -374,6 +383,8 @@ class Callbacks:
     should_stop: Callable[[], bool] = lambda: False
     # Called with a finished checkpoint folder and its step; uploads it, records it.
     on_checkpoint: Callable[[Path, int], None] = lambda folder, step: None
+    # True once the run must end for lack of time (the job's time limit).
+    out_of_time: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -398,6 +409,7 @@ def attach_lora(base, config: TrainConfig, parent_adapter: Path | None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if parent_adapter is not None:
+        artifacts.refuse_unsafe_adapter(parent_adapter)
         lora = LoraConfig.from_pretrained(str(parent_adapter))
         lora.inference_mode = False
     else:
@@ -497,9 +509,16 @@ def train(
         first_step_done_at: float | None = None
         loop_started = time.monotonic()
         per_epoch = steps_per_epoch(len(train_examples), config.batch_size)
+        last_checkpoint = first_step
         for step in range(first_step, steps):
             if callbacks.should_stop():
                 raise TrainingCancelled(f"cancelled before step {step + 1}")
+            if callbacks.out_of_time():
+                if step > last_checkpoint:
+                    folder = work_dir / "checkpoints" / f"step-{step}"
+                    save_checkpoint(folder, model, optimizer, scheduler, step, config)
+                    callbacks.on_checkpoint(folder, step)
+                raise TimeLimitReached(step)
             batch = examples_for_step(train_examples, config, step)
             rows = pack(batch, config.max_seq_length) if config.packing else pad(batch, pad_id)
             label_count = sum(int((row.labels[:, 1:] != IGNORE).sum()) for row in rows)
@@ -539,6 +558,7 @@ def train(
                 folder = work_dir / "checkpoints" / f"step-{done}"
                 save_checkpoint(folder, model, optimizer, scheduler, done, config)
                 callbacks.on_checkpoint(folder, done)
+                last_checkpoint = done
 
         # --- evaluate on the held-out examples
         validation_loss = held_out_loss(model, validation_examples, config.max_seq_length, device)

@@ -43,7 +43,7 @@ class Migration(migrations.Migration):
                 ('worker', models.CharField(max_length=200)),
                 ('started_at', models.DateTimeField()),
                 ('ended_at', models.DateTimeField(blank=True, null=True)),
-                ('outcome', models.CharField(blank=True, help_text='succeeded, failed, cancelled or lost; empty: running', max_length=20)),
+                ('outcome', models.CharField(blank=True, help_text='succeeded, failed, cancelled, lost or storage_unavailable; empty: running', max_length=20)),
                 ('job', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='attempts', to='jobs.finetunejob')),
             ],
             options={
