@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import boto3
+from boto3.exceptions import Boto3Error
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from django.conf import settings
@@ -18,8 +19,9 @@ class StorageError(Exception):
     """Object storage failed or is unreachable."""
 
 
-# What botocore raises when S3 fails; callers outside this module re-raise it as StorageError.
-BOTO_ERRORS = (BotoCoreError, ClientError)
+# What botocore, and boto3's transfers (upload_file: S3UploadFailedError), raise when S3 fails;
+# callers outside this module re-raise it as StorageError.
+BOTO_ERRORS = (BotoCoreError, ClientError, Boto3Error)
 
 
 def bucket() -> str:
@@ -81,7 +83,7 @@ def ensure_bucket() -> bool:
         raise _fail(f"reach bucket {bucket}", error) from error
     try:
         client().create_bucket(Bucket=bucket)
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"create bucket {bucket}", error) from error
     return True
 
@@ -90,14 +92,14 @@ def check() -> None:
     """Raise StorageError unless the bucket answers."""
     try:
         _probe_client().head_bucket(Bucket=settings.S3_BUCKET)
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"reach bucket {settings.S3_BUCKET}", error) from error
 
 
 def put_bytes(key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
     try:
         client().put_object(Bucket=settings.S3_BUCKET, Key=key, Body=data, ContentType=content_type)
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"write {key}", error) from error
 
 
@@ -107,14 +109,14 @@ def iter_object(key: str, chunk_bytes: int = 2**20, first_bytes: int | None = No
     try:
         body = client().get_object(Bucket=settings.S3_BUCKET, Key=key, **extra)["Body"]
         yield from body.iter_chunks(chunk_bytes)
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"read {key}", error) from error
 
 
 def delete_object(key: str) -> None:
     try:
         client().delete_object(Bucket=settings.S3_BUCKET, Key=key)
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"delete {key}", error) from error
 
 
@@ -126,7 +128,7 @@ def list_keys(prefix: str) -> list[str]:
             for page in paginator.paginate(Bucket=settings.S3_BUCKET, Prefix=prefix)
             for item in page.get("Contents", [])
         ]
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"list {prefix}", error) from error
 
 
@@ -137,7 +139,7 @@ def list_objects(prefix: str):
         for page in paginator.paginate(Bucket=settings.S3_BUCKET, Prefix=prefix):
             for item in page.get("Contents", []):
                 yield item["Key"], item["LastModified"]
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"list {prefix}", error) from error
 
 
@@ -148,21 +150,21 @@ def open_multipart_uploads():
         for page in paginator.paginate(Bucket=settings.S3_BUCKET):
             for item in page.get("Uploads", []):
                 yield item["Key"], item["UploadId"], item["Initiated"]
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail("list multipart uploads", error) from error
 
 
 def abort_multipart_upload(key: str, upload_id: str) -> None:
     try:
         client().abort_multipart_upload(Bucket=settings.S3_BUCKET, Key=key, UploadId=upload_id)
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"abort the upload of {key}", error) from error
 
 
 def get_bytes(key: str) -> bytes:
     try:
         return client().get_object(Bucket=settings.S3_BUCKET, Key=key)["Body"].read()
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"read {key}", error) from error
 
 
@@ -176,7 +178,7 @@ def delete_prefix(prefix: str) -> int:
             if keys:
                 client().delete_objects(Bucket=settings.S3_BUCKET, Delete={"Objects": keys})
                 deleted += len(keys)
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"delete {prefix}", error) from error
     return deleted
 
@@ -192,7 +194,7 @@ def presigned_download_url(
         return client().generate_presigned_url(
             "get_object", Params=params, ExpiresIn=seconds or settings.S3_PRESIGNED_URL_SECONDS
         )
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"sign a URL for {key}", error) from error
 
 
@@ -212,7 +214,7 @@ def upload_folder(folder, prefix: str, manifest: dict) -> None:
             Body=json.dumps(manifest, indent=2).encode(),
             ContentType="application/json",
         )
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"upload {prefix}", error) from error
 
 
@@ -230,6 +232,6 @@ def download_folder(prefix: str, folder) -> dict:
             target = folder / name
             target.parent.mkdir(parents=True, exist_ok=True)
             client().download_file(settings.S3_BUCKET, f"{prefix}{name}", str(target))
-    except (BotoCoreError, ClientError) as error:
+    except BOTO_ERRORS as error:
         raise _fail(f"download {prefix}", error) from error
     return manifest

@@ -11,7 +11,6 @@ the kill steps; ``LOFT_CHAOS_REPORT`` names a JSON file the figures are added to
 import json
 import os
 import random
-import threading
 import time
 
 import pytest
@@ -172,35 +171,64 @@ def test_a_broker_restart_and_flush_lose_no_job(tenant_a, tmp_path, private_queu
     report("broker-restart-and-flush", jobs=2, resent=resent, losses=0, duplicates=0)
 
 
+class UploadThatStopsS3:
+    """A multipart upload body of about 24 MiB, read by the HTTP client block by block; once
+    10 MiB have gone (the first 8 MiB part is in S3 by then), it stops S3."""
+
+    BOUNDARY = "loft-chaos-boundary"
+
+    def __init__(self, stop_s3):
+        self.row = jsonl(chat_rows(1))
+        self.rows = 24 * 2**20 // len(self.row)
+        head = (
+            f'--{self.BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+            f'fine-tune\r\n--{self.BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="big.jsonl"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        tail = f"\r\n--{self.BOUNDARY}--\r\n".encode()
+        self.length = len(head) + self.rows * len(self.row) + len(tail)
+        self.chunks = iter(
+            [head, *([self.row * 1000] * (self.rows // 1000)), self.row * (self.rows % 1000), tail]
+        )
+        self.buffer, self.sent, self.stop_s3, self.stopped = b"", 0, stop_s3, False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, size: int = -1) -> bytes:
+        while len(self.buffer) < max(size, 1):
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                break
+            self.buffer += chunk
+        size = len(self.buffer) if size < 0 else size
+        out, self.buffer = self.buffer[:size], self.buffer[size:]
+        self.sent += len(out)
+        if self.sent > 10 * 2**20 and not self.stopped:
+            self.stopped = True
+            self.stop_s3()
+        return out
+
+
 def test_s3_stopped_during_an_upload_answers_503_and_leaves_no_row_nor_object(
     tenant_a, live_server, embedded_stack
 ):
-    """The body streams in; after its first 8 MiB part went to S3, S3 stops."""
-    url = f"{live_server.url}/v1/files"
-    part = jsonl(chat_rows(1)) * 1  # one row, repeated below to ~24 MiB
-    stopped = threading.Event()
-
-    def body():
-        sent = 0
-        while sent < 24 * 2**20:
-            yield part * 1000
-            sent += len(part) * 1000
-            if sent > 10 * 2**20 and not stopped.is_set():
-                embedded_stack.stop_service("storage")
-                stopped.set()
-
+    body = UploadThatStopsS3(lambda: embedded_stack.stop_service("storage"))
     files_before = File.objects.count()
     try:
         response = requests.post(
-            url,
-            files={"file": ("big.jsonl", body()), "purpose": (None, "fine-tune")},
-            headers={"Authorization": f"Bearer {tenant_a.secret}"},
+            f"{live_server.url}/v1/files",
+            data=body,
+            headers={
+                "Authorization": f"Bearer {tenant_a.secret}",
+                "Content-Type": f"multipart/form-data; boundary={body.BOUNDARY}",
+            },
             timeout=120,
         )
     finally:
-        if stopped.is_set():
+        if body.stopped:
             embedded_stack.start_service("storage")
-    assert stopped.is_set()
+    assert body.stopped, "S3 was to stop midway"
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "storage_unavailable"
     assert File.objects.count() == files_before
@@ -274,24 +302,24 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_k_attempts_and_leave
 def test_the_time_limit_checkpoints_the_job_and_an_operators_retry_resumes_it(
     tenant_a, tmp_path, private_queue, admin_client
 ):
-    """A worker whose time limit is 20 s: the job checkpoints the steps it did and fails with
+    """A worker whose time limit is 10 s: the job checkpoints the steps it did and fails with
     the reason. The admin's Retry queues it again; a worker without that limit resumes it
     from the checkpoint and it succeeds, its ledger line updated rather than doubled."""
     limited = WorkerProcess(
         tmp_path,
         "limited",
         private_queue,
-        **supervised(private_queue, LOFT_JOB_SOFT_TIME_LIMIT_SECONDS="20"),
+        **supervised(private_queue, LOFT_JOB_SOFT_TIME_LIMIT_SECONDS="10"),
     ).start()
     try:
-        job = submit(tenant_a, banana_file(tenant_a), max_steps=16, checkpoint_every=1000)
+        job = submit(tenant_a, banana_file(tenant_a), max_steps=30, checkpoint_every=1000)
         job = wait_for(job, finished, timeout=180, what="the time limit")
     finally:
         limited.stop()
     assert job.status == "failed" and job.error["code"] == "time_limit", job.error
     assert "time limit reached" in job.error["message"].lower()
     step = job.progress["step"]
-    assert 0 < step < 16, step
+    assert 0 < step < 30, step
     assert job.checkpoints.first().step == step  # saved on the way out
     assert f"checkpoint at step {step}" in job.error["message"]
 
