@@ -27,7 +27,8 @@ OWNERS = {"files": File, "adapters": Adapter, "jobs": FineTuneJob}
 def abort_abandoned_uploads(older_than: timedelta | None = None) -> int:
     """Abort multipart uploads begun long ago and never finished (their request died midway):
     S3 keeps their parts, and bills them, until someone does."""
-    older_than = older_than or timedelta(seconds=settings.LOFT_ABANDONED_UPLOAD_SECONDS)
+    if older_than is None:
+        older_than = timedelta(seconds=settings.LOFT_ABANDONED_UPLOAD_SECONDS)
     cutoff = timezone.now() - older_than
     aborted = 0
     for key, upload_id, initiated in list(storage.open_multipart_uploads()):
@@ -52,7 +53,8 @@ def sweep_orphan_objects(older_than: timedelta | None = None, prefix: str = "org
     rolled back, or by a delete that removed the row and failed halfway through the objects.
     Only objects older than the grace period: a younger one may be an upload whose row is
     about to commit. Keys of a shape Loft does not write are left alone."""
-    older_than = older_than or timedelta(seconds=settings.LOFT_ORPHAN_GRACE_SECONDS)
+    if older_than is None:
+        older_than = timedelta(seconds=settings.LOFT_ORPHAN_GRACE_SECONDS)
     cutoff = timezone.now() - older_than
     candidates: dict[tuple[type, str, str], list[str]] = {}
     for key, modified in storage.list_objects(prefix):
@@ -106,7 +108,8 @@ def resend_lost_hints(grace: timedelta | None = None) -> int:
     is claimed by a conditional UPDATE."""
     from worker.tasks import merge_adapter, run_evaluation, validate_file
 
-    grace = grace or timedelta(seconds=settings.LOFT_RESEND_GRACE_SECONDS)
+    if grace is None:
+        grace = timedelta(seconds=settings.LOFT_RESEND_GRACE_SECONDS)
     cutoff = timezone.now() - grace
     held = messages_in_broker()
     queue = settings.LOFT_TRAINING_QUEUE
@@ -116,24 +119,22 @@ def resend_lost_hints(grace: timedelta | None = None) -> int:
             job.add_event("warning", "The broker had lost this job's hint; sent again.")
             job.enqueue()
             resent += 1
-    for file_id in File.objects.filter(
-        status=File.Status.UPLOADED, created_at__lt=cutoff
-    ).values_list("id", flat=True):
-        if file_id not in held:
-            validate_file.delay(file_id)
-            resent += 1
-    for evaluation_id in Evaluation.objects.filter(
-        status=Evaluation.Status.QUEUED, created_at__lt=cutoff
-    ).values_list("id", flat=True):
-        if evaluation_id not in held:
-            run_evaluation.apply_async((evaluation_id,), queue=queue)
-            resent += 1
-    for adapter_id in Adapter.objects.filter(
-        merged_status=Adapter.MergedStatus.QUEUED, created_at__lt=cutoff
-    ).values_list("id", flat=True):
-        if adapter_id not in held:
-            merge_adapter.apply_async((adapter_id,), queue=queue)
-            resent += 1
+    others = [
+        (File.objects.filter(status=File.Status.UPLOADED), validate_file.delay),
+        (
+            Evaluation.objects.filter(status=Evaluation.Status.QUEUED),
+            lambda evaluation_id: run_evaluation.apply_async((evaluation_id,), queue=queue),
+        ),
+        (
+            Adapter.objects.filter(merged_status=Adapter.MergedStatus.QUEUED),
+            lambda adapter_id: merge_adapter.apply_async((adapter_id,), queue=queue),
+        ),
+    ]
+    for waiting, send in others:
+        for object_id in waiting.filter(created_at__lt=cutoff).values_list("id", flat=True):
+            if object_id not in held:
+                send(object_id)
+                resent += 1
     if resent:
         logger.warning("re-sent %d hints the broker had lost", resent)
     return resent

@@ -88,3 +88,22 @@ def test_the_monthly_roll_up_sums_each_organizations_ledger_and_can_run_again(te
     b = lines[(tenant_b.org.id, last_month.date())]
     assert (b.jobs, b.trained_tokens) == (1, 7)
     assert timezone.now().date() >= a.month
+
+
+def test_lost_hints_are_sent_again_once_and_only_when_the_broker_lacks_them(
+    tenant_a, private_queue
+):
+    import redis
+
+    from jobs.models import BaseModel, Evaluation
+
+    evaluation = Evaluation.objects.create(
+        org=tenant_a.org, kind="custom", status="queued", base_model=BaseModel.seed_bundled()
+    )
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    assert maintenance.resend_lost_hints(grace=timedelta(hours=1)) == 0  # too young to judge
+    assert maintenance.resend_lost_hints(grace=timedelta(0)) == 1
+    assert evaluation.id in broker.lrange(private_queue, 0, -1)[0].decode()
+    # Now the broker holds it: nothing is sent twice.
+    assert maintenance.resend_lost_hints(grace=timedelta(0)) == 0
+    assert broker.llen(private_queue) == 1
