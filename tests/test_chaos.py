@@ -169,7 +169,13 @@ def test_a_broker_restart_and_flush_lose_no_job(tenant_a, tmp_path, private_queu
     for job, history in zip(jobs, histories, strict=True):
         assert_exactly_once(history, job)
     resent = sum(any("hint" in e.message for e in job.events.all()) for job in jobs)
-    report("broker-restart-and-flush", jobs=2, resent=resent, losses=0, duplicates=0)
+    report(
+        "broker-restart-and-flush",
+        jobs=len(jobs),
+        resent=resent,
+        losses=sum(not h["succeeded"] for h in histories),
+        duplicates=sum(max(0, h["successes"] - 1) for h in histories),
+    )
 
 
 class UploadThatStopsS3:
@@ -235,7 +241,12 @@ def test_s3_stopped_during_an_upload_answers_503_and_leaves_no_row_nor_object(
     assert File.objects.count() == files_before
     storage.client.cache_clear()
     assert objects_of(tenant_a.org) == []
-    report("s3-down-during-upload", uploads=1, rows_left=0, objects_left=0)
+    report(
+        "s3-down-during-upload",
+        uploads=1,
+        rows_left=File.objects.count() - files_before,
+        objects_left=len(objects_of(tenant_a.org)),
+    )
 
 
 def test_s3_stopped_during_a_checkpoint_makes_the_job_retry_and_no_partial_checkpoint_is_used(
@@ -269,7 +280,12 @@ def test_s3_stopped_during_a_checkpoint_makes_the_job_retry_and_no_partial_check
         manifest = json.loads(storage.get_bytes(f"{checkpoint.s3_prefix}manifest.json"))
         keys = set(storage.list_keys(checkpoint.s3_prefix))
         assert {checkpoint.s3_prefix + name for name in manifest["files"]} <= keys
-    report("s3-down-during-checkpoint", jobs=1, attempts=history["attempts"], losses=0)
+    report(
+        "s3-down-during-checkpoint",
+        jobs=1,
+        attempts=history["attempts"],
+        losses=int(not history["succeeded"]),
+    )
 
 
 def test_a_job_that_kills_its_worker_every_time_fails_after_k_attempts_and_leaves_the_queue_empty(
@@ -297,7 +313,12 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_k_attempts_and_leave
     assert "stopped 2 times" in job.error["message"]
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     assert broker.llen(private_queue) == 0
-    report("poison-job", attempts=2, failed_with_reason=True, queue_left=0)
+    report(
+        "poison-job",
+        attempts=job.attempt,
+        failed_with_reason=job.error["code"] == "worker_lost",
+        queue_left=broker.llen(private_queue),
+    )
 
 
 def test_the_time_limit_checkpoints_the_job_and_an_operators_retry_resumes_it(
@@ -345,4 +366,9 @@ def test_the_time_limit_checkpoints_the_job_and_an_operators_retry_resumes_it(
     assert job.metrics["resumed_from_step"] == step
     assert [(a.number, a.outcome) for a in job.attempts.all()] == [(1, "failed"), (2, "succeeded")]
     assert any(e.message.startswith("Retried by operator") for e in job.events.all())
-    report("time-limit-then-retry", jobs=1, checkpointed_at_step=step, resumed_at_step=step)
+    report(
+        "time-limit-then-retry",
+        jobs=1,
+        checkpointed_at_step=step,
+        resumed_at_step=job.metrics["resumed_from_step"],
+    )
