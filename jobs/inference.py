@@ -83,7 +83,13 @@ def use(adapter: Adapter, with_adapter: bool = True):
 
 
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL)
+    # redis-py 8 reads a socket for 5 s by default; a BLPOP waits up to the whole request's
+    # timeout (a first request loads the model), so the socket must wait longer than that.
+    return redis.Redis.from_url(
+        settings.REDIS_URL,
+        socket_timeout=settings.LOFT_INFERENCE_TIMEOUT_SECONDS + 10,
+        socket_connect_timeout=5,
+    )
 
 
 def _key(request_id: str) -> str:
@@ -112,7 +118,18 @@ def read_events(request_id: str) -> Iterator[dict]:
     deadline = time.monotonic() + settings.LOFT_INFERENCE_TIMEOUT_SECONDS
     while True:
         remaining = deadline - time.monotonic()
-        item = connection.blpop([key], timeout=max(1, int(remaining))) if remaining > 0 else None
+        try:
+            item = (
+                connection.blpop([key], timeout=max(1, int(remaining))) if remaining > 0 else None
+            )
+        except redis.RedisError as error:
+            yield {
+                "type": "error",
+                "code": "inference_unavailable",
+                "message": f"The answer could not be read from the broker ({error}); "
+                "try again later.",
+            }
+            return
         if item is None:
             yield {
                 "type": "error",
