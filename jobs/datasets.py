@@ -1,42 +1,60 @@
 """Dataset validation on the Django side: which tokenizer, where the bytes are, what to record.
 
-The checking itself is ``worker/data.py``; this module feeds it the object from S3 and writes
-the outcome on the File row.
+The checking itself is ``engine/data.py``; this module feeds it the object from S3 and writes
+the outcome on the File row. It runs in the web (small uploads, inside the request) and in a
+worker (large ones), so it counts tokens with engine/chat_tokenizer.py, which needs neither torch
+nor transformers.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import subprocess
+import sys
+from dataclasses import asdict
 
 from django.conf import settings
 
+from engine import data
+from engine.base_models import BaseModelSpec, cache_path
+from engine.chat_tokenizer import ChatTokenizer
 from jobs.models import BaseModel, File
 from loft import storage
-from worker import data
-from worker.base_models import BaseModelSpec, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-
-def spec_of(model: BaseModel) -> BaseModelSpec:
-    return BaseModelSpec(model.name, model.source, model.revision, model.context_length)
+# Converting the bundled model's tokenizer takes ~8 s here; fetching a hub model's, longer.
+PREPARE_TOKENIZER_TIMEOUT_SECONDS = 600
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(spec: BaseModelSpec):
-    return load_tokenizer(spec, settings.LOFT_HOME / "models")
+def _chat_tokenizer(spec: BaseModelSpec) -> ChatTokenizer:
+    cache_dir = settings.LOFT_HOME / "models"
+    folder = cache_path(spec, cache_dir, "tokenizer")
+    if not folder.exists():
+        # Saved once per host by transformers, in a child process: this one stays torch-free.
+        logger.info("preparing the tokenizer of %s", spec.name)
+        subprocess.run(
+            [sys.executable, "-m", "engine.base_models", "tokenizer", json.dumps(asdict(spec))]
+            + [str(cache_dir)],
+            check=True,
+            capture_output=True,
+            timeout=PREPARE_TOKENIZER_TIMEOUT_SECONDS,
+        )
+    return ChatTokenizer.from_folder(folder)
 
 
-def tokenizer_for(model: BaseModel):
-    return _tokenizer(spec_of(model))
+def chat_tokenizer_for(model: BaseModel) -> ChatTokenizer:
+    return _chat_tokenizer(model.spec)
 
 
 def validate_object(key: str, filename: str, requested_format: str, base_model: BaseModel) -> dict:
     """The validation report of a stored upload; raises data.DatasetError when it is unusable."""
     report = data.validate(
         storage.iter_object(key),
-        tokenizer_for(base_model),
+        chat_tokenizer_for(base_model),
         filename=filename,
         forced_format=requested_format or None,
         context_length=base_model.context_length,

@@ -2,7 +2,7 @@
 (jobs/metrics.py) serves to Prometheus, computed by the same functions.
 
 Every figure is read when asked, from PostgreSQL (the truth), the broker (queue depth) and the
-workers' heartbeat rows (jobs/workers.py), so any web process answers the same. The page's
+workers' heartbeat rows (worker/presence.py), so any web process answers the same. The page's
 live part is a fragment at ``/ops/live`` that static/loft/live.js swaps in every few seconds.
 Staff only: a signed-in person who is not staff gets 403, an anonymous one the login form.
 """
@@ -15,9 +15,7 @@ from datetime import timedelta
 
 import redis
 from django.conf import settings
-from django.contrib.auth.views import redirect_to_login
 from django.db.models import Count, Q, Sum
-from django.shortcuts import render
 from django.utils import timezone
 
 from jobs.models import (
@@ -29,7 +27,6 @@ from jobs.models import (
     month_start,
 )
 from loft.models import Organization
-from loft.views import permission_denied
 
 RECENT = timedelta(hours=24)
 # A worker that has not reported for this long is dropped from the page (it is in the admin).
@@ -239,26 +236,3 @@ def snapshot() -> dict:
         "tenants": tenants(),
         "chart": jobs_chart(jobs_per_hour(now)),
     }
-
-
-def _staff_only(view):
-    def guarded(request, *args, **kwargs):
-        if not request.user.is_authenticated:
-            return redirect_to_login(request.get_full_path())
-        if not request.user.is_staff:
-            return permission_denied(request)
-        return view(request, *args, **kwargs)
-
-    guarded.__name__ = view.__name__
-    guarded.__doc__ = view.__doc__
-    return guarded
-
-
-@_staff_only
-def dashboard(request):
-    return render(request, "ops/dashboard.html", snapshot())
-
-
-@_staff_only
-def dashboard_live(request):
-    return render(request, "ops/_live.html", snapshot())

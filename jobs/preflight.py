@@ -1,5 +1,5 @@
 """Pre-flight for a job request: read OpenAI's and Loft's hyperparameters, resolve "auto" from
-the data, and estimate the run (worker/plan.py) on the worker class of the training queue."""
+the data, and estimate the run (engine/plan.py) on the worker class of the training queue."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import math
 
 from django.conf import settings
 
-from jobs.models import BaseModel, File
-from worker import plan as planning
-from worker.train import ConfigError, TrainConfig
+from engine import plan as planning
+from engine.train import ConfigError, TrainConfig
+from jobs.models.catalogue import BaseModel
+from jobs.models.files import File
 
 AUTO = "auto"
 # OpenAI's hyperparameters, then Loft's, as a request may give them.

@@ -1,5 +1,5 @@
 """An organization's usage against its quotas: what ``GET /v1/usage`` answers and what the
-usage page (jobs/usage_page.py) shows, computed once here."""
+usage page (jobs/views/usage.py) shows, computed once here."""
 
 from __future__ import annotations
 

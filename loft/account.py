@@ -1,5 +1,5 @@
 """Browser pages of the account: the organization's API keys and its members. (The usage page
-is jobs/usage_page.py: usage and quotas are jobs' models.)"""
+is jobs/views/usage.py: usage and quotas are jobs' models.)"""
 
 from django.contrib import messages
 from django.contrib.auth import get_user_model

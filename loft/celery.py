@@ -19,14 +19,14 @@ def use_django_logging(**kwargs):
 
 @signals.worker_ready.connect
 def start_reporting_presence(sender, **kwargs):
-    from jobs import workers
+    from worker import presence
 
     queues = sorted(sender.app.amqp.queues.consume_from or [])
-    workers.start_presence(sender.hostname, queues)
+    presence.start_presence(sender.hostname, queues)
 
 
 @signals.worker_shutdown.connect
 def stop_reporting_presence(**kwargs):
-    from jobs import workers
+    from worker import presence
 
-    workers.stop_presence()
+    presence.stop_presence()

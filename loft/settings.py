@@ -88,7 +88,7 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 
 # --- Broker (Celery) -------------------------------------------------------------------------
 # Redis (Valkey locally): the broker, and the channel playground answers stream back through
-# (jobs/inference.py). A deployment with another broker still sets REDIS_URL for the latter.
+# (worker/serving.py). A deployment with another broker still sets REDIS_URL for the latter.
 REDIS_URL = env.get("REDIS_URL") or env.string("CELERY_BROKER_URL")
 CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or REDIS_URL
 CELERY_TASK_DEFAULT_QUEUE = "default"
@@ -101,12 +101,12 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
-# Periodic upkeep (worker/tasks.py, jobs/maintenance.py), sent by `celery beat` to the queue
+# Periodic upkeep (worker/tasks.py, worker/maintenance.py), sent by `celery beat` to the queue
 # LOFT_MAINTENANCE_QUEUE; every one of them is safe to run twice or late.
 LOFT_MAINTENANCE_QUEUE = env.string("LOFT_MAINTENANCE_QUEUE", "default")
 LOFT_REAPER_EVERY_SECONDS = env.number("LOFT_REAPER_EVERY_SECONDS", 30.0)
 # A waiting job, upload, evaluation or merge older than LOFT_RESEND_GRACE_SECONDS whose message
-# the broker no longer holds gets it again (jobs/maintenance.py, resend_lost_hints).
+# the broker no longer holds gets it again (worker/maintenance.py, resend_lost_hints).
 LOFT_RESEND_EVERY_SECONDS = env.number("LOFT_RESEND_EVERY_SECONDS", 60.0)
 LOFT_RESEND_GRACE_SECONDS = env.integer("LOFT_RESEND_GRACE_SECONDS", 60)
 _maintenance = {"queue": LOFT_MAINTENANCE_QUEUE, "expires": 600}
@@ -161,7 +161,7 @@ LOFT_MAX_ATTEMPTS = env.integer("LOFT_MAX_ATTEMPTS", 3)
 LOFT_STORAGE_RETRY_SECONDS = env.number("LOFT_STORAGE_RETRY_SECONDS", 30.0)
 LOFT_JOB_SOFT_TIME_LIMIT_SECONDS = env.integer("LOFT_JOB_SOFT_TIME_LIMIT_SECONDS", 12 * 3600)
 
-# The worker class of the training queue, for pre-flight (worker/plan.py): jobs whose estimated
+# The worker class of the training queue, for pre-flight (engine/plan.py): jobs whose estimated
 # peak memory is above its memory are refused at submission. Throughput is for a 135M model
 # (bench/train.py on 2 CPU cores: ~150 tokens/s); a GPU class sets its own figures.
 LOFT_WORKER_CLASS = env.string("LOFT_WORKER_CLASS", "cpu")
@@ -172,12 +172,12 @@ LOFT_WORKER_BYTES_PER_ACTIVATION = env.integer("LOFT_WORKER_BYTES_PER_ACTIVATION
 # Evaluation at the end of every job: greedy answers on up to this many held-out rows.
 LOFT_EVAL_MAX_GENERATIONS = env.integer("LOFT_EVAL_MAX_GENERATIONS", 50)
 LOFT_EVAL_MAX_NEW_TOKENS = env.integer("LOFT_EVAL_MAX_NEW_TOKENS", 64)
-# ... and on (up to this many questions of) Loft's general probe set, worker/probes.jsonl, to
+# ... and on (up to this many questions of) Loft's general probe set, engine/probes.jsonl, to
 # show what the adapter forgot; 0 turns that check off.
 LOFT_EVAL_FORGETTING_PROBES = env.integer("LOFT_EVAL_FORGETTING_PROBES", 100)
 
 # --- Inference (playground): workers of this queue keep one base model loaded and switch among
-# up to LOFT_INFERENCE_ADAPTERS of its adapters without reloading it (jobs/inference.py).
+# up to LOFT_INFERENCE_ADAPTERS of its adapters without reloading it (worker/serving.py).
 LOFT_INFERENCE_QUEUE = env.string("LOFT_INFERENCE_QUEUE", "inference")
 LOFT_INFERENCE_ADAPTERS = env.integer("LOFT_INFERENCE_ADAPTERS", 8)
 # Full precision by default: on CPUs bitsandbytes' 4-bit layers are slow to generate with and

@@ -18,14 +18,14 @@ from django.conf import settings
 from django.core.servers.basehttp import ThreadedWSGIServer
 from rest_framework.test import APIClient
 
-from loft import storage
-from loft.models import ApiKey, Membership, Organization
-from worker.base_models import (
+from engine.base_models import (
     BUNDLED_BASE_MODEL,
     BaseModelSpec,
     load_base_model,
     load_tokenizer,
 )
+from loft import storage
+from loft.models import ApiKey, Membership, Organization
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -211,7 +211,7 @@ def celery_worker(django_db_setup, django_db_blocker, tmp_path_factory):
         worker.stop()
 
 
-# --- the bundled base model, for engine tests (worker/train.py, worker/evaluate.py) ----------
+# --- the bundled base model, for engine tests (engine/train.py, engine/evaluate.py) ----------
 
 SMOLLM2 = BaseModelSpec(
     BUNDLED_BASE_MODEL["name"],

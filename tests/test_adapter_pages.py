@@ -9,11 +9,11 @@ import zipfile
 import pytest
 from django.test import Client
 
+from engine import artifacts
 from jobs.models import Adapter, Evaluation
 from loft import storage
 from tests.test_jobs_api import stored_adapter
 from tests.test_merge_engine import random_adapter
-from worker import artifacts
 
 
 def signed_in(tenant) -> Client:

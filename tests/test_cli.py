@@ -14,9 +14,9 @@ import zipfile
 import pytest
 from django.db import connection
 
+from engine.artifacts import build_manifest
 from jobs.models import Adapter, BaseModel, FineTuneJob, JobEvent
 from loft import cli, storage
-from worker.artifacts import build_manifest
 
 # private_queue: no worker of the run trains the jobs these tests create and drive by hand.
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("private_queue")]

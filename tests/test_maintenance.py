@@ -8,10 +8,10 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from jobs import maintenance
 from jobs.models import File, MonthlyUsage, UsageRecord, month_start
 from loft import storage
 from loft.celery import app
+from worker import maintenance
 
 pytestmark = pytest.mark.django_db
 

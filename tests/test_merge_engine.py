@@ -1,4 +1,4 @@
-"""Merged weights (worker/merge.py): the merged model answers exactly as base + adapter did,
+"""Merged weights (engine/merge.py): the merged model answers exactly as base + adapter did,
 and it is safetensors only."""
 
 from pathlib import Path
@@ -8,9 +8,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from engine.base_models import load_base_model
+from engine.merge import MergeError, merge_adapter
 from tests.conftest import SMOLLM2
-from worker.base_models import load_base_model
-from worker.merge import MergeError, merge_adapter
 
 
 def random_adapter(cache: Path, folder: Path):

@@ -1,8 +1,8 @@
-"""worker/plan.py: the "auto" rules and the pre-flight estimate, as pure functions."""
+"""engine/plan.py: the "auto" rules and the pre-flight estimate, as pure functions."""
 
 import pytest
 
-from worker import plan
+from engine import plan
 
 SMOLLM2 = plan.ModelShape(134_515_008, 576, 30, 1536, 49152, True, 9)
 CPU = plan.WorkerClass("cpu", memory_bytes=12 * plan.GIB, tokens_per_second_135m=150)

@@ -65,7 +65,7 @@ def test_uploaded_pickles_are_refused_without_being_loaded(api_a, tmp_path):
 
 
 def test_an_adapter_folder_holding_a_pickle_is_refused_before_anything_reads_it(tmp_path):
-    from worker.generate import AdapterCache
+    from engine.generate import AdapterCache
 
     marker = tmp_path / "unpickled"
     folder = tmp_path / "adapter"

@@ -1,12 +1,12 @@
-"""The training engine on its own (worker/train.py): packing, loss, checkpoints, resume."""
+"""The training engine on its own (engine/train.py): packing, loss, checkpoints, resume."""
 
 import json
 
 import pytest
 import torch
 
-from worker import data
-from worker import train as T
+from engine import data
+from engine import train as T
 
 
 @pytest.fixture(scope="module")

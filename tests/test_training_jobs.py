@@ -9,12 +9,11 @@ import pytest
 import torch
 from django.conf import settings
 
-from jobs.datasets import spec_of
+from engine.base_models import load_base_model, load_tokenizer
 from jobs.models import Adapter, BaseModel, File, FineTuneJob
 from loft import storage
 from tests.conftest import api_client_for
 from tests.test_files_api import upload
-from worker.base_models import load_base_model, load_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -116,7 +115,7 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
 
     folder = tmp_path / "adapter"
     storage.download_folder(adapter.s3_prefix, folder)
-    spec = spec_of(job.base_model)
+    spec = job.base_model.spec
     cache = settings.LOFT_HOME / "models"
     tokenizer = load_tokenizer(spec, cache)
     base = load_base_model(spec, cache, "none", "cpu")

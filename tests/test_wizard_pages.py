@@ -3,8 +3,8 @@ beside their field, tenant walls. (The same flow in a real browser: tests/test_b
 
 import pytest
 
-from jobs.job_pages import loss_chart
 from jobs.models import File, FineTuneJob
+from jobs.views.jobs import loss_chart
 from tests.test_files_api import chat_rows, jsonl, upload
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]

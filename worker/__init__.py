@@ -1,1 +1,2 @@
-"""Celery tasks (tasks.py, thin) and the engine modules, which import no Django."""
+"""The worker side: everything that runs inside a Celery worker process (a job, an evaluation,
+a merge, serving, upkeep). The web never imports it; it sends tasks by name (jobs/tasks.py)."""

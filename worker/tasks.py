@@ -32,12 +32,12 @@ def validate_file(file_id: str) -> None:
     acks_late=True,
     reject_on_worker_lost=True,
     # Loft's own limit (LOFT_JOB_SOFT_TIME_LIMIT_SECONDS) ends the loop at a step boundary with
-    # a checkpoint (jobs/training.py); Celery's limits are backstops for a step that hangs.
+    # a checkpoint (worker/training.py); Celery's limits are backstops for a step that hangs.
     soft_time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS + 600,
     time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS + 900,
 )
 def run_fine_tune(self, job_id: str) -> None:
-    from jobs.training import run_job
+    from worker.training import run_job
 
     with log_fields(job_id=job_id):
         run_job(job_id, worker=self.request.hostname or "worker")
@@ -49,7 +49,7 @@ def run_fine_tune(self, job_id: str) -> None:
     soft_time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS,
 )
 def run_evaluation(evaluation_id: str) -> None:
-    from jobs.evaluations import run_evaluation as run
+    from worker.evaluations import run_evaluation as run
 
     with log_fields(evaluation_id=evaluation_id):
         run(evaluation_id)
@@ -59,7 +59,7 @@ def run_evaluation(evaluation_id: str) -> None:
 # after a worker died would answer nobody.
 @shared_task(acks_late=False)
 def generate(request_id: str, org_id: str, adapter_id: str, request: dict) -> None:
-    from jobs.inference import serve_generation
+    from worker.serving import serve_generation
 
     with log_fields(request_id=request_id, org_id=org_id, adapter_id=adapter_id):
         serve_generation(request_id, org_id, adapter_id, request)
@@ -101,7 +101,7 @@ def send_overdue_webhooks() -> int:
     soft_time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS,
 )
 def merge_adapter(adapter_id: str) -> None:
-    from jobs.merging import run_merge
+    from worker.merging import run_merge
 
     with log_fields(adapter_id=adapter_id):
         run_merge(adapter_id)
@@ -110,7 +110,7 @@ def merge_adapter(adapter_id: str) -> None:
 @shared_task
 def abort_abandoned_uploads() -> int:
     """Periodic (beat): abort multipart uploads left open by requests that died."""
-    from jobs import maintenance
+    from worker import maintenance
 
     return maintenance.abort_abandoned_uploads()
 
@@ -118,7 +118,7 @@ def abort_abandoned_uploads() -> int:
 @shared_task
 def sweep_orphan_objects() -> int:
     """Periodic (beat): delete old objects that no row owns."""
-    from jobs import maintenance
+    from worker import maintenance
 
     return maintenance.sweep_orphan_objects()
 
@@ -126,7 +126,7 @@ def sweep_orphan_objects() -> int:
 @shared_task
 def roll_up_usage() -> int:
     """Periodic (beat): the per-month usage lines operators bill from."""
-    from jobs import maintenance
+    from worker import maintenance
 
     return maintenance.roll_up_usage()
 
@@ -135,6 +135,6 @@ def roll_up_usage() -> int:
 def resend_lost_hints() -> int:
     """Periodic (beat): re-send the message of every unfinished job, upload, evaluation or
     merge whose message the broker no longer holds (a broker restarted empty, or flushed)."""
-    from jobs import maintenance
+    from worker import maintenance
 
     return maintenance.resend_lost_hints()

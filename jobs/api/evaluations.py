@@ -18,7 +18,7 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status
 from rest_framework.response import Response
 
-from jobs import inference
+from jobs import playground
 from jobs.api.serializers import StrictSerializer
 from jobs.models import Adapter, BaseModel, Evaluation, File
 from loft.api.base import ObjectTypeField, TenantScopedViewSet, UnixTimestampField
@@ -207,7 +207,7 @@ def generate_response(adapter: Adapter, request) -> Response | StreamingHttpResp
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if stream:
-        events = inference.read_events(inference.start_generation(adapter, values))
+        events = playground.read_events(playground.start_generation(adapter, values))
         response = StreamingHttpResponse(
             _sse(events, completion_id, created, model), content_type="text/event-stream"
         )
@@ -215,8 +215,8 @@ def generate_response(adapter: Adapter, request) -> Response | StreamingHttpResp
         response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
         return response
     try:
-        result = inference.answer(adapter, values)
-    except inference.GenerationFailed as error:
+        result = playground.answer(adapter, values)
+    except playground.GenerationFailed as error:
         unavailable = error.code == "inference_unavailable"
         raise LoftAPIError(
             str(error),

@@ -16,6 +16,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from engine.train import ConfigError, TrainConfig
 from jobs import preflight
 from jobs.api.evaluations import GenerateSerializer, generate_response
 from jobs.api.serializers import (
@@ -42,7 +43,6 @@ from loft import storage
 from loft.api.base import AfterLimitPagination, TenantScopedViewSet
 from loft.api.errors import LoftAPIError
 from loft.tenancy import current_org
-from worker.train import ConfigError, TrainConfig
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 

@@ -1,10 +1,10 @@
 from django.utils import timezone
 from rest_framework import serializers
 
+from engine.data import FORMATS
 from jobs.models import Adapter, BaseModel, Checkpoint, File, FineTuneJob, JobEvent
 from jobs.preflight import AUTO_RESOLVED, public_hyperparameters
 from loft.api.base import ObjectTypeField, UnixTimestampField
-from worker.data import FORMATS
 
 EVENT_ID_PREFIX = "ftevent-"
 CHECKPOINT_ID_PREFIX = "ftckpt-"

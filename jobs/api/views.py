@@ -10,6 +10,8 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from engine.data import DatasetError
+from jobs import tasks
 from jobs.api.fine_tuning import quota_error
 from jobs.api.serializers import (
     FileSerializer,
@@ -25,8 +27,6 @@ from loft.api.base import TenantScopedViewSet, is_id_like
 from loft.api.errors import LoftAPIError
 from loft.models import Organization
 from loft.tenancy import current_org
-from worker.data import DatasetError
-from worker.tasks import validate_file
 
 # The multipart envelope around the file (boundaries, headers, the purpose field).
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -218,7 +218,7 @@ class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScoped
             file = File(**fields)
             if large:
                 file.save()
-                transaction.on_commit(lambda: validate_file.delay(file.id))
+                tasks.validate_file(file.id)
             else:
                 file.mark_processed(report)
         return file

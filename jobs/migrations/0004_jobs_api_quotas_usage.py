@@ -51,7 +51,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='finetunejob',
             name='plan',
-            field=models.JSONField(blank=True, default=dict, help_text='Pre-flight figures (worker/plan.py) at submission.'),
+            field=models.JSONField(blank=True, default=dict, help_text='Pre-flight figures (engine/plan.py) at submission.'),
         ),
         migrations.AddField(
             model_name='finetunejob',

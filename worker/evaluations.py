@@ -2,9 +2,9 @@
 
 ``POST /v1/evaluations`` creates the row (Evaluation.submit); the Celery task (worker/tasks.py)
 calls ``run_evaluation``. Every model answers the same rows through the same scorer as the
-end-of-job evaluation (worker/evaluate.py: loss, perplexity, token accuracy, exact match,
+end-of-job evaluation (engine/evaluate.py: loss, perplexity, token accuracy, exact match,
 normalized exact match, ROUGE-L), on one loaded base with the adapters switched in and out
-(jobs/inference.py), so comparing five adapters costs one base load.
+(worker/serving.py), so comparing five adapters costs one base load.
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from django.conf import settings
-
-from jobs import inference
-from jobs.datasets import tokenizer_for
+from engine import data, evaluate, train
+from engine.base_models import training_device
 from jobs.models import Adapter, Evaluation
-from jobs.training import read_examples
 from loft.observability import bind_log_fields
 from loft.storage import StorageError
-from worker import data, evaluate, train
-from worker.base_models import training_device
+from worker import serving
+from worker.tokenizer import tokenizer_for
+from worker.training import read_examples
 
 logger = logging.getLogger(__name__)
 SAMPLES = 20
@@ -65,7 +63,7 @@ def _score_every_model(evaluation: Evaluation) -> dict:
         "max_new_tokens": evaluation.options["max_new_tokens"],
     }
     scores, outputs = [], []
-    cache = inference.adapter_cache(evaluation.base_model)
+    cache = serving.adapter_cache(evaluation.base_model)
     for candidate in evaluation.candidates:
         adapter = adapters.get(candidate["adapter"]) if candidate["adapter"] else None
         if candidate["adapter"] and adapter is None:
@@ -73,7 +71,7 @@ def _score_every_model(evaluation: Evaluation) -> dict:
             outputs.append([""] * len(answerable))
             continue
         key = adapter.id if adapter else None
-        with cache.use(key, lambda a=adapter: inference.adapter_folder(a)) as model:
+        with cache.use(key, lambda a=adapter: serving.adapter_folder(a)) as model:
             result, answers = evaluate.score(model, tokenizer, answerable, tokenized, **options)
         scores.append(asdict(result))
         outputs.append(answers)
@@ -90,30 +88,3 @@ def _score_every_model(evaluation: Evaluation) -> dict:
             }
         )
     return {"models": scores, "samples": samples, "rows": len(examples)}
-
-
-def leaderboard(evaluations) -> list[dict]:
-    """Every model evaluated on one eval file, its latest succeeded result, best first: by
-    normalized exact match, then ROUGE-L, then the lowest loss."""
-    latest: dict[str, dict] = {}
-    for evaluation in sorted(evaluations, key=lambda e: e.created_at):
-        for entry in evaluation.scores_by_model():
-            if "error" not in entry:
-                latest[entry["model"]] = {**entry, "evaluation": evaluation.id}
-
-    def rank(entry: dict) -> tuple:
-        loss = entry.get("loss")
-        return (
-            -(entry.get("normalized_exact_match") or 0),
-            -(entry.get("rouge_l") or 0),
-            loss if loss is not None else float("inf"),
-        )
-
-    return sorted(latest.values(), key=rank)
-
-
-def default_options(body: dict) -> dict:
-    return {
-        "max_generations": body.get("max_generations") or settings.LOFT_EVAL_MAX_GENERATIONS,
-        "max_new_tokens": body.get("max_new_tokens") or settings.LOFT_EVAL_MAX_NEW_TOKENS,
-    }

@@ -14,7 +14,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from jobs.models import FineTuneJob
-from jobs.views import METRIC_COLUMNS
+from jobs.views.datasets import METRIC_COLUMNS
 from loft.tenancy import org_or_404
 
 CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 640, 220, 36

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from worker import data, train
+from engine import data, train
 
 SHOWN_SAMPLES = 5
 # exp() of a larger loss overflows a float; no model that loads is anywhere near it.

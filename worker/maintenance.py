@@ -14,7 +14,7 @@ import redis
 from django.conf import settings
 from django.utils import timezone
 
-from jobs import ops
+from jobs import ops, tasks
 from jobs.models import Adapter, Evaluation, File, FineTuneJob, MonthlyUsage, month_start
 from loft import storage
 
@@ -106,13 +106,10 @@ def resend_lost_hints(grace: timedelta | None = None) -> int:
     for it (the broker restarted empty, or was flushed). Only rows older than ``grace``: a
     younger one's message may still be on its way. A hint sent twice is harmless, since each
     is claimed by a conditional UPDATE."""
-    from worker.tasks import merge_adapter, run_evaluation, validate_file
-
     if grace is None:
         grace = timedelta(seconds=settings.LOFT_RESEND_GRACE_SECONDS)
     cutoff = timezone.now() - grace
     held = messages_in_broker()
-    queue = settings.LOFT_TRAINING_QUEUE
     resent = 0
     for job in FineTuneJob.objects.filter(status=FineTuneJob.Status.QUEUED, created_at__lt=cutoff):
         if job.id not in held:
@@ -120,15 +117,9 @@ def resend_lost_hints(grace: timedelta | None = None) -> int:
             job.enqueue()
             resent += 1
     others = [
-        (File.objects.filter(status=File.Status.UPLOADED), validate_file.delay),
-        (
-            Evaluation.objects.filter(status=Evaluation.Status.QUEUED),
-            lambda evaluation_id: run_evaluation.apply_async((evaluation_id,), queue=queue),
-        ),
-        (
-            Adapter.objects.filter(merged_status=Adapter.MergedStatus.QUEUED),
-            lambda adapter_id: merge_adapter.apply_async((adapter_id,), queue=queue),
-        ),
+        (File.objects.filter(status=File.Status.UPLOADED), tasks.validate_file),
+        (Evaluation.objects.filter(status=Evaluation.Status.QUEUED), tasks.run_evaluation),
+        (Adapter.objects.filter(merged_status=Adapter.MergedStatus.QUEUED), tasks.merge_adapter),
     ]
     for waiting, send in others:
         for object_id in waiting.filter(created_at__lt=cutoff).values_list("id", flat=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from worker import artifacts
+from engine import artifacts
 
 
 class MergeError(ValueError):

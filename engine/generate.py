@@ -14,7 +14,7 @@ turned off (``disable_adapter()``), as evaluation compares base and adapter.
 
 Quantization is the caller's choice (``load_base``), with one caveat: on the CPU, bitsandbytes
 0.50 rewrites a 4-bit model's quantization state in place when ``model.state_dict()`` is called
-(worker/train.py), and peft's ``load_adapter`` goes through its state-dict helpers. A CPU
+(engine/train.py), and peft's ``load_adapter`` goes through its state-dict helpers. A CPU
 playground therefore loads its base in full precision (``load_base_model(spec, cache_dir,
 "none", "cpu")``). The rewrite was measured on the CPU; NF4 on CUDA is untested here.
 """
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from worker import artifacts, data
-from worker.evaluate import _prompt_ids, end_of_turn_ids
+from engine import artifacts, data
+from engine.evaluate import _prompt_ids, end_of_turn_ids
 
 # A character split across tokens decodes to this until its last byte arrives.
 INCOMPLETE = "\ufffd"

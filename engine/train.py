@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from worker import artifacts, data
+from engine import artifacts, data
 
 IGNORE = -100
 METHODS = ("qlora", "lora")

@@ -1,6 +1,6 @@
 """Making an adapter's merged weights on a worker (Adapter.request_merge queues it).
 
-The worker fetches the adapter folder, folds it into its base (worker/merge.py) and uploads the
+The worker fetches the adapter folder, folds it into its base (engine/merge.py) and uploads the
 model folder under ``Adapter.merged_prefix``, manifest last; the row says ready only after
 that. The row is the truth: a conditional UPDATE claims the work and another ends it.
 """
@@ -13,14 +13,14 @@ from pathlib import Path
 
 from django.conf import settings
 
-from jobs import inference
-from jobs.datasets import spec_of, tokenizer_for
+from engine import artifacts, merge
+from engine.base_models import load_base_model, training_device
 from jobs.models import Adapter
 from loft import storage
 from loft.observability import bind_log_fields
 from loft.storage import StorageError
-from worker import artifacts, merge
-from worker.base_models import load_base_model, training_device
+from worker import serving
+from worker.tokenizer import tokenizer_for
 
 logger = logging.getLogger(__name__)
 Status = Adapter.MergedStatus
@@ -53,7 +53,7 @@ def run_merge(adapter_id: str) -> None:
 
 def merged_weights(adapter: Adapter) -> dict:
     """Merge on this worker and upload the folder; returns its manifest."""
-    spec, device = spec_of(adapter.base_model), training_device()
+    spec, device = adapter.base_model.spec, training_device()
     cache = settings.LOFT_HOME / "models"
     work = settings.LOFT_HOME / "merging"
     work.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def merged_weights(adapter: Adapter) -> dict:
         folder = Path(tmp)
         merge.merge_adapter(
             lambda: load_base_model(spec, cache, "none", device),
-            inference.adapter_folder(adapter),
+            serving.adapter_folder(adapter),
             folder,
             tokenizer_for(adapter.base_model),
         )

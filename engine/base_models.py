@@ -31,7 +31,7 @@ BUNDLED_BASE_MODEL = {
     "context_length": 8192,
     "license": "apache-2.0",
     "description": "A 135M-parameter instruction-tuned model: small enough to fine-tune on a CPU.",
-    # From its config.json; pre-flight (worker/plan.py) estimates memory and time from it.
+    # From its config.json; pre-flight (engine/plan.py) estimates memory and time from it.
     "architecture": {
         "hidden_size": 576,
         "num_layers": 30,
@@ -87,20 +87,29 @@ def _publish(build, target: Path) -> Path:
     return target
 
 
-def load_tokenizer(spec: BaseModelSpec, cache_dir: Path):
-    from transformers import AutoTokenizer
+def tokenizer_folder(spec: BaseModelSpec, cache_dir: Path) -> Path:
+    """The base model's tokenizer saved once in the cache (``save_pretrained``): converted from
+    the bundled GGUF, or fetched from the hub at its pinned revision. transformers and
+    engine/chat_tokenizer.py both read it from here."""
 
-    if not spec.source.startswith(BUNDLED_PREFIX):
-        return AutoTokenizer.from_pretrained(spec.source, revision=spec.revision)
+    def save(folder: Path) -> None:
+        from transformers import AutoTokenizer
 
-    def convert(folder: Path) -> None:
-        gguf = bundled_gguf(spec.source)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if spec.source.startswith(BUNDLED_PREFIX):
+            gguf = bundled_gguf(spec.source)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(spec.source, revision=spec.revision)
         tokenizer.save_pretrained(folder)
 
-    return AutoTokenizer.from_pretrained(
-        _publish(convert, cache_path(spec, cache_dir, "tokenizer"))
-    )
+    return _publish(save, cache_path(spec, cache_dir, "tokenizer"))
+
+
+def load_tokenizer(spec: BaseModelSpec, cache_dir: Path):
+    """transformers' tokenizer of the base model (the worker side)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_folder(spec, cache_dir))
 
 
 def training_device() -> str:
@@ -205,3 +214,15 @@ class WarmBaseModels:
 
 
 warm_base_models = WarmBaseModels()
+
+
+if __name__ == "__main__":
+    # python -m engine.base_models tokenizer SPEC_JSON CACHE_DIR: save the tokenizer in a child
+    # process, so that a process which must not import transformers (the web) can have it.
+    import json
+    import sys
+
+    _, command, spec_json, cache = sys.argv
+    if command != "tokenizer":
+        raise SystemExit(f"unknown command {command!r}")
+    print(tokenizer_folder(BaseModelSpec(**json.loads(spec_json)), Path(cache)))

@@ -17,12 +17,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections, transaction
 
-from jobs.datasets import spec_of, tokenizer_for
+from engine import artifacts, data, evaluate, train
+from engine.base_models import training_device, warm_base_models
 from jobs.models import Adapter, Checkpoint, Evaluation, File, FineTuneJob
 from loft import storage
 from loft.observability import bind_log_fields
-from worker import artifacts, data, evaluate, train
-from worker.base_models import training_device, warm_base_models
+from worker.tokenizer import tokenizer_for
 
 logger = logging.getLogger(__name__)
 Status = FineTuneJob.Status
@@ -225,7 +225,7 @@ def _latest_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None, int]:
 def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float) -> None:
     # --- setup
     config = train.TrainConfig(**job.hyperparameters)
-    spec = spec_of(job.base_model)
+    spec = job.base_model.spec
     device = training_device()
     tokenizer = tokenizer_for(job.base_model)
     train_rows, held_out, held_examples = _prepare_data(job, attempt, config, tokenizer)

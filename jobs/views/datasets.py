@@ -6,9 +6,9 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from jobs import evaluations, inference
 from jobs.api.evaluations import GenerateSerializer
 from jobs.models import Adapter, Evaluation, File, FileInUse
+from jobs.playground import GenerationFailed, answer
 from loft.tenancy import org_or_404
 
 # The scores shown for each model, in this order: (label, key, higher is better).
@@ -84,7 +84,7 @@ def leaderboard(request, file_id: str):
     return render(
         request,
         "jobs/leaderboard.html",
-        {"file": file, "entries": evaluations.leaderboard(runs), "metrics": METRIC_COLUMNS},
+        {"file": file, "entries": Evaluation.leaderboard(runs), "metrics": METRIC_COLUMNS},
     )
 
 
@@ -120,10 +120,10 @@ def playground(request, adapter_id: str):
             context.update(max_tokens=values["max_tokens"], temperature=values["temperature"])
             try:
                 context["answers"] = {
-                    side: inference.answer(adapter, {**values, "with_adapter": with_adapter})
+                    side: answer(adapter, {**values, "with_adapter": with_adapter})
                     for side, with_adapter in (("base", False), ("adapter", True))
                 }
-            except inference.GenerationFailed as error:
+            except GenerationFailed as error:
                 context["error"] = str(error)
     return render(request, "jobs/playground.html", context)
 

@@ -1,7 +1,7 @@
 """Browser pages of adapters: the list, one adapter, and its merged weights.
 
 The adapter zip itself is the API's route (``/v1/adapters/<id>/download`` accepts the browser
-session); merged weights are made on request by a worker (jobs/merging.py) and streamed from
+session); merged weights are made on request by a worker (worker/merging.py) and streamed from
 here as a zip.
 """
 

@@ -1,0 +1,22 @@
+"""The fine-tuning domain's part of /v1 (included by loft/urls.py in the ``api`` namespace)."""
+
+from django.urls import path
+from rest_framework.routers import SimpleRouter
+
+from jobs.api.evaluations import EvaluationViewSet
+from jobs.api.fine_tuning import AdapterViewSet, FineTuningJobViewSet, UsageView
+from jobs.api.views import FileViewSet, ModelDetailView, ModelListView
+
+# OpenAI's paths have no trailing slash.
+router = SimpleRouter(trailing_slash=False)
+router.register("files", FileViewSet, basename="file")
+router.register("fine_tuning/jobs", FineTuningJobViewSet, basename="fine-tuning-job")
+router.register("adapters", AdapterViewSet, basename="adapter")
+router.register("evaluations", EvaluationViewSet, basename="evaluation")
+
+urlpatterns = [
+    path("models", ModelListView.as_view(), name="model-list"),
+    path("models/<path:model>", ModelDetailView.as_view(), name="model-detail"),
+    path("usage", UsageView.as_view(), name="usage"),
+    *router.urls,
+]

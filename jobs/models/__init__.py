@@ -1,0 +1,56 @@
+"""The fine-tuning domain's models, one module per aggregate:
+
+- catalogue: BaseModel, the base models on offer;
+- files: File, an uploaded dataset;
+- jobs: FineTuneJob with its whole lifecycle, JobEvent, JobAttempt, Checkpoint;
+- adapters: Adapter and Evaluation;
+- usage: Quota and the usage ledger;
+- workers: WorkerHeartbeat.
+"""
+
+from jobs.models.adapters import Adapter, Evaluation, new_adapter_id, new_evaluation_id
+from jobs.models.catalogue import BaseModel
+from jobs.models.files import File, FileInUse, new_file_id
+from jobs.models.jobs import (
+    Checkpoint,
+    FineTuneJob,
+    IdempotencyKeyReused,
+    JobAttempt,
+    JobEvent,
+    new_job_id,
+)
+from jobs.models.usage import (
+    MonthlyUsage,
+    Quota,
+    QuotaExceeded,
+    UsageRecord,
+    month_start,
+    storage_bytes,
+    trained_tokens_this_month,
+)
+from jobs.models.workers import WorkerHeartbeat
+
+__all__ = [
+    "Adapter",
+    "BaseModel",
+    "Checkpoint",
+    "Evaluation",
+    "File",
+    "FileInUse",
+    "FineTuneJob",
+    "IdempotencyKeyReused",
+    "JobAttempt",
+    "JobEvent",
+    "MonthlyUsage",
+    "Quota",
+    "QuotaExceeded",
+    "UsageRecord",
+    "WorkerHeartbeat",
+    "month_start",
+    "new_adapter_id",
+    "new_evaluation_id",
+    "new_file_id",
+    "new_job_id",
+    "storage_bytes",
+    "trained_tokens_this_month",
+]

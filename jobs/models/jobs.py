@@ -1,0 +1,566 @@
+"""A fine-tuning job and its whole lifecycle (FineTuneJob's methods), with its events, attempts
+and checkpoints. worker/training.py runs a claimed job."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import timedelta
+
+from django.db import models, transaction
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from jobs import preflight, tasks
+from jobs.models.adapters import Adapter
+from jobs.models.catalogue import BaseModel
+from jobs.models.files import File
+from jobs.models.usage import Quota, QuotaExceeded, UsageRecord
+from loft import webhooks
+from loft.ids import make_id
+from loft.models import Organization
+from loft.tenancy import TenantOwnedModel
+
+
+def new_job_id() -> str:
+    return make_id("ftjob")
+
+
+class FineTuneJob(TenantOwnedModel):
+    """A fine-tuning job. The row is the truth; a Celery message only says "look at me".
+
+    Lifecycle (OpenAI's words): validating_files → queued → running → succeeded | failed |
+    cancelled. A worker claims a queued job with a conditional UPDATE that raises ``attempt``;
+    that number is a fencing token: every later write by the worker names it, and a write
+    whose attempt is no longer current (the lease was lost, a newer attempt runs) changes
+    nothing.
+    """
+
+    class Status(models.TextChoices):
+        VALIDATING_FILES = "validating_files"
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_job_id, editable=False)
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT)
+    # A finished job's files may be deleted (an unfinished job's may not: see
+    # File.delete_with_content); the job still names them, as OpenAI's jobs do, so the
+    # columns keep the ids without a database constraint.
+    training_file = models.ForeignKey(
+        File, on_delete=models.DO_NOTHING, db_constraint=False, related_name="training_jobs"
+    )
+    validation_file = models.ForeignKey(
+        File,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="validation_jobs",
+    )
+    parent_adapter = models.ForeignKey(
+        "Adapter", null=True, blank=True, on_delete=models.PROTECT, related_name="children_jobs"
+    )
+    method = models.CharField(max_length=10, default="qlora")
+    requested_hyperparameters = models.JSONField(
+        default=dict, blank=True, help_text="As the client sent them, 'auto' included."
+    )
+    hyperparameters = models.JSONField(default=dict, help_text="The resolved training config.")
+    seed = models.IntegerField(default=42)
+    suffix = models.CharField(max_length=64, blank=True)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
+    cancel_requested = models.BooleanField(default=False)
+    attempt = models.PositiveIntegerField(default=0, help_text="Claims so far; the fencing token.")
+    attempts_before_retry = models.PositiveIntegerField(
+        default=0, help_text="``attempt`` when an operator last retried the job (0: never)."
+    )
+    worker = models.CharField(max_length=200, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    progress = models.JSONField(default=dict, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    trained_tokens = models.BigIntegerField(default=0)
+    compute_seconds = models.FloatField(default=0)
+    metadata = models.JSONField(default=dict, blank=True, help_text="The client's own labels.")
+    plan = models.JSONField(
+        default=dict, blank=True, help_text="Pre-flight figures (engine/plan.py) at submission."
+    )
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    request_fingerprint = models.CharField(
+        max_length=64, blank=True, help_text="sha256 of the create request the key was used with."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    ACTIVE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["status", "heartbeat_at"]),
+            models.Index(fields=["org", "-created_at", "-id"], name="jobs_by_org_newest"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["org", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="one_job_per_idempotency_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status})"
+
+    @property
+    def s3_prefix(self) -> str:
+        return f"orgs/{self.org_id}/jobs/{self.id}/"
+
+    @property
+    def fine_tuned_model_name(self) -> str:
+        """OpenAI's form: ft:<base>:<org>:<suffix>:<job id>."""
+        return f"ft:{self.base_model.name}:{self.org.slug}:{self.suffix}:{self.id}"
+
+    # --- queueing ---------------------------------------------------------------------------
+
+    @classmethod
+    def submit(
+        cls,
+        *,
+        org,
+        training_file: File,
+        base_model: BaseModel | None = None,
+        validation_file: File | None = None,
+        hyperparameters: dict | None = None,
+        seed: int = 42,
+        suffix: str = "",
+        parent_adapter: Adapter | None = None,
+        requested_hyperparameters: dict | None = None,
+        metadata: dict | None = None,
+        idempotency_key: str = "",
+        fingerprint: str = "",
+    ) -> FineTuneJob:
+        """Create a job from resolved settings (TrainConfig's arguments; raises
+        train.ConfigError naming the field, preflight.JobTooLarge, QuotaExceeded).
+
+        Under a lock on the organization's row, so that quotas and idempotency keys hold when
+        many requests arrive at once: the same ``idempotency_key`` returns the job it made
+        (``job.replayed`` is then True). A job whose files are still being validated waits in
+        ``validating_files``; files_validated moves it on.
+        """
+        from engine.train import TrainConfig
+
+        config = TrainConfig(**{**(hyperparameters or {}), "seed": seed})
+        base_model = base_model or (
+            parent_adapter.base_model if parent_adapter else BaseModel.default()
+        )
+        with transaction.atomic():
+            Organization.lock(org.pk)
+            if idempotency_key:
+                earlier = cls.objects.filter(org=org, idempotency_key=idempotency_key).first()
+                if earlier is not None:
+                    if earlier.request_fingerprint != fingerprint:
+                        raise IdempotencyKeyReused(idempotency_key)
+                    earlier.replayed = True
+                    return earlier
+            # Re-read under the lock: a file deleted meanwhile cannot be trained on.
+            for file in (training_file, validation_file):
+                if file is not None:
+                    file.refresh_from_db()
+            plan = preflight.plan(config, base_model, training_file, validation_file)
+            if plan is not None:
+                preflight.refuse_if_too_large(plan)
+            Quota.for_org(org).check_new_job(plan)
+            ready = plan is not None
+            job = cls.objects.create(
+                org=org,
+                base_model=base_model,
+                training_file=training_file,
+                validation_file=validation_file,
+                parent_adapter=parent_adapter,
+                method=config.method,
+                requested_hyperparameters=requested_hyperparameters or {},
+                hyperparameters=asdict(config),
+                seed=seed,
+                suffix=suffix,
+                metadata=metadata or {},
+                plan=plan.as_dict() if ready else {},
+                idempotency_key=idempotency_key,
+                request_fingerprint=fingerprint,
+                status=cls.Status.QUEUED if ready else cls.Status.VALIDATING_FILES,
+            )
+            if ready:
+                job.add_event("info", "Job created and queued.", {"plan": job.plan})
+                job.enqueue()
+            else:
+                job.add_event("info", "Job created; waiting for its files to be validated.")
+                # The file may have finished validating before this commit, unseen: look again.
+                transaction.on_commit(lambda: cls.files_validated(training_file))
+        job.replayed = False
+        return job
+
+    @classmethod
+    def files_validated(cls, file: File) -> None:
+        """A file finished validating in the background: start, or fail, the jobs waiting on
+        it. Safe to call again: every move out of validating_files is a conditional UPDATE."""
+        waiting = cls.objects.filter(
+            models.Q(training_file=file) | models.Q(validation_file=file),
+            status=cls.Status.VALIDATING_FILES,
+        )
+        for job in waiting.select_related("training_file", "validation_file", "base_model"):
+            job._start_after_validation()
+
+    def _start_after_validation(self) -> None:
+        """Resolve "auto" now that the data is measured, plan, check the quota, queue."""
+        from engine.train import ConfigError, TrainConfig
+
+        files = [f for f in (self.training_file, self.validation_file) if f is not None]
+        failed = next((f for f in files if f.status == File.Status.ERROR), None)
+        if failed is not None:
+            param = "training_file" if failed == self.training_file else "validation_file"
+            message = f"The file {failed.id} failed validation: {failed.status_details}"
+            self._fail_before_start("invalid_file", message, param)
+            return
+        if not all(f.status == File.Status.PROCESSED for f in files):
+            return
+        try:
+            resolved = preflight.resolve_hyperparameters(
+                self.requested_hyperparameters,
+                self.training_file,
+                self.validation_file,
+                self.base_model,
+            )
+            config = TrainConfig(**{**resolved, "seed": self.seed})
+        except ConfigError as error:
+            self._fail_before_start("invalid_hyperparameters", str(error), "hyperparameters")
+            return
+        plan = preflight.plan(config, self.base_model, self.training_file, self.validation_file)
+        if not plan.fits:
+            message = preflight.too_large_message(plan)
+            self._fail_before_start("job_too_large", message, "hyperparameters")
+            return
+        with transaction.atomic():
+            Organization.lock(self.org_id)
+            try:
+                Quota.for_org(self.org).check_new_job(plan, starting=self)
+            except QuotaExceeded as error:
+                self._fail_before_start("quota_exceeded", str(error), error.quota)
+                return
+            if FineTuneJob.objects.filter(pk=self.pk, status=self.Status.VALIDATING_FILES).update(
+                status=self.Status.QUEUED, plan=plan.as_dict(), hyperparameters=asdict(config)
+            ):
+                self.add_event("info", "Files validated; job queued.", {"plan": plan.as_dict()})
+                self.enqueue()
+
+    def _fail_before_start(self, code: str, message: str, param: str | None) -> None:
+        with transaction.atomic():
+            if FineTuneJob.objects.filter(pk=self.pk, status=self.Status.VALIDATING_FILES).update(
+                status=self.Status.FAILED,
+                finished_at=timezone.now(),
+                error={"code": code, "message": message, "param": param},
+            ):
+                self.refresh_from_db()
+                self._ended("error", message)
+
+    def enqueue(self, countdown: float | None = None) -> None:
+        """Send the hint after the row is committed, so a worker always finds what it is told.
+        A hint that is lost all the same (a broker flushed) is sent again by the periodic
+        sweep (worker/maintenance.py, resend_lost_hints)."""
+        tasks.run_fine_tune(self.id, countdown=countdown)
+
+    def request_cancel(self) -> None:
+        """Not started yet: cancelled at once. Running: the training loop stops at its next
+        step (train.py reads should_stop), and the worker ends the job."""
+        waiting = (self.Status.VALIDATING_FILES, self.Status.QUEUED)
+        with transaction.atomic():
+            if FineTuneJob.objects.filter(pk=self.pk, status__in=waiting).update(
+                status=self.Status.CANCELLED, cancel_requested=True, finished_at=timezone.now()
+            ):
+                self.refresh_from_db()
+                self._ended("info", "Job cancelled before it started.")
+            else:
+                FineTuneJob.objects.filter(pk=self.pk, status=self.Status.RUNNING).update(
+                    cancel_requested=True
+                )
+        self.refresh_from_db()
+
+    def retry(self, by: str) -> bool:
+        """An operator's second chance for a failed job that ran: queued again, it resumes
+        from its last checkpoint (worker/training.py) with a fresh allowance of attempts. A job
+        that failed before it started has nothing to resume; it needs a new job."""
+        with transaction.atomic():
+            retried = FineTuneJob.objects.filter(
+                pk=self.pk, status=self.Status.FAILED, attempt__gte=1
+            ).update(
+                status=self.Status.QUEUED,
+                error=None,
+                finished_at=None,
+                worker="",
+                cancel_requested=False,
+                attempts_before_retry=models.F("attempt"),
+            )
+            if not retried:
+                return False
+            self.refresh_from_db()
+            latest = self.checkpoints.first()
+            where = f"the checkpoint at step {latest.step}" if latest else "the start"
+            self.add_event("warning", f"Retried by {by}; it resumes from {where}.")
+            self.enqueue()
+        return True
+
+    def _ended(self, level: str, message: str) -> None:
+        """What every move to succeeded, failed or cancelled does, in the same transaction:
+        the last event, the usage line when it ran at all, and the webhooks' announcement."""
+        self.add_event(level, message)
+        if self.attempt:
+            self.record_usage()
+        self.announce_end()
+
+    # --- the worker's side, fenced by the attempt -----------------------------------------
+
+    def claim(self, worker: str) -> int | None:
+        """queued → running for this worker; the new attempt number, or None if another won."""
+        now = timezone.now()
+        won = FineTuneJob.objects.filter(
+            pk=self.pk, status=self.Status.QUEUED, cancel_requested=False
+        ).update(
+            status=self.Status.RUNNING,
+            attempt=models.F("attempt") + 1,
+            worker=worker,
+            heartbeat_at=now,
+            started_at=Coalesce("started_at", models.Value(now)),
+        )
+        if not won:
+            return None
+        self.refresh_from_db()
+        JobAttempt.objects.create(job=self, number=self.attempt, worker=worker, started_at=now)
+        return self.attempt
+
+    def fenced(self, attempt: int):
+        """This job, only while ``attempt`` is still the running attempt."""
+        return FineTuneJob.objects.filter(pk=self.pk, attempt=attempt, status=self.Status.RUNNING)
+
+    def heartbeat(self, attempt: int) -> bool:
+        """Renew the lease; False when it was lost (reaped, or finished elsewhere)."""
+        return bool(self.fenced(attempt).update(heartbeat_at=timezone.now()))
+
+    def should_stop(self, attempt: int) -> bool:
+        """Cancel requested, or the lease lost: either way this attempt must stop."""
+        row = self.fenced(attempt).values("cancel_requested").first()
+        return row is None or row["cancel_requested"]
+
+    def record_progress(self, attempt: int, progress: dict, trained_tokens: int) -> bool:
+        return bool(
+            self.fenced(attempt).update(
+                progress=progress, trained_tokens=trained_tokens, heartbeat_at=timezone.now()
+            )
+        )
+
+    def finish(
+        self, attempt: int, status: str, message: str, *, error: dict | None = None, **fields
+    ) -> bool:
+        """End this attempt's run as succeeded, failed or cancelled, with ``message`` as the
+        last event; False (and nothing changes) if this attempt was fenced off."""
+        with transaction.atomic():
+            done = self.fenced(attempt).update(
+                status=status, error=error, finished_at=timezone.now(), **fields
+            )
+            if not done:
+                return False
+            self.refresh_from_db()
+            JobAttempt.close(self, attempt, status)
+            self._ended("error" if status == self.Status.FAILED else "info", message)
+        return True
+
+    def give_way(self, attempt: int, reason: str, max_attempts: int, retry_in: float) -> bool:
+        """This attempt cannot go on for a passing reason (object storage is down): queue the
+        job again, to resume from its last checkpoint after ``retry_in`` seconds; after
+        ``max_attempts`` attempts, fail it with the reason. False if the attempt was fenced off."""
+        with transaction.atomic():
+            if not self.fenced(attempt).select_for_update().exists():
+                return False
+            self.refresh_from_db()
+            JobAttempt.close(self, attempt, JobAttempt.STORAGE)
+            if attempt - self.attempts_before_retry >= max_attempts:
+                message = f"Loft gave up after {attempt} attempts: {reason}"
+                error = {"code": "storage_unavailable", "message": message, "param": None}
+                self.fenced(attempt).update(
+                    status=self.Status.FAILED, finished_at=timezone.now(), error=error
+                )
+                self.refresh_from_db()
+                self._ended("error", message)
+                return True
+            self.fenced(attempt).update(status=self.Status.QUEUED, worker="")
+            self.add_event(
+                "warning",
+                f"Attempt {attempt} stopped: {reason} Queued again; it resumes from its last "
+                f"checkpoint in {retry_in:g} s.",
+            )
+            self.enqueue(countdown=retry_in)
+        return True
+
+    def record_usage(self) -> None:
+        """The job's line in the usage ledger. Its figures are the job's totals over every
+        attempt, so a job an operator retried updates its line instead of adding one."""
+        UsageRecord.objects.update_or_create(
+            job=self,
+            defaults={
+                "org_id": self.org_id,
+                "trained_tokens": self.trained_tokens,
+                "compute_seconds": self.compute_seconds,
+            },
+        )
+
+    def announce_end(self) -> None:
+        """Queue this job's end for the organization's webhooks; sent once the caller's
+        transaction commits (loft.webhooks.announce)."""
+        webhooks.announce(
+            self.org_id,
+            f"fine_tuning.job.{self.status}",
+            {
+                "id": self.id,
+                "object": "fine_tuning.job",
+                "status": self.status,
+                "fine_tuned_model": getattr(getattr(self, "adapter", None), "name", None),
+                "error": self.error,
+            },
+        )
+
+    def add_event(
+        self, level: str, message: str, data: dict | None = None, attempt: int | None = None
+    ) -> None:
+        """Append to the job's log; a worker's event is kept only while its attempt is current."""
+        with transaction.atomic():
+            if attempt is not None and not self.fenced(attempt).select_for_update().exists():
+                return
+            JobEvent.objects.create(job=self, level=level, message=message, data=data or {})
+
+    # --- the reaper ------------------------------------------------------------------------
+
+    @classmethod
+    def reap_stale(cls, lease_seconds: int, max_attempts: int) -> list[str]:
+        """Re-queue running jobs whose worker stopped renewing its lease; after ``max_attempts``
+        attempts, fail them with the reason. Returns the ids it acted on."""
+        cutoff = timezone.now() - timedelta(seconds=lease_seconds)
+        acted = []
+        for job in cls.objects.filter(status=cls.Status.RUNNING, heartbeat_at__lt=cutoff):
+            with transaction.atomic():
+                if job._reap(cutoff, max_attempts):
+                    acted.append(job.id)
+        return acted
+
+    def _reap(self, cutoff, max_attempts: int) -> bool:
+        fenced = self.fenced(self.attempt).filter(heartbeat_at__lt=cutoff)
+        now = timezone.now()
+        if self.cancel_requested:
+            # Cancelled while its worker died: nobody is left to end it but the reaper.
+            if fenced.update(status=self.Status.CANCELLED, finished_at=now):
+                self.refresh_from_db()
+                JobAttempt.close(self, self.attempt, JobAttempt.LOST)
+                self._ended("info", "Job cancelled (its worker had stopped).")
+                return True
+            return False
+        # Attempts since an operator last retried the job: a retry grants max_attempts anew.
+        lost = self.attempt - self.attempts_before_retry
+        if lost >= max_attempts:
+            message = (
+                f"The worker running this job stopped {lost} times "
+                f"(last on {self.worker}); Loft gave up. The data or settings may make the "
+                "worker crash: try a smaller batch_size or max_seq_length."
+            )
+            error = {"code": "worker_lost", "message": message, "param": None}
+            if fenced.update(status=self.Status.FAILED, finished_at=now, error=error):
+                self.refresh_from_db()
+                JobAttempt.close(self, self.attempt, JobAttempt.LOST)
+                self._ended("error", message)
+                return True
+            return False
+        if fenced.update(status=self.Status.QUEUED, worker=""):
+            JobAttempt.close(self, self.attempt, JobAttempt.LOST)
+            self.add_event(
+                "warning",
+                f"Attempt {self.attempt} stopped answering on {self.worker}; "
+                "queued again to resume from its last checkpoint.",
+            )
+            self.enqueue()
+            return True
+        return False
+
+
+class JobEvent(models.Model):
+    job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="events")
+    level = models.CharField(max_length=10, default="info")
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} {self.level}: {self.message}"
+
+
+class JobAttempt(models.Model):
+    """One claim of a job by a worker, from its start to its end. The row is what the admin
+    shows of a job's history, and what proves two attempts of one job never overlapped."""
+
+    LOST = "lost"  # the worker stopped answering and the reaper took the job back
+    STORAGE = "storage_unavailable"  # it gave way while object storage was down (give_way)
+
+    job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveIntegerField()
+    worker = models.CharField(max_length=200)
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(
+        max_length=20,
+        blank=True,
+        help_text="succeeded, failed, cancelled, lost or storage_unavailable; empty: running",
+    )
+
+    class Meta:
+        ordering = ["number"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "number"], name="one_row_per_attempt")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} attempt {self.number} ({self.outcome or 'running'})"
+
+    @classmethod
+    def close(cls, job: FineTuneJob, number: int, outcome: str) -> None:
+        cls.objects.filter(job=job, number=number, ended_at__isnull=True).update(
+            ended_at=timezone.now(), outcome=outcome
+        )
+
+
+class Checkpoint(models.Model):
+    """A complete checkpoint in S3: recorded only after its manifest.json was written."""
+
+    job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="checkpoints")
+    step = models.PositiveIntegerField()
+    attempt = models.PositiveIntegerField()
+    s3_prefix = models.CharField(max_length=500)
+    metrics = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-step"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "step"], name="one_checkpoint_per_step")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} step {self.step}"
+
+
+class IdempotencyKeyReused(Exception):
+    def __init__(self, key: str):
+        super().__init__(
+            f"The Idempotency-Key {key!r} was already used with a different request body; "
+            "use a new key for a new job."
+        )

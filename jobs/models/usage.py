@@ -1,0 +1,202 @@
+"""Quotas and the usage ledger."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from jobs.models.adapters import Adapter
+from jobs.models.files import File
+
+if TYPE_CHECKING:
+    from jobs.models.jobs import FineTuneJob
+from loft.tenancy import TenantOwnedModel
+
+
+class QuotaExceeded(Exception):
+    """Creating this would pass one of the organization's quotas; the message names it."""
+
+    def __init__(self, quota: str, message: str):
+        super().__init__(message)
+        self.quota = quota
+
+
+def month_start(now=None):
+    now = now or timezone.now()
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+class Quota(models.Model):
+    """An organization's limits. No row, or an empty field: the operator's defaults (settings);
+    0 in a field here allows nothing (e.g. to freeze a tenant).
+
+    Checked under a lock on the organization's row (FineTuneJob.submit, uploads), so that they
+    hold when many requests arrive at once.
+    """
+
+    org = models.OneToOneField(
+        "loft.Organization", on_delete=models.CASCADE, primary_key=True, related_name="quota"
+    )
+    max_concurrent_jobs = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Jobs validating, queued or running at once."
+    )
+    max_storage_bytes = models.BigIntegerField(
+        null=True, blank=True, help_text="Datasets and adapters together."
+    )
+    max_monthly_trained_tokens = models.BigIntegerField(
+        null=True, blank=True, help_text="Tokens trained per calendar month (UTC)."
+    )
+
+    def __str__(self) -> str:
+        return f"quota of {self.org_id}"
+
+    @classmethod
+    def for_org(cls, org) -> Quota:
+        return cls.objects.filter(org=org).first() or cls(org=org)
+
+    def limits(self) -> dict:
+        """Each limit, or None for none. This row's own value wins (0 allows nothing); an empty
+        field takes the operator's default, where 0 means no limit."""
+        defaults = {
+            "concurrent_jobs": settings.LOFT_QUOTA_CONCURRENT_JOBS,
+            "storage_bytes": settings.LOFT_QUOTA_STORAGE_BYTES,
+            "monthly_trained_tokens": settings.LOFT_QUOTA_MONTHLY_TRAINED_TOKENS,
+        }
+        own = {
+            "concurrent_jobs": self.max_concurrent_jobs,
+            "storage_bytes": self.max_storage_bytes,
+            "monthly_trained_tokens": self.max_monthly_trained_tokens,
+        }
+        return {
+            name: own[name] if own[name] is not None else (defaults[name] or None)
+            for name in defaults
+        }
+
+    def check_new_job(self, plan, starting: FineTuneJob | None = None) -> None:
+        """Raise QuotaExceeded if a new job (or ``starting``, a job leaving validating_files)
+        would pass a limit. The caller holds the organization's lock."""
+        limits = self.limits()
+        from jobs.models.jobs import FineTuneJob  # that module imports this one
+
+        active = FineTuneJob.objects.filter(org=self.org, status__in=FineTuneJob.ACTIVE)
+        if starting is None and limits["concurrent_jobs"] is not None:
+            count = active.count()
+            if count >= limits["concurrent_jobs"]:
+                raise QuotaExceeded(
+                    "concurrent_jobs",
+                    f"Quota concurrent_jobs reached: {count} of {limits['concurrent_jobs']} "
+                    "jobs are validating, queued or running. Wait for one to finish or cancel "
+                    "one.",
+                )
+        if limits["monthly_trained_tokens"] is not None and plan is not None:
+            others = active.exclude(pk=starting.pk) if starting else active
+            used = trained_tokens_this_month(self.org, others)
+            if used + plan.trained_tokens > limits["monthly_trained_tokens"]:
+                raise QuotaExceeded(
+                    "monthly_trained_tokens",
+                    f"Quota monthly_trained_tokens reached: {used:,} tokens trained or reserved "
+                    f"by unfinished jobs this month, this job would train about "
+                    f"{plan.trained_tokens:,} more and the limit is "
+                    f"{limits['monthly_trained_tokens']:,}.",
+                )
+
+    def check_new_bytes(self, size: int) -> None:
+        limit = self.limits()["storage_bytes"]
+        used = storage_bytes(self.org)
+        if limit is not None and used + size > limit:
+            raise QuotaExceeded(
+                "storage_bytes",
+                f"Quota storage_bytes reached: {used:,} bytes stored, this upload adds "
+                f"{size:,} and the limit is {limit:,}. Delete files you no longer need.",
+            )
+
+
+def storage_bytes(org) -> int:
+    """What the organization keeps in object storage that counts against its quota: files and
+    adapters. (Checkpoints are a job's working state and are not counted.)"""
+    files = File.objects.filter(org=org).exclude(status=File.Status.ERROR)
+    adapters = Adapter.objects.filter(org=org)
+    return int(files.aggregate(total=models.Sum("bytes"))["total"] or 0) + int(
+        adapters.aggregate(total=models.Sum("size_bytes"))["total"] or 0
+    )
+
+
+def trained_tokens_this_month(org, unfinished) -> int:
+    """The month's ledger, plus what ``unfinished`` jobs have reserved: their plan's tokens, or
+    what they trained already if more."""
+    used = UsageRecord.objects.filter(org=org, created_at__gte=month_start()).aggregate(
+        total=models.Sum("trained_tokens")
+    )["total"]
+    reserved = sum(
+        max((plan or {}).get("trained_tokens", 0), trained)
+        for plan, trained in unfinished.values_list("plan", "trained_tokens")
+    )
+    return int(used or 0) + reserved
+
+
+class UsageRecord(TenantOwnedModel):
+    """The usage ledger: one line per finished job (whatever its outcome)."""
+
+    job = models.ForeignKey(
+        "FineTuneJob", null=True, blank=True, on_delete=models.SET_NULL, related_name="usage"
+    )
+    trained_tokens = models.BigIntegerField(default=0)
+    compute_seconds = models.FloatField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["job"], name="one_usage_record_per_job")]
+
+    def __str__(self) -> str:
+        return f"{self.org_id} {self.job_id}: {self.trained_tokens} tokens"
+
+
+class MonthlyUsage(TenantOwnedModel):
+    """The usage ledger rolled up per organization and calendar month (UTC), by the periodic
+    task ``roll_up_usage``: what an operator bills from, without summing every job's line."""
+
+    month = models.DateField(help_text="The first day of the month.")
+    jobs = models.PositiveIntegerField(default=0)
+    trained_tokens = models.BigIntegerField(default=0)
+    compute_seconds = models.FloatField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-month", "org"]
+        constraints = [
+            models.UniqueConstraint(fields=["org", "month"], name="one_usage_line_per_month")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.org_id} {self.month:%Y-%m}: {self.trained_tokens} tokens"
+
+    @classmethod
+    def roll_up(cls, month) -> int:
+        """Recompute every organization's line for the month that starts at ``month`` (a
+        datetime at a month's start); safe to run again. Returns how many lines it wrote."""
+        next_month = (month + timedelta(days=32)).replace(day=1)
+        totals = (
+            UsageRecord.objects.filter(created_at__gte=month, created_at__lt=next_month)
+            .values("org")
+            .annotate(
+                jobs=models.Count("id"),
+                trained_tokens=models.Sum("trained_tokens"),
+                compute_seconds=models.Sum("compute_seconds"),
+            )
+        )
+        for line in totals:
+            cls.objects.update_or_create(
+                org_id=line["org"],
+                month=month.date(),
+                defaults={
+                    "jobs": line["jobs"],
+                    "trained_tokens": line["trained_tokens"] or 0,
+                    "compute_seconds": line["compute_seconds"] or 0,
+                },
+            )
+        return len(totals)

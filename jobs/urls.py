@@ -1,0 +1,33 @@
+"""The fine-tuning domain's browser pages (the API's routes are jobs/api/urls.py)."""
+
+from django.urls import path
+
+from jobs.views import adapters, datasets, jobs, metrics, ops, usage, wizard
+
+urlpatterns = [
+    path("metrics", metrics.metrics, name="metrics"),
+    path("ops/", ops.dashboard, name="ops"),
+    path("ops/live", ops.dashboard_live, name="ops-live"),
+    path("train/new", wizard.data_step, name="wizard"),
+    path("train/new/model", wizard.model_step, name="wizard-model"),
+    path("train/new/review", wizard.review_step, name="wizard-review"),
+    path("jobs", jobs.job_list, name="job-list"),
+    path("jobs/<str:job_id>", jobs.job_detail, name="job-detail"),
+    path("jobs/<str:job_id>/live", jobs.job_live, name="job-live"),
+    path("jobs/<str:job_id>/cancel", jobs.job_cancel, name="job-cancel"),
+    path("datasets", datasets.dataset_list, name="dataset-list"),
+    path("datasets/<str:file_id>", datasets.dataset_detail, name="dataset-detail"),
+    path("datasets/<str:file_id>/delete", datasets.dataset_delete, name="dataset-delete"),
+    path("datasets/<str:file_id>/leaderboard", datasets.leaderboard, name="leaderboard"),
+    path("evaluations/<str:evaluation_id>", datasets.evaluation_detail, name="evaluation-detail"),
+    path("adapters", adapters.adapter_list, name="adapter-list"),
+    path("adapters/<str:adapter_id>", adapters.adapter_detail, name="adapter-detail"),
+    path("adapters/<str:adapter_id>/merge", adapters.adapter_merge, name="adapter-merge"),
+    path(
+        "adapters/<str:adapter_id>/merged.zip",
+        adapters.adapter_merged_download,
+        name="adapter-merged-download",
+    ),
+    path("adapters/<str:adapter_id>/playground", datasets.playground, name="playground"),
+    path("account/usage", usage.usage, name="account-usage"),
+]
