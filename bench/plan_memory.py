@@ -29,8 +29,10 @@ SHAPES = [(1024, "nf4", True, 8), (2048, "nf4", True, 4), (256, "none", False, 1
 
 def measure(length: int, quantization: str, packing: bool, batch: int, cache: Path) -> dict:
     """Runs in a child process: one training run, then its peak RSS and the estimate."""
-    from engine.base_models import BUNDLED_BASE_MODEL, BaseModelSpec, load_base_model
-    from worker import plan, train
+    from engine import plan, train
+    from engine.base_models import load_base_model
+    from engine.hyperparameters import TrainConfig
+    from engine.model_cache import BUNDLED_BASE_MODEL, BaseModelSpec
 
     spec = BaseModelSpec(
         BUNDLED_BASE_MODEL["name"],
@@ -41,7 +43,7 @@ def measure(length: int, quantization: str, packing: bool, batch: int, cache: Pa
     base = load_base_model(spec, cache, quantization, "cpu")
     ids = list(range(100, 100 + length))
     rows = [train.Tokenized(ids, ids) for _ in range(batch * 2)]
-    config = train.TrainConfig(
+    config = TrainConfig(
         method="qlora" if quantization == "nf4" else "lora",
         max_seq_length=length,
         batch_size=batch,

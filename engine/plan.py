@@ -15,13 +15,14 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from engine.hyperparameters import TrainConfig
+
 # OpenAI's published defaults for "auto" epochs: aim at 3 epochs, but see at least 100 and at
 # most 25,000 examples in total.
 TARGET_EPOCHS = 3
 MIN_TARGET_EXAMPLES = 100
 MAX_TARGET_EXAMPLES = 25_000
 MAX_AUTO_EPOCHS = 25
-BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0
 # Startup before the first step: loading the base model, tokenizing, the first checkpoint.
 STARTUP_SECONDS = 30
 # Added to the sum of the parts: the estimate should err high, not low.
@@ -118,11 +119,52 @@ def auto_max_seq_length(
     return length
 
 
+def training_examples(stats: DataStats, config: TrainConfig, has_validation_file: bool) -> int:
+    return train_rows(stats, config.validation_fraction, has_validation_file)
+
+
 def train_rows(stats: DataStats, validation_fraction: float, has_validation_file: bool) -> int:
     """Rows left for training once a share is held out (train.split_validation's rule)."""
     if has_validation_file or validation_fraction <= 0 or stats.rows < 2:
         return stats.rows
     return stats.rows - min(500, max(1, round(stats.rows * validation_fraction)))
+
+
+def resolve_auto(
+    given: dict,
+    stats: DataStats,
+    shape: ModelShape,
+    worker: WorkerClass,
+    *,
+    context_length: int,
+    has_validation_file: bool,
+) -> dict:
+    """TrainConfig's arguments with what "auto" left open (epochs, batch size, sequence
+    length) chosen from the measured data; what was given is kept."""
+    config = dict(given)
+    settled = {**asdict(TrainConfig()), **config}
+    rows = train_rows(stats, settled["validation_fraction"], has_validation_file)
+    config.setdefault("n_epochs", auto_epochs(rows))
+    config.setdefault("batch_size", auto_batch_size(rows))
+    if "max_seq_length" not in config:
+        quantization = TrainConfig(method=settled["method"]).quantization
+        config["max_seq_length"] = auto_max_seq_length(
+            stats.max_row_tokens,
+            context_length,
+            fits=lambda length: fits_in_memory(
+                shape,
+                worker,
+                quantization=quantization,
+                lora_rank=settled["lora_rank"],
+                batch=micro_batch(
+                    packing=settled["packing"],
+                    batch_size=config["batch_size"],
+                    max_seq_length=length,
+                    max_row_tokens=stats.max_row_tokens,
+                ),
+            ),
+        )
+    return config
 
 
 # --- the estimate ----------------------------------------------------------------------------
@@ -222,32 +264,26 @@ def estimate(
     shape: ModelShape,
     stats: DataStats,
     worker: WorkerClass,
+    config: TrainConfig,
     *,
-    quantization: str,
-    lora_rank: int,
-    batch_size: int,
-    max_seq_length: int,
-    packing: bool,
-    n_epochs: int,
-    max_steps: int | None,
     training_examples: int,
 ) -> Plan:
     mean_tokens = stats.tokens / max(stats.rows, 1)
-    per_example = min(mean_tokens, max_seq_length)
-    steps_per_epoch = math.ceil(training_examples / batch_size)
-    steps = steps_per_epoch * n_epochs
-    if max_steps:
-        steps = min(steps, max_steps)
-    examples_seen = min(n_epochs * training_examples, steps * batch_size)
+    per_example = min(mean_tokens, config.max_seq_length)
+    steps_per_epoch = math.ceil(training_examples / config.batch_size)
+    steps = steps_per_epoch * config.n_epochs
+    if config.max_steps:
+        steps = min(steps, config.max_steps)
+    examples_seen = min(config.n_epochs * training_examples, steps * config.batch_size)
     trained_tokens = int(examples_seen * per_example)
     memory = peak_memory(
         shape,
-        quantization=quantization,
-        lora_rank=lora_rank,
+        quantization=config.quantization,
+        lora_rank=config.lora_rank,
         batch=micro_batch(
-            packing=packing,
-            batch_size=batch_size,
-            max_seq_length=max_seq_length,
+            packing=config.packing,
+            batch_size=config.batch_size,
+            max_seq_length=config.max_seq_length,
             max_row_tokens=stats.max_row_tokens,
         ),
         bytes_per_activation=worker.bytes_per_activation,
@@ -257,10 +293,10 @@ def estimate(
     return Plan(
         training_examples=training_examples,
         tokens_per_epoch=int(training_examples * per_example),
-        n_epochs=n_epochs,
+        n_epochs=config.n_epochs,
         steps=steps,
         trained_tokens=trained_tokens,
-        tokens_per_step=int(min(batch_size, training_examples) * per_example),
+        tokens_per_step=int(min(config.batch_size, training_examples) * per_example),
         worker_class=worker.name,
         estimated_seconds=int(seconds),
         estimated_peak_memory_bytes=memory["total"],
@@ -270,7 +306,14 @@ def estimate(
         suggestion=None
         if fits
         else _suggestion(
-            shape, stats, worker, quantization, lora_rank, batch_size, max_seq_length, packing
+            shape,
+            stats,
+            worker,
+            config.quantization,
+            config.lora_rank,
+            config.batch_size,
+            config.max_seq_length,
+            config.packing,
         ),
     )
 

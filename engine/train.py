@@ -21,7 +21,7 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,13 +29,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from engine import artifacts, data
+from engine.hyperparameters import TrainConfig
 
 IGNORE = -100
-METHODS = ("qlora", "lora")
-
-
-class ConfigError(ValueError):
-    """A training setting is out of range; the message names the field."""
 
 
 class TrainingCancelled(Exception):
@@ -49,61 +45,6 @@ class TimeLimitReached(Exception):
     def __init__(self, step: int):
         super().__init__(f"time limit reached after step {step}")
         self.step = step
-
-
-@dataclass
-class TrainConfig:
-    """What one fine-tuning run does. Saved beside the adapter as training_config.json."""
-
-    method: str = field(
-        default="qlora", metadata={"help": "qlora (4-bit NF4 base) or lora (full precision)"}
-    )
-    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    target_modules: str = field(default="all-linear", metadata={"help": "peft target modules"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
-    n_epochs: int = field(default=1, metadata={"help": "passes over the training examples"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
-    batch_size: int = field(default=8, metadata={"help": "examples per optimizer step"})
-    max_seq_length: int = field(default=1024, metadata={"help": "longer examples are truncated"})
-    packing: bool = field(default=True, metadata={"help": "pack examples into rows, no padding"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps warming up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    seed: int = field(default=42, metadata={"help": "makes a run repeatable"})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    validation_fraction: float = field(default=0.1, metadata={"help": "held out when no file"})
-
-    def __post_init__(self):
-        def need(condition: bool, name: str, rule: str):
-            if not condition:
-                raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-
-        need(self.method in METHODS, "method", "qlora or lora")
-        need(1 <= self.lora_rank <= 256, "lora_rank", "between 1 and 256")
-        need(1 <= self.lora_alpha <= 4096, "lora_alpha", "between 1 and 4096")
-        need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
-        need(0 < self.learning_rate <= 1, "learning_rate", "in (0, 1]")
-        need(1 <= self.n_epochs <= 100, "n_epochs", "between 1 and 100")
-        need(
-            self.max_steps is None or 1 <= self.max_steps <= 10_000_000,
-            "max_steps",
-            "between 1 and 10,000,000",
-        )
-        need(1 <= self.batch_size <= 1024, "batch_size", "between 1 and 1024")
-        need(16 <= self.max_seq_length <= 131072, "max_seq_length", "between 16 and 131072")
-        need(0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
-        need(self.weight_decay >= 0, "weight_decay", "at least 0")
-        need(self.max_grad_norm > 0, "max_grad_norm", "positive")
-        need(
-            1 <= self.checkpoint_every <= 10_000_000, "checkpoint_every", "between 1 and 10,000,000"
-        )
-        need(0 <= self.validation_fraction < 1, "validation_fraction", "in [0, 1)")
-
-    @property
-    def quantization(self) -> str:
-        return "nf4" if self.method == "qlora" else "none"
 
 
 # --- examples → tokens → rows ---------------------------------------------------------------

@@ -16,9 +16,12 @@ from jobs.models import (
     JobAttempt,
     JobEvent,
     MonthlyUsage,
+    Quota,
     UsageRecord,
     WorkerHeartbeat,
 )
+from loft.admin import OrganizationAdmin
+from loft.models import Organization
 
 
 def _read_only(model) -> list[str]:
@@ -226,3 +229,21 @@ class WorkerHeartbeatAdmin(ReadOnlyAdmin):
             f"{worker.memory_used_bytes / gib:.1f}",
             f"{worker.memory_total_bytes / gib:.1f}",
         )
+
+
+class QuotaInline(admin.StackedInline):
+    """An organization's limits; an empty field takes the operator's default (settings)."""
+
+    model = Quota
+    can_delete = False
+    verbose_name_plural = "quota (empty: the default; 0: nothing allowed)"
+
+
+# An organization's page (loft/admin.py) shows its quota too: the platform knows no quotas, so the
+# domain adds its inline here.
+admin.site.unregister(Organization)
+
+
+@admin.register(Organization)
+class OrganizationWithQuotaAdmin(OrganizationAdmin):
+    inlines = [QuotaInline, *OrganizationAdmin.inlines]

@@ -18,8 +18,8 @@ from dataclasses import asdict
 from django.conf import settings
 
 from engine import data
-from engine.base_models import BaseModelSpec, cache_path
 from engine.chat_tokenizer import ChatTokenizer
+from engine.model_cache import BaseModelSpec, cache_path
 from jobs.models import BaseModel, File
 from loft import storage
 

@@ -1,6 +1,5 @@
 from django.contrib import admin
 
-from jobs.models import Quota
 from loft.models import ApiKey, Membership, Organization, WebhookDelivery, WebhookEndpoint
 
 
@@ -10,21 +9,13 @@ class MembershipInline(admin.TabularInline):
     autocomplete_fields = ["user"]
 
 
-class QuotaInline(admin.StackedInline):
-    """An organization's limits; an empty field takes the operator's default (settings)."""
-
-    model = Quota
-    can_delete = False
-    verbose_name_plural = "quota (empty: the default; 0: nothing allowed)"
-
-
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):
     list_display = ["slug", "name", "is_active", "created_at"]
     list_filter = ["is_active", "created_at"]
     search_fields = ["slug", "name", "id"]
     readonly_fields = ["id", "created_at"]
-    inlines = [QuotaInline, MembershipInline]
+    inlines = [MembershipInline]  # jobs/admin.py adds the quota
     actions = ["disable", "enable"]
 
     @admin.action(description="Disable the selected organizations (keys and members refused)")

@@ -8,6 +8,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "loft.settings")
 
 app = Celery("loft")
 app.config_from_object("django.conf:settings", namespace="CELERY")
+# worker/tasks.py, imported by name: the worker side connects its own signals there
+# (worker/presence.py), so this module imports nothing of it.
 app.autodiscover_tasks(["worker"])
 
 
@@ -15,18 +17,3 @@ app.autodiscover_tasks(["worker"])
 def use_django_logging(**kwargs):
     """Celery keeps its hands off logging: Django's LOGGING (JSON lines) applies to workers
     and beat as it does to the web, since django.setup() has configured it already."""
-
-
-@signals.worker_ready.connect
-def start_reporting_presence(sender, **kwargs):
-    from worker import presence
-
-    queues = sorted(sender.app.amqp.queues.consume_from or [])
-    presence.start_presence(sender.hostname, queues)
-
-
-@signals.worker_shutdown.connect
-def stop_reporting_presence(**kwargs):
-    from worker import presence
-
-    presence.stop_presence()

@@ -4,19 +4,25 @@ The CLI is a client: these tests prove it sends what the API expects, renders wh
 answers and exits with the right status. Jobs are driven by writing their rows, not by training.
 """
 
+import argparse
 import http.server
 import io
 import json
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import zipfile
 
 import pytest
 from django.db import connection
+from loft_cli import main as cli
 
 from engine.artifacts import build_manifest
 from jobs.models import Adapter, BaseModel, FineTuneJob, JobEvent
-from loft import cli, storage
+from loft import storage
+from tests.conftest import PROJECT_DIR
 
 # private_queue: no worker of the run trains the jobs these tests create and drive by hand.
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("private_queue")]
@@ -167,8 +173,8 @@ def test_a_dry_run_prints_the_plan_and_creates_no_job(as_tenant_a, capsys, datas
         *MODEL,
         "--training-file",
         file_id,
-        "--max-steps",
-        "3",
+        "--hyperparameter",
+        "max_steps=3",
         "--dry-run",
     )
 
@@ -189,10 +195,10 @@ def test_it_creates_gets_lists_and_cancels_a_job(as_tenant_a, capsys, dataset):
         str(dataset),  # a local path: uploaded first
         "--suffix",
         "cli",
-        "--epochs",
+        "--n-epochs",
         "2",
-        "--lora-rank",
-        "4",
+        "--hyperparameter",
+        "lora_rank=4",
         "--idempotency-key",
         "cli-test-1",
     )
@@ -204,7 +210,7 @@ def test_it_creates_gets_lists_and_cancels_a_job(as_tenant_a, capsys, dataset):
     assert job.org == as_tenant_a.org and job.suffix == "cli"
     assert job.hyperparameters["n_epochs"] == 2 and job.hyperparameters["lora_rank"] == 4
 
-    flags = ["--suffix", "cli", "--epochs", "2", "--lora-rank", "4"]
+    flags = ["--suffix", "cli", "--n-epochs", "2", "-H", "lora_rank=4"]
     again = run_json(
         capsys,
         "jobs",
@@ -228,6 +234,121 @@ def test_it_creates_gets_lists_and_cancels_a_job(as_tenant_a, capsys, dataset):
     code, out, _ = run(capsys, "jobs", "cancel", job_id)
     assert code == 0 and out.strip() == f"Cancelled {job_id}."
     assert run_json(capsys, "jobs", "get", job_id)["status"] == "cancelled"
+
+
+def test_hyperparameters_are_name_value_pairs_read_as_json_when_they_parse():
+    args = cli.build_parser().parse_args(
+        [
+            "jobs",
+            "create",
+            *MODEL,
+            "--training-file",
+            "file-x",
+            "--n-epochs",
+            "auto",
+            "--learning-rate-multiplier",
+            "0.5",
+            "--hyperparameter",
+            "lora_rank=8",
+            "-H",
+            "packing=false",
+            "-H",
+            "max_seq_length=auto",
+            "-H",
+            'quantization="nf4"',
+            "-H",
+            "max_steps=null",
+            "-H",
+            "parent_adapter=ft:model=with-equals",
+            "-H",
+            "warmup_ratio=NaN",
+        ]
+    )
+
+    assert cli._hyperparameters(args) == {
+        "n_epochs": "auto",
+        "learning_rate_multiplier": 0.5,
+        "lora_rank": 8,
+        "packing": False,
+        "max_seq_length": "auto",
+        "quantization": "nf4",
+        "max_steps": None,
+        "parent_adapter": "ft:model=with-equals",
+        "warmup_ratio": "NaN",  # not JSON: the server refuses it by name
+    }
+
+
+@pytest.mark.parametrize("pair", ["lora_rank", "=8", "lora rank=8"])
+def test_a_hyperparameter_without_a_name_is_a_usage_error(capsys, pair):
+    code, out, err = run(capsys, "jobs", "create", *MODEL, "--training-file", "file-x", "-H", pair)
+
+    assert code == 2 and out == ""
+    assert "NAME=VALUE" in err and "Traceback" not in err
+
+
+def test_a_hyperparameter_given_twice_differently_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv("LOFT_API_KEY", "sk-loft-anything")
+    monkeypatch.setenv("LOFT_BASE_URL", "http://127.0.0.1:9/v1")  # never reached
+
+    code, _, err = run(
+        capsys,
+        "jobs",
+        "create",
+        *MODEL,
+        "--training-file",
+        "file-x",
+        "--n-epochs",
+        "2",
+        "-H",
+        "n_epochs=3",
+    )
+
+    assert code == 2
+    assert err.strip() == "loft: hyperparameter n_epochs is given twice: 2 and 3"
+
+
+def test_hyperparameters_reach_the_server_with_their_json_types(as_tenant_a, capsys, dataset):
+    job = run_json(
+        capsys,
+        "jobs",
+        "create",
+        *MODEL,
+        "--training-file",
+        str(dataset),
+        "--batch-size",
+        "2",
+        "-H",
+        "lora_rank=8",
+        "-H",
+        "packing=false",
+        "-H",
+        "max_seq_length=auto",
+        "-H",
+        "quantization=none",
+    )
+
+    requested = FineTuneJob.objects.get(pk=job["id"]).requested_hyperparameters
+    assert requested == {
+        "batch_size": 2,
+        "lora_rank": 8,
+        "packing": False,
+        "max_seq_length": "auto",
+        "quantization": "none",
+    }
+
+
+@pytest.mark.parametrize("pair", ["lora_rank=many", "lora_rnak=8"])
+def test_the_server_names_the_hyperparameter_it_refuses(as_tenant_a, capsys, dataset, pair):
+    file_id = uploaded_file_id(capsys, dataset)
+
+    code, out, err = run(
+        capsys, "jobs", "create", *MODEL, "--training-file", file_id, "-H", pair, "--dry-run"
+    )
+
+    name = pair.split("=")[0]
+    assert code == 1 and out == ""
+    assert err.startswith("loft: ") and name in err and "Traceback" not in err
+    assert not FineTuneJob.objects.exists()
 
 
 def test_another_tenants_job_is_not_found(as_tenant_a, tenant_b, capsys, dataset):
@@ -435,3 +556,104 @@ def test_a_redirected_download_leaves_the_key_behind(monkeypatch, capsys, tmp_pa
         "/v1/adapters/adapter-x/download": "Bearer sk-loft-secret",
         "/bucket/a.zip?X-Amz-Signature=s": None,
     }
+
+
+# --- the distribution --------------------------------------------------------------------
+
+# Options of `loft jobs create` that are not hyperparameters.
+NOT_HYPERPARAMETERS = {
+    "--help",
+    "--api-key",
+    "--base-url",
+    "--json",
+    "--model",
+    "--training-file",
+    "--validation-file",
+    "--suffix",
+    "--seed",
+    "--hyperparameter",
+    "--dry-run",
+    "--idempotency-key",
+    "--follow",
+    "--interval",
+}
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    """The parser and every subcommand's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_the_cli_names_only_hyperparameters_of_the_schema():
+    from engine.hyperparameters import API_NAMES
+
+    creating = [p for p in _parsers(cli.build_parser()) if p.prog.endswith(" jobs create")]
+    assert len(creating) == 1
+    options = {
+        option
+        for action in creating[0]._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    named = {option[2:].replace("-", "_") for option in options - NOT_HYPERPARAMETERS}
+
+    assert named, "the common flags (--n-epochs & co.) are gone"
+    assert named <= set(API_NAMES), f"not hyperparameters of the schema: {named - set(API_NAMES)}"
+
+
+@pytest.mark.slow
+def test_the_cli_installs_into_a_fresh_venv_without_torch_or_django(tmp_path):
+    # A copy: building in place would leave build/ and *.egg-info in the checkout.
+    source = tmp_path / "cli"
+    shutil.copytree(
+        PROJECT_DIR / "cli",
+        source,
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"),
+    )
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=60)
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_NO_INPUT": "1",
+    }
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    installed = subprocess.run(
+        [*pip, str(source)], env=env, capture_output=True, text=True, timeout=120
+    )
+    if installed.returncode != 0:  # offline: build with the venv's own setuptools
+        installed = subprocess.run(
+            [*pip, "--no-build-isolation", str(source)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert installed.returncode == 0, installed.stderr
+
+    shown = subprocess.run(
+        [str(venv / "bin" / "loft"), "--help"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: loft") and "jobs" in shown.stdout
+
+    found = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import importlib.util as u;"
+            " print([m for m in ('torch','django','transformers') if u.find_spec(m)])",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]"

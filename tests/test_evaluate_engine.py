@@ -8,6 +8,7 @@ import pytest
 from engine import data
 from engine import evaluate as E
 from engine import train as T
+from engine.hyperparameters import TrainConfig
 
 QUESTIONS = [
     ("What is the capital of France?", "Paris."),
@@ -145,7 +146,7 @@ def test_batched_greedy_answers_use_the_cache_and_match_one_at_a_time(base, toke
 
 def test_a_fresh_adapter_scores_exactly_like_its_base(base, tokenizer, examples, tokenized):
     """LoRA's B starts at zero, so before training the adapter is the base, bit for bit."""
-    model = T.attach_lora(base, T.TrainConfig(method="lora", lora_rank=4), None)
+    model = T.attach_lora(base, TrainConfig(method="lora", lora_rank=4), None)
     try:
         comparison = E.compare(
             model,
@@ -197,7 +198,7 @@ def test_the_base_answers_most_probes_and_a_damaged_model_does_not(base, tokeniz
 
     probes = E.load_probes()[:12]
     torch.manual_seed(0)  # lora_A's initialization: the same damage on every run
-    model = T.attach_lora(base, T.TrainConfig(method="lora", lora_rank=4), None)
+    model = T.attach_lora(base, TrainConfig(method="lora", lora_rank=4), None)
     try:
         noise = torch.Generator().manual_seed(0)
         with torch.no_grad():

@@ -4,7 +4,8 @@ import openai
 import pytest
 from django.core.management import call_command
 
-from jobs.models import BUNDLED_BASE_MODEL, BaseModel
+from engine.model_cache import BUNDLED_BASE_MODEL
+from jobs.models import BaseModel
 from loft import storage
 from loft.models import ApiKey, Organization
 

@@ -3,6 +3,7 @@
 import pytest
 
 from engine import plan
+from engine.hyperparameters import METHODS, TrainConfig
 
 SMOLLM2 = plan.ModelShape(134_515_008, 576, 30, 1536, 49152, True, 9)
 CPU = plan.WorkerClass("cpu", memory_bytes=12 * plan.GIB, tokens_per_second_135m=150)
@@ -26,20 +27,21 @@ def test_auto_max_seq_length_covers_the_longest_row_unless_that_would_not_fit():
     assert plan.auto_max_seq_length(5_000, 8192, fits=lambda length: length <= 1024) == 1024
 
 
-def estimate(shape=SMOLLM2, stats=None, **overrides):
+def estimate(shape=SMOLLM2, stats=None, training_examples=90, quantization="nf4", **overrides):
     settings = dict(
-        quantization="nf4",
+        method=METHODS[quantization],
         lora_rank=16,
         batch_size=8,
         max_seq_length=1024,
         packing=True,
         n_epochs=2,
         max_steps=None,
-        training_examples=90,
     )
     settings.update(overrides)
     stats = stats or plan.DataStats(rows=100, tokens=100 * 300, max_row_tokens=900)
-    return plan.estimate(shape, stats, CPU, **settings)
+    return plan.estimate(
+        shape, stats, CPU, TrainConfig(**settings), training_examples=training_examples
+    )
 
 
 def test_the_estimate_counts_steps_tokens_and_time():

@@ -7,6 +7,7 @@ import torch
 
 from engine import data
 from engine import train as T
+from engine.hyperparameters import ConfigError, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_only_assistant_tokens_and_their_end_token_carry_labels(tokenizer, examp
 
 
 def test_a_resumed_run_matches_an_uninterrupted_one_exactly(base, examples, tmp_path):
-    config = T.TrainConfig(
+    config = TrainConfig(
         method="lora",
         lora_rank=4,
         max_steps=4,
@@ -111,7 +112,7 @@ def test_a_resumed_run_matches_an_uninterrupted_one_exactly(base, examples, tmp_
 
 
 def test_a_cancel_request_stops_the_run_at_a_step_boundary(base, examples, tmp_path):
-    config = T.TrainConfig(method="lora", lora_rank=4, max_steps=10, batch_size=2)
+    config = TrainConfig(method="lora", lora_rank=4, max_steps=10, batch_size=2)
     steps = []
     with pytest.raises(T.TrainingCancelled):
         T.train(
@@ -140,5 +141,5 @@ def test_a_cancel_request_stops_the_run_at_a_step_boundary(base, examples, tmp_p
     ],
 )
 def test_a_bad_setting_is_refused_naming_its_field(field, value):
-    with pytest.raises(T.ConfigError, match=field):
-        T.TrainConfig(**{field: value})
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**{field: value})

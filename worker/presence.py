@@ -19,6 +19,7 @@ import subprocess
 import threading
 
 import psutil
+from celery import signals
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
@@ -134,3 +135,14 @@ def stop_presence() -> None:
         logger.warning("could not record that %s stopped: %s", _presence.hostname, error)
     finally:
         close_old_connections()
+
+
+@signals.worker_ready.connect
+def start_reporting_presence(sender, **kwargs):
+    queues = sorted(sender.app.amqp.queues.consume_from or [])
+    start_presence(sender.hostname, queues)
+
+
+@signals.worker_shutdown.connect
+def stop_reporting_presence(**kwargs):
+    stop_presence()

@@ -1,10 +1,24 @@
-"""Celery tasks: thin wrappers that take ids, re-read rows and call the engine."""
+"""Celery tasks: thin wrappers that take ids, re-read rows and call the worker-side code.
+
+The domain sends them by name (jobs/tasks.py) and never imports this module."""
 
 from celery import shared_task
 from django.conf import settings
 
+from jobs.datasets import validate_stored_file
+from jobs.models import File, FineTuneJob
+from loft import webhooks
+from loft.models import WebhookDelivery
 from loft.observability import log_fields
 from loft.storage import StorageError
+from worker import (
+    maintenance,
+    presence,  # noqa: F401 - connects the heartbeat to the worker's start and stop
+)
+from worker.evaluations import run_evaluation as run_custom_evaluation
+from worker.merging import run_merge
+from worker.serving import serve_generation
+from worker.training import run_job
 
 
 @shared_task(
@@ -15,9 +29,6 @@ from loft.storage import StorageError
     acks_late=True,
 )
 def validate_file(file_id: str) -> None:
-    from jobs.datasets import validate_stored_file
-    from jobs.models import File, FineTuneJob
-
     file = File.objects.filter(pk=file_id).first()
     if file is None:
         return  # deleted meanwhile
@@ -37,8 +48,6 @@ def validate_file(file_id: str) -> None:
     time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS + 900,
 )
 def run_fine_tune(self, job_id: str) -> None:
-    from worker.training import run_job
-
     with log_fields(job_id=job_id):
         run_job(job_id, worker=self.request.hostname or "worker")
 
@@ -49,18 +58,14 @@ def run_fine_tune(self, job_id: str) -> None:
     soft_time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS,
 )
 def run_evaluation(evaluation_id: str) -> None:
-    from worker.evaluations import run_evaluation as run
-
     with log_fields(evaluation_id=evaluation_id):
-        run(evaluation_id)
+        run_custom_evaluation(evaluation_id)
 
 
 # A playground request is answered once or not at all: its client is waiting now, and a retry
 # after a worker died would answer nobody.
 @shared_task(acks_late=False)
 def generate(request_id: str, org_id: str, adapter_id: str, request: dict) -> None:
-    from worker.serving import serve_generation
-
     with log_fields(request_id=request_id, org_id=org_id, adapter_id=adapter_id):
         serve_generation(request_id, org_id, adapter_id, request)
 
@@ -68,17 +73,12 @@ def generate(request_id: str, org_id: str, adapter_id: str, request: dict) -> No
 @shared_task
 def reap_stale_jobs() -> list[str]:
     """Periodic (beat): re-queue jobs whose worker stopped heartbeating; fail them after K tries."""
-    from jobs.models import FineTuneJob
-
     return FineTuneJob.reap_stale(settings.LOFT_LEASE_SECONDS, settings.LOFT_MAX_ATTEMPTS)
 
 
 @shared_task(acks_late=True)
 def deliver_webhook(delivery_id: str) -> None:
     """One attempt at a webhook delivery; schedules the next one if it must be retried."""
-    from loft import webhooks
-    from loft.models import WebhookDelivery
-
     delivery = WebhookDelivery.objects.filter(pk=delivery_id).first()
     if delivery is None:
         return  # its endpoint was deleted
@@ -90,8 +90,6 @@ def deliver_webhook(delivery_id: str) -> None:
 @shared_task
 def send_overdue_webhooks() -> int:
     """Periodic (beat): hint again the webhook deliveries whose message was lost."""
-    from loft import webhooks
-
     return webhooks.send_overdue()
 
 
@@ -101,8 +99,6 @@ def send_overdue_webhooks() -> int:
     soft_time_limit=settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS,
 )
 def merge_adapter(adapter_id: str) -> None:
-    from worker.merging import run_merge
-
     with log_fields(adapter_id=adapter_id):
         run_merge(adapter_id)
 
@@ -110,24 +106,18 @@ def merge_adapter(adapter_id: str) -> None:
 @shared_task
 def abort_abandoned_uploads() -> int:
     """Periodic (beat): abort multipart uploads left open by requests that died."""
-    from worker import maintenance
-
     return maintenance.abort_abandoned_uploads()
 
 
 @shared_task
 def sweep_orphan_objects() -> int:
     """Periodic (beat): delete old objects that no row owns."""
-    from worker import maintenance
-
     return maintenance.sweep_orphan_objects()
 
 
 @shared_task
 def roll_up_usage() -> int:
     """Periodic (beat): the per-month usage lines operators bill from."""
-    from worker import maintenance
-
     return maintenance.roll_up_usage()
 
 
@@ -135,6 +125,4 @@ def roll_up_usage() -> int:
 def resend_lost_hints() -> int:
     """Periodic (beat): re-send the message of every unfinished job, upload, evaluation or
     merge whose message the broker no longer holds (a broker restarted empty, or flushed)."""
-    from worker import maintenance
-
     return maintenance.resend_lost_hints()

@@ -19,6 +19,7 @@ from django.db import close_old_connections, transaction
 
 from engine import artifacts, data, evaluate, train
 from engine.base_models import training_device, warm_base_models
+from engine.hyperparameters import ConfigError, TrainConfig
 from jobs.models import Adapter, Checkpoint, Evaluation, File, FineTuneJob
 from loft import storage
 from loft.observability import bind_log_fields
@@ -65,7 +66,11 @@ def run_job(job_id: str, worker: str) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"loft-{job.id}-"))
     started = time.monotonic()
     try:
-        _train_and_store(job, attempt, work, started)
+        run = JobRun(job, attempt, work, started)
+        run.setup()
+        model, result = run.train()
+        folder, comparison = run.evaluate(model)
+        run.finish(run.save(folder, comparison, result), comparison)
     except storage.StorageError as error:
         # Passing, most likely: the job waits and resumes rather than failing on a blip.
         FineTuneJob.objects.filter(pk=job.pk).update(compute_seconds=_compute_seconds(job, started))
@@ -97,7 +102,7 @@ def run_job(job_id: str, worker: str) -> None:
             "Job cancelled.",
             compute_seconds=_compute_seconds(job, started),
         )
-    except (data.DatasetError, train.ConfigError) as error:
+    except (data.DatasetError, ConfigError) as error:
         _fail(
             job,
             attempt,
@@ -176,7 +181,7 @@ def read_examples(file: File) -> tuple[list[data.Example], int]:
     return examples, skipped
 
 
-def _prepare_data(job: FineTuneJob, attempt: int, config: train.TrainConfig, tokenizer):
+def _prepare_data(job: FineTuneJob, attempt: int, config: TrainConfig, tokenizer):
     """Training rows, held-out rows, and the held-out examples as text (for generation): the
     validation file's, or a seeded share of the training file split off before tokenizing."""
     examples, skipped = read_examples(job.training_file)
@@ -222,151 +227,181 @@ def _latest_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None, int]:
     return None, 0
 
 
-def _train_and_store(job: FineTuneJob, attempt: int, work: Path, started: float) -> None:
-    # --- setup
-    config = train.TrainConfig(**job.hyperparameters)
-    spec = job.base_model.spec
-    device = training_device()
-    tokenizer = tokenizer_for(job.base_model)
-    train_rows, held_out, held_examples = _prepare_data(job, attempt, config, tokenizer)
-    resume_from, resumed_step = _latest_checkpoint(job, work)
-    if resume_from is not None:
-        job.add_event(
-            "info", f"Resuming from the checkpoint at step {resumed_step}.", attempt=attempt
+class JobRun:
+    """One attempt at a claimed job, read top to bottom (torchtune's recipe shape):
+
+        setup → train → evaluate → save → finish
+
+    Each step is a method; what they share lives on the run. Everything written to the job
+    goes through its fencing token (``attempt``)."""
+
+    def __init__(self, job: FineTuneJob, attempt: int, work: Path, started: float):
+        self.job, self.attempt, self.work, self.started = job, attempt, work, started
+        self.config = TrainConfig(**job.hyperparameters)
+        self.device = training_device()
+        self.latest: dict = {}  # the last step's figures, stored with each checkpoint
+
+    def event(self, message: str, data: dict | None = None) -> None:
+        self.job.add_event("info", message, data, attempt=self.attempt)
+
+    def setup(self) -> None:
+        """Tokenized rows, the checkpoint to resume from, the parent adapter, the base model."""
+        job, config = self.job, self.config
+        self.tokenizer = tokenizer_for(job.base_model)
+        self.train_rows, self.held_out, self.held_examples = _prepare_data(
+            job, self.attempt, config, self.tokenizer
         )
-    parent_folder = None
-    if job.parent_adapter is not None:
-        parent_folder = work / "parent"
-        storage.download_folder(job.parent_adapter.s3_prefix, parent_folder)
-    warm = warm_base_models.is_warm(spec, config.quantization, device)
-    base = warm_base_models.get(spec, settings.LOFT_HOME / "models", config.quantization, device)
-    job.add_event(
-        "info",
-        f"Training {len(train_rows)} examples ({len(held_out)} held out) on {device}; "
-        f"base model {'already loaded' if warm else 'loaded'}.",
-        attempt=attempt,
-    )
+        self.resume_from, self.resumed_step = _latest_checkpoint(job, self.work)
+        if self.resume_from is not None:
+            self.event(f"Resuming from the checkpoint at step {self.resumed_step}.")
+        self.parent_folder = None
+        if job.parent_adapter is not None:
+            self.parent_folder = self.work / "parent"
+            storage.download_folder(job.parent_adapter.s3_prefix, self.parent_folder)
+        spec = job.base_model.spec
+        warm = warm_base_models.is_warm(spec, config.quantization, self.device)
+        cache = settings.LOFT_HOME / "models"
+        self.base = warm_base_models.get(spec, cache, config.quantization, self.device)
+        self.event(
+            f"Training {len(self.train_rows)} examples ({len(self.held_out)} held out) on "
+            f"{self.device}; base model {'already loaded' if warm else 'loaded'}."
+        )
+        # A resumed run counts its tokens from the checkpoint on; the steps before it count too.
+        self.tokens_before_resume = train.scheduled_tokens(
+            self.train_rows, config, self.resumed_step
+        )
 
-    latest: dict = {}
-    # A resumed run counts its tokens from the checkpoint on; the steps before it count too.
-    tokens_before_resume = train.scheduled_tokens(train_rows, config, resumed_step)
-
-    def on_progress(progress: train.Progress) -> None:
-        latest.update(train_loss=progress.loss, learning_rate=progress.learning_rate)
-        trained = tokens_before_resume + progress.trained_tokens
-        job.record_progress(attempt, {**progress.__dict__, "trained_tokens": trained}, trained)
-        job.add_event(
-            "info",
+    def on_progress(self, progress: train.Progress) -> None:
+        self.latest.update(train_loss=progress.loss, learning_rate=progress.learning_rate)
+        trained = self.tokens_before_resume + progress.trained_tokens
+        self.job.record_progress(
+            self.attempt, {**progress.__dict__, "trained_tokens": trained}, trained
+        )
+        self.event(
             f"Step {progress.step}/{progress.total_steps}: training loss {progress.loss:.4f}",
             {
                 "step": progress.step,
                 "train_loss": progress.loss,
                 "learning_rate": progress.learning_rate,
             },
-            attempt=attempt,
         )
 
-    def on_checkpoint(folder: Path, step: int) -> None:
-        prefix = f"{job.s3_prefix}checkpoints/step-{step}/"
+    def on_checkpoint(self, folder: Path, step: int) -> None:
+        prefix = f"{self.job.s3_prefix}checkpoints/step-{step}/"
         storage.upload_folder(folder, prefix, artifacts.build_manifest(folder))
-        if job.fenced(attempt).exists():
+        if self.job.fenced(self.attempt).exists():
             Checkpoint.objects.update_or_create(
-                job=job,
+                job=self.job,
                 step=step,
-                defaults={"attempt": attempt, "s3_prefix": prefix, "metrics": dict(latest)},
+                defaults={
+                    "attempt": self.attempt,
+                    "s3_prefix": prefix,
+                    "metrics": dict(self.latest),
+                },
             )
 
-    # --- train
-    model, result = train.train(
-        config,
-        train_rows,
-        held_out,
-        base,
-        device=device,
-        work_dir=work,
-        callbacks=train.Callbacks(
-            on_progress,
-            lambda: job.should_stop(attempt),
-            on_checkpoint,
-            out_of_time=lambda: (
-                time.monotonic() - started > settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS
+    def out_of_time(self) -> bool:
+        return time.monotonic() - self.started > settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS
+
+    def train(self) -> tuple:
+        """The engine's loop (engine/train.py): the adapter model and the run's result."""
+        return train.train(
+            self.config,
+            self.train_rows,
+            self.held_out,
+            self.base,
+            device=self.device,
+            work_dir=self.work,
+            callbacks=train.Callbacks(
+                self.on_progress,
+                lambda: self.job.should_stop(self.attempt),
+                self.on_checkpoint,
+                out_of_time=self.out_of_time,
             ),
-        ),
-        resume_from=resume_from,
-        parent_adapter=parent_folder,
-        pad_id=tokenizer.pad_token_id or 0,
-    )
-
-    # --- evaluate: the same held-out rows through the base and the adapter
-    try:
-        if job.should_stop(attempt):  # a cancel that came during the last step
-            raise train.TrainingCancelled("cancelled before the evaluation")
-        folder = work / "adapter"
-        train.save_adapter(model, folder)
-        job.add_event(
-            "info",
-            f"Evaluating base and adapter on {len(held_examples)} held-out rows.",
-            attempt=attempt,
+            resume_from=self.resume_from,
+            parent_adapter=self.parent_folder,
+            pad_id=self.tokenizer.pad_token_id or 0,
         )
-        comparison = evaluate.compare(
-            model,
-            tokenizer,
-            held_examples,
-            held_out,
-            row_tokens=config.max_seq_length,
-            device=device,
-            max_generations=settings.LOFT_EVAL_MAX_GENERATIONS,
-            max_new_tokens=settings.LOFT_EVAL_MAX_NEW_TOKENS,
-            probes=evaluate.load_probes()[: settings.LOFT_EVAL_FORGETTING_PROBES],
-        ).as_dict()
-    finally:
-        warm_base_models.give_back(model.unload())
 
-    # --- save
-    tokenizer.save_pretrained(folder)
-    artifacts.write_json(folder / "eval_report.json", comparison)
-    metrics = {
-        "train_loss": result.train_loss,
-        "validation_loss": result.validation_loss,
-        "steps": result.steps,
-        "resumed_from_step": result.resumed_from_step,
-        "trained_tokens": result.trained_tokens,
-        "seconds": round(result.seconds, 2),
-    }
-    name = job.fine_tuned_model_name
-    artifacts.write_json(folder / "training_config.json", job.hyperparameters)
-    (folder / "README.md").write_text(
-        artifacts.model_card(
-            name=name,
-            base_model=job.base_model.name,
-            method=config.method,
-            hyperparameters=job.hyperparameters,
-            data_stats={"training examples": len(train_rows), "held-out examples": len(held_out)},
-            metrics=metrics,
-            parent=job.parent_adapter.name if job.parent_adapter else None,
-            evaluation=comparison,
-        )
-    )
-    adapter = Adapter(
-        org=job.org, name=name, job=job, base_model=job.base_model, parent=job.parent_adapter
-    )
-    adapter.s3_prefix = f"orgs/{job.org_id}/adapters/{adapter.id}/"
-    adapter.manifest = artifacts.build_manifest(folder)
-    adapter.size_bytes, adapter.metrics = adapter.manifest["total_bytes"], metrics
-    storage.upload_folder(folder, adapter.s3_prefix, adapter.manifest)
-    # The adapter row and the job's success commit together, and only while this attempt still
-    # holds the job (its row locked, so the reaper cannot take it in between).
-    with transaction.atomic():
-        if job.fenced(attempt).select_for_update().exists():
-            adapter.save()
-            Evaluation.record_for_job(job, adapter, comparison)
-            job.finish(
-                attempt,
-                Status.SUCCEEDED,
-                f"Job succeeded: {name}.",
+    def evaluate(self, model) -> tuple[Path, dict]:
+        """The adapter saved, then the same held-out rows through the base and the adapter;
+        the base goes back to the warm cache whatever happens."""
+        try:
+            if self.job.should_stop(self.attempt):  # a cancel that came during the last step
+                raise train.TrainingCancelled("cancelled before the evaluation")
+            folder = self.work / "adapter"
+            train.save_adapter(model, folder)
+            self.event(f"Evaluating base and adapter on {len(self.held_examples)} held-out rows.")
+            comparison = evaluate.compare(
+                model,
+                self.tokenizer,
+                self.held_examples,
+                self.held_out,
+                row_tokens=self.config.max_seq_length,
+                device=self.device,
+                max_generations=settings.LOFT_EVAL_MAX_GENERATIONS,
+                max_new_tokens=settings.LOFT_EVAL_MAX_NEW_TOKENS,
+                probes=evaluate.load_probes()[: settings.LOFT_EVAL_FORGETTING_PROBES],
+            ).as_dict()
+        finally:
+            warm_base_models.give_back(model.unload())
+        return folder, comparison
+
+    def save(self, folder: Path, comparison: dict, result: train.TrainResult) -> Adapter:
+        """The adapter folder (weights, tokenizer, config, eval report, model card) uploaded;
+        its row is not saved yet."""
+        job = self.job
+        self.tokenizer.save_pretrained(folder)
+        artifacts.write_json(folder / "eval_report.json", comparison)
+        metrics = {
+            "train_loss": result.train_loss,
+            "validation_loss": result.validation_loss,
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from_step,
+            "trained_tokens": result.trained_tokens,
+            "seconds": round(result.seconds, 2),
+        }
+        name = job.fine_tuned_model_name
+        artifacts.write_json(folder / "training_config.json", job.hyperparameters)
+        (folder / "README.md").write_text(
+            artifacts.model_card(
+                name=name,
+                base_model=job.base_model.name,
+                method=self.config.method,
+                hyperparameters=job.hyperparameters,
+                data_stats={
+                    "training examples": len(self.train_rows),
+                    "held-out examples": len(self.held_out),
+                },
                 metrics=metrics,
-                trained_tokens=train.scheduled_tokens(train_rows, config),
-                compute_seconds=_compute_seconds(job, started),
+                parent=job.parent_adapter.name if job.parent_adapter else None,
+                evaluation=comparison,
             )
-            return
-    storage.delete_prefix(adapter.s3_prefix)  # this attempt was fenced off meanwhile
+        )
+        adapter = Adapter(
+            org=job.org, name=name, job=job, base_model=job.base_model, parent=job.parent_adapter
+        )
+        adapter.s3_prefix = f"orgs/{job.org_id}/adapters/{adapter.id}/"
+        adapter.manifest = artifacts.build_manifest(folder)
+        adapter.size_bytes, adapter.metrics = adapter.manifest["total_bytes"], metrics
+        storage.upload_folder(folder, adapter.s3_prefix, adapter.manifest)
+        return adapter
+
+    def finish(self, adapter: Adapter, comparison: dict) -> None:
+        """The adapter row and the job's success commit together, and only while this attempt
+        still holds the job (its row locked, so the reaper cannot take it in between)."""
+        job = self.job
+        with transaction.atomic():
+            if job.fenced(self.attempt).select_for_update().exists():
+                adapter.save()
+                Evaluation.record_for_job(job, adapter, comparison)
+                job.finish(
+                    self.attempt,
+                    Status.SUCCEEDED,
+                    f"Job succeeded: {adapter.name}.",
+                    metrics=adapter.metrics,
+                    trained_tokens=train.scheduled_tokens(self.train_rows, self.config),
+                    compute_seconds=_compute_seconds(job, self.started),
+                )
+                return
+        storage.delete_prefix(adapter.s3_prefix)  # this attempt was fenced off meanwhile

@@ -16,7 +16,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from engine.train import ConfigError, TrainConfig
+from engine.hyperparameters import ConfigError, TrainConfig, public
 from jobs import preflight
 from jobs.api.evaluations import GenerateSerializer, generate_response
 from jobs.api.serializers import (
@@ -253,7 +253,7 @@ def dry_run(prepared: PreparedJob) -> dict:
     return {
         **plan.as_dict(),
         "model": prepared.base_model.name,
-        "hyperparameters": preflight.public_hyperparameters(asdict(prepared.config)),
+        "hyperparameters": public(asdict(prepared.config)),
     }
 
 

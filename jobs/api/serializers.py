@@ -2,8 +2,8 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from engine.data import FORMATS
+from engine.hyperparameters import API_FIELDS, AUTO, AUTO_RESOLVED, ApiField, public
 from jobs.models import Adapter, BaseModel, Checkpoint, File, FineTuneJob, JobEvent
-from jobs.preflight import AUTO_RESOLVED, public_hyperparameters
 from loft.api.base import ObjectTypeField, UnixTimestampField
 
 EVENT_ID_PREFIX = "ftevent-"
@@ -142,12 +142,12 @@ class JobSerializer(serializers.ModelSerializer):
         return adapter.name if adapter else None
 
     def get_hyperparameters(self, job) -> dict:
-        shown = public_hyperparameters(job.hyperparameters)
+        shown = public(job.hyperparameters)
         if job.status == FineTuneJob.Status.VALIDATING_FILES:
             # Resolved from the data once it is measured; until then, what the client asked.
             for name in AUTO_RESOLVED:
-                if job.requested_hyperparameters.get(name, "auto") == "auto":
-                    shown[name] = "auto"
+                if job.requested_hyperparameters.get(name, AUTO) == AUTO:
+                    shown[name] = AUTO
         return shown
 
     def get_method(self, job) -> dict:
@@ -192,27 +192,33 @@ class JobSerializer(serializers.ModelSerializer):
             return None
 
 
-class HyperparametersSerializer(serializers.Serializer):
-    """Documents the hyperparameters object; values are checked by jobs.preflight."""
+def _documented(hyperparameter: ApiField) -> serializers.Field:
+    """How the OpenAPI schema shows one hyperparameter; engine/hyperparameters.py checks it."""
+    options = {"required": False, "help_text": hyperparameter.help}
+    if hyperparameter.auto or hyperparameter.openai:  # OpenAI's take "auto"
+        wanted = "An integer" if hyperparameter.kind is int else "A number"
+        return serializers.JSONField(
+            **{**options, "help_text": f'{wanted} or "auto". ' + options["help_text"]}
+        )
+    if hyperparameter.choices:
+        return serializers.ChoiceField(choices=list(hyperparameter.choices), **options)
+    field = {int: serializers.IntegerField, float: serializers.FloatField}
+    return field.get(hyperparameter.kind, serializers.BooleanField)(
+        allow_null=hyperparameter.nullable, **options
+    )
 
-    n_epochs = serializers.JSONField(required=False, help_text='An integer or "auto".')
-    batch_size = serializers.JSONField(required=False, help_text='An integer or "auto".')
-    learning_rate_multiplier = serializers.JSONField(
-        required=False, help_text='A number or "auto"; 1.0 is a learning rate of 2e-4.'
-    )
-    lora_rank = serializers.IntegerField(required=False)
-    lora_alpha = serializers.IntegerField(required=False)
-    lora_dropout = serializers.FloatField(required=False)
-    quantization = serializers.ChoiceField(choices=["nf4", "none"], required=False)
-    max_seq_length = serializers.JSONField(required=False, help_text='An integer or "auto".')
-    max_steps = serializers.IntegerField(required=False, allow_null=True)
-    packing = serializers.BooleanField(required=False)
-    warmup_ratio = serializers.FloatField(required=False)
-    checkpoint_every = serializers.IntegerField(required=False)
-    validation_fraction = serializers.FloatField(required=False)
-    parent_adapter = serializers.CharField(
-        required=False, help_text="An adapter id or fine-tuned model name to continue from."
-    )
+
+HyperparametersSerializer = type(
+    "HyperparametersSerializer",
+    (serializers.Serializer,),
+    {
+        "__doc__": "Documents the hyperparameters object (engine/hyperparameters.py).",
+        **{h.name: _documented(h) for h in API_FIELDS},
+        "parent_adapter": serializers.CharField(
+            required=False, help_text="An adapter id or fine-tuned model name to continue from."
+        ),
+    },
+)
 
 
 class StrictSerializer(serializers.Serializer):
@@ -301,7 +307,7 @@ class JobCreateSerializer(StrictSerializer):
                 )
             attrs["hyperparameters"] = inner
         else:
-            # The raw object: "auto" and Loft's checks live in jobs.preflight.
+            # The raw object: "auto" and the checks live in engine/hyperparameters.py.
             raw = self.initial_data.get("hyperparameters")
             attrs["hyperparameters"] = {} if raw is None else raw
         if not isinstance(attrs["hyperparameters"], dict):

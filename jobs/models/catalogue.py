@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.db import models
 
-from engine.base_models import BUNDLED_BASE_MODEL, BaseModelSpec
+from engine.model_cache import BUNDLED_BASE_MODEL, BaseModelSpec
 
 
 class BaseModelQuerySet(models.QuerySet):

@@ -10,6 +10,7 @@ from django.db import models, transaction
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from engine.hyperparameters import ConfigError, TrainConfig
 from jobs import preflight, tasks
 from jobs.models.adapters import Adapter
 from jobs.models.catalogue import BaseModel
@@ -144,15 +145,13 @@ class FineTuneJob(TenantOwnedModel):
         fingerprint: str = "",
     ) -> FineTuneJob:
         """Create a job from resolved settings (TrainConfig's arguments; raises
-        train.ConfigError naming the field, preflight.JobTooLarge, QuotaExceeded).
+        ConfigError naming the field, preflight.JobTooLarge, QuotaExceeded).
 
         Under a lock on the organization's row, so that quotas and idempotency keys hold when
         many requests arrive at once: the same ``idempotency_key`` returns the job it made
         (``job.replayed`` is then True). A job whose files are still being validated waits in
         ``validating_files``; files_validated moves it on.
         """
-        from engine.train import TrainConfig
-
         config = TrainConfig(**{**(hyperparameters or {}), "seed": seed})
         base_model = base_model or (
             parent_adapter.base_model if parent_adapter else BaseModel.default()
@@ -215,8 +214,6 @@ class FineTuneJob(TenantOwnedModel):
 
     def _start_after_validation(self) -> None:
         """Resolve "auto" now that the data is measured, plan, check the quota, queue."""
-        from engine.train import ConfigError, TrainConfig
-
         files = [f for f in (self.training_file, self.validation_file) if f is not None]
         failed = next((f for f in files if f.status == File.Status.ERROR), None)
         if failed is not None:

@@ -16,58 +16,27 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
 from django.urls import reverse
 
+from engine.hyperparameters import API_FIELDS, API_NAMES, AUTO
+from engine.hyperparameters import PRESETS as SCHEMA_PRESETS
 from jobs.api.fine_tuning import dry_run, prepare_job, submit_job
 from jobs.api.serializers import JobCreateSerializer
 from jobs.models import Adapter, BaseModel, File, FineTuneJob, Quota, trained_tokens_this_month
-from jobs.preflight import AUTO_RESOLVED, LOFT_HYPERPARAMETERS, OPENAI_HYPERPARAMETERS
 from loft.api.errors import LoftAPIError
 from loft.tenancy import org_or_404
 
+
+def _shown(values: dict) -> dict:
+    """Values as the form shows them: no limit (null) is an empty field."""
+    return {name: "" if value is None else value for name, value in values.items()}
+
+
 SESSION_KEY = "wizard"
-COMMON = {
-    "batch_size": "auto",
-    "max_seq_length": "auto",
-    "lora_dropout": 0.05,
-    "warmup_ratio": 0.03,
-    "packing": True,
-    "quantization": "nf4",
-    "max_steps": "",
-}
-# Each preset sets every field shown under Advanced; the person may change any of them.
+# The Advanced fields, each preset's values and how a typed value is read: all from the schema.
+FIELDS = [h for h in API_FIELDS if h.form == "number"]
 PRESETS = {
-    "quick": {
-        "label": "Quick",
-        "help": "One pass over the data with a small adapter: a first result in minutes.",
-        "values": {**COMMON, "n_epochs": 1, "lora_rank": 8, "lora_alpha": 16,
-                   "learning_rate_multiplier": 2.0},
-    },
-    "balanced": {
-        "label": "Balanced",
-        "help": "Epochs chosen from the data size (OpenAI's rule), a medium adapter.",
-        "values": {**COMMON, "n_epochs": "auto", "lora_rank": 16, "lora_alpha": 32,
-                   "learning_rate_multiplier": 1.0},
-    },
-    "thorough": {
-        "label": "Thorough",
-        "help": "More epochs, a larger adapter and a gentler learning rate; takes longest.",
-        "values": {**COMMON, "n_epochs": 5, "lora_rank": 32, "lora_alpha": 64,
-                   "learning_rate_multiplier": 0.5},
-    },
-}  # fmt: skip
-FIELDS = [
-    ("n_epochs", "Epochs", "Passes over the training rows, or auto."),
-    ("batch_size", "Batch size", "Examples per optimizer step, or auto."),
-    ("learning_rate_multiplier", "Learning rate multiplier", "× 2e-4."),
-    ("lora_rank", "LoRA rank", "Size of the adapter (r)."),
-    ("lora_alpha", "LoRA alpha", "Scaling of the adapter's update."),
-    ("lora_dropout", "LoRA dropout", "Dropout on the adapter's input, 0 to 1."),
-    ("max_seq_length", "Max sequence length", "Tokens per row, or auto."),
-    ("warmup_ratio", "Warmup ratio", "Share of steps warming up, 0 to 1."),
-    ("max_steps", "Max steps", "Stop after this many steps; empty for no limit."),
-]
-NUMBERS = {"lora_rank": int, "lora_alpha": int, "max_steps": int, "n_epochs": int,
-           "batch_size": int, "max_seq_length": int, "learning_rate_multiplier": float,
-           "lora_dropout": float, "warmup_ratio": float}  # fmt: skip
+    key: {"label": p.label, "help": p.help, "values": _shown(p.values)}
+    for key, p in SCHEMA_PRESETS.items()
+}
 
 
 def _state(request) -> dict:
@@ -176,8 +145,8 @@ def model_step(request):
             "presets_json": json.dumps({k: p["values"] for k, p in PRESETS.items()}),
             "preset": preset,
             "fields": [
-                (name, label, help_text, values.get(name, ""), errors.get(name))
-                for name, label, help_text in FIELDS
+                (h.name, h.label, h.help, values.get(h.name, ""), errors.get(h.name))
+                for h in FIELDS
             ],
             "values": values,
             "errors": errors,
@@ -189,18 +158,18 @@ def model_step(request):
 def _read_values(post) -> tuple[dict, dict]:
     """The Advanced fields as the API takes them: numbers, "auto", or nothing."""
     values, errors = {}, {}
-    for name, label, _ in FIELDS:
-        raw = post.get(name, "").strip()
-        if raw == "" and name == "max_steps":
-            values[name] = ""
-        elif raw.lower() == "auto" and name in AUTO_RESOLVED:
-            values[name] = "auto"
+    for field in FIELDS:
+        raw = post.get(field.name, "").strip()
+        if raw == "" and field.nullable:
+            values[field.name] = ""
+        elif raw.lower() == AUTO and field.auto:
+            values[field.name] = AUTO
         else:
             try:
-                values[name] = NUMBERS[name](raw)
+                values[field.name] = field.kind(raw)
             except ValueError:
-                allowed = " or auto" if name in AUTO_RESOLVED else ""
-                errors[name] = f"{label} must be a number{allowed}."
+                allowed = " or auto" if field.auto else ""
+                errors[field.name] = f"{field.label} must be a number{allowed}."
     values["packing"] = post.get("packing") == "on"
     values["quantization"] = "nf4" if post.get("quantization", "nf4") == "nf4" else "none"
     return values, errors
@@ -209,9 +178,7 @@ def _read_values(post) -> tuple[dict, dict]:
 def _request_body(state: dict) -> dict:
     """The create request the wizard's choices make, as the API would receive it."""
     hyperparameters = {
-        k: v
-        for k, v in (state.get("values") or {}).items()
-        if v != "" and k in (*OPENAI_HYPERPARAMETERS, *LOFT_HYPERPARAMETERS)
+        k: v for k, v in (state.get("values") or {}).items() if v != "" and k in API_NAMES
     }
     if state.get("parent"):
         hyperparameters["parent_adapter"] = state["parent"]
@@ -246,7 +213,7 @@ def _field_of(error: LoftAPIError) -> str:
     sentence names first."""
     message = str(error.detail)
     if error.param in ("hyperparameters", "hyperparameters.parent_adapter", None):
-        named = [(message.find(name), name) for name, _, _ in FIELDS if name in message]
+        named = [(message.find(h.name), h.name) for h in FIELDS if h.name in message]
         if named:
             return min(named)[1]
         return "form"

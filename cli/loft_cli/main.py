@@ -493,20 +493,51 @@ JOB_COLUMNS = [
     ("CREATED", lambda j: _when(j.get("created_at"))),
 ]
 
-HYPERPARAMETER_FLAGS = {
-    "epochs": "n_epochs",
-    "batch_size": "batch_size",
-    "learning_rate_multiplier": "learning_rate_multiplier",
-    "lora_rank": "lora_rank",
-    "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout",
-    "quantization": "quantization",
-    "max_seq_length": "max_seq_length",
-    "max_steps": "max_steps",
-    "packing": "packing",
-    "warmup_ratio": "warmup_ratio",
-    "parent_adapter": "parent_adapter",
-}
+# OpenAI's three hyperparameters have flags of their own; every other one (Loft's LoRA rank,
+# quantization, sequence length, ...) is ``--hyperparameter NAME=VALUE``. The server knows the
+# names, types and ranges and refuses a wrong one by name; the client knows none of them.
+HYPERPARAMETER_FLAGS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"not a JSON value: {name}")  # NaN and Infinity stay text
+
+
+def json_or_text(text: str):
+    """A value as JSON when it parses (``8``, ``0.1``, ``false``, ``null``, ``"auto"``), else the
+    text as given (``auto``, ``nf4``, an adapter id)."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError:
+        return text
+
+
+def hyperparameter(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` from the command line: the name, and the value read by ``json_or_text``."""
+    name, equals, value = text.partition("=")
+    name = name.strip()
+    if not equals or not name or any(c.isspace() for c in name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. lora_rank=8, not {text!r}")
+    return name, json_or_text(value)
+
+
+def _hyperparameters(args) -> dict:
+    """The flags' values and the ``--hyperparameter`` pairs as one object; a name given twice
+    with two different values is a usage mistake, not a guess."""
+    given = {
+        name: getattr(args, name)
+        for name in HYPERPARAMETER_FLAGS
+        if getattr(args, name) is not None
+    }
+    for name, value in args.hyperparameters or []:
+        if name in given and given[name] != value:
+            raise CLIError(
+                f"hyperparameter {name} is given twice:"
+                f" {json.dumps(given[name])} and {json.dumps(value)}",
+                exit_code=2,
+            )
+        given[name] = value
+    return given
 
 
 def _step_of(job: dict) -> str:
@@ -575,6 +606,7 @@ def _print_plan(plan: dict) -> None:
 
 
 def cmd_jobs_create(client: Client, args) -> int:
+    hyperparameters = _hyperparameters(args)  # before uploading anything
     body: dict = {"model": args.model, "training_file": _file_id(client, args.training_file, args)}
     if args.validation_file:
         body["validation_file"] = _file_id(client, args.validation_file, args)
@@ -582,11 +614,6 @@ def cmd_jobs_create(client: Client, args) -> int:
         body["suffix"] = args.suffix
     if args.seed is not None:
         body["seed"] = args.seed
-    hyperparameters = {
-        key: getattr(args, flag)
-        for flag, key in HYPERPARAMETER_FLAGS.items()
-        if getattr(args, flag) is not None
-    }
     if hyperparameters:
         body["hyperparameters"] = hyperparameters
     if args.dry_run:
@@ -891,6 +918,11 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = groups.add_parser("jobs", help="create, watch and cancel fine-tuning jobs")
     jobs_sub = jobs.add_subparsers(dest="command", required=True)
     create = command(jobs_sub, "create", cmd_jobs_create, "create a fine-tuning job")
+    create.epilog = (
+        "Example: loft jobs create --model HuggingFaceTB/SmolLM2-135M-Instruct"
+        " --training-file train.jsonl --n-epochs 3 --hyperparameter lora_rank=8"
+        " -H quantization=nf4 --dry-run"
+    )
     create.add_argument(
         "--model", required=True, help="a base model, or a fine-tuned model to continue training"
     )
@@ -900,18 +932,27 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--validation-file", help="a file id, or a local path to upload first")
     create.add_argument("--suffix", help="added to the fine-tuned model's name")
     create.add_argument("--seed", type=int)
-    create.add_argument("--epochs", type=int)
-    create.add_argument("--batch-size", type=int)
-    create.add_argument("--learning-rate-multiplier", type=float)
-    create.add_argument("--lora-rank", type=int)
-    create.add_argument("--lora-alpha", type=int)
-    create.add_argument("--lora-dropout", type=float)
-    create.add_argument("--max-steps", type=int)
-    create.add_argument("--max-seq-length", type=int)
-    create.add_argument("--quantization", choices=["nf4", "none"])
-    create.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None)
-    create.add_argument("--warmup-ratio", type=float)
-    create.add_argument("--parent-adapter", help="continue training this adapter")
+    create.add_argument("--n-epochs", type=json_or_text, metavar="N", help='an integer or "auto"')
+    create.add_argument("--batch-size", type=json_or_text, metavar="N", help='an integer or "auto"')
+    create.add_argument(
+        "--learning-rate-multiplier",
+        type=json_or_text,
+        metavar="X",
+        help='a number or "auto"; 1.0 is the default learning rate',
+    )
+    create.add_argument(
+        "-H",
+        "--hyperparameter",
+        dest="hyperparameters",
+        type=hyperparameter,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other hyperparameter, repeatable: --hyperparameter lora_rank=8 -H packing=false."
+        " VALUE is read as JSON when it parses (8, 0.1, false), else as text (auto, nf4)."
+        " Loft checks names and values and names the one it refuses;"
+        " -H parent_adapter=ID continues training an adapter",
+    )
     create.add_argument(
         "--dry-run",
         action="store_true",

@@ -1,0 +1,376 @@
+"""Every training hyperparameter, declared once.
+
+``TrainConfig`` is what one fine-tuning run does; each field carries, in its metadata, what every
+surface needs (TRL's ``ModelConfig`` style): the name the API takes it by, whether "auto"
+resolves it from the data, its bounds, a label and help text. From it come the API's
+hyperparameters object (``from_request``, ``public``, ``API_FIELDS``), its OpenAPI
+documentation (jobs/api/serializers.py), the wizard's fields and presets
+(jobs/views/wizard.py), the CLI's check (tests/test_cli.py) and the engine's run
+(engine/train.py). Adding an option is one field here and its use in the training loop, and in
+the planner (engine/plan.py) where it changes memory or time.
+
+Standard library only: the web imports this module, and it must not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+AUTO = "auto"
+BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0
+METHODS = {"nf4": "qlora", "none": "lora"}  # the API's quantization → the engine's method
+
+
+class ConfigError(ValueError):
+    """A training setting is out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A bound on a value, and how an error message says it."""
+
+    holds: Callable[[Any], bool]
+    text: str
+
+
+def between(low: int, high: int) -> Rule:
+    return Rule(lambda v: low <= v <= high, f"between {low:,} and {high:,}")
+
+
+def fraction(*, open_high: bool = True) -> Rule:
+    if open_high:
+        return Rule(lambda v: 0 <= v < 1, "in [0, 1)")
+    return Rule(lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def at_least(low: float) -> Rule:
+    return Rule(lambda v: v >= low, f"at least {low:g}")
+
+
+POSITIVE = Rule(lambda v: v > 0, "positive")
+
+
+@dataclass(frozen=True)
+class ApiName:
+    """A field the API takes under another name or in other units."""
+
+    name: str
+    to_config: Callable[[Any], Any]
+    from_config: Callable[[Any], Any]
+    kind: type
+    rule: Rule | None = None
+    choices: tuple[str, ...] = ()
+
+
+LEARNING_RATE_MULTIPLIER = ApiName(
+    "learning_rate_multiplier",
+    to_config=lambda multiplier: BASE_LEARNING_RATE * multiplier,
+    from_config=lambda rate: round(rate / BASE_LEARNING_RATE, 6),
+    kind=float,
+    rule=Rule(lambda v: 0 < v <= 100, "in (0, 100]"),
+)
+QUANTIZATION = ApiName(
+    "quantization",
+    to_config=METHODS.__getitem__,
+    from_config={method: q for q, method in METHODS.items()}.__getitem__,
+    kind=str,
+    choices=tuple(METHODS),
+)
+
+
+def hyperparameter(
+    default,
+    help: str,
+    *,
+    rule: Rule | None = None,
+    api: bool | ApiName = True,
+    openai: bool = False,
+    auto: bool = False,
+    label: str = "",
+    form: str = "",
+):
+    """A TrainConfig field.
+
+    api: False when the API does not take it; an ApiName when it takes it under another name.
+    openai: one of OpenAI's own hyperparameters (listed first).
+    auto: "auto" (or leaving it out) resolves it from the measured data (engine/plan.py).
+    form: how the wizard shows it: "number" under Advanced, or "" where the page has its own
+    control (method, packing) or none.
+    """
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "rule": rule,
+            "api": api,
+            "openai": openai,
+            "auto": auto,
+            "label": label,
+            "form": form,
+        },
+    )
+
+
+@dataclass
+class TrainConfig:
+    """What one fine-tuning run does. Saved beside the adapter as training_config.json."""
+
+    n_epochs: int = hyperparameter(
+        1,
+        "Passes over the training rows, or auto.",
+        rule=between(1, 100),
+        openai=True,
+        auto=True,
+        label="Epochs",
+        form="number",
+    )
+    batch_size: int = hyperparameter(
+        8,
+        "Examples per optimizer step, or auto.",
+        rule=between(1, 1024),
+        openai=True,
+        auto=True,
+        label="Batch size",
+        form="number",
+    )
+    learning_rate: float = hyperparameter(
+        BASE_LEARNING_RATE,
+        f"× {BASE_LEARNING_RATE:g}.",
+        rule=fraction(open_high=False),
+        api=LEARNING_RATE_MULTIPLIER,
+        openai=True,
+        label="Learning rate multiplier",
+        form="number",
+    )
+    lora_rank: int = hyperparameter(
+        16, "Size of the adapter (r).", rule=between(1, 256), label="LoRA rank", form="number"
+    )
+    lora_alpha: int = hyperparameter(
+        32,
+        "Scaling of the adapter's update.",
+        rule=between(1, 4096),
+        label="LoRA alpha",
+        form="number",
+    )
+    lora_dropout: float = hyperparameter(
+        0.05,
+        "Dropout on the adapter's input, 0 to 1.",
+        rule=fraction(),
+        label="LoRA dropout",
+        form="number",
+    )
+    method: str = hyperparameter(
+        "qlora",
+        "qlora (4-bit NF4 base, nf4) or lora (full precision, none).",
+        rule=Rule(lambda v: v in METHODS.values(), "qlora or lora"),
+        api=QUANTIZATION,
+    )
+    max_seq_length: int = hyperparameter(
+        1024,
+        "Tokens per row, or auto; longer examples are truncated.",
+        rule=between(16, 131072),
+        auto=True,
+        label="Max sequence length",
+        form="number",
+    )
+    max_steps: int | None = hyperparameter(
+        None,
+        "Stop after this many steps; empty for no limit.",
+        rule=between(1, 10_000_000),
+        label="Max steps",
+        form="number",
+    )
+    packing: bool = hyperparameter(True, "Pack examples into rows (no padding).")
+    warmup_ratio: float = hyperparameter(
+        0.03,
+        "Share of steps warming up, 0 to 1.",
+        rule=fraction(),
+        label="Warmup ratio",
+        form="number",
+    )
+    checkpoint_every: int = hyperparameter(
+        50, "Steps between checkpoints.", rule=between(1, 10_000_000)
+    )
+    validation_fraction: float = hyperparameter(
+        0.1, "Share of the rows held out when no validation file is given.", rule=fraction()
+    )
+    target_modules: str = hyperparameter("all-linear", "peft target modules.", api=False)
+    weight_decay: float = hyperparameter(0.0, "AdamW weight decay.", rule=at_least(0), api=False)
+    max_grad_norm: float = hyperparameter(1.0, "Gradient clipping.", rule=POSITIVE, api=False)
+    # The job's top-level ``seed`` (OpenAI's), not one of its hyperparameters.
+    seed: int = hyperparameter(42, "Makes a run repeatable.", api=False)
+
+    def __post_init__(self):
+        for spec in fields(self):
+            rule, value = spec.metadata["rule"], getattr(self, spec.name)
+            if rule is not None and value is not None and not rule.holds(value):
+                raise ConfigError(f"{spec.name} must be {rule.text}, got {value!r}")
+
+    @property
+    def quantization(self) -> str:
+        return QUANTIZATION.from_config(self.method)
+
+
+# --- the API's view ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiField:
+    """One hyperparameter as the API, the wizard and the CLI see it."""
+
+    name: str
+    config_name: str
+    kind: type
+    default: Any
+    help: str
+    auto: bool
+    openai: bool
+    nullable: bool
+    label: str
+    form: str
+    choices: tuple[str, ...]
+    convert: ApiName | None
+
+
+def _api_fields() -> tuple[ApiField, ...]:
+    found = []
+    for spec in fields(TrainConfig):
+        api = spec.metadata["api"]
+        if api is False:
+            continue
+        convert = api if isinstance(api, ApiName) else None
+        kind = (
+            convert.kind
+            if convert
+            else {"int": int, "float": float, "bool": bool}.get(str(spec.type).split(" ")[0], str)
+        )
+        found.append(
+            ApiField(
+                name=convert.name if convert else spec.name,
+                config_name=spec.name,
+                kind=kind,
+                default=convert.from_config(spec.default) if convert else spec.default,
+                help=spec.metadata["help"],
+                auto=spec.metadata["auto"],
+                openai=spec.metadata["openai"],
+                nullable=spec.default is None,
+                label=spec.metadata["label"] or spec.name,
+                form=spec.metadata["form"],
+                choices=convert.choices if convert else (),
+                convert=convert,
+            )
+        )
+    return tuple(sorted(found, key=lambda f: not f.openai))  # OpenAI's first, as it lists them
+
+
+API_FIELDS = _api_fields()
+API_NAMES = tuple(f.name for f in API_FIELDS)
+AUTO_RESOLVED = tuple(f.name for f in API_FIELDS if f.auto)
+_BY_NAME = {f.name: f for f in API_FIELDS}
+
+
+def from_request(requested: dict) -> dict:
+    """TrainConfig's arguments from the API's hyperparameters: types checked, names and units
+    converted; "auto", null and absent left out (the plan resolves them). Raises ConfigError
+    naming the field."""
+    if not isinstance(requested, dict):
+        raise ConfigError("hyperparameters must be an object.")
+    unknown = sorted(set(requested) - set(API_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"Unknown hyperparameter {unknown[0]!r}; Loft takes {', '.join(API_NAMES)}."
+        )
+    config = {}
+    for name, value in requested.items():
+        if value == AUTO or value is None:
+            continue
+        api_field = _BY_NAME[name]
+        value = _checked(api_field, value)
+        if api_field.convert:
+            if api_field.convert.rule and not api_field.convert.rule.holds(value):
+                raise ConfigError(f"{name} must be {api_field.convert.rule.text}, got {value}")
+            value = api_field.convert.to_config(value)
+        config[api_field.config_name] = value
+    return config
+
+
+def public(config: dict) -> dict:
+    """A stored TrainConfig as the API shows it: OpenAI's names first, then Loft's."""
+    return {
+        f.name: f.convert.from_config(config[f.config_name]) if f.convert else config[f.config_name]
+        for f in API_FIELDS
+    }
+
+
+def api_defaults() -> dict:
+    """Every API hyperparameter at its default, "auto" where the data decides."""
+    return {f.name: AUTO if f.auto else f.default for f in API_FIELDS}
+
+
+def _number(value, name: str) -> float:
+    """A finite float; huge integers and NaN are refused here rather than overflow later."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(number):
+        raise ConfigError(f"{name} must be a number or 'auto', got {str(value)[:40]}")
+    return number
+
+
+def _checked(api_field: ApiField, value):
+    name, kind = api_field.name, api_field.kind
+    if api_field.choices:
+        if value not in api_field.choices:
+            raise ConfigError(
+                f"{name} must be {' or '.join(api_field.choices)}, got {str(value)[:40]!r}"
+            )
+        return value
+    if kind is float:
+        return _number(value, name)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:  # a whole number: 2 or 2.0, never true
+        ok = not isinstance(value, bool) and (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        )
+    if not ok:
+        wanted = "true or false" if kind is bool else "an integer"
+        raise ConfigError(f"{name} must be {wanted} or 'auto', got {str(value)[:40]}")
+    return int(value) if kind is int else value
+
+
+# --- the wizard's presets ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    label: str
+    help: str
+    changes: dict  # API names → values, over api_defaults()
+
+    @property
+    def values(self) -> dict:
+        return {**api_defaults(), **self.changes}
+
+
+PRESETS = {
+    "quick": Preset(
+        "Quick",
+        "One pass over the data with a small adapter: a first result in minutes.",
+        {"n_epochs": 1, "lora_rank": 8, "lora_alpha": 16, "learning_rate_multiplier": 2.0},
+    ),
+    "balanced": Preset(
+        "Balanced",
+        "Epochs chosen from the data size (OpenAI's rule), a medium adapter.",
+        {"lora_rank": 16, "lora_alpha": 32, "learning_rate_multiplier": 1.0},
+    ),
+    "thorough": Preset(
+        "Thorough",
+        "More epochs, a larger adapter and a gentler learning rate; takes longest.",
+        {"n_epochs": 5, "lora_rank": 32, "lora_alpha": 64, "learning_rate_multiplier": 0.5},
+    ),
+}
