@@ -7,6 +7,8 @@ raised as ``StorageError`` so callers handle one exception and can answer 503 wi
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import boto3
 from boto3.exceptions import Boto3Error
@@ -201,9 +203,6 @@ def presigned_download_url(
 def upload_folder(folder, prefix: str, manifest: dict) -> None:
     """Upload every file of a local folder under ``prefix``, then ``manifest.json`` last: until
     the manifest is there, readers treat the prefix as not existing."""
-    import json
-    from pathlib import Path
-
     folder = Path(folder)
     try:
         for name in manifest["files"]:
@@ -221,9 +220,6 @@ def upload_folder(folder, prefix: str, manifest: dict) -> None:
 def download_folder(prefix: str, folder) -> dict:
     """Download an artifact by its manifest into a local folder; returns the manifest.
     Raises StorageError when the manifest is missing (the artifact is incomplete)."""
-    import json
-    from pathlib import Path
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:

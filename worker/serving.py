@@ -11,6 +11,7 @@ appends the answer's events to the request's Redis list as they are generated.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -62,8 +63,6 @@ def adapter_folder(adapter: Adapter) -> Path:
     storage.download_folder(adapter.s3_prefix, partial)
     artifacts.verify(partial, adapter.manifest)
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder

@@ -1,7 +1,7 @@
 """Running a fine-tuning job on a worker: claim it, feed the engine, store what it makes.
 
 The Celery task (worker/tasks.py) calls ``run_job``. Everything the worker writes goes through
-the job's fenced methods (jobs/models.py), so an attempt that lost its lease changes nothing.
+the job's fenced methods (jobs/models/jobs.py), so an attempt that lost its lease changes nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections, transaction
@@ -145,8 +146,6 @@ def run_job(job_id: str, worker: str) -> None:
 
 
 def _is_out_of_memory(error: Exception) -> bool:
-    import torch
-
     return isinstance(error, MemoryError | torch.OutOfMemoryError)
 
 
