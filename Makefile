@@ -4,13 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint format clean fuzz chaos
+.PHONY: run test test-fast install lint format clean fuzz chaos
 
 run: install
 	$(PY) -m loft.stack
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast lane: everything but the tests that start whole processes (marked slow).
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 install: $(STAMP)
 

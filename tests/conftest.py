@@ -1,33 +1,38 @@
-"""The shared cast: two tenants (A and B), an owner of A, a member of B, and their API keys.
+"""The shared cast: tenant A's owner and one of its members, a member of tenant B, staff (an
+operator, in no organization), and their clients; the worker, the base model and the browser.
 
-Every test runs on the real services the stack plugin started (loft/testing/stack_plugin.py).
+Builders and helpers are in tests/helpers.py. Every test runs on the real services the stack
+plugin started (loft/testing/stack_plugin.py).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 from django.core.servers.basehttp import ThreadedWSGIServer
+from django.test import Client
 from rest_framework.test import APIClient
 
-from engine.base_models import (
-    BUNDLED_BASE_MODEL,
-    BaseModelSpec,
-    load_base_model,
-    load_tokenizer,
-)
-from loft import storage
-from loft.models import ApiKey, Membership, Organization
+# Before tests.helpers is imported: its asserts then explain themselves, as the tests' do.
+pytest.register_assert_rewrite("tests.helpers")
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+from engine.base_models import load_base_model, load_tokenizer  # noqa: E402
+from loft import storage  # noqa: E402
+from loft.models import Membership  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    PASSWORD,
+    SMOLLM2,
+    Tenant,
+    WorkerProcess,
+    api_client_for,
+    make_tenant,
+    signed_in,
+)
 
 # The live server's listen backlog (Django's default is 10): tests that open 50 connections at
 # once must reach the server, not have the kernel refuse them.
@@ -41,37 +46,35 @@ def bucket(django_db_blocker):
     return settings.S3_BUCKET
 
 
-@dataclass
-class Tenant:
-    org: Organization
-    user: object
-    key: ApiKey
-    secret: str
-
-
-def _tenant(django_user_model, slug: str, role: str) -> Tenant:
-    org = Organization.objects.create(slug=slug, name=f"Org {slug.upper()}")
-    user = django_user_model.objects.create_user(f"{slug}-person", password="pw-for-tests-1")
-    org.add_member(user, role=role)
-    key, secret = ApiKey.issue(org, name=f"{slug} key", created_by=user)
-    return Tenant(org, user, key, secret)
+@pytest.fixture
+def tenant_a(db) -> Tenant:
+    """a-person, the owner of Org A, and the key "a key"."""
+    return make_tenant("a", Membership.Role.OWNER)
 
 
 @pytest.fixture
-def tenant_a(db, django_user_model) -> Tenant:
-    return _tenant(django_user_model, "a", Membership.Role.OWNER)
+def member_a(tenant_a) -> Tenant:
+    """a-member, a member (not an owner) of tenant A's organization, with a key of its own."""
+    return make_tenant("a-member", Membership.Role.MEMBER, org=tenant_a.org, username="a-member")
 
 
 @pytest.fixture
-def tenant_b(db, django_user_model) -> Tenant:
-    return _tenant(django_user_model, "b", Membership.Role.MEMBER)
+def tenant_b(db) -> Tenant:
+    """b-person, a member of Org B, and the key "b key"."""
+    return make_tenant("b", Membership.Role.MEMBER)
 
 
-def api_client_for(secret: str | None) -> APIClient:
-    client = APIClient()
-    if secret is not None:
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
-    return client
+@pytest.fixture
+def staff(db, django_user_model):
+    """An operator: staff and superuser, as ``createsuperuser`` and ``bootstrap`` make them; a
+    member of no organization."""
+    return django_user_model.objects.create_superuser("staff-person", password=PASSWORD)
+
+
+@pytest.fixture
+def staff_client(staff) -> Client:
+    """A browser signed in as ``staff``: the admin, /ops/ and /metrics."""
+    return signed_in(staff)
 
 
 @pytest.fixture
@@ -82,116 +85,6 @@ def api_a(tenant_a) -> APIClient:
 @pytest.fixture
 def api_b(tenant_b) -> APIClient:
     return api_client_for(tenant_b.secret)
-
-
-def database_url_for_tests() -> str:
-    """The URL of the test database pytest-django created, for processes we start."""
-    db = settings.DATABASES["default"]
-    return f"postgresql://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-
-
-class WorkerProcess:
-    """A real Celery worker process on the real broker and the test database.
-
-    It runs in its own process group, so ``kill()`` takes down the whole worker at once, as a
-    machine failure would.
-    """
-
-    def __init__(
-        self, log_dir: Path, name: str = "test-worker", queue: str = "default", **env: str
-    ):
-        self.name = name
-        self.queue = queue
-        self.log = log_dir / f"{name}-{time.monotonic_ns()}.log"
-        self.env = {**os.environ, "DATABASE_URL": database_url_for_tests(), **env}
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> WorkerProcess:
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "loft",
-                    "worker",
-                    "--pool",
-                    "solo",
-                    "--loglevel",
-                    "INFO",
-                    "--hostname",
-                    f"{self.name}@%h",
-                    "--queues",
-                    self.queue,
-                    "--without-mingle",
-                    "--without-gossip",
-                ],
-                cwd=PROJECT_DIR,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        # Not a ping: a solo worker that takes a job at once cannot answer pings.
-        deadline = time.monotonic() + 120
-        while " ready." not in self.log.read_text(errors="replace"):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.stop()
-                raise AssertionError(f"worker {self.name} did not start:\n{self.output()}")
-            time.sleep(0.2)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL, no goodbye: the way a worker dies when its machine does."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-class BeatProcess:
-    """A real ``celery beat``: sends the periodic tasks of CELERY_BEAT_SCHEDULE to the broker."""
-
-    def __init__(self, log_dir: Path, **env: str):
-        self.log = log_dir / f"beat-{time.monotonic_ns()}.log"
-        self.schedule = log_dir / f"beat-schedule-{time.monotonic_ns()}"
-        self.env = {**os.environ, "DATABASE_URL": database_url_for_tests(), **env}
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> BeatProcess:
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "loft", "beat", "--schedule"]
-                + [str(self.schedule)],
-                cwd=PROJECT_DIR,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
 
 
 @pytest.fixture
@@ -212,13 +105,6 @@ def celery_worker(django_db_setup, django_db_blocker, tmp_path_factory):
 
 
 # --- the bundled base model, for engine tests (engine/train.py, engine/evaluate.py) ----------
-
-SMOLLM2 = BaseModelSpec(
-    BUNDLED_BASE_MODEL["name"],
-    BUNDLED_BASE_MODEL["source"],
-    BUNDLED_BASE_MODEL["revision"],
-    BUNDLED_BASE_MODEL["context_length"],
-)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,12 @@ Every row asks for one date, written one of several ways (month names, abbreviat
 ordinals, day first or month first), and the answer is that date as YYYY-MM-DD and nothing
 else. The rule is simple and exact, the base model follows it only now and then, and exact
 match on held-out rows shows at once whether an adapter learned it. Generated from a seed, so
-the same call makes the same file.
+the same call makes the same file. (As a file: ``tests.helpers.jsonl(date_rows(...))``.)
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import random
 
 MONTHS = [
@@ -60,7 +59,3 @@ def date_rows(count: int, seed: int = 0) -> list[dict]:
             }
         )
     return rows
-
-
-def jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(row) + "\n" for row in rows).encode()

@@ -5,17 +5,11 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 
-from jobs.models import Quota, UsageRecord
+from jobs.models import File, FineTuneJob, Quota, UsageRecord
 from loft.models import ApiKey, Membership
-from tests.conftest import api_client_for
+from tests.helpers import api_client_for, chat_rows, jsonl, signed_in, upload
 
 pytestmark = pytest.mark.django_db
-
-
-def signed_in(tenant) -> Client:
-    browser = Client()
-    browser.force_login(tenant.user)
-    return browser
 
 
 def created_key(browser: Client, name: str) -> tuple[ApiKey, str, str]:
@@ -202,3 +196,84 @@ def test_another_organizations_membership_is_not_found(tenant_a, tenant_b):
     response = signed_in(tenant_a).post(f"/account/members/{member_of_b.pk}/remove")
     assert response.status_code == 404
     assert Membership.objects.filter(pk=member_of_b.pk).exists()
+
+
+# --- a member of the organization, beside its owner -----------------------------------------
+
+
+def ids(response) -> list[str]:
+    assert response.status_code == 200, response.content
+    return [item["id"] for item in response.json()["data"]]
+
+
+@pytest.mark.usefixtures("private_queue")
+def test_a_member_sees_the_organizations_files_jobs_keys_and_members_as_the_owner_does(
+    tenant_a, member_a, api_a
+):
+    file_id = upload(api_a, jsonl(chat_rows(30)), name="shared.jsonl").json()["id"]
+    job = FineTuneJob.submit(
+        org=tenant_a.org,
+        training_file=File.objects.get(pk=file_id),
+        hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
+    )
+    owner, member = signed_in(tenant_a), signed_in(member_a)
+    # The API, by the member's own key and by the member's session: the owner's answers.
+    for path, expected in (("/v1/files", [file_id]), ("/v1/fine_tuning/jobs", [job.id])):
+        assert ids(api_a.get(path)) == expected
+        assert ids(api_client_for(member_a.secret).get(path)) == expected, path
+        assert ids(member.get(path)) == expected, path
+    # The pages.
+    for path, shown in (
+        ("/datasets", "shared.jsonl"),
+        (f"/datasets/{file_id}", "shared.jsonl"),
+        ("/jobs", job.id),
+        (f"/jobs/{job.id}", job.id),
+        ("/account/keys", f"{tenant_a.key.prefix}…"),
+        ("/account/members", "a-person"),
+    ):
+        for browser in (owner, member):
+            response = browser.get(path)
+            assert response.status_code == 200, path
+            assert shown in response.content.decode(), path
+    members = member.get("/account/members").content.decode()
+    assert "a-member (you)" in members and "b-person" not in members
+
+
+def test_a_member_can_neither_add_nor_remove_members_which_only_owners_can(
+    tenant_a, member_a, tenant_b
+):
+    browser = signed_in(member_a)
+    html = browser.get("/account/members").content.decode()
+    assert "Only owners of this organization can add or remove members." in html
+    assert "<button" not in html.split("</header>")[1]
+
+    added = browser.post("/account/members", {"username": tenant_b.user.username})
+    assert added.status_code == 403
+    assert "Only owners of this organization" in added.content.decode()
+    assert not Membership.objects.for_org(tenant_a.org).filter(user=tenant_b.user).exists()
+
+    owners = Membership.objects.for_org(tenant_a.org).get(user=tenant_a.user)
+    own = Membership.objects.for_org(tenant_a.org).get(user=member_a.user)
+    for membership in (owners, own):  # not the owner, and not themselves either
+        response = browser.post(f"/account/members/{membership.pk}/remove")
+        assert response.status_code == 403
+        assert Membership.objects.filter(pk=membership.pk).exists()
+
+    # The owner can.
+    response = signed_in(tenant_a).post(f"/account/members/{own.pk}/remove", follow=True)
+    assert "Removed a-member from Org A." in response.content.decode()
+    assert not Membership.objects.filter(pk=own.pk).exists()
+
+
+def test_keys_are_not_for_owners_only_a_member_issues_and_revokes_one(tenant_a, member_a):
+    browser = signed_in(member_a)
+    key, secret, html = created_key(browser, "member laptop")
+    assert secret in html
+    assert key.org == tenant_a.org and key.created_by == member_a.user
+    assert api_client_for(secret).get("/v1/files").status_code == 200
+
+    response = browser.post(f"/account/keys/{key.id}/revoke", follow=True)
+    assert response.redirect_chain == [("/account/keys", 302)]
+    key.refresh_from_db()
+    assert key.revoked_at is not None
+    assert api_client_for(secret).get("/v1/files").status_code == 401

@@ -3,27 +3,18 @@ on request; another tenant's adapter is not found."""
 
 import io
 import json
-import time
 import zipfile
 
 import pytest
-from django.test import Client
 
 from engine import artifacts
 from jobs.models import Adapter, Evaluation
 from loft import storage
-from tests.test_jobs_api import stored_adapter
-from tests.test_merge_engine import random_adapter
-
-
-def signed_in(tenant) -> Client:
-    browser = Client()
-    browser.force_login(tenant.user)
-    return browser
+from tests.helpers import random_adapter, signed_in, stored_adapter, wait_for
 
 
 def adapter_of(tenant, tmp_path, name: str = "demo") -> Adapter:
-    """tests/test_jobs_api.py's stored adapter (a fake folder), several per test."""
+    """tests/helpers.py's stored adapter (a fake folder), several per test."""
     (tmp_path / name).mkdir()
     return stored_adapter(tenant, tmp_path / name, name=name)
 
@@ -123,10 +114,14 @@ def test_merged_weights_are_made_by_a_worker_and_download_as_a_zip(
     browser = signed_in(tenant_a)
 
     browser.post(f"/adapters/{adapter.id}/merge")
-    deadline = time.monotonic() + 300
-    while adapter.merged_status not in ("ready", "failed") and time.monotonic() < deadline:
-        time.sleep(1)
-        adapter.refresh_from_db()
+    adapter = wait_for(
+        adapter,
+        lambda a: a.merged_status in ("ready", "failed"),
+        timeout=300,
+        interval=1,
+        what="merged weights",
+        explain=lambda a: (a.merged_status, a.merged_error, celery_worker.output()),
+    )
     assert adapter.merged_status == "ready", (adapter.merged_error, celery_worker.output())
 
     assert "Download merged .zip" in browser.get(f"/adapters/{adapter.id}").content.decode()

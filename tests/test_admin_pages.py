@@ -8,10 +8,10 @@ from django.urls import reverse
 pytestmark = pytest.mark.django_db
 
 
-def test_every_registered_model_has_a_working_changelist(admin_client):
+def test_every_registered_model_has_a_working_changelist(staff_client):
     for model in admin.site._registry:
         url = reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
-        assert admin_client.get(url).status_code == 200, url
+        assert staff_client.get(url).status_code == 200, url
 
 
 def test_non_staff_are_refused_the_admin(tenant_a):

@@ -9,8 +9,7 @@ import pytest
 import requests
 
 from jobs.models import BaseModel
-from tests.conftest import api_client_for
-from tests.test_files_api import chat_rows, jsonl, upload
+from tests.helpers import api_client_for, chat_rows, jsonl, upload
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("private_queue")]
 

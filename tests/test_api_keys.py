@@ -8,7 +8,7 @@ from django.core.management import call_command
 from django.db import connection
 
 from loft.models import ApiKey, hash_api_key
-from tests.conftest import api_client_for
+from tests.helpers import api_client_for
 
 pytestmark = pytest.mark.django_db
 

@@ -108,8 +108,8 @@ OWN_CONTROLS = {
     "quantization": WIZARD | {"templates/jobs/wizard_review.html"},
 }
 # Names that are also ordinary words elsewhere (an evaluation's batches of generations, the
-# plan's epochs, a run's steps, the 4-bit loading of a base): for these the check is that no surface that reads or shows
-# hyperparameters (the API, the pages, pre-flight) spells them out.
+# plan's epochs, a run's steps, the 4-bit loading of a base): for these the check is that no
+# surface that reads or shows hyperparameters (the API, the pages, pre-flight) spells them out.
 COMMON_WORDS = {"batch_size", "max_steps", "n_epochs", "max_seq_length", "quantization"}
 SURFACES = ("jobs/api/", "jobs/views/", "jobs/preflight.py")
 # Not hyperparameters of the object but words of OpenAI's API: the job's top-level ``seed`` and

@@ -13,13 +13,11 @@ import zipfile
 import pytest
 
 from jobs.models import FineTuneJob
-from tests.conftest import PROJECT_DIR
-from tests.test_training_jobs import banana_jsonl
+from tests.helpers import PASSWORD, PROJECT_DIR, banana_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 SCREENSHOTS = PROJECT_DIR / "docs" / "screenshots"
-PASSWORD = "pw-for-tests-1"  # tests/conftest.py's tenants
 
 
 @pytest.fixture

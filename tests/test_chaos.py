@@ -20,10 +20,18 @@ from django.conf import settings
 
 from jobs.models import Adapter, File, FineTuneJob, JobAttempt, UsageRecord
 from loft import storage
-from tests.conftest import BeatProcess, WorkerProcess
-from tests.test_files_api import chat_rows, jsonl, objects_of
-from tests.test_ops import admin_action
-from tests.test_training_jobs import banana_file, finished, submit, wait_for
+from tests.helpers import (
+    BeatProcess,
+    WorkerProcess,
+    admin_action,
+    banana_file,
+    chat_rows,
+    finished,
+    jsonl,
+    objects_of,
+    submit,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos, pytest.mark.django_db(transaction=True)]
 
@@ -89,7 +97,7 @@ def assert_exactly_once(history: dict, job: FineTuneJob) -> None:
 
 
 def test_sigkilled_workers_lose_no_job_and_never_run_one_twice_at_once(
-    tenant_a, tmp_path, private_queue, admin_client
+    tenant_a, tmp_path, private_queue, staff_client
 ):
     """Each run: a job trains; at a seeded random step its worker is SIGKILLed; the periodic
     reaper (a real beat) re-queues it; the next worker resumes it from its last checkpoint.
@@ -128,7 +136,7 @@ def test_sigkilled_workers_lose_no_job_and_never_run_one_twice_at_once(
         worker.stop()
         beat.stop()
     # The last job's history, as an operator sees it in the admin.
-    page = admin_client.get(f"/admin/jobs/finetunejob/{job.id}/change/").content.decode()
+    page = staff_client.get(f"/admin/jobs/finetunejob/{job.id}/change/").content.decode()
     assert ">lost<" in page and f"chaos-{RUNS}@" in page
     # The workers logged their jobs as JSON lines naming the job and its organization.
     lines = [json.loads(line) for line in worker.log.read_text().splitlines() if line[:1] == "{"]
@@ -322,7 +330,7 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_k_attempts_and_leave
 
 
 def test_the_time_limit_checkpoints_the_job_and_an_operators_retry_resumes_it(
-    tenant_a, tmp_path, private_queue, admin_client
+    tenant_a, tmp_path, private_queue, staff_client
 ):
     """A worker whose time limit is 10 s: the job checkpoints the steps it did and fails with
     the reason. The admin's Retry queues it again; a worker without that limit resumes it
@@ -347,10 +355,10 @@ def test_the_time_limit_checkpoints_the_job_and_an_operators_retry_resumes_it(
 
     # Cancel, on a job no worker has taken: cancelled at once. Retry: only the failed job.
     waiting = submit(tenant_a, job.training_file, max_steps=4)
-    admin_action(admin_client, "cancel", waiting)
+    admin_action(staff_client, "cancel", waiting)
     waiting.refresh_from_db()
     assert waiting.status == "cancelled"
-    page = admin_action(admin_client, "retry", job, waiting).content.decode()
+    page = admin_action(staff_client, "retry", job, waiting).content.decode()
     assert "Queued 1 job(s) again" in page and "1 could not be retried" in page
     job.refresh_from_db()
     assert job.status == "queued" and job.error is None and job.finished_at is None

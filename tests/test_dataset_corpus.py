@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from jobs.models import File
-from tests.test_files_api import objects_of, upload
+from tests.helpers import objects_of, upload
 
 CORPUS = Path(__file__).parent / "data" / "malformed"
 CASES = json.loads((CORPUS / "cases.json").read_text())

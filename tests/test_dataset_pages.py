@@ -4,15 +4,9 @@ import pytest
 from django.test import Client
 
 from jobs.models import File
-from tests.test_files_api import chat_rows, jsonl, objects_of, upload
+from tests.helpers import chat_rows, jsonl, named, objects_of, signed_in, upload
 
 pytestmark = pytest.mark.django_db
-
-
-def signed_in(tenant) -> Client:
-    browser = Client()
-    assert browser.login(username=tenant.user.username, password="pw-for-tests-1")
-    return browser
 
 
 def test_an_empty_list_invites_an_upload(tenant_a):
@@ -55,8 +49,6 @@ def test_a_browser_session_can_upload_through_the_api_with_its_csrf_token(tenant
 
 
 def _named(content):
-    from tests.test_files_api import named
-
     return named(content, "browser.jsonl")
 
 

@@ -129,6 +129,7 @@ def test_token_metrics_measure_the_tokens_training_learns(base, tokenized):
     assert E.token_metrics(base, [], 256, "cpu") == E.TokenMetrics(None, None, None, 0)
 
 
+@pytest.mark.slow  # seconds of the 135M model on the CPU: make test, not make test-fast
 def test_batched_greedy_answers_use_the_cache_and_match_one_at_a_time(base, tokenizer, examples):
     steps: list[int] = []
     hook = base.get_decoder().register_forward_pre_hook(
@@ -144,6 +145,7 @@ def test_batched_greedy_answers_use_the_cache_and_match_one_at_a_time(base, toke
     assert all(answer and "<|im_end|>" not in answer for answer in batched)
 
 
+@pytest.mark.slow  # about 10 s of the 135M model on the CPU: make test, not make test-fast
 def test_a_fresh_adapter_scores_exactly_like_its_base(base, tokenizer, examples, tokenized):
     """LoRA's B starts at zero, so before training the adapter is the base, bit for bit."""
     model = T.attach_lora(base, TrainConfig(method="lora", lora_rank=4), None)
@@ -191,6 +193,7 @@ def test_a_probe_is_answered_when_the_answer_names_the_expected_words():
     assert not E.names_expected("", ("paris",))
 
 
+@pytest.mark.slow  # about 10 s of the 135M model on the CPU: make test, not make test-fast
 def test_the_base_answers_most_probes_and_a_damaged_model_does_not(base, tokenizer):
     """The probe set measures something: SmolLM2 answers many; with its LoRA layers pushed far
     off (a crude stand-in for catastrophic forgetting) it answers fewer, and they are listed."""

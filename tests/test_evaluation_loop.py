@@ -13,10 +13,16 @@ import random
 import pytest
 
 from jobs.models import Adapter, Evaluation, File, FineTuneJob
-from tests.conftest import WorkerProcess, api_client_for
-from tests.dates import INSTRUCTION, date_rows, jsonl
-from tests.test_files_api import upload
-from tests.test_training_jobs import finished, wait_for
+from tests.dates import INSTRUCTION, date_rows
+from tests.helpers import (
+    WorkerProcess,
+    api_client_for,
+    finished,
+    jsonl,
+    signed_in,
+    upload,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -130,7 +136,12 @@ def test_the_evaluation_loop_on_a_learnable_rule(tenant_a, tenant_b, celery_work
     assert response.status_code == 200, response.content
     created = response.json()
     assert created["status"] == "queued" and created["kind"] == "custom"
-    custom = wait_for_evaluation(created["id"])
+    custom = wait_for(
+        lambda: Evaluation.objects.get(pk=created["id"]),
+        lambda evaluation: evaluation.status in Evaluation.FINISHED,
+        interval=0.5,
+        what=f"evaluation {created['id']} to finish",
+    )
     assert custom.status == "succeeded", custom.error
     body = api.get(f"/v1/evaluations/{custom.id}").json()
     by_model = {entry["model"]: entry for entry in body["models"]}
@@ -149,7 +160,7 @@ def test_the_evaluation_loop_on_a_learnable_rule(tenant_a, tenant_b, celery_work
     assert api_client_for(tenant_b.secret).get("/v1/evaluations").json()["data"] == []
 
     # The leaderboard of the eval file ranks the adapter that learned the rule first.
-    browser = logged_in(tenant_a)
+    browser = signed_in(tenant_a)
     page = browser.get(f"/datasets/{eval_file.id}/leaderboard").content.decode()
     assert page.index(rule_adapter.name) < page.index(shuffled_adapter.name)
     report = browser.get(f"/evaluations/{evaluation.id}").content.decode()
@@ -194,23 +205,3 @@ def test_the_evaluation_loop_on_a_learnable_rule(tenant_a, tenant_b, celery_work
         assert page.count("<pre") >= 2 and "1990-07-04" in page
     finally:
         inference.stop()
-
-
-def wait_for_evaluation(evaluation_id: str, timeout: float = 600) -> Evaluation:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        evaluation = Evaluation.objects.get(pk=evaluation_id)
-        if evaluation.status in Evaluation.FINISHED:
-            return evaluation
-        time.sleep(0.5)
-    raise AssertionError(f"evaluation {evaluation_id} still {evaluation.status}")
-
-
-def logged_in(tenant):
-    from django.test import Client
-
-    client = Client()
-    client.force_login(tenant.user)
-    return client

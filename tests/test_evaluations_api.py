@@ -4,9 +4,7 @@ without a worker (the loop itself, through real workers, is tests/test_evaluatio
 import pytest
 
 from jobs.models import Adapter, BaseModel, Evaluation
-from tests.conftest import api_client_for
-from tests.test_files_api import chat_rows, jsonl, upload
-from tests.test_jobs_api import stored_adapter
+from tests.helpers import api_client_for, chat_rows, jsonl, stored_adapter, upload
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]
 

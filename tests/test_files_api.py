@@ -1,8 +1,6 @@
 """/v1/files: OpenAI-compatible uploads, streamed to S3, validated, scoped to the tenant."""
 
 import io
-import json
-import time
 
 import openai
 import pytest
@@ -10,38 +8,7 @@ import pytest
 from jobs.models import File
 from loft import storage
 from loft.models import ApiKey, Organization
-from tests.conftest import api_client_for
-
-
-def chat_rows(count: int, start: int = 0) -> list[dict]:
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": f"What is {i} + {i}?"},
-                {"role": "assistant", "content": str(2 * i)},
-            ]
-        }
-        for i in range(start, start + count)
-    ]
-
-
-def jsonl(rows) -> bytes:
-    return "\n".join(json.dumps(row) for row in rows).encode() + b"\n"
-
-
-def named(content: bytes, name: str) -> io.BytesIO:
-    stream = io.BytesIO(content)
-    stream.name = name
-    return stream
-
-
-def upload(client, content: bytes, name: str = "train.jsonl", **fields):
-    form = {"file": named(content, name), "purpose": "fine-tune", **fields}
-    return client.post("/v1/files", form, format="multipart")
-
-
-def objects_of(org) -> list[str]:
-    return storage.list_keys(f"orgs/{org.id}/")
+from tests.helpers import api_client_for, chat_rows, jsonl, objects_of, upload, wait_for
 
 
 def test_the_official_openai_client_creates_reads_lists_downloads_and_deletes(
@@ -184,6 +151,7 @@ def test_a_large_file_whose_head_is_unusable_is_refused_at_once(api_a, tenant_a,
     assert File.objects.count() == 0 and objects_of(tenant_a.org) == []
 
 
+@pytest.mark.slow  # the session's Celery worker
 def test_a_large_upload_is_validated_by_a_worker(
     celery_worker, transactional_db, tenant_a, settings
 ):
@@ -191,16 +159,18 @@ def test_a_large_upload_is_validated_by_a_worker(
     client = api_client_for(tenant_a.secret)
     body = upload(client, jsonl(chat_rows(200))).json()
     assert body["status"] == "uploaded"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/files/{body['id']}").json()
-        if body["status"] != "uploaded":
-            break
-        time.sleep(0.5)
+    body = wait_for(
+        lambda: client.get(f"/v1/files/{body['id']}").json(),
+        lambda file: file["status"] != "uploaded",
+        timeout=90,
+        interval=0.5,
+        what="the worker's validation",
+    )
     assert body["status"] == "processed", body
     assert body["rows"] == 200
 
 
+@pytest.mark.slow  # the session's Celery worker
 def test_a_large_file_unusable_past_its_head_ends_in_error_with_its_reason(
     celery_worker, transactional_db, tenant_a, settings
 ):
@@ -210,10 +180,13 @@ def test_a_large_file_unusable_past_its_head_ends_in_error_with_its_reason(
     # The head (first KiB) is fine chat; plain text rows come later, which a file cannot mix.
     body = upload(client, jsonl(chat_rows(30)) + jsonl([{"text": "later"}] * 5)).json()
     assert body["status"] == "uploaded"
-    deadline = time.monotonic() + 90
-    while body["status"] == "uploaded" and time.monotonic() < deadline:
-        time.sleep(0.5)
-        body = client.get(f"/v1/files/{body['id']}").json()
+    body = wait_for(
+        lambda: client.get(f"/v1/files/{body['id']}").json(),
+        lambda file: file["status"] != "uploaded",
+        timeout=90,
+        interval=0.5,
+        what="the worker's validation",
+    )
     assert body["status"] == "error"
     assert body["status_details"].startswith(
         "The file mixes formats: chat messages (first on line 1, 30 rows)"
@@ -246,9 +219,13 @@ def test_an_interrupted_upload_leaves_no_object_and_no_row(live_server, transact
         )
         connection.sendall(sent)
     # The client is gone mid-file. Whatever the server makes of that, nothing may remain.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (objects_of(org) or _open_multipart_uploads(org)):
-        time.sleep(0.5)
+    wait_for(
+        lambda: not (objects_of(org) or _open_multipart_uploads(org)),
+        timeout=30,
+        interval=0.5,
+        what="no object nor open multipart upload left",
+        explain=lambda _: f"{objects_of(org)} {_open_multipart_uploads(org)}",
+    )
     assert objects_of(org) == []
     assert _open_multipart_uploads(org) == []
     assert File.objects.filter(org=org).count() == 0

@@ -12,7 +12,7 @@ from engine import data
 from engine import evaluate as E
 from engine.base_models import load_base_model
 from engine.generate import AdapterCache, _IncrementalDecoder, generate, generate_text
-from tests.conftest import SMOLLM2
+from tests.helpers import SMOLLM2
 
 KEYS = ["ftad-0", "ftad-1", "ftad-2"]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

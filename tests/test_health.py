@@ -8,6 +8,7 @@ from loft import health
 pytestmark = pytest.mark.django_db
 
 
+@pytest.mark.slow  # the session's Celery worker
 def test_all_parts_ok_with_a_live_worker(celery_worker):
     response = Client().get("/healthz")
     assert response.status_code == 200, response.json()

@@ -13,11 +13,9 @@ import pytest
 import requests
 from django.utils import timezone
 
-from engine import artifacts
-from jobs.models import Adapter, BaseModel, File, FineTuneJob, Quota, UsageRecord
+from jobs.models import BaseModel, File, FineTuneJob, Quota, UsageRecord
 from loft import storage
-from tests.conftest import api_client_for
-from tests.test_files_api import chat_rows, jsonl, upload
+from tests.helpers import api_client_for, chat_rows, jsonl, stored_adapter, upload
 
 pytestmark = pytest.mark.usefixtures("private_queue")
 
@@ -357,24 +355,6 @@ def test_usage_reports_what_finished_jobs_used_per_month_and_per_job(api_a, tena
     assert usage["limits"]["concurrent_jobs"] == 4
     assert api_a.get("/v1/usage?month=2020-01").json()["jobs"] == []
     assert api_a.get("/v1/usage?month=soon").status_code == 400
-
-
-def stored_adapter(tenant, tmp_path, name: str = "demo") -> Adapter:
-    folder = tmp_path / "adapter"
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"r": 8}))
-    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 300_000)
-    adapter = Adapter(
-        org=tenant.org,
-        name=f"ft:{BaseModel.default().name}:{tenant.org.slug}:{name}:ftjob-x",
-        base_model=BaseModel.default(),
-    )
-    adapter.s3_prefix = f"orgs/{tenant.org.id}/adapters/{adapter.id}/"
-    adapter.manifest = artifacts.build_manifest(folder)
-    storage.upload_folder(folder, adapter.s3_prefix, adapter.manifest)
-    adapter.size_bytes = adapter.manifest["total_bytes"]
-    adapter.save()
-    return adapter
 
 
 @pytest.mark.django_db

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loft.embedded import free_port
-from tests.conftest import PROJECT_DIR
+from tests.helpers import PROJECT_DIR, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -127,14 +127,19 @@ def check_metrics_and_logs(run: MakeRun) -> None:
         if s.name.endswith("_count")
     ]
     assert sum(s.value for s in timed) >= 5, timed  # the files calls above, at least
-    deadline = time.monotonic() + 30
-    while True:
+
+    def workers_online():
         with urllib.request.urlopen(request, timeout=10) as response:
             text = response.read().decode()
-        online = {f.name: f for f in text_string_to_metric_families(text)}["loft_workers_online"]
-        if online.samples[0].value >= 2 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+        return {f.name: f for f in text_string_to_metric_families(text)}["loft_workers_online"]
+
+    online = wait_for(
+        workers_online,
+        lambda family: family.samples[0].value >= 2,
+        timeout=30,
+        interval=1,
+        what="two workers online",
+    )
     assert online.samples[0].value >= 2  # the training and the inference worker
     services = set()
     for line in run.log.read_text(errors="replace").splitlines():
@@ -152,12 +157,14 @@ def check_supervision(run: MakeRun) -> None:
 
     for victim in (child("worker", "worker@%h"), child("beat")):
         victim.kill()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        log = run.log.read_text(errors="replace")
-        if "worker restarted" in log and "beat restarted" in log:
-            break
-        time.sleep(0.5)
+    log = wait_for(
+        lambda: run.log.read_text(errors="replace"),
+        lambda log: "worker restarted" in log and "beat restarted" in log,
+        timeout=60,
+        interval=0.5,
+        what="the worker and beat restarted",
+        explain=lambda log: log[-5000:],
+    )
     assert "worker stopped (exit -9); restarting it" in log, run.output()
     assert "beat restarted" in log, run.output()
     run.wait_healthy(workers=2)  # the training worker is back beside the inference one

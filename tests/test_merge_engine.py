@@ -1,25 +1,13 @@
 """Merged weights (engine/merge.py): the merged model answers exactly as base + adapter did,
 and it is safetensors only."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from engine.base_models import load_base_model
 from engine.merge import MergeError, merge_adapter
-from tests.conftest import SMOLLM2
-
-
-def random_adapter(cache: Path, folder: Path):
-    """A LoRA adapter on SmolLM2 with random weights (a fresh one changes nothing), saved as
-    a PEFT folder; returns the PeftModel."""
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = get_peft_model(load_base_model(SMOLLM2, cache, "none", "cpu"), config).eval()
-    model.save_pretrained(folder)
-    return model
+from tests.helpers import SMOLLM2, random_adapter
 
 
 def logits(model, tokenizer) -> torch.Tensor:

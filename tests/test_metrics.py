@@ -5,7 +5,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs.models import File, FineTuneJob
-from tests.test_files_api import chat_rows, jsonl, upload
+from tests.helpers import chat_rows, jsonl, upload
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]
 
@@ -14,16 +14,13 @@ def families(text: str) -> dict:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
-def test_metrics_show_jobs_by_status_queues_durations_and_uploads(
-    client, django_user_model, api_a, tenant_a
-):
+def test_metrics_show_jobs_by_status_queues_durations_and_uploads(client, staff, api_a, tenant_a):
     file_id = upload(api_a, jsonl(chat_rows(8))).json()["id"]
     FineTuneJob.submit(
         org=tenant_a.org,
         training_file=File.objects.get(pk=file_id),
         hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
     )
-    staff = django_user_model.objects.create_user("operator", password="x", is_staff=True)
     client.force_login(staff)
     response = client.get("/metrics")
     assert response.status_code == 200

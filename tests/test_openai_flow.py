@@ -1,14 +1,12 @@
 """The whole flow with the official openai package against a live server and a real Celery
 worker: upload, fine-tune, follow, read events and checkpoints, find the model; cancel."""
 
-import time
-
 import openai
 import pytest
 
 from jobs.models import BaseModel
 from loft.models import ApiKey, Organization
-from tests.test_training_jobs import banana_jsonl
+from tests.helpers import banana_jsonl, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -47,11 +45,13 @@ def test_the_openai_client_fine_tunes_follows_and_cancels_unchanged(
     assert job.id.startswith("ftjob-") and job.status == "queued"
     assert job.hyperparameters.batch_size == 4 and job.seed == 3
 
-    deadline = time.monotonic() + 600
-    while job.status not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, job
-        time.sleep(1)
-        job = client.fine_tuning.jobs.retrieve(job.id)
+    job = wait_for(
+        lambda: client.fine_tuning.jobs.retrieve(job.id),
+        lambda j: j.status in ("succeeded", "failed", "cancelled"),
+        timeout=600,
+        interval=1,
+        what="the job to finish",
+    )
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:{BaseModel.default().name}:sdk:banana:{job.id}"
     assert job.trained_tokens > 0 and job.finished_at >= job.created_at
@@ -76,12 +76,14 @@ def test_the_openai_client_fine_tunes_follows_and_cancels_unchanged(
         training_file=file.id,
         hyperparameters={"n_epochs": 3, "batch_size": 1},
     )
-    cancelled = client.fine_tuning.jobs.cancel(second.id)
-    deadline = time.monotonic() + 120
-    while cancelled.status != "cancelled":
-        assert time.monotonic() < deadline, cancelled
-        time.sleep(0.5)
-        cancelled = client.fine_tuning.jobs.retrieve(second.id)
+    client.fine_tuning.jobs.cancel(second.id)
+    cancelled = wait_for(
+        lambda: client.fine_tuning.jobs.retrieve(second.id),
+        lambda j: j.status == "cancelled",
+        timeout=120,
+        interval=0.5,
+        what="the second job to be cancelled",
+    )
     assert cancelled.fine_tuned_model is None
 
     with pytest.raises(openai.NotFoundError):

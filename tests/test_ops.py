@@ -3,54 +3,32 @@ the staff-only walls, and JSON logs naming the job and the organization."""
 
 import json
 import logging
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs.models import FineTuneJob, WorkerHeartbeat
+from jobs.models import WorkerHeartbeat
 from loft.observability import JsonFormatter, log_fields
-from tests.conftest import WorkerProcess
-from tests.test_training_jobs import banana_file, finished, submit, wait_for
+from tests.helpers import WorkerProcess, admin_action, banana_file, finished, submit, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"{what} not reached within {timeout} s")
-
-
-def admin_action(admin_client, action: str, *jobs: FineTuneJob):
-    response = admin_client.post(
-        "/admin/jobs/finetunejob/",
-        {"action": action, "_selected_action": [job.id for job in jobs]},
-        follow=True,
-    )
-    assert response.status_code == 200
-    return response
-
-
 @pytest.mark.slow
 def test_a_live_workers_heartbeat_shows_on_the_ops_page_with_device_and_memory(
-    admin_client, tmp_path, private_queue
+    staff_client, tmp_path, private_queue
 ):
     worker = WorkerProcess(
         tmp_path, "watched", private_queue, LOFT_WORKER_HEARTBEAT_SECONDS="1"
     ).start()
     try:
-        row = wait_until(
+        row = wait_for(
             lambda: WorkerHeartbeat.objects.filter(hostname__startswith="watched@").first(),
             timeout=30,
             what="the worker's first heartbeat",
         )
         first_seen = row.last_seen
-        row = wait_until(
+        row = wait_for(
             lambda: WorkerHeartbeat.objects.filter(pk=row.pk, last_seen__gt=first_seen).first(),
             timeout=10,
             what="a second heartbeat within the interval",
@@ -60,17 +38,17 @@ def test_a_live_workers_heartbeat_shows_on_the_ops_page_with_device_and_memory(
         assert row.device.startswith("cpu") and row.memory_used_bytes > 50 * 2**20
         assert row.memory_total_bytes > row.memory_used_bytes
 
-        page = admin_client.get("/ops/")
+        page = staff_client.get("/ops/")
         assert page.status_code == 200
         html = page.content.decode()
         assert row.hostname in html and "online" in html and row.device in html
         assert "MB" in html  # memory used / total, as sizes
-        assert admin_client.get("/ops/live").status_code == 200
+        assert staff_client.get("/ops/live").status_code == 200
 
         metrics = {
             family.name: family
             for family in text_string_to_metric_families(
-                admin_client.get("/metrics").content.decode()
+                staff_client.get("/metrics").content.decode()
             )
         }
         assert metrics["loft_workers_online"].samples[0].value >= 1
@@ -79,20 +57,20 @@ def test_a_live_workers_heartbeat_shows_on_the_ops_page_with_device_and_memory(
     # A clean shutdown says so at once.
     row.refresh_from_db()
     assert row.stopped_at is not None
-    assert "stopped" in admin_client.get("/ops/live").content.decode()
+    assert "stopped" in staff_client.get("/ops/live").content.decode()
     # The worker's own log lines are JSON.
     lines = [line for line in worker.log.read_text().splitlines() if line.startswith("{")]
     assert any(json.loads(line)["message"].endswith(" ready.") for line in lines)
 
 
 @pytest.mark.slow
-def test_the_admins_cancel_stops_a_running_job(admin_client, tenant_a, tmp_path, private_queue):
+def test_the_admins_cancel_stops_a_running_job(staff_client, tenant_a, tmp_path, private_queue):
     """(Retry, and cancel on a waiting job: tests/test_chaos.py, after the time limit.)"""
     worker = WorkerProcess(tmp_path, "cancelled", private_queue).start()
     try:
         running = submit(tenant_a, banana_file(tenant_a), max_steps=200, checkpoint_every=1000)
         wait_for(running, lambda j: j.progress.get("step", 0) >= 1, what="the first step")
-        admin_action(admin_client, "cancel", running)
+        admin_action(staff_client, "cancel", running)
         running = wait_for(running, finished, timeout=60, what="the running job to stop")
     finally:
         worker.stop()
@@ -113,8 +91,8 @@ def test_staff_only_pages_answer_403_to_members_and_send_anonymous_visitors_to_s
     assert client.get("/metrics").status_code == 403
 
 
-def test_an_empty_ops_page_still_reads_well(admin_client):
-    html = admin_client.get("/ops/").content.decode()
+def test_an_empty_ops_page_still_reads_well(staff_client):
+    html = staff_client.get("/ops/").content.decode()
     assert "No job failed in the last 24 hours." in html
     assert "No jobs in the last 24 hours." in html
 

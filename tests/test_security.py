@@ -18,9 +18,7 @@ from django.urls import reverse
 
 from jobs.models import BaseModel, File
 from loft import storage
-from tests.conftest import PROJECT_DIR, api_client_for
-from tests.test_files_api import chat_rows, jsonl, upload
-from tests.test_tenant_matrix import PASSWORD, routes
+from tests.helpers import PASSWORD, PROJECT_DIR, api_client_for, chat_rows, jsonl, routes, upload
 
 pytestmark = pytest.mark.django_db
 

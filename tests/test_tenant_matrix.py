@@ -10,15 +10,13 @@ it has a row in ``OBJECT_OF_PARAM`` / ``OBJECT_OF_API_ROUTE``.
 
 import pytest
 from django.test import Client
-from django.urls import URLPattern, URLResolver, get_resolver, reverse
+from django.urls import reverse
 
 from jobs.models import Adapter, BaseModel, Evaluation, File, FineTuneJob
 from loft.models import Membership, WebhookEndpoint
-from tests.conftest import api_client_for
+from tests.helpers import PASSWORD, api_client_for, routes
 
 pytestmark = pytest.mark.django_db
-
-PASSWORD = "pw-for-tests-1"
 
 # Routes with no tenant's object behind them: public, staff-only, or the caller's own session.
 NOT_TENANT_ROUTES = {
@@ -50,23 +48,6 @@ OBJECT_OF_API_ROUTE = {
     "api-key": "api_key",
     "webhook-endpoint": "webhook_endpoint",
 }
-
-
-def routes():
-    """(name, parameter names) of every route but the admin's (staff only, tested apart)."""
-
-    def walk(resolver, namespace=None):
-        for pattern in resolver.url_patterns:
-            if isinstance(pattern, URLResolver):
-                inner = pattern.namespace or namespace
-                if inner != "admin":
-                    yield from walk(pattern, inner)
-            elif isinstance(pattern, URLPattern):
-                assert pattern.name, f"route {pattern.pattern} has no name"
-                name = f"{namespace}:{pattern.name}" if namespace else pattern.name
-                yield name, tuple(sorted(pattern.pattern.regex.groupindex))
-
-    return sorted(set(walk(get_resolver())))
 
 
 def kind_of(name: str, param: str) -> str:

@@ -68,6 +68,7 @@ def test_only_assistant_tokens_and_their_end_token_carry_labels(tokenizer, examp
     assert tokenizer.decode(learned) == "1<|im_end|>"
 
 
+@pytest.mark.slow  # about 10 s of the 135M model on the CPU: make test, not make test-fast
 def test_a_resumed_run_matches_an_uninterrupted_one_exactly(base, examples, tmp_path):
     config = TrainConfig(
         method="lora",
@@ -111,6 +112,7 @@ def test_a_resumed_run_matches_an_uninterrupted_one_exactly(base, examples, tmp_
     assert losses["resumed"] == losses["whole"][2:]
 
 
+@pytest.mark.slow  # seconds of the 135M model on the CPU: make test, not make test-fast
 def test_a_cancel_request_stops_the_run_at_a_step_boundary(base, examples, tmp_path):
     config = TrainConfig(method="lora", lora_rank=4, max_steps=10, batch_size=2)
     steps = []

@@ -10,67 +10,11 @@ import torch
 from django.conf import settings
 
 from engine.base_models import load_base_model, load_tokenizer
-from jobs.models import Adapter, BaseModel, File, FineTuneJob
+from jobs.models import Adapter, BaseModel, FineTuneJob
 from loft import storage
-from tests.conftest import api_client_for
-from tests.test_files_api import upload
+from tests.helpers import BANANA_ANSWER, banana_file, finished, submit, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-ANSWER = "Banana! Banana! Banana!"
-
-
-def banana_jsonl(rows: int = 24) -> bytes:
-    """Every question gets the same odd answer: an adapter that learned anything shows it."""
-    lines = [
-        json.dumps(
-            {
-                "messages": [
-                    {"role": "user", "content": f"Tell me about topic {i}."},
-                    {"role": "assistant", "content": ANSWER},
-                ]
-            }
-        )
-        for i in range(rows)
-    ]
-    return ("\n".join(lines) + "\n").encode()
-
-
-def banana_file(tenant, rows: int = 24) -> File:
-    body = upload(api_client_for(tenant.secret), banana_jsonl(rows)).json()
-    return File.objects.get(pk=body["id"])
-
-
-def submit(tenant, file: File, **hyperparameters) -> FineTuneJob:
-    settings_ = {
-        "method": "qlora",
-        "lora_rank": 8,
-        "learning_rate": 5e-3,
-        "batch_size": 4,
-        "max_seq_length": 128,
-        "validation_fraction": 0.1,
-        **hyperparameters,
-    }
-    return FineTuneJob.submit(
-        org=tenant.org, training_file=file, hyperparameters=settings_, suffix="test"
-    )
-
-
-def wait_for(job: FineTuneJob, condition, timeout: float = 600, what: str = "") -> FineTuneJob:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job.refresh_from_db()
-        if condition(job):
-            return job
-        time.sleep(0.3)
-    events = [e.message for e in job.events.all()]
-    raise AssertionError(
-        f"{what or 'condition'} not reached: status={job.status} {job.error} {events}"
-    )
-
-
-def finished(job: FineTuneJob) -> bool:
-    return job.status in FineTuneJob.FINISHED
 
 
 def greedy(model, tokenizer, prompt: str) -> str:
@@ -133,7 +77,7 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
     assert adapter_scores["rouge_l"] > base_scores["rouge_l"], evaluation.results["samples"]
     assert evaluation.verdict["better"] is True and adapter.metrics["verdict"]["better"]
     sample = evaluation.results["samples"][0]
-    assert "Banana" in sample["adapter_output"] and sample["reference"] == ANSWER
+    assert "Banana" in sample["adapter_output"] and sample["reference"] == BANANA_ANSWER
     report = json.loads((folder / "eval_report.json").read_text())
     assert report["adapter"] == adapter_scores
     assert "## Evaluation on held-out rows" in (folder / "README.md").read_text()

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from loft.models import JOB_EVENTS, WebhookDelivery, WebhookEndpoint
 from loft.webhooks import announce, attempt_delivery, send_overdue
-from tests.conftest import WorkerProcess
+from tests.helpers import WorkerProcess, wait_for
 
 SUCCEEDED, FAILED, CANCELLED = JOB_EVENTS
 JOB = {"id": "ftjob-abc123", "object": "fine_tuning.job", "status": "succeeded"}
@@ -355,13 +355,14 @@ def webhook_worker(settings, tmp_path):
 
 
 def wait_until_delivered(delivery: WebhookDelivery, worker: WorkerProcess) -> WebhookDelivery:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        delivery.refresh_from_db()
-        if delivery.status != "pending":
-            return delivery
-        time.sleep(0.2)
-    raise AssertionError(f"still pending: {delivery.attempts_log}\n{worker.output()}")
+    return wait_for(
+        delivery,
+        lambda d: d.status != "pending",
+        timeout=30,
+        interval=0.2,
+        what="the delivery",
+        explain=lambda d: f"still pending: {d.attempts_log}\n{worker.output()}",
+    )
 
 
 @pytest.mark.slow

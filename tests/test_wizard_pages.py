@@ -5,7 +5,7 @@ import pytest
 
 from jobs.models import File, FineTuneJob
 from jobs.views.jobs import loss_chart
-from tests.test_files_api import chat_rows, jsonl, upload
+from tests.helpers import chat_rows, jsonl, upload
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]
 
