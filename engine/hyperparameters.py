@@ -242,11 +242,9 @@ def _api_fields() -> tuple[ApiField, ...]:
         if api is False:
             continue
         convert = api if isinstance(api, ApiName) else None
-        kind = (
-            convert.kind
-            if convert
-            else {"int": int, "float": float, "bool": bool}.get(str(spec.type).split(" ")[0], str)
-        )
+        # The annotation is a string here (postponed evaluation): "int", "int | None", "bool"…
+        kinds = {"int": int, "float": float, "bool": bool}
+        kind = convert.kind if convert else kinds.get(str(spec.type).split(" ")[0], str)
         found.append(
             ApiField(
                 name=convert.name if convert else spec.name,
