@@ -11,6 +11,17 @@ from loft.models import ApiKey, Organization
 from tests.helpers import api_client_for, chat_rows, jsonl, objects_of, upload, wait_for
 
 
+def validated_by_a_worker(client, file_id: str) -> dict:
+    """The file object once a worker has validated the upload (its status left "uploaded")."""
+    return wait_for(
+        lambda: client.get(f"/v1/files/{file_id}").json(),
+        lambda file: file["status"] != "uploaded",
+        timeout=90,
+        interval=0.5,
+        what="the worker's validation",
+    )
+
+
 def test_the_official_openai_client_creates_reads_lists_downloads_and_deletes(
     live_server, transactional_db
 ):
@@ -159,13 +170,7 @@ def test_a_large_upload_is_validated_by_a_worker(
     client = api_client_for(tenant_a.secret)
     body = upload(client, jsonl(chat_rows(200))).json()
     assert body["status"] == "uploaded"
-    body = wait_for(
-        lambda: client.get(f"/v1/files/{body['id']}").json(),
-        lambda file: file["status"] != "uploaded",
-        timeout=90,
-        interval=0.5,
-        what="the worker's validation",
-    )
+    body = validated_by_a_worker(client, body["id"])
     assert body["status"] == "processed", body
     assert body["rows"] == 200
 
@@ -180,13 +185,7 @@ def test_a_large_file_unusable_past_its_head_ends_in_error_with_its_reason(
     # The head (first KiB) is fine chat; plain text rows come later, which a file cannot mix.
     body = upload(client, jsonl(chat_rows(30)) + jsonl([{"text": "later"}] * 5)).json()
     assert body["status"] == "uploaded"
-    body = wait_for(
-        lambda: client.get(f"/v1/files/{body['id']}").json(),
-        lambda file: file["status"] != "uploaded",
-        timeout=90,
-        interval=0.5,
-        what="the worker's validation",
-    )
+    body = validated_by_a_worker(client, body["id"])
     assert body["status"] == "error"
     assert body["status_details"].startswith(
         "The file mixes formats: chat messages (first on line 1, 30 rows)"
