@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from engine.hyperparameters import TrainConfig
+from engine.hyperparameters import QUANTIZATION, TrainConfig
 
 # OpenAI's published defaults for "auto" epochs: aim at 3 epochs, but see at least 100 and at
 # most 25,000 examples in total.
@@ -147,7 +147,7 @@ def resolve_auto(
     config.setdefault("n_epochs", auto_epochs(rows))
     config.setdefault("batch_size", auto_batch_size(rows))
     if "max_seq_length" not in config:
-        quantization = TrainConfig(method=settled["method"]).quantization
+        quantization = QUANTIZATION.from_config(settled["method"])
         config["max_seq_length"] = auto_max_seq_length(
             stats.max_row_tokens,
             context_length,

@@ -15,8 +15,8 @@ import pytest
 from django.conf import settings
 
 from engine.hyperparameters import API_NAMES, TrainConfig
+from tests.helpers import PROJECT_DIR
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 MODEL_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
 
 

@@ -202,10 +202,12 @@ def _documented(hyperparameter: ApiField) -> serializers.Field:
         )
     if hyperparameter.choices:
         return serializers.ChoiceField(choices=list(hyperparameter.choices), **options)
-    field = {int: serializers.IntegerField, float: serializers.FloatField}
-    return field.get(hyperparameter.kind, serializers.BooleanField)(
-        allow_null=hyperparameter.nullable, **options
-    )
+    field = {
+        int: serializers.IntegerField,
+        float: serializers.FloatField,
+        bool: serializers.BooleanField,
+    }
+    return field[hyperparameter.kind](allow_null=hyperparameter.nullable, **options)
 
 
 HyperparametersSerializer = type(
