@@ -13,16 +13,21 @@ as JSONL, or as CSV with those column names (chat is JSONL only).
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import csv
 import hashlib
 import io
 import json
+import re
 import statistics
+import time
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+from jinja2.exceptions import TemplateError
 
 FORMATS = ("chat", "prompt_completion", "alpaca", "text")
 FORMAT_NAMES = {
@@ -36,6 +41,13 @@ MAX_LISTED_ERRORS = 100
 # 2 MB of text is ~500k tokens, far past any base model's context: such a line is a mistake.
 MAX_LINE_BYTES = 2 * 1024 * 1024
 MAX_JSON_DEPTH = 16
+# Each turn adds at least 4-5 tokens of template markup, so 2048 turns are past 8k tokens before
+# any content, more than the bundled model's whole context; longer rows are a mistake (or a
+# flood of tiny messages, each of which costs rendering and validation time).
+MAX_MESSAGES_PER_ROW = 2048
+# Row errors quote at most this much of what the row holds, so a 2 MB value cannot become a
+# 2 MB error message in a report.
+MAX_QUOTED_CHARS = 80
 PREVIEW_ROWS = 3
 
 
@@ -50,6 +62,10 @@ class DatasetError(Exception):
         self.message = message
         self.errors = errors or []
         self.error_count = error_count or len(self.errors)
+
+
+class OutOfTime(Exception):
+    """``validate`` passed its deadline; the caller can validate the file elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +205,15 @@ def _string(row: dict, key: str, *, required: bool = True, non_empty: bool = Tru
     return value
 
 
+def _cut(text: str) -> str:
+    """Text from a row, cut to ``MAX_QUOTED_CHARS`` for an error message."""
+    return text if len(text) <= MAX_QUOTED_CHARS else f"{text[: MAX_QUOTED_CHARS - 1]}…"
+
+
+def _quoted(value) -> str:
+    return _cut(json.dumps(value))
+
+
 def _json_type(value) -> str:
     return {
         dict: "an object",
@@ -230,6 +255,11 @@ def chat_from_row(row: dict) -> list[Message]:
         raise RowProblem(f'"messages" must be a list, got {_json_type(messages)}')
     if not messages:
         raise RowProblem('"messages" is empty')
+    if len(messages) > MAX_MESSAGES_PER_ROW:
+        raise RowProblem(
+            f'"messages" has {len(messages)} messages; a row holds at most '
+            f"{MAX_MESSAGES_PER_ROW}, so split the conversation"
+        )
     result = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
@@ -237,12 +267,12 @@ def chat_from_row(row: dict) -> list[Message]:
             raise RowProblem(f"{where} must be an object, got {_json_type(message)}")
         role = message.get("role")
         if role not in ROLES:
-            shown = json.dumps(role) if role is not None else "missing"
+            shown = _quoted(role) if role is not None else "missing"
             raise RowProblem(f"{where}.role {shown} is not one of {', '.join(ROLES)}")
         content = _content_text(message, where)
         weight = message.get("weight", 1)
         if weight not in (0, 1) or isinstance(weight, bool):
-            raise RowProblem(f"{where}.weight must be 0 or 1, got {json.dumps(weight)}")
+            raise RowProblem(f"{where}.weight must be 0 or 1, got {_quoted(weight)}")
         trained = role == "assistant" and weight == 1
         if trained and not content.strip():
             raise RowProblem(
@@ -264,7 +294,7 @@ def chat_from_row(row: dict) -> list[Message]:
 def example_from_row(row: dict, line: int, forced_format: str | None) -> Example:
     fmt = forced_format or detect_format(row)
     if fmt is None:
-        keys = ", ".join(sorted(row)[:8]) or "none"
+        keys = ", ".join(_cut(key) for key in sorted(row)[:8]) or "none"
         raise RowProblem(
             "no known format: expected messages, prompt + completion, instruction + output, "
             f"or text; got keys {keys}"
@@ -311,7 +341,34 @@ def parse_json_row(text: str) -> dict:
         raise RowProblem(f"expected a JSON object, got {_json_type(row)}")
     if _depth(row) > MAX_JSON_DEPTH:
         raise RowProblem(f"JSON is nested too deeply; rows nest at most {MAX_JSON_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(text) and not _encodes(row):
+        # Valid UTF-8 holds no surrogates; only an escape like "\ud800" without its pair makes
+        # one, and such a string cannot be stored, hashed or tokenized.
+        raise RowProblem(
+            'contains a lone UTF-16 surrogate escape (such as "\\ud800"), which is not a character'
+        )
     return row
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _encodes(value) -> bool:
+    """Whether every string in a parsed row, keys included, can be written as UTF-8."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return False
+    return True
 
 
 CSV_COLUMNS = {
@@ -358,7 +415,7 @@ def _csv_rows(lines: Iterator[tuple[int, bytes | None]], forced_format: str | No
     needed = CSV_COLUMNS.get(fmt or "", ())
     if fmt is None or not all(col in header for col in needed):
         options = "; ".join(" + ".join(cols) for cols in CSV_COLUMNS.values())
-        got = ", ".join(header) or "none"
+        got = _cut(", ".join(header)) or "none"
         raise DatasetError(
             "missing_columns",
             f"The CSV header has the columns {got}; it needs one of: {options}.",
@@ -505,29 +562,149 @@ def render_text(example: Example, tokenizer) -> str:
 def trained_char_spans(example: Example, tokenizer, full: str) -> list[tuple[int, int]]:
     """Character spans of the trained assistant turns, end-of-turn token included.
 
-    Found by rendering growing prefixes of the conversation: the text a turn adds after the
-    generation prompt is that turn. Whitespace the template puts after the end-of-turn token is
-    not trained.
+    A turn's span is the text it adds to the conversation after the generation prompt: it
+    starts where ``render(turns before it, add_generation_prompt=True)`` ends and ends where
+    ``render(turns through it)`` ends, less trailing whitespace. Rendering those prefixes for
+    every turn takes time quadratic in the number of turns, so the spans are placed from a few
+    renders of the whole conversation (``_spans_by_layout``), and from every turn's prefixes
+    only for a template whose turns that cannot place (``MAX_MESSAGES_PER_ROW`` bounds it).
     """
     if example.text is not None:
         return [(0, len(full))]
-    spans = []
     messages = _as_dicts(example.messages)
-    for index, message in enumerate(example.messages):
-        if not message.trained:
-            continue
-        before = tokenizer.apply_chat_template(
-            messages[:index], tokenize=False, add_generation_prompt=True
-        )
-        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if not (through.startswith(before) and full.startswith(through)):
-            raise DatasetError(
-                "template_not_incremental",
-                "The base model's chat template does not render conversations turn by turn, "
-                "so the trained spans cannot be found.",
-            )
-        spans.append((len(before), len(through.rstrip())))
+    trained = [index for index, message in enumerate(example.messages) if message.trained]
+    spans = _spans_by_layout(messages, trained, tokenizer, full)
+    if spans is None:
+        spans = [_span(*_turn_prefixes(messages, index, tokenizer, full)) for index in trained]
     return spans
+
+
+def _turn_prefixes(messages: list[dict], index: int, tokenizer, full: str) -> tuple[str, str]:
+    """The conversation rendered up to turn ``index`` with the generation prompt, and through
+    it; each must begin the next, as the spans are read off them."""
+    before = tokenizer.apply_chat_template(
+        messages[:index], tokenize=False, add_generation_prompt=True
+    )
+    through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+    if not (through.startswith(before) and full.startswith(through)):
+        raise DatasetError(
+            "template_not_incremental",
+            "The base model's chat template does not render conversations turn by turn, "
+            "so the trained spans cannot be found.",
+        )
+    return before, through
+
+
+def _span(before: str, through: str) -> tuple[int, int]:
+    return len(before), len(through.rstrip())
+
+
+# Private-use characters, wrapped around every message's content for one render to show where
+# each content lies in the rendered conversation.
+CONTENT_START, CONTENT_END = "\ue000", "\ue001"
+_MARKER = re.compile(f"[{CONTENT_START}{CONTENT_END}]")
+
+
+def _content_offsets(messages: list[dict], tokenizer, full: str) -> list[tuple[int, int]] | None:
+    """Where each message's content lies in ``full``; None when the template does not show
+    every content once, in order and unchanged."""
+    if CONTENT_START in full or CONTENT_END in full:
+        return None
+    marked = tokenizer.apply_chat_template(
+        [{**m, "content": f"{CONTENT_START}{m['content']}{CONTENT_END}"} for m in messages],
+        tokenize=False,
+    )
+    markers = [(found.start(), found.group()) for found in _MARKER.finditer(marked)]
+    if len(markers) != 2 * len(messages):
+        return None
+    offsets = []
+    for index in range(len(messages)):
+        (opened, start), (closed, end) = markers[2 * index], markers[2 * index + 1]
+        if (start, end) != (CONTENT_START, CONTENT_END):
+            return None
+        # In ``full`` coordinates: the 2 * index markers before this one are not there.
+        offsets.append((opened - 2 * index, closed - 2 * index - 1))
+    if marked.replace(CONTENT_START, "").replace(CONTENT_END, "") != full:
+        return None
+    if any(full[s:e] != m["content"] for (s, e), m in zip(offsets, messages, strict=True)):
+        return None
+    return offsets
+
+
+def _spans_by_layout(
+    messages: list[dict], trained: list[int], tokenizer, full: str
+) -> list[tuple[int, int]] | None:
+    """The trained spans from a fixed number of renders, or None when the template's trained
+    turns do not all look alike.
+
+    The first trained turn is measured by its prefixes: the generation prompt before its
+    content, how far before its content the span starts, and the text that closes the turn.
+    Every trained turn must show that same text around its own content (found by
+    ``_content_offsets``) and is placed by it; the last one is measured by its prefixes too,
+    and must agree.
+    """
+    contents = _content_offsets(messages, tokenizer, full)
+    if contents is None:
+        return None
+    first = trained[0]
+    before, through = _turn_prefixes(messages, first, tokenizer, full)
+    prompt_start = len(tokenizer.apply_chat_template(messages[:first], tokenize=False))
+    content_start, content_end = contents[first]
+    if not (prompt_start <= len(before) <= content_start <= content_end <= len(through)):
+        return None
+    opening = full[prompt_start:content_start]  # the generation prompt, then the span's lead
+    lead = content_start - len(before)
+    closing = through[content_end:]  # what the template writes after the content
+    trained_closing = len(closing.rstrip())
+    starts = [start for start, _ in contents[1:]] + [len(full)]
+    spans = []
+    for index in trained:
+        content_start, content_end = contents[index]
+        previous_end = contents[index - 1][1] if index else 0
+        if not (
+            previous_end <= content_start - len(opening)
+            and full.startswith(opening, content_start - len(opening))
+            and content_end + len(closing) <= starts[index]
+            and full.startswith(closing, content_end)
+        ):
+            return None
+        if trained_closing:
+            end = content_end + trained_closing
+        else:  # the turn closes with whitespace only: the span ends where its text does
+            end = _end_before_whitespace(full, content_end)
+        spans.append((content_start - lead, end))
+    last = trained[-1]
+    if last != first and spans[-1] != _span(*_turn_prefixes(messages, last, tokenizer, full)):
+        return None
+    return spans
+
+
+def _end_before_whitespace(text: str, position: int) -> int:
+    while position and text[position - 1].isspace():
+        position -= 1
+    return position
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(span for span in spans if span[0] < span[1]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _trained_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Whether each token starts inside a span: a binary search per token in the merged spans,
+    not a pass over every span."""
+    merged = _merged(spans)
+    starts = [start for start, _ in merged]
+    trained = []
+    for token_start, _ in offsets:
+        index = bisect.bisect_right(starts, token_start) - 1
+        trained.append(index >= 0 and token_start < merged[index][1])
+    return trained
 
 
 def render(example: Example, tokenizer) -> tuple[Rendered, list[tuple[int, int]]]:
@@ -536,10 +713,7 @@ def render(example: Example, tokenizer) -> tuple[Rendered, list[tuple[int, int]]
     spans = trained_char_spans(example, tokenizer, full)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [tuple(pair) for pair in encoded["offset_mapping"]]
-    trained = [
-        any(start <= token_start < end for start, end in spans) for token_start, _ in offsets
-    ]
-    return Rendered(full, list(encoded["input_ids"]), trained), offsets
+    return Rendered(full, list(encoded["input_ids"]), _trained_tokens(offsets, spans)), offsets
 
 
 # --- the validation report -------------------------------------------------------------------
@@ -577,10 +751,14 @@ def validate(
     forced_format: str | None = None,
     context_length: int = 2048,
     batch_size: int = 512,
+    batch_chars: int = 2**20,
+    deadline: float | None = None,
 ) -> ValidationReport:
     """Read, check and measure a dataset in one streaming pass.
 
-    Raises DatasetError when the file has no usable row, or mixes formats.
+    Raises DatasetError when the file has no usable row, or mixes formats; OutOfTime when
+    ``time.monotonic()`` passes ``deadline`` (checked after each row and each batch of at most
+    ``batch_size`` rows or ``batch_chars`` characters tokenized together).
     """
     tally = _RowTally()
     token_counts = array("I")
@@ -589,16 +767,31 @@ def validate(
     roles: Counter[str] = Counter()
     preview: list[dict] = []
     batch: list[str] = []
+    batched_chars = 0
 
     def flush():
+        nonlocal batched_chars
         if batch:
             token_counts.extend(
                 len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]
             )
             batch.clear()
+            batched_chars = 0
+
+    def check_time():
+        if deadline is not None and time.monotonic() > deadline:
+            raise OutOfTime("validation passed its deadline")
 
     file_type, items = open_dataset(chunks, filename=filename, forced_format=forced_format)
     for item in items:
+        check_time()
+        if isinstance(item, Example):
+            try:
+                text = render_text(item, tokenizer)
+            except TemplateError as error:  # e.g. a template that wants roles to alternate
+                item = RowError(
+                    item.line, f"the base model's chat template refuses it: {_cut(str(error))}"
+                )
         if not tally.count(item):
             continue
         fingerprint = item.fingerprint()
@@ -615,10 +808,12 @@ def validate(
                     "segments": rendered.segments(offsets),
                 }
             )
-        batch.append(render_text(item, tokenizer))
-        if len(batch) >= batch_size:
+        batch.append(text)
+        batched_chars += len(batch[-1])
+        if len(batch) >= batch_size or batched_chars >= batch_chars:
             flush()
     flush()
+    check_time()
 
     tally.refuse_unusable()
     ordered = array("I", sorted(token_counts))

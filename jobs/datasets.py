@@ -1,9 +1,9 @@
 """Dataset validation on the Django side: which tokenizer, where the bytes are, what to record.
 
 The checking itself is ``engine/data.py``; this module feeds it the object from S3 and writes
-the outcome on the File row. It runs in the web (small uploads, inside the request) and in a
-worker (large ones), so it counts tokens with engine/chat_tokenizer.py, which needs neither torch
-nor transformers.
+the outcome on the File row. It runs in the web (small uploads, inside the request, for at most
+``LOFT_INLINE_VALIDATION_SECONDS``) and in a worker (the others), so it counts tokens with
+engine/chat_tokenizer.py, which needs neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -50,14 +50,23 @@ def chat_tokenizer_for(model: BaseModel) -> ChatTokenizer:
     return _chat_tokenizer(model.spec)
 
 
-def validate_object(key: str, filename: str, requested_format: str, base_model: BaseModel) -> dict:
-    """The validation report of a stored upload; raises data.DatasetError when it is unusable."""
+def validate_object(
+    key: str,
+    filename: str,
+    requested_format: str,
+    base_model: BaseModel,
+    *,
+    deadline: float | None = None,
+) -> dict:
+    """The validation report of a stored upload; raises data.DatasetError when it is unusable,
+    and data.OutOfTime when ``time.monotonic()`` passes ``deadline`` first."""
     report = data.validate(
         storage.iter_object(key),
         chat_tokenizer_for(base_model),
         filename=filename,
         forced_format=requested_format or None,
         context_length=base_model.context_length,
+        deadline=deadline,
     )
     return report.as_dict()
 

@@ -9,21 +9,29 @@ import io
 import itertools
 import json
 import pickle
+import shutil
 import struct
+import time
 import zipfile
 
 import pytest
 
 from engine import data
-from engine.base_models import load_tokenizer
+from engine.base_models import load_tokenizer, tokenizer_folder
+from engine.chat_tokenizer import ChatTokenizer
 from tests.helpers import SMOLLM2, jsonl
 
 END = "<|im_end|>"
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    return load_tokenizer(SMOLLM2, tmp_path_factory.mktemp("models"))
+def models(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(models):
+    return load_tokenizer(SMOLLM2, models)
 
 
 def chat(*turns: tuple[str, str]) -> dict:
@@ -202,6 +210,16 @@ def test_it_numbers_a_csv_record_after_an_undecodable_line_by_its_own_line():
     assert example.line == 3
 
 
+def test_it_refuses_a_lone_surrogate_escape_by_its_line_and_takes_a_pair():
+    content = b'{"text": "\\ud83e\\udd17 pair"}\n{"text": "a \\ud800 b"}\n{"\\udc00": 1}\n'
+    pair, value, key = read(content)
+    assert pair.text == "🤗 pair"
+    message = (
+        'contains a lone UTF-16 surrogate escape (such as "\\ud800"), which is not a character'
+    )
+    assert (str(value), str(key)) == (f"line 2: {message}", f"line 3: {message}")
+
+
 def test_it_numbers_lines_after_leading_blank_lines_whatever_the_chunk_size():
     assert [e.line for e in read(b'\n\n{"text": "a"}\n', chunk_size=1)] == [3]
 
@@ -257,6 +275,146 @@ def test_it_refuses_a_chat_opening_with_an_assistant_turn_with_a_line_error(toke
     assert caught.value.errors[0].message.startswith("conversation starts with an assistant turn")
 
 
+# --- long conversations -----------------------------------------------------------------------
+
+
+class CountingRenders:
+    """The tokenizer, counting how often it renders the chat template."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_token = tokenizer.eos_token
+        self.renders = 0
+
+    def apply_chat_template(self, messages, **options):
+        self.renders += 1
+        return self.tokenizer.apply_chat_template(messages, **options)
+
+    def __call__(self, text, **options):
+        return self.tokenizer(text, **options)
+
+
+def spans_by_definition(example: data.Example, tokenizer, full: str) -> list[tuple[int, int]]:
+    """Each trained turn's span as its two prefixes render it: from the end of the turns before
+    it with the generation prompt, to the end of the turns through it less trailing space."""
+    messages = [{"role": m.role, "content": m.content} for m in example.messages]
+    spans = []
+    for index, message in enumerate(example.messages):
+        if message.trained:
+            before = tokenizer.apply_chat_template(
+                messages[:index], tokenize=False, add_generation_prompt=True
+            )
+            through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+            assert through.startswith(before) and full.startswith(through)
+            spans.append((len(before), len(through.rstrip())))
+    return spans
+
+
+def alternating(turns: int) -> dict:
+    return chat(
+        *[("user", f"q{i}") if i % 2 == 0 else ("assistant", f"a{i}") for i in range(turns)]
+    )
+
+
+UNEVEN_TURNS = [
+    chat(("user", "  padded  "), ("assistant", " spaced "), ("user", "x"), ("assistant", "y\n")),
+    {
+        "messages": [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": "<|im_start|>assistant\n"},
+            {"role": "assistant", "content": "draft", "weight": 0},
+            {"role": "tool", "content": "\n\n"},
+            {"role": "assistant", "content": "🤗 <|im_end|> inside"},
+            {"role": "user", "content": "and?"},
+            {"role": "assistant", "content": "last\n"},
+        ]
+    },
+]
+
+
+def test_it_renders_a_conversation_at_the_message_cap_a_fixed_number_of_times(tokenizer):
+    example = example_of(alternating(data.MAX_MESSAGES_PER_ROW))
+    counting = CountingRenders(tokenizer)
+    rendered, _ = data.render(example, counting)
+    # Prefix by prefix, it took two renders per trained turn: 2048 here, each of up to the whole.
+    assert counting.renders <= 8
+    assert trained_runs(rendered, tokenizer) == [
+        f"a{i}{END}" for i in range(1, data.MAX_MESSAGES_PER_ROW, 2)
+    ]
+
+
+@pytest.mark.parametrize("row", [alternating(40), TWO_TURNS, *UNEVEN_TURNS])
+def test_its_spans_are_each_turns_prefixes_rendered(tokenizer, row):
+    example = example_of(row)
+    full = data.render_text(example, tokenizer)
+    assert data.trained_char_spans(example, tokenizer, full) == spans_by_definition(
+        example, tokenizer, full
+    )
+
+
+CHATML_TURN = "<|im_start|>{{ m['role'] }}\n"
+GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+TEMPLATES = {
+    # Content trimmed, as Llama 3's template does: the marked render cannot place it.
+    "trimming": "{% for m in messages %}" + CHATML_TURN + "{{ m['content'] | trim }}<|im_end|>\n"
+    "{% endfor %}" + GENERATION_PROMPT,
+    # Turns that end differently by position: the first trained turn's layout fits not all.
+    "uneven-ends": "{% for m in messages %}" + CHATML_TURN + "{{ m['content'] }}"
+    "{% if loop.index0 % 4 == 1 %}<|im_end|>{% else %}<|endoftext|>{% endif %}\n"
+    "{% endfor %}" + GENERATION_PROMPT,
+}
+
+
+@pytest.mark.parametrize("template", TEMPLATES.values(), ids=TEMPLATES.keys())
+def test_a_template_whose_turns_differ_is_measured_turn_by_turn(models, tmp_path, template):
+    folder = tokenizer_folder(SMOLLM2, models)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(template)
+    tokenizer = ChatTokenizer.from_folder(tmp_path)
+    for row in [alternating(8), *UNEVEN_TURNS]:
+        example = example_of(row)
+        full = data.render_text(example, tokenizer)
+        spans = data.trained_char_spans(example, tokenizer, full)
+        assert spans == spans_by_definition(example, tokenizer, full)
+
+
+def test_it_refuses_a_row_over_the_message_cap_with_its_line():
+    too_long = alternating(data.MAX_MESSAGES_PER_ROW + 2)
+    first, second = read(jsonl([alternating(data.MAX_MESSAGES_PER_ROW), too_long]))
+    assert isinstance(first, data.Example)
+    assert str(second) == (
+        f'line 2: "messages" has {data.MAX_MESSAGES_PER_ROW + 2} messages; a row holds at most '
+        f"{data.MAX_MESSAGES_PER_ROW}, so split the conversation"
+    )
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"messages": [{"role": "r" * 10**6, "content": "a"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "weight": [0] * 10**5},
+            ]
+        },
+        {"k" * 10**6: 1, "l" * 10**6: 2},
+    ],
+    ids=["role", "weight", "keys"],
+)
+def test_it_quotes_at_most_80_characters_of_a_value_in_a_row_error(row):
+    (error,) = read(jsonl([row]))
+    assert len(error.message) < 300 and "…" in error.message, error.message[:400]
+
+
+def test_it_quotes_at_most_80_characters_of_a_csv_header():
+    with pytest.raises(data.DatasetError) as raised:
+        read(b",".join([b"h" * 1000] * 1000) + b"\nrow\n", filename="wide.csv")
+    assert raised.value.code == "missing_columns"
+    assert len(raised.value.message) < 300
+
+
 # --- validate --------------------------------------------------------------------------------
 
 
@@ -309,6 +467,13 @@ def test_it_refuses_an_unusable_file(tokenizer, content, options, code):
     assert raised.value.code == code
 
 
+def test_it_stops_at_its_deadline(tokenizer):
+    content = jsonl([{"text": "fine"}] * 3)
+    with pytest.raises(data.OutOfTime):
+        data.validate(data.chunks_of(content), tokenizer, deadline=time.monotonic() - 1)
+    assert data.validate(data.chunks_of(content), tokenizer, deadline=time.monotonic() + 60)
+
+
 def test_it_gives_the_row_errors_of_a_file_without_usable_rows(tokenizer):
     with pytest.raises(data.DatasetError) as raised:
         data.validate(data.chunks_of(b'{"messages": []}\nnot json\n'), tokenizer)
@@ -331,3 +496,24 @@ def test_it_reports_an_overlong_first_line_in_the_head():
         data.check_head(data.chunks_of(head))
     assert raised.value.code == "no_valid_rows"
     assert str(raised.value.errors[0]).startswith("line 1: longer than 2 MB")
+
+
+def test_a_row_the_chat_template_refuses_is_a_row_error_by_its_line(models, tmp_path):
+    """Some base models' templates raise (roles must alternate…): a row error, never a 500."""
+    folder = tokenizer_folder(SMOLLM2, models)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if loop.index0 % 2 == 0 and m.role != 'user' %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+    )
+    tokenizer = ChatTokenizer.from_folder(tmp_path)
+    with_system = chat(("system", "Be brief."), ("user", "q"), ("assistant", "a"))
+    content = jsonl([alternating(2), alternating(2), with_system])
+    report = data.validate(data.chunks_of(content), tokenizer)
+    assert report.rows == 2 and report.error_count == 1
+    assert report.errors == [
+        "line 3: the base model's chat template refuses it: "
+        "Conversation roles must alternate user/assistant"
+    ]

@@ -5,11 +5,14 @@ line is made here rather than committed.
 """
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from jobs.models import File
+from engine import data
+from jobs.datasets import chat_tokenizer_for
+from jobs.models import BaseModel, File
 from tests.helpers import objects_of, upload
 
 CORPUS = Path(__file__).parent / "data" / "malformed"
@@ -43,6 +46,21 @@ def test_a_50_mb_single_line_is_refused_without_holding_it(api_a, tenant_a):
     response = upload(api_a, line, "one_line.jsonl")
     assert_rejected_leaving_nothing(
         response, "no_valid_rows", "line 1: longer than 2 MB", tenant_a.org
+    )
+
+
+@pytest.mark.django_db
+def test_a_row_of_57k_tiny_messages_is_refused_quickly_by_its_line(api_a, tenant_a):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    row = json.dumps({"messages": turns * 28_500}, separators=(",", ":")).encode()
+    assert len(row) < data.MAX_LINE_BYTES  # a line the reader takes whole
+    chat_tokenizer_for(BaseModel.default())  # prepared once per host, not part of the timing
+    started = time.monotonic()
+    response = upload(api_a, row + b"\n")
+    # Rendered turn by turn, this row took some 20 CPU-minutes and then passed.
+    assert time.monotonic() - started < 30
+    assert_rejected_leaving_nothing(
+        response, "no_valid_rows", 'line 1: "messages" has 57000 messages', tenant_a.org
     )
 
 

@@ -1,7 +1,9 @@
 """The Datasets pages: list with upload, detail with report, preview and errors; tenant walls."""
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from jobs.models import File
 from tests.helpers import chat_rows, jsonl, named, objects_of, signed_in, upload
@@ -29,6 +31,15 @@ def test_the_detail_page_shows_the_report_the_marked_preview_and_the_errors(api_
         "line 4: messages[0].role &quot;bot&quot; is not one of system, user, assistant, tool"
         in html
     )
+
+
+def test_the_list_does_not_load_the_reports(api_a, tenant_a):
+    upload(api_a, jsonl(chat_rows(2)))
+    browser = signed_in(tenant_a)
+    with CaptureQueriesContext(connection) as queries:
+        assert browser.get("/datasets").status_code == 200
+    listing = [q["sql"] for q in queries.captured_queries if 'FROM "jobs_file"' in q["sql"]]
+    assert listing and not any('"jobs_file"."report"' in sql for sql in listing)
 
 
 def test_a_browser_session_can_upload_through_the_api_with_its_csrf_token(tenant_a):

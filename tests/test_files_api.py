@@ -114,6 +114,15 @@ def test_lists_are_newest_first_and_filter_by_purpose(api_a):
 
 
 @pytest.mark.django_db
+def test_the_list_leaves_out_the_validation_report_that_retrieve_gives(api_a):
+    file_id = upload(api_a, jsonl(chat_rows(3))).json()["id"]
+    (listed,) = api_a.get("/v1/files").json()["data"]
+    retrieved = api_a.get(f"/v1/files/{file_id}").json()
+    assert "validation" not in listed and retrieved["validation"]["rows"] == 3
+    assert listed == {key: value for key, value in retrieved.items() if key != "validation"}
+
+
+@pytest.mark.django_db
 def test_an_upload_over_the_limit_gets_413_and_leaves_nothing(api_a, tenant_a, settings):
     settings.LOFT_MAX_UPLOAD_BYTES = 100 * 1024
     declared_too_large = upload(api_a, jsonl(chat_rows(4000)))  # refused before reading
@@ -173,6 +182,19 @@ def test_a_large_upload_is_validated_by_a_worker(
     body = validated_by_a_worker(client, body["id"])
     assert body["status"] == "processed", body
     assert body["rows"] == 200
+
+
+@pytest.mark.slow  # the session's Celery worker
+def test_an_upload_slower_to_check_than_the_inline_budget_is_finished_by_a_worker(
+    celery_worker, transactional_db, tenant_a, settings
+):
+    settings.LOFT_INLINE_VALIDATION_SECONDS = 0
+    client = api_client_for(tenant_a.secret)
+    body = upload(client, jsonl(chat_rows(20))).json()
+    assert body["status"] == "uploaded"
+    body = validated_by_a_worker(client, body["id"])
+    assert body["status"] == "processed", body
+    assert body["rows"] == 20
 
 
 @pytest.mark.slow  # the session's Celery worker

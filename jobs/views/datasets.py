@@ -6,9 +6,16 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from jobs import inference
 from jobs.api.evaluations import GenerateSerializer
 from jobs.models import Adapter, Evaluation, File, FileInUse
-from jobs.playground import GenerationFailed, answer
+from jobs.playground import (
+    GenerationFailed,
+    answer_deadline,
+    collect,
+    read_events,
+    start_generation,
+)
 from loft.tenancy import org_or_404
 
 # The scores shown for each model, in this order: (label, key, higher is better).
@@ -25,7 +32,8 @@ METRIC_COLUMNS = [
 @login_required
 def dataset_list(request):
     org = org_or_404(request)
-    files = File.objects.for_org(org).order_by("-created_at")[:200]
+    # The list shows no report, which can hold 100 row errors and a preview per file.
+    files = File.objects.for_org(org).defer("report").order_by("-created_at")[:200]
     return render(
         request, "jobs/dataset_list.html", {"files": files, "purposes": File.Purpose.choices}
     )
@@ -119,13 +127,31 @@ def playground(request, adapter_id: str):
             values.pop("stream", None)
             context.update(max_tokens=values["max_tokens"], temperature=values["temperature"])
             try:
-                context["answers"] = {
-                    side: answer(adapter, {**values, "with_adapter": with_adapter})
-                    for side, with_adapter in (("base", False), ("adapter", True))
-                }
-            except GenerationFailed as error:
+                context["answers"] = _side_by_side(adapter, values)
+            except (
+                inference.PromptRefused,
+                inference.TooManyRequests,
+                inference.InferenceUnavailable,
+                GenerationFailed,
+            ) as error:
                 context["error"] = str(error)
     return render(request, "jobs/playground.html", context)
+
+
+def _side_by_side(adapter: Adapter, values: dict) -> dict:
+    """The base's and the adapter's answers, both queued at once and waited for within one
+    request's timeout, holding one of the organization's places."""
+    inference.check_prompt_fits(adapter.base_model, values["messages"], values["max_tokens"])
+    with inference.take_slot(adapter.org_id):
+        answer_by = answer_deadline()
+        request_ids = {
+            side: start_generation(adapter, {**values, "with_adapter": with_adapter}, answer_by)
+            for side, with_adapter in (("base", False), ("adapter", True))
+        }
+        return {
+            side: collect(read_events(request_id, answer_by))
+            for side, request_id in request_ids.items()
+        }
 
 
 def _first_error(errors) -> str:

@@ -65,7 +65,7 @@ def _steps(current: int) -> list[dict]:
 def data_step(request):
     org = org_or_404(request)
     files = File.objects.for_org(org).filter(purpose=File.Purpose.FINE_TUNE)
-    files = files.order_by("-created_at")[:50]
+    files = files.order_by("-created_at").defer("report")[:50]  # only the chosen one's is shown
     if request.GET.get("parent"):  # "Train again from this adapter"
         parent = Adapter.objects.for_org(org).filter(pk=request.GET["parent"]).first()
         _save(request, parent=parent.id if parent else None)
