@@ -186,6 +186,10 @@ def _remove_adapter_layers(model) -> None:
 # --- generation -------------------------------------------------------------------------------
 
 
+class PromptTooLong(ValueError):
+    """The prompt, and the answer it may grow to, do not fit the model's context."""
+
+
 class Generation(Iterator[str]):
     """An answer as it is produced: iterate for its text in pieces; ``completion_tokens`` and
     ``finish_reason`` ("stop" at an end-of-turn token, "length" at ``max_new_tokens``) are final
@@ -210,6 +214,7 @@ def generate(
     temperature: float = 0.0,
     seed: int | None = None,
     device: str = "cpu",
+    context_length: int | None = None,
 ) -> Generation:
     """The assistant's answer to ``messages`` (``{"role", "content"}`` dicts), in pieces.
 
@@ -217,13 +222,19 @@ def generate(
     generator of its own when ``seed`` is given (the same seed, the same answer). The prompt is
     rendered as evaluation renders it; the answer ends at an end-of-turn token, which is not part
     of the text. The model is put in eval mode. A piece is yielded only when it ends on a whole
-    character, so the pieces joined are the decoded answer.
+    character, so the pieces joined are the decoded answer. Given ``context_length``, a prompt
+    that leaves less than ``max_new_tokens`` of it raises ``PromptTooLong`` before any compute.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, not {temperature}")
     prompt = _prompt_ids([data.Message(m["role"], m["content"]) for m in messages], tokenizer)
+    if context_length is not None and len(prompt) + max_new_tokens > context_length:
+        raise PromptTooLong(
+            f"The prompt is {len(prompt)} tokens; with max_new_tokens {max_new_tokens} it does "
+            f"not fit the model's context of {context_length} tokens."
+        )
     stops = set(end_of_turn_ids(tokenizer))
     generator = None
     if temperature > 0 and seed is not None:

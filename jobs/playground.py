@@ -1,11 +1,16 @@
 """The playground's requests, web side: queue a ``generate`` task on the inference queue by name
 and read the answer back from a Redis list that the worker (worker/serving.py) appends to as it
 generates (one list per request, expiring by itself), so the web never loads a model and a
-streamed answer reaches the browser token by token."""
+streamed answer reaches the browser token by token.
+
+Every request has a wall-clock deadline, ``answer_by`` (``LOFT_INFERENCE_TIMEOUT_SECONDS`` from
+its start): the web thread stops waiting then, and the worker stops generating for a client
+that is gone. What a request must satisfy before it is queued is jobs/inference.py."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +20,8 @@ from django.conf import settings
 
 from jobs import tasks
 from jobs.models import Adapter
+
+log = logging.getLogger(__name__)
 
 
 def answer_channel() -> redis.Redis:
@@ -31,31 +38,35 @@ def answer_key(request_id: str) -> str:
     return f"loft:generate:{request_id}"
 
 
-def start_generation(adapter: Adapter, request: dict) -> str:
+def answer_deadline() -> float:
+    """The wall-clock time by which a request starting now must be answered."""
+    return time.time() + settings.LOFT_INFERENCE_TIMEOUT_SECONDS
+
+
+def start_generation(adapter: Adapter, request: dict, answer_by: float) -> str:
     """Queue a playground request; returns the id its answer is read back with."""
     request_id = uuid.uuid4().hex
-    tasks.generate(request_id, adapter.org_id, adapter.id, request)
+    tasks.generate(request_id, adapter.org_id, adapter.id, {**request, "answer_by": answer_by})
     return request_id
 
 
-def read_events(request_id: str) -> Iterator[dict]:
+def read_events(request_id: str, answer_by: float) -> Iterator[dict]:
     """The worker's events for a request as they arrive: ``delta`` (text), then ``done`` (with
-    usage and finish_reason) or ``error``. A worker that does not answer in time ends it with
-    an ``error`` event."""
+    usage and finish_reason) or ``error``. A worker that has not finished by ``answer_by``
+    ends it with an ``error`` event."""
     connection, key = answer_channel(), answer_key(request_id)
-    deadline = time.monotonic() + settings.LOFT_INFERENCE_TIMEOUT_SECONDS
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = answer_by - time.time()
         try:
             item = (
                 connection.blpop([key], timeout=max(1, int(remaining))) if remaining > 0 else None
             )
-        except redis.RedisError as error:
+        except redis.RedisError:
+            log.exception("reading the answer of generation request %s", request_id)
             yield {
                 "type": "error",
                 "code": "inference_unavailable",
-                "message": f"The answer could not be read from the broker ({error}); "
-                "try again later.",
+                "message": "The answer could not be read from the broker; try again later.",
             }
             return
         if item is None:
@@ -79,11 +90,11 @@ class GenerationFailed(Exception):
         self.code = code
 
 
-def answer(adapter: Adapter, request: dict) -> dict:
-    """A whole answer at once: ``text``, ``finish_reason`` and ``usage``; raises
+def collect(events: Iterator[dict]) -> dict:
+    """A whole answer from its events: ``text``, ``finish_reason`` and ``usage``; raises
     GenerationFailed when no worker answered or generation broke."""
     pieces = []
-    for event in read_events(start_generation(adapter, request)):
+    for event in events:
         if event["type"] == "delta":
             pieces.append(event["text"])
         elif event["type"] == "done":

@@ -6,9 +6,10 @@
   the current request or task; each record takes them when it is made.
   ``LOFT_LOG_FORMAT=plain`` gives classic lines for a terminal.
 - **HTTP latency**: ``RequestMetricsMiddleware`` times each request into a histogram labelled
-  by the matched route (not the raw path, whose ids would make a series per object) and logs
-  one line per request. Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` lets ``/metrics`` add up
-  every web process's figures (jobs/metrics.py).
+  by the matched route (not the raw path, whose ids would make a series per object) and the
+  method (one of a fixed few, else "other"), and logs one line per request. Under gunicorn,
+  ``PROMETHEUS_MULTIPROC_DIR`` lets ``/metrics`` add up every web process's figures
+  (jobs/metrics.py).
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ HTTP_LATENCY = Histogram(
 
 request_logger = logging.getLogger("loft.requests")
 
+# The methods the histogram names; any other a client invents is counted as "other", so that
+# made-up methods cannot add series without end.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str | None) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
 
 def route_of(request) -> str:
     match = getattr(request, "resolver_match", None)
@@ -131,7 +140,7 @@ class RequestMetricsMiddleware:
             seconds = time.perf_counter() - started
             route = route_of(request)
             status = f"{response.status_code // 100}xx"
-            HTTP_LATENCY.labels(route, request.method, status).observe(seconds)
+            HTTP_LATENCY.labels(route, method_label(request.method), status).observe(seconds)
             if route != "/metrics":  # a scraper every few seconds would drown the log
                 request_logger.info(
                     "%s %s %s",

@@ -4,9 +4,11 @@
 
 Starts the embedded services (loft/embedded.py) unless their URLs are set, migrates, runs
 ``bootstrap`` (bucket, base-model catalogue, demo organization, staff user, first API key),
-then a training worker, an inference (playground) worker, beat and the web server, and waits
-until ``/healthz`` reports a live worker. A worker, beat or the web server that dies is
-restarted (``Restarts``); an embedded service that dies stops the whole stack.
+then a training worker, an inference (playground) worker, a webhook worker, beat and the web
+server, and waits until ``/healthz`` reports a live worker (asked with the operators' token,
+``LOFT_METRICS_TOKEN``; one is made up for this run when none is set). A worker, beat or the
+web server that dies is restarted (``Restarts``); an embedded service that dies stops the
+whole stack.
 Data stays in ``$LOFT_HOME`` (default ``./.loft``); the next run finds it again.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -144,9 +147,12 @@ class Restarts:
         say(f"{name} restarted (pid {child.process.pid}).")
 
 
-def healthz(url: str) -> dict:
+def healthz(url: str, token: str) -> dict:
+    """The operators' view of /healthz (anyone else hears only its status)."""
+    # Our own server, at the http:// address run() built: no other scheme reaches here (S310).
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own server
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
             return json.load(response)
     except urllib.error.HTTPError as error:
         return json.load(error)
@@ -182,6 +188,7 @@ def run() -> int:
     try:
         say(f"Starting the embedded services in {home} …")
         env = {**os.environ, **stack.start(), "LOFT_HOME": str(home)}
+        env.setdefault("LOFT_METRICS_TOKEN", secrets.token_urlsafe(32))
         for service in EmbeddedStack.SERVICES:
             where = "external (from the environment)" if stack.external(service) else "embedded"
             say(f"  {service}: {where}")
@@ -189,10 +196,12 @@ def run() -> int:
         manage(env, "collectstatic", "--noinput", "-v", "0")
         manage(env, "bootstrap", "--demo")
 
-        # Training and the playground in separate workers: an answer never waits for a job.
+        # Training, the playground and webhook deliveries in separate workers: an answer never
+        # waits for a job, and a slow webhook receiver holds up neither.
         apps = [
             worker_child(env),
             worker_child(env, "inference", env.get("LOFT_INFERENCE_QUEUE", "inference")),
+            worker_child(env, "webhooks", env.get("LOFT_WEBHOOK_QUEUE", "webhooks")),
             beat_child(env, home),
             web_child(env, host, port, home),
         ]
@@ -200,7 +209,9 @@ def run() -> int:
             child.start()
         say(f"Waiting for the web server and a worker at {base_url}/healthz …")
         wait_until(
-            lambda: healthz(f"{base_url}/healthz").get("workers", 0) >= 1,
+            lambda: (
+                healthz(f"{base_url}/healthz", env["LOFT_METRICS_TOKEN"]).get("workers", 0) >= 1
+            ),
             READY_TIMEOUT_SECONDS,
             "Loft (web server and worker)",
         )

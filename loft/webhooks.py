@@ -9,11 +9,17 @@ keyed with the base64-decoded part of the secret after ``whsec_``.
 ``announce`` records one delivery per subscribed endpoint and hints a worker; the worker's
 ``attempt_delivery`` claims the row, POSTs once and records the outcome. Failed attempts are
 retried after ``LOFT_WEBHOOK_RETRY_DELAYS``; when those run out, the delivery has failed.
+
+An attempt has ``LOFT_WEBHOOK_TIMEOUT_SECONDS`` in all, name lookup to the last byte read: a
+socket timeout alone bounds each read, and a receiver that sends a byte every few seconds would
+hold a worker for ever. Deliveries have a queue of their own (``LOFT_WEBHOOK_QUEUE``), so a slow
+receiver never holds up training.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -22,6 +28,7 @@ import json
 import logging
 import socket
 import ssl
+import threading
 import time
 from datetime import timedelta
 from functools import partial
@@ -45,10 +52,30 @@ USER_AGENT = "Loft-Webhooks/1"
 RESPONSE_SNIPPET_BYTES = 200
 # A pending delivery this far past due lost its message (broker restart, dead worker).
 OVERDUE_GRACE = timedelta(minutes=1)
+# A host name that does not resolve in this long is refused (a resolver that never answers
+# would otherwise hold a web request or a worker).
+DNS_TIMEOUT_SECONDS = 5.0
+# Celery's limits on the delivery task, past an attempt's own deadline: a backstop should the
+# deadline fail. The claim's lease outlasts the hard limit, so that the overdue sweep never
+# sends an event while an attempt at it may still be running.
+TASK_SOFT_LIMIT_MARGIN_SECONDS = 15
+TASK_HARD_LIMIT_MARGIN_SECONDS = 30
+LEASE_MARGIN_SECONDS = 60
+
+# IPv6 ranges that carry an IPv4 address in their last 32 bits; Python's ``is_global`` judges
+# them by the IPv6 prefix alone, so 64:ff9b::127.0.0.1 passes as public.
+NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+# RFC 8215's NAT64 prefix for local use: the IPv4 address may sit anywhere; none is public.
+NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")
 
 
 class UnsafeWebhookURL(ValueError):
     """A URL Loft will not call: not http(s), unresolvable, or an address inside the network."""
+
+
+class DeliveryDeadlineExceeded(TimeoutError):
+    """The receiver did not answer in full within the attempt's deadline."""
 
 
 def sign(secret: str, message_id: str, timestamp: str, body: bytes) -> str:
@@ -58,29 +85,80 @@ def sign(secret: str, message_id: str, timestamp: str, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def check_url(url: str) -> list[str]:
+def attempt_lease_seconds() -> int:
+    """How long a claimed attempt keeps other workers off its delivery."""
+    return settings.LOFT_WEBHOOK_TIMEOUT_SECONDS + LEASE_MARGIN_SECONDS
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64, IPv4-compatible), if any."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in NAT64_WELL_KNOWN or address in IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def is_public(address: str) -> bool:
+    """Whether ``address``, and the IPv4 address inside it if it carries one, is public."""
+    ip = ipaddress.ip_address(address)
+    if not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in NAT64_LOCAL_USE:
+            return False
+        inner = embedded_ipv4(ip)
+        return inner is None or inner.is_global
+    return True
+
+
+def resolve(host: str, port: int, timeout: float) -> list[str]:
+    """The addresses of ``host``, or ``UnsafeWebhookURL`` when it does not resolve in time.
+
+    getaddrinfo cannot be interrupted, so it runs in a daemon thread that is left behind
+    when it is late: the caller goes on at the deadline, and the lookup ends when the
+    resolver gives up.
+    """
+    outcome: dict = {}
+
+    def lookup() -> None:
+        try:
+            outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise UnsafeWebhookURL(f"The host {host} did not resolve within {timeout:g} seconds.")
+    if "error" in outcome:
+        reason = getattr(outcome["error"], "strerror", None) or outcome["error"]
+        raise UnsafeWebhookURL(f"The host {host} does not resolve ({reason}).")
+    return list(dict.fromkeys(info[4][0] for info in outcome["infos"]))
+
+
+def check_url(url: str, timeout: float = DNS_TIMEOUT_SECONDS) -> list[str]:
     """The addresses ``url`` may be sent to; raises ``UnsafeWebhookURL`` where it may not.
 
     Unless ``LOFT_WEBHOOK_ALLOW_PRIVATE_URLS`` is set, a host that resolves to any loopback,
-    private, link-local or otherwise non-public address is refused, so that a tenant cannot
-    make Loft's workers call services inside Loft's own network.
+    private, link-local or otherwise non-public address is refused, IPv4 addresses wrapped in
+    IPv6 ones included, so that a tenant cannot make Loft's workers call services inside Loft's
+    own network. The name lookup gets ``timeout`` seconds.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UnsafeWebhookURL("A webhook URL must start with http:// or https:// and name a host.")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except ValueError:
         raise UnsafeWebhookURL("The webhook URL's port is not a number from 1 to 65535.") from None
-    except socket.gaierror as exc:
-        raise UnsafeWebhookURL(
-            f"The host {parts.hostname} does not resolve ({exc.strerror})."
-        ) from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    addresses = resolve(parts.hostname, port, timeout)
     if not settings.LOFT_WEBHOOK_ALLOW_PRIVATE_URLS:
         for address in addresses:
-            if not ipaddress.ip_address(address).is_global:
+            if not is_public(address):
                 raise UnsafeWebhookURL(
                     f"The host {parts.hostname} resolves to {address}, which is not a public "
                     "address; webhooks are sent only to public addresses."
@@ -92,40 +170,72 @@ class PinnedConnection(http.client.HTTPConnection):
     """Connects to the address that passed ``check_url``, not to whatever DNS says next.
 
     The Host header and the TLS server name stay the URL's host, so certificates are still
-    checked against the name the tenant registered.
+    checked against the name the tenant registered. ``abort`` (from another thread) shuts the
+    socket, which wakes a read blocked on it.
     """
 
     def __init__(self, host: str, port: int, *, address: str, timeout: float, tls: bool):
         super().__init__(host, port, timeout=timeout)
         self.address = address
         self.tls_context = ssl.create_default_context() if tls else None
+        self.aborted = False
 
     def connect(self) -> None:
         sock = socket.create_connection((self.address, self.port), self.timeout)
         if self.tls_context is not None:
             sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
         self.sock = sock
+        if self.aborted:  # the deadline passed while connecting
+            raise DeliveryDeadlineExceeded()
+
+    def abort(self) -> None:
+        self.aborted = True
+        if self.sock is not None:
+            # socket.socket's own shutdown: an SSLSocket's would drop its TLS state under the
+            # thread reading from it. An error means the socket is already closed.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
 
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, str]:
-    """One POST, redirects not followed; the status and the start of the response body."""
-    address = check_url(url)[0]
+def post(url: str, body: bytes, headers: dict[str, str], deadline: float) -> tuple[int, str]:
+    """One POST, redirects not followed; the status and the start of the response body.
+
+    The whole exchange, name lookup included, ends within ``deadline`` seconds, or raises
+    ``DeliveryDeadlineExceeded``.
+    """
+    started = time.monotonic()
+    address = check_url(url, timeout=min(DNS_TIMEOUT_SECONDS, deadline))[0]
+    remaining = deadline - (time.monotonic() - started)
+    if remaining <= 0:
+        raise DeliveryDeadlineExceeded()
     parts = urlsplit(url)
     tls = parts.scheme == "https"
     connection = PinnedConnection(
         parts.hostname or "",
         parts.port or (443 if tls else 80),
         address=address,
-        timeout=timeout,
+        timeout=remaining,
         tls=tls,
     )
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    watchdog = threading.Timer(remaining, connection.abort)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         connection.request("POST", path, body=body, headers=headers)
         response = connection.getresponse()
-        return response.status, response.read(RESPONSE_SNIPPET_BYTES).decode(errors="replace")
+        snippet = response.read(RESPONSE_SNIPPET_BYTES).decode(errors="replace")
+    except (OSError, http.client.HTTPException):
+        # The socket's own timeout (the time left) may fire just before the watchdog.
+        if connection.aborted or time.monotonic() - started >= deadline:
+            raise DeliveryDeadlineExceeded() from None
+        raise
     finally:
+        watchdog.cancel()
         connection.close()
+    if connection.aborted:  # the read ended early because the socket was shut
+        raise DeliveryDeadlineExceeded()
+    return response.status, snippet
 
 
 def send(delivery: WebhookDelivery) -> dict:
@@ -142,12 +252,13 @@ def send(delivery: WebhookDelivery) -> dict:
     }
     code, error, response = None, "", ""
     started = time.monotonic()
+    deadline = settings.LOFT_WEBHOOK_TIMEOUT_SECONDS
     try:
-        code, response = post(
-            delivery.endpoint.url, body, headers, settings.LOFT_WEBHOOK_TIMEOUT_SECONDS
-        )
+        code, response = post(delivery.endpoint.url, body, headers, deadline)
     except UnsafeWebhookURL as exc:
         error = str(exc)
+    except DeliveryDeadlineExceeded:
+        error = f"The endpoint did not answer in full within {deadline} seconds."
     except (OSError, http.client.HTTPException) as exc:
         error = f"No response from the endpoint: {exc or type(exc).__name__}."
     else:
@@ -168,8 +279,7 @@ def attempt_delivery(delivery: WebhookDelivery) -> float | None:
     Returns the seconds until its next attempt, or None when there is none to schedule: it
     succeeded, gave up, was not due or was claimed by another worker.
     """
-    timeout = settings.LOFT_WEBHOOK_TIMEOUT_SECONDS
-    if not delivery.claim(lease=timedelta(seconds=4 * timeout + 30)):
+    if not delivery.claim(lease=timedelta(seconds=attempt_lease_seconds())):
         return None
     delivery.refresh_from_db()
     delivery.record_attempt(send(delivery), settings.LOFT_WEBHOOK_RETRY_DELAYS)

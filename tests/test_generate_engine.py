@@ -11,7 +11,13 @@ from safetensors import SafetensorError
 from engine import data
 from engine import evaluate as E
 from engine.base_models import load_base_model
-from engine.generate import AdapterCache, _IncrementalDecoder, generate, generate_text
+from engine.generate import (
+    AdapterCache,
+    PromptTooLong,
+    _IncrementalDecoder,
+    generate,
+    generate_text,
+)
 from tests.helpers import SMOLLM2
 
 KEYS = ["ftad-0", "ftad-1", "ftad-2"]
@@ -235,3 +241,11 @@ def test_bad_generation_settings_are_refused(base, tokenizer):
         generate(base, tokenizer, FRANCE, max_new_tokens=4, temperature=-1.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(base, tokenizer, FRANCE, max_new_tokens=-1)
+
+
+def test_a_prompt_that_leaves_no_room_for_the_answer_is_refused_before_any_compute(base, tokenizer):
+    prompt_tokens = len(E._prompt_ids([data.Message("user", FRANCE[0]["content"])], tokenizer))
+    fits = generate(base, tokenizer, FRANCE, max_new_tokens=2, context_length=prompt_tokens + 2)
+    assert fits.prompt_tokens == prompt_tokens
+    with pytest.raises(PromptTooLong, match=f"{prompt_tokens} tokens; with max_new_tokens 3"):
+        generate(base, tokenizer, FRANCE, max_new_tokens=3, context_length=prompt_tokens + 2)

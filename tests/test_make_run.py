@@ -69,7 +69,7 @@ class MakeRun:
         while time.monotonic() - started < timeout:
             assert self.process.poll() is None, self.output()
             try:
-                status, body = get_json(f"{self.url}/healthz")
+                status, body = get_json(f"{self.url}/healthz", self.env["LOFT_METRICS_TOKEN"])
                 if status == 200 and body["workers"] >= workers:
                     return time.monotonic() - started
             except (OSError, ValueError):

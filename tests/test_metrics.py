@@ -28,7 +28,7 @@ def test_metrics_show_jobs_by_status_queues_durations_and_uploads(client, staff,
     jobs = {s.labels["status"]: s.value for s in found["loft_jobs"].samples}
     assert jobs["queued"] == 1 and jobs["succeeded"] == 0
     queues = {s.labels["queue"] for s in found["loft_queue_depth"].samples}
-    assert queues >= {"inference", "default"} and len(queues) == 3
+    assert queues >= {"inference", "default", "webhooks"} and len(queues) == 4
     assert "loft_job_duration_seconds" in found
     assert found["loft_uploaded_bytes"].samples[0].value > 0
     assert found["loft_training_tokens_per_second"].samples[0].value == 0
@@ -47,3 +47,14 @@ def test_metrics_refuse_anyone_but_staff_or_the_token(client, tenant_a, settings
     settings.LOFT_METRICS_TOKEN = "scrape-me"
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 403
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-me").status_code == 200
+
+
+def test_request_timings_name_only_a_fixed_set_of_methods(client, staff_client):
+    for method in ["BREW", "PROPFIND", "X" * 40]:
+        assert client.generic(method, "/healthz").status_code == 405
+    client.get("/healthz")
+    found = families(staff_client.get("/metrics").content.decode())
+    latency = found["loft_http_request_duration_seconds"].samples
+    methods = {s.labels["method"] for s in latency}
+    assert {"GET", "other"} <= methods
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}

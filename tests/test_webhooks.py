@@ -6,20 +6,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import socketserver
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import openai
 import pytest
-from django.db import transaction
+import yaml
+from django.db import connection, transaction
 from django.utils import timezone
 
 from loft.models import JOB_EVENTS, WebhookDelivery, WebhookEndpoint
-from loft.webhooks import announce, attempt_delivery, send_overdue
+from loft.webhooks import announce, attempt_delivery, check_url, send_overdue
 from tests.helpers import WorkerProcess, wait_for
+from worker.tasks import deliver_webhook
 
 SUCCEEDED, FAILED, CANCELLED = JOB_EVENTS
 JOB = {"id": "ftjob-abc123", "object": "fine_tuning.job", "status": "succeeded"}
@@ -66,6 +70,43 @@ class Receiver:
 def receiver():
     receiver = Receiver()
     receiver.thread.start()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+class SlowReceiver:
+    """A receiver that reads the request, then dribbles its answer one byte every ``interval``
+    seconds for ``lasting`` seconds: every read gets a byte well within a socket timeout."""
+
+    def __init__(self, interval: float = 0.5, lasting: float = 20.0):
+        self.requests = 0
+        self.closed_at: list[float] = []
+        receiver = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.recv(65536)
+                receiver.requests += 1
+                ends = time.monotonic() + lasting
+                try:
+                    for byte in b"HTTP/1.1 200 OK\r\nx-slow: " + b"a" * 1000:
+                        if time.monotonic() > ends:
+                            break
+                        self.request.sendall(bytes([byte]))
+                        time.sleep(interval)
+                except OSError:
+                    receiver.closed_at.append(time.monotonic())  # Loft hung up
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/slow"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def slow_receiver():
+    receiver = SlowReceiver()
     yield receiver
     receiver.server.shutdown()
     receiver.server.server_close()
@@ -163,6 +204,13 @@ def test_another_tenants_endpoint_is_not_found_and_not_listed(api_a, api_b, rece
         "http://10.1.2.3/hook",
         "http://[::1]/hook",
         "ftp://example.com/hook",
+        # IPv4 addresses inside IPv6 ones: NAT64, 6to4, IPv4-compatible and IPv4-mapped.
+        "http://[64:ff9b::7f00:1]/hook",
+        "http://[64:ff9b::a9fe:a9fe]/hook",
+        "http://[64:ff9b:1::a00:1]/hook",
+        "http://[2002:a00:1::1]/hook",
+        "http://[::127.0.0.1]/hook",
+        "http://[::ffff:10.1.2.3]/hook",
     ],
 )
 def test_urls_inside_the_network_are_refused_by_default(api_a, settings, url):
@@ -170,6 +218,29 @@ def test_urls_inside_the_network_are_refused_by_default(api_a, settings, url):
     response = api_a.post("/v1/webhook_endpoints", {"url": url}, format="json")
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "url"
+
+
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "2606:4700:4700::1111", "64:ff9b::808:808", "::ffff:8.8.8.8"]
+)
+def test_public_addresses_are_allowed_whether_or_not_wrapped_in_ipv6(settings, address):
+    settings.LOFT_WEBHOOK_ALLOW_PRIVATE_URLS = False
+    host = f"[{address}]" if ":" in address else address
+    assert check_url(f"https://{host}/hook") == [address]
+
+
+@pytest.mark.django_db
+def test_an_organization_may_register_only_so_many_endpoints(api_a, api_b, receiver, settings):
+    settings.LOFT_WEBHOOK_MAX_ENDPOINTS = 2
+    register(api_a, receiver.url)
+    register(api_a, receiver.url)
+    response = api_a.post("/v1/webhook_endpoints", {"url": receiver.url}, format="json")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "at most 2 webhook endpoints" in error["message"]
+    assert error["code"] == "too_many_webhook_endpoints"
+    assert WebhookEndpoint.objects.count() == 2
+    register(api_b, receiver.url)  # another organization's endpoints are its own count
 
 
 @pytest.mark.django_db
@@ -307,6 +378,77 @@ def test_a_delivery_fails_for_good_when_its_retries_run_out(api_a, tenant_a, rec
     delivery.refresh_from_db()
     assert delivery.status == "failed" and delivery.attempts == 2
     assert delivery.next_attempt_at is None
+
+
+@pytest.mark.django_db
+def test_a_receiver_that_answers_a_byte_at_a_time_is_cut_off_at_the_deadline(
+    api_a, tenant_a, slow_receiver, settings
+):
+    settings.LOFT_WEBHOOK_TIMEOUT_SECONDS = 2
+    settings.LOFT_WEBHOOK_RETRY_DELAYS = [30]
+    register(api_a, slow_receiver.url)
+    announce(tenant_a.org.id, SUCCEEDED, JOB)
+    started = time.monotonic()
+    retry_in = attempt_delivery(WebhookDelivery.objects.get())
+    took = time.monotonic() - started
+
+    assert took < 3.5, f"the attempt took {took:.1f} s, past its 2 s deadline"
+    assert slow_receiver.requests == 1
+    delivery = WebhookDelivery.objects.get()
+    assert delivery.status == "pending" and delivery.attempts == 1 and 28 <= retry_in <= 30
+    assert delivery.last_response_code is None
+    assert "did not answer in full within 2 seconds" in delivery.last_error
+    assert wait_for(lambda: slow_receiver.closed_at, bool, timeout=5, what="Loft hanging up")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_nothing_sends_an_event_again_while_an_attempt_at_it_is_in_flight(
+    api_a, tenant_a, slow_receiver, settings
+):
+    settings.LOFT_WEBHOOK_TIMEOUT_SECONDS = 2
+    register(api_a, slow_receiver.url)
+    announce(tenant_a.org.id, SUCCEEDED, JOB)
+    delivery = WebhookDelivery.objects.get()
+    claimed_at = timezone.now()
+
+    def attempt_in_another_worker():
+        try:
+            attempt_delivery(delivery)
+        finally:
+            connection.close()  # this thread's own; the test database is dropped at the end
+
+    in_flight = threading.Thread(target=attempt_in_another_worker)
+    in_flight.start()
+    try:
+        wait_for(lambda: slow_receiver.requests, bool, timeout=5, what="the first attempt")
+        leased = WebhookDelivery.objects.get()
+        # The claim outlasts all the attempt may take, Celery's hard limit on its task included,
+        # so the overdue sweep cannot find it due while it runs.
+        assert deliver_webhook.time_limit is not None
+        assert leased.next_attempt_at - claimed_at >= timedelta(
+            seconds=deliver_webhook.time_limit + 10
+        )
+        assert send_overdue() == 0
+        assert attempt_delivery(leased) is None, "a second message is turned away"
+    finally:
+        in_flight.join(10)
+    assert not in_flight.is_alive()
+    assert slow_receiver.requests == 1
+    assert WebhookDelivery.objects.get().attempts == 1
+
+
+def test_deliveries_have_a_queue_of_their_own_that_compose_consumes(settings):
+    training_queues = {settings.LOFT_TRAINING_QUEUE, settings.LOFT_INFERENCE_QUEUE}
+    assert settings.LOFT_WEBHOOK_QUEUE not in training_queues
+    compose = yaml.safe_load((Path(__file__).parent.parent / "docker-compose.yml").read_text())
+    consumers = [
+        name
+        for name, service in compose["services"].items()
+        if "worker" in service.get("command", [])
+        and settings.LOFT_WEBHOOK_QUEUE
+        in service["command"][service["command"].index("--queues") + 1].split(",")
+    ]
+    assert consumers and "deploy" not in compose["services"][consumers[0]], "no GPU for HTTP calls"
 
 
 @pytest.mark.django_db

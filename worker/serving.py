@@ -11,8 +11,10 @@ appends the answer's events to the request's Redis list as they are generated.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from jobs import playground
 from jobs.models import Adapter, BaseModel
 from loft import storage
 from worker.tokenizer import tokenizer_for
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _cache: tuple[BaseModelSpec, generate.AdapterCache] | None = None
@@ -75,7 +79,8 @@ def use(adapter: Adapter, with_adapter: bool = True):
 
 
 def serve_generation(request_id: str, org_id: str, adapter_id: str, request: dict) -> None:
-    """Worker side: answer one playground request, pushing its events as they come."""
+    """Worker side: answer one playground request, pushing its events as they come, until the
+    answer ends or its client stops waiting (``answer_by``, wall-clock)."""
     connection, key = playground.answer_channel(), playground.answer_key(request_id)
 
     def push(event: dict) -> None:
@@ -87,6 +92,7 @@ def serve_generation(request_id: str, org_id: str, adapter_id: str, request: dic
     if adapter is None:
         push({"type": "error", "code": "not_found", "message": "The adapter was deleted."})
         return
+    answer_by = request.get("answer_by", float("inf"))
     tokenizer = tokenizer_for(adapter.base_model)
     try:
         with use(adapter, request.get("with_adapter", True)) as model:
@@ -98,11 +104,26 @@ def serve_generation(request_id: str, org_id: str, adapter_id: str, request: dic
                 temperature=request["temperature"],
                 seed=request.get("seed"),
                 device=training_device(),
+                context_length=adapter.base_model.context_length,
             )
             for piece in result:
+                if time.time() > answer_by:  # nobody waits for the rest
+                    push({"type": "error", "code": "timeout", "message": "Out of time."})
+                    return
                 push({"type": "delta", "text": piece})
-    except Exception as error:  # noqa: BLE001 - the client must hear why, whatever broke
-        push({"type": "error", "code": "generation_failed", "message": f"{error}"})
+    except generate.PromptTooLong as error:
+        push({"type": "error", "code": "context_length_exceeded", "message": str(error)})
+        return
+    except Exception:  # noqa: BLE001 - the client must hear that it broke, whatever broke
+        # The details (paths, storage addresses) are for operators; the tenant gets a sentence.
+        log.exception("generation failed for adapter %s", adapter.id)
+        push(
+            {
+                "type": "error",
+                "code": "generation_failed",
+                "message": "The model could not generate an answer; try again later.",
+            }
+        )
         raise
     push(
         {

@@ -76,7 +76,12 @@ def reap_stale_jobs() -> list[str]:
     return FineTuneJob.reap_stale(settings.LOFT_LEASE_SECONDS, settings.LOFT_MAX_ATTEMPTS)
 
 
-@shared_task(acks_late=True)
+@shared_task(
+    acks_late=True,
+    # Backstops: an attempt ends at its own deadline, and its lease outlasts these limits.
+    soft_time_limit=settings.LOFT_WEBHOOK_TIMEOUT_SECONDS + webhooks.TASK_SOFT_LIMIT_MARGIN_SECONDS,
+    time_limit=settings.LOFT_WEBHOOK_TIMEOUT_SECONDS + webhooks.TASK_HARD_LIMIT_MARGIN_SECONDS,
+)
 def deliver_webhook(delivery_id: str) -> None:
     """One attempt at a webhook delivery; schedules the next one if it must be retried."""
     delivery = WebhookDelivery.objects.filter(pk=delivery_id).first()

@@ -9,10 +9,8 @@ session, or ``Authorization: Bearer <LOFT_METRICS_TOKEN>`` for a scraper; anyone
 
 from __future__ import annotations
 
-import hmac
 import os
 
-from django.conf import settings
 from django.db.models import Count, Sum
 from django.http import HttpResponse
 from django.utils import timezone
@@ -21,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from jobs import ops
 from jobs.models import File, FineTuneJob, WorkerHeartbeat
+from loft.health import is_operator
 from loft.observability import HTTP_LATENCY
 from loft.views import permission_denied
 
@@ -78,16 +77,8 @@ class LoftCollector:
         yield uploaded
 
 
-def _allowed(request) -> bool:
-    if request.user.is_authenticated and request.user.is_staff:
-        return True
-    token = settings.LOFT_METRICS_TOKEN
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-    return bool(token) and hmac.compare_digest(given.encode(), token.encode())
-
-
 def metrics(request):
-    if not _allowed(request):
+    if not is_operator(request):
         return permission_denied(request)
     registry = CollectorRegistry()
     registry.register(LoftCollector())

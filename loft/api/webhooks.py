@@ -7,13 +7,16 @@ endpoints unchanged. ``GET …/{id}/deliveries`` is Loft's own: every event sent
 
 from __future__ import annotations
 
+from django.conf import settings
+from django.db import transaction
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from loft.api.base import ObjectTypeField, TenantScopedViewSet, UnixTimestampField
-from loft.models import JOB_EVENTS, WebhookDelivery, WebhookEndpoint
+from loft.api.errors import LoftAPIError
+from loft.models import JOB_EVENTS, Organization, WebhookDelivery, WebhookEndpoint
 from loft.webhooks import UnsafeWebhookURL, check_url
 
 
@@ -102,7 +105,17 @@ class WebhookEndpointViewSet(
     def create(self, request):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        endpoint = serializer.save(org=self.org)
+        limit = settings.LOFT_WEBHOOK_MAX_ENDPOINTS
+        with transaction.atomic():
+            # The organization's row locked: two creations at once cannot both take the last place.
+            Organization.objects.select_for_update().filter(pk=self.org.pk).first()
+            if WebhookEndpoint.objects.for_org(self.org).count() >= limit:
+                raise LoftAPIError(
+                    f"An organization may have at most {limit} webhook endpoints; "
+                    "delete one before adding another.",
+                    code="too_many_webhook_endpoints",
+                )
+            endpoint = serializer.save(org=self.org)
         body = WebhookEndpointWithSecretSerializer(endpoint).data
         return Response(body, status=status.HTTP_201_CREATED)
 
