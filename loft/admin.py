@@ -1,6 +1,13 @@
 from django.contrib import admin
 
-from loft.models import ApiKey, Membership, Organization, WebhookDelivery, WebhookEndpoint
+from loft.models import (
+    ApiKey,
+    Invitation,
+    Membership,
+    Organization,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 
 
 class MembershipInline(admin.TabularInline):
@@ -29,8 +36,8 @@ class OrganizationAdmin(admin.ModelAdmin):
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["prefix", "name", "org", "created_at", "last_used_at", "revoked_at"]
-    list_filter = ["org", ("revoked_at", admin.EmptyFieldListFilter)]
+    list_display = ["prefix", "name", "org", "scope", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["org", "scope", ("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["prefix", "name", "org__slug"]
     # Keys are created with `create_api_key` or the API, which show the secret once.
     readonly_fields = [
@@ -53,6 +60,22 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for key in queryset:
             key.revoke()
         self.message_user(request, f"Revoked {queryset.count()} key(s).")
+
+
+@admin.register(Invitation)
+class InvitationAdmin(admin.ModelAdmin):
+    """Read-only: an owner invites on the members page and the invitee answers there."""
+
+    list_display = ["invitee", "org", "status", "invited_by", "created_at", "answered_at"]
+    list_filter = ["status", "org"]
+    search_fields = ["invitee", "org__slug"]
+    exclude = ["token"]  # the invitee's link: not for display
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(WebhookEndpoint)

@@ -22,6 +22,13 @@ class LoftAdminSite(admin.AdminSite):
     site_header = "Loft administration"
     site_title = "Loft admin"
 
+    @property
+    def login_form(self):
+        # Imported late, as above. Failed sign-ins are counted as on /login (loft/auth.py).
+        from loft.auth import AdminSignInForm
+
+        return AdminSignInForm
+
     def _refused(self, request) -> bool:
         return request.user.is_authenticated and not self.has_permission(request)
 

@@ -169,6 +169,8 @@ class EmbeddedStack:
         """Start every part not configured from outside; return (and write) the env values."""
         self.home.mkdir(parents=True, exist_ok=True)
         self.env["DJANGO_SECRET_KEY"] = self._secret("secret-key", 50)
+        # `make run` and the tests serve plain HTTP on this machine: cookies not marked Secure.
+        self.env["LOFT_HTTPS"] = os.environ.get("LOFT_HTTPS", "false")
         try:
             for service in self.SERVICES:
                 if not self.external(service):

@@ -7,6 +7,7 @@ same stack as the first without exporting anything.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -114,3 +115,27 @@ class Env:
             raise ImproperlyConfigured(
                 f"{name}={self.get(name)!r} is not a comma-separated list of integers."
             ) from None
+
+    def networks(self, name: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """A comma-separated list of addresses or CIDR ranges, e.g. ``10.0.0.0/8,::1``."""
+        networks = []
+        for item in self.csv(name, []):
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ImproperlyConfigured(
+                    f"{name}: {item!r} is not an IP address or a CIDR range such as 10.0.0.0/8."
+                ) from None
+        return networks
+
+    def https_header(self, name: str) -> tuple[str, str] | None:
+        """An HTTP header's name, e.g. ``X-Forwarded-Proto``, as Django's
+        ``SECURE_PROXY_SSL_HEADER``: the request came by HTTPS when that header says ``https``."""
+        header = self.get(name)
+        if header is None:
+            return None
+        if not header.replace("-", "").isalnum():
+            raise ImproperlyConfigured(
+                f"{name}={header!r} is not a header name such as X-Forwarded-Proto."
+            )
+        return "HTTP_" + header.upper().replace("-", "_"), "https"

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -59,6 +60,32 @@ class Organization(models.Model):
         )
         return membership
 
+    def is_owner(self, user) -> bool:
+        return (
+            Membership.objects.for_org(self)
+            .filter(user_id=getattr(user, "pk", None), role=Membership.Role.OWNER)
+            .exists()
+        )
+
+    def has_member_called(self, invitee: str) -> bool:
+        """Is someone of this organization known by this username or e-mail address?"""
+        return (
+            Membership.objects.for_org(self)
+            .filter(Q(user__username=invitee) | Q(user__email__iexact=invitee))
+            .exists()
+        )
+
+    def invite(self, invitee: str, invited_by) -> Invitation:
+        """Invite whoever has this username or e-mail address, whether or not they have an
+        account yet: a pending invitation to the same person is kept, not repeated."""
+        invitation, _ = Invitation.objects.get_or_create(
+            org=self,
+            invitee=invitee,
+            status=Invitation.Status.PENDING,
+            defaults={"invited_by": invited_by},
+        )
+        return invitation
+
 
 class Membership(TenantOwnedModel):
     class Role(models.TextChoices):
@@ -85,8 +112,14 @@ def hash_api_key(secret: str) -> str:
 
 
 class ApiKey(TenantOwnedModel):
+    class Scope(models.TextChoices):
+        STANDARD = "standard", "The API, except creating and revoking keys"
+        MANAGE_KEYS = "manage_keys", "The API, and creating and revoking the organization's keys"
+
     id = models.CharField(primary_key=True, max_length=40, default=new_api_key_id, editable=False)
     name = models.CharField(max_length=100, blank=True)
+    # A leaked key must not be able to mint more: only keys made for that purpose may.
+    scope = models.CharField(max_length=20, choices=Scope.choices, default=Scope.STANDARD)
     prefix = models.CharField(
         max_length=20, help_text="The first characters of the key, for telling keys apart."
     )
@@ -105,12 +138,15 @@ class ApiKey(TenantOwnedModel):
         return f"{self.prefix}… ({self.name or 'unnamed'})"
 
     @classmethod
-    def issue(cls, org: Organization, name: str = "", created_by=None) -> tuple[ApiKey, str]:
+    def issue(
+        cls, org: Organization, name: str = "", created_by=None, scope: str = Scope.STANDARD
+    ) -> tuple[ApiKey, str]:
         """Create a key. The secret is returned once and never stored, only its hash."""
         secret = API_KEY_PREFIX + secrets.token_urlsafe(32)
         key = cls.objects.create(
             org=org,
             name=name,
+            scope=scope,
             prefix=secret[:API_KEY_VISIBLE_CHARS],
             secret_hash=hash_api_key(secret),
             created_by=created_by,
@@ -130,6 +166,10 @@ class ApiKey(TenantOwnedModel):
     def is_active(self) -> bool:
         return self.revoked_at is None
 
+    @property
+    def can_manage_keys(self) -> bool:
+        return self.scope == self.Scope.MANAGE_KEYS
+
     def revoke(self) -> None:
         if self.revoked_at is None:
             self.revoked_at = timezone.now()
@@ -140,6 +180,75 @@ class ApiKey(TenantOwnedModel):
         if self.last_used_at is None or now - self.last_used_at >= API_KEY_LAST_USED_PRECISION:
             ApiKey.objects.filter(pk=self.pk).update(last_used_at=now)
             self.last_used_at = now
+
+
+def new_invitation_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class Invitation(TenantOwnedModel):
+    """An owner's invitation to join the organization, addressed to a username or an e-mail
+    address. The person it names sees it once signed in, and accepts or declines it: nobody is
+    added to an organization without their consent, and the owner learns nothing about
+    whether such a person has an account."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        ACCEPTED = "accepted"
+        DECLINED = "declined"
+
+    token = models.CharField(
+        max_length=40, unique=True, default=new_invitation_token, editable=False
+    )
+    invitee = models.CharField(
+        max_length=254, help_text="A username or an e-mail address, as the owner typed it."
+    )
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    created_at = models.DateTimeField(auto_now_add=True)
+    answered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["org", "invitee"],
+                condition=Q(status="pending"),
+                name="one_pending_invitation_per_invitee",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.invitee} to {self.org} ({self.status})"
+
+    @classmethod
+    def pending_for(cls, user) -> models.QuerySet[Invitation]:
+        """The pending invitations addressed to this person, by username or by e-mail."""
+        addressed = Q(invitee=user.username)
+        if user.email:
+            addressed |= Q(invitee__iexact=user.email)
+        return (
+            cls.objects.filter(addressed, status=cls.Status.PENDING, org__is_active=True)
+            .select_related("org", "invited_by")
+            .order_by("created_at")
+        )
+
+    def accept(self, user) -> Membership:
+        """Join as a member (someone already in the organization keeps their role)."""
+        membership = Membership.objects.for_org(self.org).filter(user=user).first()
+        if membership is None:
+            membership = self.org.add_member(user, role=Membership.Role.MEMBER)
+        self._answer(self.Status.ACCEPTED)
+        return membership
+
+    def decline(self) -> None:
+        self._answer(self.Status.DECLINED)
+
+    def _answer(self, status: str) -> None:
+        self.status, self.answered_at = status, timezone.now()
+        self.save(update_fields=["status", "answered_at"])
 
 
 # --- Webhooks -------------------------------------------------------------------------------

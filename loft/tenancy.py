@@ -8,9 +8,12 @@ An id that belongs to another tenant is then simply not found: 404, never 403, i
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from urllib.parse import urlencode
 
 from django.db import models
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest
+from django.shortcuts import redirect
+from django.urls import reverse
 
 from loft.observability import bind_log_fields
 
@@ -58,14 +61,36 @@ def current_org(request: HttpRequest) -> Organization | None:
     return membership.org
 
 
-def org_or_404(request: HttpRequest) -> Organization:
-    """The request's organization, or a 404 for a signed-in person who belongs to none."""
-    from django.http import Http404
+class NoOrganization(Http404):
+    """A signed-in person who belongs to no active organization asked for one of its pages."""
 
+
+def org_or_404(request: HttpRequest) -> Organization:
+    """The request's organization. A signed-in person who belongs to none is sent to the page
+    that says so (``NoOrganizationMiddleware``); anything else that catches Http404 sees one."""
     org = current_org(request)
     if org is None:
-        raise Http404("You are not a member of an organization.")
+        raise NoOrganization("You are not a member of an organization.")
     return org
+
+
+class NoOrganizationMiddleware:
+    """Turns ``NoOrganization`` into a redirect to /account/organization, which says why the
+    page is not there and what to do: answer an invitation, or (staff) create or join one."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if not isinstance(exception, NoOrganization):
+            return None
+        target = reverse("account-organization")
+        if request.method == "GET":
+            target += "?" + urlencode({"next": request.get_full_path()})
+        return redirect(target)
 
 
 def current_org_context(request: HttpRequest) -> dict:

@@ -10,6 +10,7 @@ from rest_framework.routers import SimpleRouter
 from loft import account, views
 from loft.api.views import ApiKeyViewSet
 from loft.api.webhooks import WebhookEndpointViewSet
+from loft.auth import SignInForm
 from loft.health import healthz
 
 # OpenAI's paths have no trailing slash.
@@ -28,11 +29,29 @@ account_pages = [
     path("keys/<str:key_id>/revoke", account.revoke_api_key, name="account-key-revoke"),
     path("members", account.members, name="account-members"),
     path("members/<int:membership_id>/remove", account.remove_member, name="account-member-remove"),
+    path(
+        "invitations/<int:invitation_id>/withdraw",
+        account.withdraw_invitation,
+        name="account-invitation-withdraw",
+    ),
+    path(
+        "invitations/<str:token>/accept",
+        account.answer_invitation,
+        {"answer": "accept"},
+        name="account-invitation-accept",
+    ),
+    path(
+        "invitations/<str:token>/decline",
+        account.answer_invitation,
+        {"answer": "decline"},
+        name="account-invitation-decline",
+    ),
+    path("organization", account.organization, name="account-organization"),
 ]
 
 urlpatterns = [
     path("", views.home, name="home"),
-    path("login", auth_views.LoginView.as_view(), name="login"),
+    path("login", auth_views.LoginView.as_view(authentication_form=SignInForm), name="login"),
     path("logout", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", healthz, name="healthz"),
     path("docs", SpectacularSwaggerView.as_view(url_name="api:openapi-schema"), name="api-docs"),

@@ -1,10 +1,10 @@
 """Browser pages of the platform: the home page and the error pages."""
 
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 
 from loft.api.errors import error_response
-from loft.models import ApiKey
+from loft.models import ApiKey, Invitation
 from loft.tenancy import current_org
 
 
@@ -15,8 +15,11 @@ def _wants_json(request) -> bool:
 @login_required
 def home(request):
     org = current_org(request)
-    keys = ApiKey.objects.for_org(org).filter(revoked_at__isnull=True)[:10] if org else []
-    return render(request, "home.html", {"api_keys": keys})
+    if org is None:
+        return redirect("account-organization")
+    keys = ApiKey.objects.for_org(org).filter(revoked_at__isnull=True)[:10]
+    invitations = Invitation.pending_for(request.user).count()
+    return render(request, "home.html", {"api_keys": keys, "invitations": invitations})
 
 
 def page_not_found(request, exception=None):

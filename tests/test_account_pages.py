@@ -1,12 +1,13 @@
-"""The account pages: usage against quotas, API keys (shown once, revocable), members; each
-scoped to the signed-in person's organization."""
+"""The account pages: usage against quotas, API keys (shown once, revocable, by owners),
+members and invitations; each scoped to the signed-in person's organization. And the page of a
+person in no organization yet."""
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 
 from jobs.models import File, FineTuneJob, Quota, UsageRecord
-from loft.models import ApiKey, Membership
+from loft.models import ApiKey, Invitation, Membership, Organization
 from tests.helpers import api_client_for, chat_rows, jsonl, signed_in, upload
 
 pytestmark = pytest.mark.django_db
@@ -32,12 +33,50 @@ def test_a_signed_out_visitor_is_sent_to_sign_in(path):
     assert response["Location"].startswith("/login?next=")
 
 
-def test_a_person_without_an_organization_gets_404(db):
+def test_a_person_without_an_organization_is_told_so_instead_of_not_found(db):
     loner = get_user_model().objects.create_user("loner", password="pw-for-tests-1")
-    browser = Client()
-    browser.force_login(loner)
-    for path in ("/account/usage", "/account/keys", "/account/members"):
-        assert browser.get(path).status_code == 404
+    browser = signed_in(loner)
+    for path in ("/", "/train/new", "/account/usage", "/account/keys", "/account/members"):
+        response = browser.get(path)
+        assert response.status_code == 302, path
+        assert response["Location"].startswith("/account/organization"), path
+    page = browser.get("/train/new", follow=True)
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "You are not a member of any organization yet" in html
+    assert "can invite you by your username, <strong>loner</strong>" in html
+    # Creating or joining an organization is for staff.
+    assert "Create an organization" not in html
+    refused = browser.post("/account/organization", {"action": "create", "name": "Mine"})
+    assert refused.status_code == 403
+    assert not Organization.objects.filter(slug="mine").exists()
+
+
+def test_staff_in_no_organization_creates_one_and_lands_where_they_were_going(staff_client):
+    page = staff_client.get("/train/new", follow=True)
+    assert "Create an organization" in page.content.decode()
+    created = staff_client.post(
+        "/account/organization",
+        {"action": "create", "name": "My team", "next": "/train/new"},
+        follow=True,
+    )
+    assert created.redirect_chain[-1] == ("/train/new", 302)
+    assert "Created My team; you are its owner." in created.content.decode()
+    org = Organization.objects.get(slug="my-team")
+    assert org.is_owner(created.wsgi_request.user)
+    again = staff_client.post("/account/organization", {"action": "create", "name": "My Team"})
+    assert again.status_code == 400
+    assert "There is already an organization my-team; join it instead." in again.content.decode()
+
+
+def test_staff_joins_an_existing_organization_as_its_owner(staff, staff_client, tenant_b):
+    joined = staff_client.post(
+        "/account/organization", {"action": "join", "slug": tenant_b.org.slug}, follow=True
+    )
+    assert f"You joined {tenant_b.org.name} as an owner." in joined.content.decode()
+    assert tenant_b.org.is_owner(staff)
+    unknown = staff_client.post("/account/organization", {"action": "join", "slug": "nope"})
+    assert unknown.status_code == 400
 
 
 # --- usage ----------------------------------------------------------------------------------
@@ -138,40 +177,106 @@ def test_the_members_page_lists_the_organizations_members(tenant_a, tenant_b):
     html = signed_in(tenant_a).get("/account/members").content.decode()
     assert "a-person" in html and "owner" in html
     assert "b-person" not in html
-    assert "Add a member" in html
+    assert "Invite a member" in html
 
 
 def test_a_member_sees_the_list_read_only_and_cannot_add(tenant_a, tenant_b):
     browser = signed_in(tenant_b)
     html = browser.get("/account/members").content.decode()
     assert "b-person" in html
-    assert "Only owners of this organization can add or remove members." in html
+    assert "Only owners of this organization can invite or remove members." in html
     assert "<button" not in html.split("</header>")[1]
-    response = browser.post("/account/members", {"username": tenant_a.user.username})
+    response = browser.post("/account/members", {"invitee": tenant_a.user.username})
     assert response.status_code == 403
-    assert not Membership.objects.for_org(tenant_b.org).filter(user=tenant_a.user).exists()
+    assert not Invitation.objects.exists()
 
 
-def test_an_owner_adds_an_existing_user_as_a_member_and_removes_them(tenant_a, tenant_b):
-    browser = signed_in(tenant_a)
-    response = browser.post("/account/members", {"username": "b-person"}, follow=True)
-    assert "Added b-person as a member." in response.content.decode()
+def test_an_owner_invites_the_invitee_accepts_and_the_owner_removes_them(tenant_a, tenant_b):
+    owner = signed_in(tenant_a)
+    response = owner.post("/account/members", {"invitee": "b-person"}, follow=True)
+    assert "Invited b-person." in response.content.decode()
+    # Nobody joins without consent: an invitation, not a membership.
+    assert not Membership.objects.for_org(tenant_a.org).filter(user=tenant_b.user).exists()
+    assert "b-person" in owner.get("/account/members").content.decode()  # pending
+
+    invitee = signed_in(tenant_b)
+    assert "1 invitation to another organization" in invitee.get("/").content.decode()
+    page = invitee.get("/account/organization").content.decode()
+    assert "a-person invites you to <strong>Org A</strong>" in page
+    invitation = Invitation.objects.get(invitee="b-person")
+    joined = invitee.post(f"/account/invitations/{invitation.token}/accept", follow=True)
+    assert "You joined Org A." in joined.content.decode()
     membership = Membership.objects.for_org(tenant_a.org).get(user=tenant_b.user)
     assert membership.role == Membership.Role.MEMBER
+    # From now on the session acts for the organization just joined.
+    assert invitee.get("/account/members").context["org"] == tenant_a.org
 
-    response = browser.post(f"/account/members/{membership.pk}/remove", follow=True)
+    response = owner.post(f"/account/members/{membership.pk}/remove", follow=True)
     assert "Removed b-person from Org A." in response.content.decode()
     assert not Membership.objects.for_org(tenant_a.org).filter(user=tenant_b.user).exists()
 
 
-def test_adding_an_unknown_user_or_a_member_twice_says_why(tenant_a):
+def test_inviting_says_the_same_whether_or_not_the_person_exists(tenant_a, tenant_b):
+    """An owner cannot learn who has an account on the instance."""
     browser = signed_in(tenant_a)
-    unknown = browser.post("/account/members", {"username": "nobody"})
-    assert unknown.status_code == 400
-    assert "There is no user named &#x27;nobody&#x27;." in unknown.content.decode()
-    twice = browser.post("/account/members", {"username": "a-person"})
+    said = {}
+    for invitee in ("b-person", "nobody-at-all"):
+        response = browser.post("/account/members", {"invitee": invitee})
+        notices = [
+            str(message) for message in browser.get(response["Location"]).context["messages"]
+        ]
+        said[invitee] = (response.status_code, response["Location"], notices)
+        said[invitee] = str(said[invitee]).replace(invitee, "NAME")
+    assert said["b-person"] == said["nobody-at-all"]
+    assert "If they have an account on Loft, they see the invitation" in said["b-person"]
+    assert Invitation.objects.for_org(tenant_a.org).count() == 2
+    # Inviting again keeps the one invitation.
+    browser.post("/account/members", {"invitee": "b-person"})
+    assert Invitation.objects.for_org(tenant_a.org).filter(invitee="b-person").count() == 1
+
+
+def test_inviting_nobody_or_a_member_says_why(tenant_a):
+    browser = signed_in(tenant_a)
+    empty = browser.post("/account/members", {"invitee": " "})
+    assert empty.status_code == 400
+    assert "Enter the username or the e-mail address" in empty.content.decode()
+    twice = browser.post("/account/members", {"invitee": "a-person"})
     assert twice.status_code == 400
     assert "a-person is already a member of Org A." in twice.content.decode()
+    assert not Invitation.objects.exists()
+
+
+def test_an_invitation_by_e_mail_reaches_the_account_with_that_address(tenant_a, tenant_b):
+    tenant_b.user.email = "Bea@Example.com"
+    tenant_b.user.save()
+    signed_in(tenant_a).post("/account/members", {"invitee": "bea@example.com"})
+    invitation = Invitation.objects.get()
+    assert list(Invitation.pending_for(tenant_b.user)) == [invitation]
+    declined = signed_in(tenant_b).post(f"/account/invitations/{invitation.token}/decline")
+    assert declined.status_code == 302
+    invitation.refresh_from_db()
+    assert invitation.status == Invitation.Status.DECLINED
+    assert not Membership.objects.for_org(tenant_a.org).filter(user=tenant_b.user).exists()
+
+
+def test_an_invitation_is_only_for_the_person_it_names(tenant_a, tenant_b, member_a):
+    invitation = tenant_a.org.invite("somebody-else", invited_by=tenant_a.user)
+    for person in (tenant_b, member_a):
+        response = signed_in(person).post(f"/account/invitations/{invitation.token}/accept")
+        assert response.status_code == 404
+    invitation.refresh_from_db()
+    assert invitation.status == Invitation.Status.PENDING
+
+
+def test_an_owner_withdraws_an_invitation_and_a_member_cannot(tenant_a, member_a):
+    invitation = tenant_a.org.invite("someone", invited_by=tenant_a.user)
+    refused = signed_in(member_a).post(f"/account/invitations/{invitation.pk}/withdraw")
+    assert refused.status_code == 403
+    withdrawn = signed_in(tenant_a).post(
+        f"/account/invitations/{invitation.pk}/withdraw", follow=True
+    )
+    assert "Withdrew the invitation of someone." in withdrawn.content.decode()
+    assert not Invitation.objects.exists()
 
 
 def test_an_owner_cannot_remove_themselves(tenant_a):
@@ -244,13 +349,13 @@ def test_a_member_can_neither_add_nor_remove_members_which_only_owners_can(
 ):
     browser = signed_in(member_a)
     html = browser.get("/account/members").content.decode()
-    assert "Only owners of this organization can add or remove members." in html
+    assert "Only owners of this organization can invite or remove members." in html
     assert "<button" not in html.split("</header>")[1]
 
-    added = browser.post("/account/members", {"username": tenant_b.user.username})
-    assert added.status_code == 403
-    assert "Only owners of this organization" in added.content.decode()
-    assert not Membership.objects.for_org(tenant_a.org).filter(user=tenant_b.user).exists()
+    invited = browser.post("/account/members", {"invitee": tenant_b.user.username})
+    assert invited.status_code == 403
+    assert "Only owners of this organization" in invited.content.decode()
+    assert not Invitation.objects.exists()
 
     owners = Membership.objects.for_org(tenant_a.org).get(user=tenant_a.user)
     own = Membership.objects.for_org(tenant_a.org).get(user=member_a.user)
@@ -265,15 +370,31 @@ def test_a_member_can_neither_add_nor_remove_members_which_only_owners_can(
     assert not Membership.objects.filter(pk=own.pk).exists()
 
 
-def test_keys_are_not_for_owners_only_a_member_issues_and_revokes_one(tenant_a, member_a):
+def test_a_member_sees_the_keys_but_only_owners_create_or_revoke_them(tenant_a, member_a):
     browser = signed_in(member_a)
-    key, secret, html = created_key(browser, "member laptop")
-    assert secret in html
-    assert key.org == tenant_a.org and key.created_by == member_a.user
-    assert api_client_for(secret).get("/v1/files").status_code == 200
+    html = browser.get("/account/keys").content.decode()
+    assert f"{tenant_a.key.prefix}…" in html
+    assert "Only owners of this organization can create or revoke API keys." in html
+    assert "Create a key" not in html and "Revoke" not in html
 
-    response = browser.post(f"/account/keys/{key.id}/revoke", follow=True)
-    assert response.redirect_chain == [("/account/keys", 302)]
-    key.refresh_from_db()
-    assert key.revoked_at is not None
-    assert api_client_for(secret).get("/v1/files").status_code == 401
+    created = browser.post("/account/keys", {"name": "member laptop"})
+    assert created.status_code == 403
+    assert not ApiKey.objects.filter(name="member laptop").exists()
+    revoked = browser.post(f"/account/keys/{tenant_a.key.id}/revoke")
+    assert revoked.status_code == 403
+    tenant_a.key.refresh_from_db()
+    assert tenant_a.key.is_active
+
+
+def test_an_owner_issues_a_key_that_may_manage_keys(tenant_a):
+    browser = signed_in(tenant_a)
+    response = browser.post("/account/keys", {"name": "automation", "scope": "manage_keys"})
+    assert response.status_code == 200
+    key = ApiKey.objects.get(name="automation")
+    assert key.can_manage_keys
+    secret = response.context["new_secret"]
+    created = api_client_for(secret).post("/v1/api_keys", {"name": "made"}, format="json")
+    assert created.status_code == 201
+    bad = browser.post("/account/keys", {"name": "x", "scope": "root"})
+    assert bad.status_code == 400
+    assert "Choose what the key may do" in bad.content.decode()

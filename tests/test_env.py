@@ -46,3 +46,25 @@ def test_a_list_of_integers_is_read_and_a_bad_one_refused_with_its_name():
     assert env.integers("MISSING", [5]) == [5]
     with pytest.raises(ImproperlyConfigured, match="BAD"):
         env.integers("BAD", [5])
+
+
+def test_trusted_proxies_are_addresses_or_ranges_and_a_bad_one_is_named():
+    env = Env(
+        environ={"PROXIES": "10.0.0.0/8, 192.0.2.7,::1", "BAD": "10.0.0.0/8,proxy"}, file_values={}
+    )
+    assert [str(network) for network in env.networks("PROXIES")] == [
+        "10.0.0.0/8",
+        "192.0.2.7/32",
+        "::1/128",
+    ]
+    assert env.networks("MISSING") == []
+    with pytest.raises(ImproperlyConfigured, match="BAD: 'proxy' is not an IP address"):
+        env.networks("BAD")
+
+
+def test_the_https_header_is_a_header_name_read_as_djangos_meta_key():
+    env = Env(environ={"HEADER": "X-Forwarded-Proto", "BAD": "X-Proto: https"}, file_values={})
+    assert env.https_header("HEADER") == ("HTTP_X_FORWARDED_PROTO", "https")
+    assert env.https_header("MISSING") is None
+    with pytest.raises(ImproperlyConfigured, match="BAD"):
+        env.https_header("BAD")

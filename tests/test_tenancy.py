@@ -4,6 +4,7 @@ import pytest
 from django.apps import apps
 from rest_framework.test import APIClient
 
+from loft.models import ApiKey
 from loft.tenancy import TenantOwnedModel
 
 pytestmark = pytest.mark.django_db
@@ -58,10 +59,8 @@ def test_every_model_with_an_org_goes_through_the_tenant_queryset():
             assert hasattr(model.objects, "for_org"), model
 
 
-def test_pages_list_newest_first_with_after_and_limit(api_a):
-    created = [
-        api_a.post("/v1/api_keys", {"name": f"k{i}"}, format="json").json()["id"] for i in range(3)
-    ]
+def test_pages_list_newest_first_with_after_and_limit(api_a, tenant_a):
+    created = [ApiKey.issue(tenant_a.org, name=f"k{i}")[0].id for i in range(3)]
     first = api_a.get("/v1/api_keys", {"limit": 2}).json()
     assert [key["id"] for key in first["data"]] == created[::-1][:2]
     assert first["has_more"] is True

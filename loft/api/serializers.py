@@ -17,6 +17,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
             "id",
             "object",
             "name",
+            "scope",
             "redacted_value",
             "created_at",
             "last_used_at",
