@@ -13,6 +13,7 @@ from jobs.models import (
     FineTuneJob,
     Quota,
     UsageRecord,
+    concurrent_work,
     month_start,
     storage_bytes,
     trained_tokens_this_month,
@@ -143,5 +144,5 @@ def quota_meters(org, usage: Usage) -> QuotaMeters:
             tokens, usage.limits["monthly_trained_tokens"], reserved=tokens - usage.trained_tokens
         ),
         storage_bytes=Meter(usage.storage_bytes, usage.limits["storage_bytes"]),
-        concurrent_jobs=Meter(active.count(), usage.limits["concurrent_jobs"]),
+        concurrent_jobs=Meter(concurrent_work(org), usage.limits["concurrent_jobs"]),
     )

@@ -11,12 +11,14 @@ the kill steps; ``LOFT_CHAOS_REPORT`` names a JSON file the figures are added to
 import json
 import os
 import random
+import signal
 import time
 
 import pytest
 import redis
 import requests
 from django.conf import settings
+from django.db import connection
 
 from jobs.models import Adapter, File, FineTuneJob, JobAttempt, UsageRecord
 from loft import storage
@@ -154,6 +156,112 @@ def test_sigkilled_workers_lose_no_job_and_never_run_one_twice_at_once(
     )
 
 
+def transactions_left_open() -> int:
+    """Sessions of the test database inside a transaction they are not running a query of."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state LIKE 'idle in transaction%%'"
+        )
+        return cursor.fetchone()[0]
+
+
+def pause(worker: WorkerProcess) -> None:
+    """SIGSTOP the worker, as a long GC pause or a frozen VM would, at a moment it holds no
+    transaction open: frozen inside one, it would hold the job's row lock, and the reaper
+    and every other attempt would wait for it (a database's idle-in-transaction timeout is
+    what ends that in production), which is not the fault this test is about."""
+    for _ in range(100):
+        os.killpg(worker.process.pid, signal.SIGSTOP)
+        time.sleep(0.2)  # a query it had sent finishes on the server meanwhile
+        if transactions_left_open() == 0:
+            return
+        os.killpg(worker.process.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError("the worker never paused outside a transaction")
+
+
+def job_record(job: FineTuneJob) -> dict:
+    """Everything of a job an attempt writes, as the database holds it now."""
+    job.refresh_from_db()
+    return {
+        "status": job.status,
+        "progress": job.progress,
+        "metrics": job.metrics,
+        "trained_tokens": job.trained_tokens,
+        "compute_seconds": job.compute_seconds,
+        "events": list(job.events.values_list("id", "message")),
+        "checkpoints": list(job.checkpoints.values_list("step", "attempt", "s3_prefix")),
+        "attempts": list(job.attempts.values_list("number", "worker", "ended_at", "outcome")),
+        "adapters": list(Adapter.objects.filter(job=job).values_list("id", "s3_prefix")),
+        "usage": list(UsageRecord.objects.filter(job=job).values_list("id", "trained_tokens")),
+        # An object written over keeps its key but not its date.
+        "checkpoint_objects": sorted(storage.list_objects(f"{job.s3_prefix}checkpoints/")),
+    }
+
+
+def test_a_paused_worker_past_its_lease_is_fenced_off_and_changes_nothing(
+    tenant_a, tmp_path, private_queue
+):
+    """A worker frozen mid-training (SIGSTOP) past its lease: the reaper re-queues the job and
+    another worker resumes and finishes it. Then the frozen worker wakes (SIGCONT) and carries
+    on where it was: every write it tries (progress, events, a checkpoint, its end) is
+    refused, and the job's record is exactly what it was before it woke."""
+    env = supervised(private_queue)
+    file = banana_file(tenant_a, rows=24)
+    beat = BeatProcess(tmp_path, **env).start()
+    frozen = WorkerProcess(tmp_path, "frozen", private_queue, **env).start()
+    successor = WorkerProcess(tmp_path, "successor", private_queue, **env)
+    paused = False
+    try:
+        job = submit(tenant_a, file, max_steps=6, checkpoint_every=2)
+        wait_for(job, lambda j: j.progress.get("step", 0) >= 3 or finished(j), what="step 3")
+        pause(frozen)
+        paused = True
+        successor.start()
+        job = wait_for(job, finished, what="the job to finish on the successor")
+        before = job_record(job)
+        os.killpg(frozen.process.pid, signal.SIGCONT)
+        paused = False
+        wait_for(
+            lambda: "attempt 1 of the job ended" in frozen.log.read_text(errors="replace"),
+            timeout=120,
+            what="the frozen attempt to come to its end",
+            explain=lambda _: frozen.output(),
+        )
+        after = job_record(job)
+    finally:
+        if paused:
+            os.killpg(frozen.process.pid, signal.SIGCONT)
+        frozen.stop()
+        successor.stop()
+        beat.stop()
+    history = check_history(job)
+    assert_exactly_once(history, job)
+    assert after == before
+    outcomes = [(a.number, a.worker.split("@")[0], a.outcome) for a in job.attempts.all()]
+    assert outcomes == [(1, "frozen", JobAttempt.LOST), (2, "successor", "succeeded")]
+    assert job.metrics["resumed_from_step"] >= 2
+    # It did try: each refused write is in its log, and the last line says who holds the job.
+    log = frozen.log.read_text(errors="replace")
+    refused = log.count(f"attempt 1 no longer holds job {job.id}")
+    assert refused >= 1, frozen.output()
+    assert "attempt 1 of the job ended; the job is succeeded (attempt 2)" in log
+    # No file of the frozen attempt is left among the checkpoints the job keeps.
+    kept = {prefix for _, _, prefix in after["checkpoints"]}
+    assert {key.rsplit("/", 1)[0] + "/" for key, _ in after["checkpoint_objects"]} == kept
+    report(
+        "sigstop",
+        runs=1,
+        pauses=1,
+        jobs=1,
+        succeeded_once=int(history["successes"] == 1),
+        refused_writes_logged=refused,
+        changes_after_waking=int(after != before),
+        overlapping_attempts=history["overlaps"],
+    )
+
+
 def test_a_broker_restart_and_flush_lose_no_job(tenant_a, tmp_path, private_queue, embedded_stack):
     """The broker restarts and forgets every message while one job runs and another waits:
     the sweep re-sends each unfinished job's hint from PostgreSQL, and both finish once."""
@@ -283,6 +391,11 @@ def test_s3_stopped_during_a_checkpoint_makes_the_job_retry_and_no_partial_check
     history = check_history(job)
     assert_exactly_once(history, job)
     assert history["attempts"] >= 2
+    # The tenant read that storage was unavailable; where it lives is for the operators' log.
+    gave_way = [e.message for e in job.events.all() if "storage was unavailable" in e.message]
+    assert gave_way, [e.message for e in job.events.all()]
+    internals = ("orgs/", settings.S3_BUCKET, settings.S3_ENDPOINT_URL)
+    assert not [m for m in gave_way for word in internals if word in m], gave_way
     # Every checkpoint a row points at is whole: its manifest is there, listing its files.
     for checkpoint in job.checkpoints.all():
         manifest = json.loads(storage.get_bytes(f"{checkpoint.s3_prefix}manifest.json"))

@@ -4,25 +4,32 @@ adapter trained on shuffled answers is flagged by the promotion gate; a custom e
 both adapters and the base on an eval file; the playground answers with adapter and base.
 
 One test, because the later steps need the adapters the first ones train, and training is the
-expensive part (a few minutes on two CPU cores); each step says what it checks.
+expensive part (a few minutes on two CPU cores); each step says what it checks. And, without
+training, what a tenant reads when an evaluation or a merge fails on the worker.
 """
 
 import json
 import random
 
 import pytest
+from django.conf import settings
 
-from jobs.models import Adapter, Evaluation, File, FineTuneJob
+from jobs.models import Adapter, BaseModel, Evaluation, File, FineTuneJob
+from loft import storage
 from tests.dates import INSTRUCTION, date_rows
 from tests.helpers import (
     WorkerProcess,
     api_client_for,
+    chat_rows,
     finished,
     jsonl,
     signed_in,
+    stored_adapter,
     upload,
     wait_for,
 )
+from worker.evaluations import run_evaluation
+from worker.merging import run_merge
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -205,3 +212,33 @@ def test_the_evaluation_loop_on_a_learnable_rule(tenant_a, tenant_b, celery_work
         assert page.count("<pre") >= 2 and "1990-07-04" in page
     finally:
         inference.stop()
+
+
+def test_a_failed_evaluation_or_merge_tells_the_tenant_a_sentence_not_storage_internals(
+    tenant_a, tmp_path, private_queue
+):
+    """Their objects gone from storage: the worker's tasks (run here, in process) end them
+    failed with a sentence; the endpoint, bucket and keys stay in the operators' log."""
+    internals = ("orgs/", settings.S3_BUCKET, settings.S3_ENDPOINT_URL, "NoSuchKey", "404")
+
+    adapter = stored_adapter(tenant_a, tmp_path)
+    file = uploaded(api_client_for(tenant_a.secret), chat_rows(4), "eval.jsonl", purpose="eval")
+    storage.delete_object(file.s3_key)
+    evaluation = Evaluation.submit(
+        org=tenant_a.org,
+        file=file,
+        base_model=BaseModel.default(),
+        adapters=[adapter],
+        options={"max_generations": 1, "max_new_tokens": 4},
+    )
+    run_evaluation(evaluation.id)
+    evaluation.refresh_from_db()
+    assert evaluation.status == "failed" and evaluation.error["code"] == "storage_unavailable"
+    assert not [word for word in internals if word in evaluation.error["message"]]
+
+    storage.delete_prefix(adapter.s3_prefix)
+    assert adapter.request_merge()
+    run_merge(adapter.id)
+    adapter.refresh_from_db()
+    assert adapter.merged_status == "failed" and "unavailable" in adapter.merged_error
+    assert not [word for word in internals if word in adapter.merged_error]

@@ -1,10 +1,24 @@
 """``/v1/evaluations`` and ``/v1/adapters/{id}/generate``: what they accept, refuse and show,
 without a worker (the loop itself, through real workers, is tests/test_evaluation_loop.py)."""
 
+import time
+
 import pytest
 
-from jobs.models import Adapter, BaseModel, Evaluation
-from tests.helpers import api_client_for, chat_rows, jsonl, stored_adapter, upload
+from jobs import playground
+from jobs.models import Adapter, BaseModel, Evaluation, FineTuneJob, Quota, QuotaExceeded
+from jobs.usage import quota_meters, usage_of
+from tests.helpers import (
+    api_client_for,
+    banana_file,
+    chat_rows,
+    jsonl,
+    signed_in,
+    stored_adapter,
+    submit,
+    upload,
+)
+from worker.serving import serve_generation
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]
 
@@ -145,3 +159,121 @@ def test_evaluation_leaderboard_and_playground_pages_are_the_tenants_own(
     client.force_login(tenant_b.user)
     for page in pages:
         assert client.get(page).status_code == 404, page
+
+
+def test_the_playground_refuses_a_conversation_that_leaves_no_room_for_the_answer(
+    api_a, tenant_a, tmp_path, client, inference_queue
+):
+    adapter = stored_adapter(tenant_a, tmp_path)
+    BaseModel.objects.filter(pk=adapter.base_model_id).update(context_length=100)
+    url = f"/v1/adapters/{adapter.id}/generate"
+    long = {"role": "user", "content": "Tell me more about the weather. " * 20}
+    response = api_a.post(url, {"messages": [long], "max_tokens": 64}, format="json")
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "context of 100 tokens, less max_tokens (64), leaves room for 36" in error["message"]
+    assert int(error["message"].split("The messages are ")[1].split()[0]) > 36
+
+    # A short question fits; it goes on to the (absent) worker.
+    short = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    assert api_a.post(url, short, format="json").status_code == 503
+
+    client.force_login(tenant_a.user)
+    page = client.post(
+        f"/adapters/{adapter.id}/playground", {"prompt": long["content"], "max_tokens": 64}
+    )
+    assert page.status_code == 200 and "leaves room for 36" in page.content.decode()
+
+
+def test_an_organization_gets_429_past_its_running_generate_requests(
+    api_a, api_b, tenant_a, tenant_b, tmp_path, settings, inference_queue
+):
+    settings.LOFT_INFERENCE_CONCURRENT_PER_ORG = 1
+    adapter = stored_adapter(tenant_a, tmp_path)
+    (tmp_path / "b").mkdir()
+    adapter_b = stored_adapter(tenant_b, tmp_path / "b")
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    url = f"/v1/adapters/{adapter.id}/generate"
+
+    streaming = api_a.post(url, {**body, "stream": True}, format="json")  # holds A's one place
+    refused = api_a.post(url, body, format="json")
+    assert refused.status_code == 429, refused.content
+    assert refused["Retry-After"] == "5"
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+    assert "already has 1 generation requests running" in error["message"]
+    other_tenant = api_b.post(f"/v1/adapters/{adapter_b.id}/generate", body, format="json")
+    assert other_tenant.status_code == 503, "B has places of its own"
+
+    b"".join(streaming.streaming_content)  # the stream ends: its place is given back
+    assert api_a.post(url, body, format="json").status_code == 503
+
+
+def test_custom_evaluations_and_merges_hold_a_worker_and_count_toward_concurrent_jobs(
+    api_a, tenant_a, tmp_path
+):
+    """Each waits for, then holds, a worker as a job does: past the limit, neither is queued,
+    and the tenant reads which quota and why."""
+    Quota.objects.create(org=tenant_a.org, max_concurrent_jobs=2)
+    adapter = stored_adapter(tenant_a, tmp_path)
+    file_id = eval_file(tenant_a)
+
+    def evaluate():
+        body = {"file": file_id, "models": [adapter.id]}
+        return api_a.post("/v1/evaluations", body, format="json")
+
+    assert evaluate().status_code == 200
+    assert adapter.request_merge()
+    assert quota_meters(tenant_a.org, usage_of(tenant_a.org)).concurrent_jobs.used == 2
+
+    refused = evaluate()
+    assert refused.status_code == 429, refused.content
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("quota_exceeded", "concurrent_jobs")
+    assert "2 of 2 jobs, evaluations and merges" in error["message"]
+    assert Evaluation.objects.filter(org=tenant_a.org).count() == 1
+    with pytest.raises(QuotaExceeded):
+        submit(tenant_a, banana_file(tenant_a), max_steps=1)
+    assert not FineTuneJob.objects.filter(org=tenant_a.org).exists()
+
+    (tmp_path / "other").mkdir()
+    other = stored_adapter(tenant_a, tmp_path / "other", name="other")
+    page = signed_in(tenant_a).post(f"/adapters/{other.id}/merge", follow=True)
+    assert "Quota concurrent_jobs reached" in page.content.decode()
+    other.refresh_from_db()
+    assert other.merged_status == Adapter.MergedStatus.NONE
+
+    # Once the evaluation is done, there is room again.
+    Evaluation.objects.filter(org=tenant_a.org).update(status=Evaluation.Status.SUCCEEDED)
+    assert evaluate().status_code == 200
+
+
+def test_merged_weights_count_toward_the_storage_quota(api_a, tenant_a, tmp_path):
+    adapter = stored_adapter(tenant_a, tmp_path)
+    before = usage_of(tenant_a.org).storage_bytes
+    Adapter.objects.filter(pk=adapter.pk).update(
+        merged_status=Adapter.MergedStatus.READY, merged_size_bytes=270_000_000
+    )
+    assert usage_of(tenant_a.org).storage_bytes == before + 270_000_000
+    Quota.objects.create(org=tenant_a.org, max_storage_bytes=before + 1_000_000)
+    refused = upload(api_a, jsonl(chat_rows(4)), name="more.jsonl")
+    assert refused.status_code == 429 and refused.json()["error"]["param"] == "storage_bytes"
+
+
+def test_the_worker_stops_generating_for_a_client_that_stopped_waiting(tenant_a, tmp_path):
+    """Worker side (worker/serving.py), called here in-process: the base model answers."""
+    adapter = stored_adapter(tenant_a, tmp_path)
+    story = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}]}
+    request = {**story, "max_tokens": 64, "temperature": 0, "with_adapter": False}
+
+    serve_generation("late", tenant_a.org.id, adapter.id, {**request, "answer_by": time.time()})
+    events = list(playground.read_events("late", time.time() + 5))
+    assert [(e["type"], e.get("code")) for e in events] == [("error", "timeout")]
+
+    # A prompt too long for the context is refused by the worker too, before any compute.
+    BaseModel.objects.filter(pk=adapter.base_model_id).update(context_length=40)
+    in_time = {**request, "answer_by": time.time() + 60}
+    serve_generation("long", tenant_a.org.id, adapter.id, in_time)
+    [event] = playground.read_events("long", time.time() + 5)
+    assert event["code"] == "context_length_exceeded" and "context of 40 tokens" in event["message"]

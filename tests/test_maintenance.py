@@ -8,7 +8,15 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from jobs.models import File, MonthlyUsage, UsageRecord, month_start
+from jobs.models import (
+    BaseModel,
+    Checkpoint,
+    File,
+    FineTuneJob,
+    MonthlyUsage,
+    UsageRecord,
+    month_start,
+)
 from loft import storage
 from loft.celery import app
 from worker import maintenance
@@ -69,6 +77,31 @@ def test_the_sweep_deletes_old_objects_no_row_owns_and_keeps_the_rest(tenant_a, 
     assert deleted == 2
     left = set(storage.list_keys(f"orgs/{org.id}/")) | set(storage.list_keys(f"orgs/{other.id}/"))
     assert left == {keys["owned"], keys["unknown_kind"]}
+
+
+def test_the_sweep_deletes_a_live_jobs_checkpoints_that_no_row_records(tenant_a):
+    """An attempt that died, or was fenced off, between its upload and its row leaves files
+    under a job that still exists; only the recorded checkpoint's stay."""
+    org = tenant_a.org
+    training = File.objects.create(
+        org=org, filename="t.jsonl", purpose="fine-tune", bytes=4, s3_key="x"
+    )
+    job = FineTuneJob.objects.create(
+        org=org, base_model=BaseModel.default(), training_file=training
+    )
+    recorded = f"{job.s3_prefix}checkpoints/attempt-2/step-4/"
+    Checkpoint.objects.create(job=job, step=4, attempt=2, s3_prefix=recorded)
+    keys = {
+        "recorded": f"{recorded}manifest.json",
+        "stale_attempt": f"{job.s3_prefix}checkpoints/attempt-1/step-4/adapter_model.safetensors",
+        "unrecorded_step": f"{job.s3_prefix}checkpoints/attempt-2/step-6/manifest.json",
+        "not_a_checkpoint": f"{job.s3_prefix}notes/readme.txt",
+    }
+    for key in keys.values():
+        storage.put_bytes(key, b"data")
+    time.sleep(1.5)  # S3 dates objects to the second
+    assert maintenance.sweep_orphan_objects(timedelta(seconds=1), prefix=job.s3_prefix) == 2
+    assert set(storage.list_keys(job.s3_prefix)) == {keys["recorded"], keys["not_a_checkpoint"]}
 
 
 def test_the_monthly_roll_up_sums_each_organizations_ledger_and_can_run_again(tenant_a, tenant_b):

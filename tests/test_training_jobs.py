@@ -1,6 +1,7 @@
 """Fine-tuning jobs on real Celery workers: QLoRA end to end, continuing from an adapter,
 cancel within a step. A few short steps on short rows each. (Killed workers, a lost broker,
-S3 down, the time limit: tests/test_chaos.py.)"""
+S3 down, the time limit: tests/test_chaos.py.) And the worker's side of a job without
+training: its checkpoints (fenced, bounded, counted) and resuming from them."""
 
 import json
 import time
@@ -9,10 +10,12 @@ import pytest
 import torch
 from django.conf import settings
 
+from engine import artifacts
 from engine.base_models import load_base_model, load_tokenizer
-from jobs.models import Adapter, BaseModel, FineTuneJob
+from jobs.models import Adapter, BaseModel, FineTuneJob, JobAttempt, UsageRecord, storage_bytes
 from loft import storage
 from tests.helpers import BANANA_ANSWER, banana_file, finished, submit, wait_for
+from worker import training
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -34,12 +37,22 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
 ):
     from peft import PeftModel
 
-    job = submit(tenant_a, banana_file(tenant_a), max_steps=3, checkpoint_every=2)
+    job = submit(tenant_a, banana_file(tenant_a), max_steps=3, checkpoint_every=1)
     job = wait_for(job, finished, what="the job to finish")
     assert job.status == "succeeded", (job.error, [e.message for e in job.events.all()])
     assert job.attempt == 1 and job.trained_tokens > 0
     assert job.progress["step"] == 3 and job.metrics["validation_loss"] is not None
-    assert sorted(job.checkpoints.values_list("step", flat=True)) == [2, 3]
+    # A checkpoint at every step, and the job keeps the newest two, in storage as in rows.
+    checkpoints = list(job.checkpoints.order_by("step"))
+    assert [c.step for c in checkpoints] == [2, 3]
+    assert [c.s3_prefix for c in checkpoints] == [
+        f"{job.s3_prefix}checkpoints/attempt-1/step-{step}/" for step in (2, 3)
+    ]
+    assert checkpoint_prefixes(job) == {c.s3_prefix for c in checkpoints}
+    kept_bytes = sum(c.size_bytes for c in checkpoints)
+    assert all(c.size_bytes > 0 for c in checkpoints)
+    adapter_bytes = Adapter.objects.get(job=job).size_bytes
+    assert storage_bytes(tenant_a.org) == job.training_file.bytes + adapter_bytes + kept_bytes
 
     adapter = Adapter.objects.get(job=job)
     assert adapter.name == f"ft:{job.base_model.name}:{tenant_a.org.slug}:test:{job.id}"
@@ -117,3 +130,138 @@ def test_a_queued_job_is_cancelled_at_once(tenant_a):
     job.request_cancel()
     assert job.status == "cancelled"
     assert job.claim("nobody") is None
+
+
+def test_a_cancel_asked_while_an_attempt_gives_way_to_storage_ends_the_job_cancelled(tenant_a):
+    """Cancelled while object storage was down: the attempt that gives way must not queue the
+    job again, since a job that asked to stop is never claimed (it would wait forever)."""
+    job = FineTuneJob.objects.create(
+        org=tenant_a.org, base_model=BaseModel.default(), training_file=banana_file(tenant_a)
+    )
+    attempt = job.claim("worker-1")
+    job.request_cancel()
+    assert job.status == "running" and job.cancel_requested
+    assert job.give_way(attempt, "object storage was unavailable.", max_attempts=5, retry_in=30)
+    job.refresh_from_db()
+    assert job.status == "cancelled" and job.finished_at is not None
+    assert [(a.number, a.outcome) for a in job.attempts.all()] == [(1, JobAttempt.STORAGE)]
+    assert list(job.events.values_list("message", flat=True))[-1] == "Job cancelled."
+    assert UsageRecord.objects.filter(job=job).count() == 1
+    assert job.claim("worker-2") is None
+
+
+def job_held_by(tenant, attempts: int) -> FineTuneJob:
+    """A job claimed ``attempts`` times, each attempt but the last taken back by the reaper."""
+    job = FineTuneJob.objects.create(
+        org=tenant.org, base_model=BaseModel.default(), training_file=banana_file(tenant)
+    )
+    for number in range(1, attempts + 1):
+        if number > 1:
+            FineTuneJob.objects.filter(pk=job.pk).update(heartbeat_at="2000-01-01T00:00Z")
+            assert FineTuneJob.reap_stale(lease_seconds=1, max_attempts=10) == [job.id]
+        assert job.claim(f"worker-{number}") == number
+    return job
+
+
+def checkpoint_folder(tmp_path, step: int):
+    folder = tmp_path / f"local-step-{step}"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(bytes([step]) * 1000)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return folder
+
+
+def checkpoint_prefixes(job: FineTuneJob) -> set[str]:
+    """The checkpoint folders in storage (each holds its files and its manifest)."""
+    keys = storage.list_keys(f"{job.s3_prefix}checkpoints/")
+    return {key.rsplit("/", 1)[0] + "/" for key in keys}
+
+
+def test_checkpoints_are_written_per_attempt_fenced_bounded_and_counted(tenant_a, tmp_path):
+    """A checkpoint every step keeps only the newest two; a stale attempt (its job taken back
+    and claimed again) records nothing and leaves nothing, and never writes over the current
+    attempt's files; what is kept counts toward the organization's storage."""
+    job = job_held_by(tenant_a, attempts=1)
+    first = training.JobRun(job, 1, tmp_path, time.monotonic())
+    for step in (1, 2, 3):
+        first.on_checkpoint(checkpoint_folder(tmp_path, step), step)
+    kept = list(job.checkpoints.order_by("step"))
+    assert [(c.step, c.attempt) for c in kept] == [(2, 1), (3, 1)]
+    assert checkpoint_prefixes(job) == {c.s3_prefix for c in kept}
+    assert {c.s3_prefix for c in kept} == {
+        f"{job.s3_prefix}checkpoints/attempt-1/step-2/",
+        f"{job.s3_prefix}checkpoints/attempt-1/step-3/",
+    }
+    assert not (tmp_path / "local-step-1").exists()  # uploaded, then off the worker's disk
+    file_bytes = job.training_file.bytes
+    assert storage_bytes(tenant_a.org) == file_bytes + sum(c.size_bytes for c in kept) > file_bytes
+
+    # The reaper hands the job to attempt 2; attempt 1 wakes up and checkpoints step 4.
+    FineTuneJob.objects.filter(pk=job.pk).update(heartbeat_at="2000-01-01T00:00Z")
+    FineTuneJob.reap_stale(lease_seconds=1, max_attempts=10)
+    assert job.claim("worker-2") == 2
+    second = training.JobRun(job, 2, tmp_path, time.monotonic())
+    first.on_checkpoint(checkpoint_folder(tmp_path, 4), 4)
+    assert sorted(job.checkpoints.values_list("step", flat=True)) == [2, 3]
+    assert checkpoint_prefixes(job) == {c.s3_prefix for c in kept}
+    # Attempt 2, resumed from step 2, checkpoints step 3 anew: attempt 1's step 3 goes.
+    second.on_checkpoint(checkpoint_folder(tmp_path, 3), 3)
+    latest = job.checkpoints.get(step=3)
+    assert latest.attempt == 2
+    assert latest.s3_prefix == f"{job.s3_prefix}checkpoints/attempt-2/step-3/"
+    assert checkpoint_prefixes(job) == {
+        f"{job.s3_prefix}checkpoints/attempt-1/step-2/",
+        latest.s3_prefix,
+    }
+
+
+def stored_checkpoint(job: FineTuneJob, tmp_path, step: int):
+    """A checkpoint of ``job`` at ``step``, recorded the way a worker records one."""
+    folder = checkpoint_folder(tmp_path, step)
+    prefix = f"{job.s3_prefix}checkpoints/attempt-{job.attempt}/step-{step}/"
+    manifest = artifacts.build_manifest(folder)
+    storage.upload_folder(folder, prefix, manifest)
+    assert job.record_checkpoint(job.attempt, step, prefix, manifest, {}, keep=10) == []
+    return prefix
+
+
+def test_resume_skips_a_damaged_or_incomplete_checkpoint_for_the_newest_whole_one(
+    tenant_a, tmp_path
+):
+    job = job_held_by(tenant_a, attempts=1)
+    whole, damaged, incomplete = (stored_checkpoint(job, tmp_path, s) for s in (2, 4, 6))
+    storage.put_bytes(f"{damaged}adapter_model.safetensors", b"not what the manifest says")
+    storage.delete_object(f"{incomplete}trainer_state.json")
+
+    folder, step, skipped = training.latest_usable_checkpoint(job, tmp_path / "work")
+    assert (step, skipped) == (2, [6, 4])
+    assert json.loads((folder / "trainer_state.json").read_text()) == {"step": 2}
+    # Without its manifest, a checkpoint does not exist either.
+    storage.delete_object(f"{whole}manifest.json")
+    assert training.latest_usable_checkpoint(job, tmp_path / "again") == (None, 0, [6, 4, 2])
+
+
+def test_resume_that_cannot_reach_storage_gives_way_rather_than_start_over(
+    tenant_a, tmp_path, embedded_stack
+):
+    """Storage down while resuming is not a damaged checkpoint: the attempt must wait and
+    resume from it later, not fall back to an older one or to step 0."""
+    job = job_held_by(tenant_a, attempts=1)
+    prefix = stored_checkpoint(job, tmp_path, 2)
+    embedded_stack.stop_service("storage")
+    try:
+        with pytest.raises(storage.StorageError):
+            training.latest_usable_checkpoint(job, tmp_path / "work")
+    finally:
+        embedded_stack.start_service("storage")
+        storage.client.cache_clear()
+
+    def storage_answers() -> bool:
+        try:
+            return bool(storage.get_bytes(f"{prefix}manifest.json"))
+        except storage.StorageError:
+            return False  # a restarted SeaweedFS answers 500 for a few seconds
+
+    wait_for(storage_answers, timeout=60, what="storage to answer again")
+    folder, step, skipped = training.latest_usable_checkpoint(job, tmp_path / "later")
+    assert (step, skipped) == (2, [])

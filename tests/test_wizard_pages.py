@@ -3,8 +3,8 @@ beside their field, tenant walls. (The same flow in a real browser: tests/test_b
 
 import pytest
 
-from jobs.models import File, FineTuneJob
-from jobs.views.jobs import loss_chart
+from jobs.models import File, FineTuneJob, JobEvent
+from jobs.views.jobs import CHART_POINTS, SHOWN_EVENTS, loss_chart
 from tests.helpers import chat_rows, jsonl, upload
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]
@@ -114,3 +114,30 @@ def test_the_loss_chart_scales_training_and_held_out_loss_into_the_box():
     assert ys[0] == chart["top"] and ys[2] > ys[1] > ys[0]  # lower loss is drawn lower
     assert chart["top"] < chart["validation_y"] < chart["bottom"]
     assert loss_chart([], None, 0) == {}
+
+
+def test_a_long_jobs_live_fragment_reads_its_newest_events_and_a_sample_of_its_losses(
+    browser_a, api_a, tenant_a
+):
+    """One event per step: the fragment polled every two seconds reads a bounded number of
+    them however long the job, and its chart keeps the first and the latest loss."""
+    job = FineTuneJob.submit(
+        org=tenant_a.org,
+        training_file=File.objects.get(pk=dataset(api_a)),
+        hyperparameters={"max_steps": 5000, "batch_size": 2, "max_seq_length": 128},
+    )
+    steps = 5000
+    JobEvent.objects.bulk_create(
+        JobEvent(
+            job=job,
+            message=f"Step {step}/{steps}",
+            data={"step": step, "train_loss": 3.0 - step / steps},
+        )
+        for step in range(1, steps + 1)
+    )
+    page = browser_a.get(f"/jobs/{job.id}/live").content.decode()
+    points = page.split('class="train-loss"')[0].rsplit('points="', 1)[1].split('"')[0].split()
+    assert len(points) == CHART_POINTS
+    assert page.count('<li class="event-') == SHOWN_EVENTS
+    assert f"Step {steps}/{steps}" in page and "Step 1/" not in page
+    assert "latest 2.0000" in page  # the chart's figure is the last step's loss

@@ -36,10 +36,18 @@ def run_evaluation(evaluation_id: str) -> None:
     except data.DatasetError as error:
         evaluation.fail(error.code, str(error))
     except StorageError as error:
-        evaluation.fail("storage_unavailable", f"Object storage failed: {error}")
+        # The tenant reads a sentence; the endpoint, bucket and key are for the operators' log.
+        logger.warning("evaluation %s met a storage error: %s", evaluation.id, error)
+        evaluation.fail(
+            "storage_unavailable", "Object storage was unavailable; run the evaluation again."
+        )
     except Exception as error:  # noqa: BLE001 - the evaluation must end with a sentence
         logger.exception("evaluation %s failed", evaluation.id)
-        evaluation.fail("evaluation_failed", f"{error.__class__.__name__}: {error}")
+        evaluation.fail(
+            "evaluation_failed",
+            f"The evaluation failed on the worker ({error.__class__.__name__}); the operators "
+            "have the details in its log.",
+        )
 
 
 def _score_every_model(evaluation: Evaluation) -> dict:

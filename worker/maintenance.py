@@ -15,7 +15,15 @@ from django.conf import settings
 from django.utils import timezone
 
 from jobs import ops, tasks
-from jobs.models import Adapter, Evaluation, File, FineTuneJob, MonthlyUsage, month_start
+from jobs.models import (
+    Adapter,
+    Checkpoint,
+    Evaluation,
+    File,
+    FineTuneJob,
+    MonthlyUsage,
+    month_start,
+)
 from loft import storage
 
 logger = logging.getLogger(__name__)
@@ -51,8 +59,10 @@ def owner_of(key: str) -> tuple[str, type, str] | None:
 def sweep_orphan_objects(older_than: timedelta | None = None, prefix: str = "orgs/") -> int:
     """Delete objects under ``orgs/`` that no row owns: left by a write whose transaction
     rolled back, or by a delete that removed the row and failed halfway through the objects.
-    Only objects older than the grace period: a younger one may be an upload whose row is
-    about to commit. Keys of a shape Loft does not write are left alone."""
+    Under a job that still exists, its checkpoints no Checkpoint row names go too: an attempt
+    that died, or was fenced off, between its upload and its row, or a pruned checkpoint whose
+    deletion failed. Only objects older than the grace period: a younger one may be an upload
+    whose row is about to commit. Keys of a shape Loft does not write are left alone."""
     if older_than is None:
         older_than = timedelta(seconds=settings.LOFT_ORPHAN_GRACE_SECONDS)
     cutoff = timezone.now() - older_than
@@ -62,18 +72,32 @@ def sweep_orphan_objects(older_than: timedelta | None = None, prefix: str = "org
         if owner is not None and modified <= cutoff:
             org_id, model, object_id = owner
             candidates.setdefault((model, object_id, org_id), []).append(key)
-    deleted = 0
+    orphans = []
     for model in OWNERS.values():
         ids = [object_id for (m, object_id, _org) in candidates if m is model]
         owned = set(model.objects.filter(pk__in=ids).values_list("pk", "org_id"))
         for (m, object_id, org_id), keys in candidates.items():
-            if m is model and (object_id, org_id) not in owned:
-                for key in keys:
-                    storage.delete_object(key)
-                deleted += len(keys)
-    if deleted:
-        logger.info("deleted %d objects that no row owns", deleted)
-    return deleted
+            if m is not model:
+                continue
+            if (object_id, org_id) not in owned:
+                orphans += keys
+            elif model is FineTuneJob:
+                orphans += unrecorded_checkpoint_keys(object_id, keys)
+    for key in orphans:
+        storage.delete_object(key)
+    if orphans:
+        logger.info("deleted %d objects that no row owns", len(orphans))
+    return len(orphans)
+
+
+def unrecorded_checkpoint_keys(job_id: str, keys: list[str]) -> list[str]:
+    """Those of a job's ``keys`` that lie under its checkpoints but under no recorded one."""
+    recorded = tuple(Checkpoint.objects.filter(job_id=job_id).values_list("s3_prefix", flat=True))
+    return [
+        key
+        for key in keys
+        if key.split("/")[4:5] == ["checkpoints"] and not key.startswith(recorded)
+    ]
 
 
 def roll_up_usage() -> int:

@@ -38,10 +38,21 @@ def run_merge(adapter_id: str) -> None:
     try:
         manifest = merged_weights(adapter)
     except StorageError as error:
-        _end(adapter, Status.FAILED, merged_error=f"Object storage failed: {error}")
+        # The tenant reads a sentence; the endpoint, bucket and key are for the operators' log.
+        logger.warning("merging adapter %s met a storage error: %s", adapter.id, error)
+        _end(
+            adapter,
+            Status.FAILED,
+            merged_error="Object storage was unavailable; ask for the merged weights again.",
+        )
     except Exception as error:  # noqa: BLE001 - the page must say why, in a sentence
         logger.exception("merging adapter %s failed", adapter.id)
-        _end(adapter, Status.FAILED, merged_error=f"{error.__class__.__name__}: {error}")
+        _end(
+            adapter,
+            Status.FAILED,
+            merged_error=f"Merging failed on the worker ({error.__class__.__name__}); the "
+            "operators have the details in its log.",
+        )
     else:
         _end(
             adapter,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from botocore.exceptions import ClientError
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections, transaction
@@ -21,13 +22,18 @@ from django.db import close_old_connections, transaction
 from engine import artifacts, data, evaluate, train
 from engine.base_models import training_device, warm_base_models
 from engine.hyperparameters import ConfigError, TrainConfig
-from jobs.models import Adapter, Checkpoint, Evaluation, File, FineTuneJob
+from jobs.models import Adapter, Evaluation, File, FineTuneJob
 from loft import storage
 from loft.observability import bind_log_fields
 from worker.tokenizer import tokenizer_for
 
 logger = logging.getLogger(__name__)
 Status = FineTuneJob.Status
+
+# Checkpoints a job keeps in storage: the newest, and the one before it should the newest turn
+# out damaged. Older ones are deleted once a newer one is recorded; a checkpoint every step
+# would otherwise fill the bucket (and the tenant's storage quota) without end.
+CHECKPOINTS_KEPT = 2
 
 
 class Heartbeat(threading.Thread):
@@ -73,14 +79,17 @@ def run_job(job_id: str, worker: str) -> None:
         folder, comparison = run.evaluate(model)
         run.finish(run.save(folder, comparison, result), comparison)
     except storage.StorageError as error:
-        # Passing, most likely: the job waits and resumes rather than failing on a blip.
-        FineTuneJob.objects.filter(pk=job.pk).update(compute_seconds=_compute_seconds(job, started))
-        job.give_way(
+        # Passing, most likely: the job waits and resumes rather than failing on a blip. The
+        # tenant reads a sentence; the endpoint, bucket and key are for the operators' log.
+        logger.warning("attempt %s of job %s met a storage error: %s", attempt, job.id, error)
+        job.fenced(attempt).update(compute_seconds=_compute_seconds(job, started))
+        if not job.give_way(
             attempt,
-            f"object storage failed ({error}).",
+            "object storage was unavailable.",
             settings.LOFT_MAX_ATTEMPTS,
             retry_in=settings.LOFT_STORAGE_RETRY_SECONDS * attempt,
-        )
+        ):
+            _refused(job, attempt, "its giving way to storage")
     except train.TimeLimitReached as limit:
         kept = (
             f"Its checkpoint at step {limit.step} is kept: an operator can retry the job from "
@@ -96,13 +105,8 @@ def run_job(job_id: str, worker: str) -> None:
             f"{settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS} s, the most a worker allows. {kept}",
             started,
         )
-    except train.TrainingCancelled:
-        job.finish(
-            attempt,
-            Status.CANCELLED,
-            "Job cancelled.",
-            compute_seconds=_compute_seconds(job, started),
-        )
+    except train.TrainingCancelled:  # asked to, or its lease was lost (then this is refused)
+        _end(job, attempt, Status.CANCELLED, "Job cancelled.", started)
     except (data.DatasetError, ConfigError) as error:
         _fail(
             job,
@@ -135,14 +139,20 @@ def run_job(job_id: str, worker: str) -> None:
                 job,
                 attempt,
                 "training_failed",
-                f"Training failed: {error.__class__.__name__}: {error}",
+                f"Training failed on the worker ({error.__class__.__name__}); the operators "
+                "have the details in its log.",
                 started,
             )
     finally:
         heartbeat.stop()
         shutil.rmtree(work, ignore_errors=True)
-        job.refresh_from_db(fields=["status"])
-        logger.info("attempt %s of the job ended; the job is %s", attempt, job.status)
+        job.refresh_from_db(fields=["status", "attempt"])
+        logger.info(
+            "attempt %s of the job ended; the job is %s (attempt %s)",
+            attempt,
+            job.status,
+            job.attempt,
+        )
 
 
 def _is_out_of_memory(error: Exception) -> bool:
@@ -155,13 +165,27 @@ def _compute_seconds(job: FineTuneJob, started: float) -> float:
 
 
 def _fail(job: FineTuneJob, attempt: int, code: str, message: str, started: float) -> None:
-    job.finish(
-        attempt,
-        Status.FAILED,
-        message,
-        error={"code": code, "message": message, "param": None},
-        compute_seconds=_compute_seconds(job, started),
-    )
+    error = {"code": code, "message": message, "param": None}
+    _end(job, attempt, Status.FAILED, message, started, error=error)
+
+
+def _end(
+    job: FineTuneJob,
+    attempt: int,
+    status: str,
+    message: str,
+    started: float,
+    error: dict | None = None,
+) -> None:
+    compute_seconds = _compute_seconds(job, started)
+    if not job.finish(attempt, status, message, error=error, compute_seconds=compute_seconds):
+        _refused(job, attempt, f"its end ({status})")
+
+
+def _refused(job: FineTuneJob, attempt: int, what: str) -> None:
+    """Say in the log that a write of this attempt was refused: another attempt, or the
+    reaper, took the job while it was away (paused, cut off, too slow to renew its lease)."""
+    logger.warning("attempt %s no longer holds job %s; refused: %s", attempt, job.id, what)
 
 
 def read_examples(file: File) -> tuple[list[data.Example], int]:
@@ -212,18 +236,39 @@ def _prepare_data(job: FineTuneJob, attempt: int, config: TrainConfig, tokenizer
     return tokenized, held_out, held_examples
 
 
-def _latest_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None, int]:
-    """The newest complete checkpoint, downloaded and checked against its manifest."""
+def latest_usable_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None, int, list[int]]:
+    """The newest checkpoint whose files are all in storage and match its manifest, downloaded:
+    (its folder, its step, the steps of newer ones found damaged and skipped). (None, 0, …)
+    when there is none: the run starts from step 0.
+
+    A checkpoint that storage says is incomplete (an object missing) or whose files do not
+    match its manifest is skipped for an older one. Storage failing to answer is another
+    matter: the StorageError goes up, and the attempt gives way and resumes later from the
+    checkpoint it could not read, rather than from an older one or from the start."""
+    skipped = []
     for checkpoint in job.checkpoints.all():
         folder = work / "resume" / f"step-{checkpoint.step}"
         try:
             manifest = storage.download_folder(checkpoint.s3_prefix, folder)
             artifacts.verify(folder, manifest)
-        except (storage.StorageError, ValueError) as error:
-            logger.warning("checkpoint %s of %s unusable: %s", checkpoint.step, job.id, error)
-            continue
-        return folder, checkpoint.step
-    return None, 0
+        except storage.StorageError as error:
+            if not _is_missing_object(error):
+                raise
+            logger.warning("checkpoint %s of %s incomplete: %s", checkpoint.step, job.id, error)
+        except (ValueError, KeyError) as error:  # a file or the manifest itself is damaged
+            logger.warning("checkpoint %s of %s damaged: %s", checkpoint.step, job.id, error)
+        else:
+            return folder, checkpoint.step, skipped
+        skipped.append(checkpoint.step)
+        shutil.rmtree(folder, ignore_errors=True)
+    return None, 0, skipped
+
+
+def _is_missing_object(error: storage.StorageError) -> bool:
+    """True when S3 answered that an object is not there, as opposed to not answering."""
+    cause = error.__cause__
+    code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
+    return code in {"NoSuchKey", "404", "NotFound"}
 
 
 class JobRun:
@@ -250,7 +295,9 @@ class JobRun:
         self.train_rows, self.held_out, self.held_examples = _prepare_data(
             job, self.attempt, config, self.tokenizer
         )
-        self.resume_from, self.resumed_step = _latest_checkpoint(job, self.work)
+        self.resume_from, self.resumed_step, skipped = latest_usable_checkpoint(job, self.work)
+        for step in skipped:
+            self.event(f"The checkpoint at step {step} is incomplete or damaged; it is skipped.")
         if self.resume_from is not None:
             self.event(f"Resuming from the checkpoint at step {self.resumed_step}.")
         self.parent_folder = None
@@ -273,9 +320,11 @@ class JobRun:
     def on_progress(self, progress: train.Progress) -> None:
         self.latest.update(train_loss=progress.loss, learning_rate=progress.learning_rate)
         trained = self.tokens_before_resume + progress.trained_tokens
-        self.job.record_progress(
+        if not self.job.record_progress(
             self.attempt, {**progress.__dict__, "trained_tokens": trained}, trained
-        )
+        ):
+            _refused(self.job, self.attempt, f"its step {progress.step}")
+            return
         self.event(
             f"Step {progress.step}/{progress.total_steps}: training loss {progress.loss:.4f}",
             {
@@ -286,18 +335,22 @@ class JobRun:
         )
 
     def on_checkpoint(self, folder: Path, step: int) -> None:
-        prefix = f"{self.job.s3_prefix}checkpoints/step-{step}/"
-        storage.upload_folder(folder, prefix, artifacts.build_manifest(folder))
-        if self.job.fenced(self.attempt).exists():
-            Checkpoint.objects.update_or_create(
-                job=self.job,
-                step=step,
-                defaults={
-                    "attempt": self.attempt,
-                    "s3_prefix": prefix,
-                    "metrics": dict(self.latest),
-                },
-            )
+        """Upload the checkpoint under this attempt's own prefix, manifest last, and record it
+        while this attempt still holds the job: a stale attempt's upload never lands on the
+        current attempt's files, and is deleted again once refused. The checkpoints the job
+        no longer keeps are deleted after the new one is recorded."""
+        prefix = f"{self.job.s3_prefix}checkpoints/attempt-{self.attempt}/step-{step}/"
+        manifest = artifacts.build_manifest(folder)
+        storage.upload_folder(folder, prefix, manifest)
+        shutil.rmtree(folder, ignore_errors=True)  # in storage now; the worker's disk is small
+        released = self.job.record_checkpoint(
+            self.attempt, step, prefix, manifest, dict(self.latest), keep=CHECKPOINTS_KEPT
+        )
+        if released is None:
+            _refused(self.job, self.attempt, f"its checkpoint at step {step}, deleted again")
+            released = [prefix]
+        for old_prefix in released:
+            storage.delete_prefix(old_prefix)
 
     def out_of_time(self) -> bool:
         return time.monotonic() - self.started > settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS
@@ -403,4 +456,5 @@ class JobRun:
                     compute_seconds=_compute_seconds(job, self.started),
                 )
                 return
-        storage.delete_prefix(adapter.s3_prefix)  # this attempt was fenced off meanwhile
+        _refused(job, self.attempt, f"its adapter {adapter.id}, deleted again")
+        storage.delete_prefix(adapter.s3_prefix)

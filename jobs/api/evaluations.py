@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, serializers, status
+from rest_framework import exceptions, mixins, serializers, status
 from rest_framework.response import Response
 
-from jobs import playground
+from jobs import inference, playground
 from jobs.api.serializers import StrictSerializer
-from jobs.models import Adapter, BaseModel, Evaluation, File
+from jobs.models import Adapter, BaseModel, Evaluation, File, QuotaExceeded
 from loft.api.base import ObjectTypeField, TenantScopedViewSet, UnixTimestampField
 from loft.api.errors import LoftAPIError
 
@@ -100,18 +100,25 @@ class EvaluationViewSet(
         values = body.validated_data
         file = self._eval_file(values["file"])
         base_model, adapters = self._models(values["models"])
-        evaluation = Evaluation.submit(
-            org=self.org,
-            file=file,
-            base_model=base_model,
-            adapters=adapters,
-            options={
-                "max_generations": values.get(
-                    "max_generations", settings.LOFT_EVAL_MAX_GENERATIONS
-                ),
-                "max_new_tokens": values.get("max_new_tokens", settings.LOFT_EVAL_MAX_NEW_TOKENS),
-            },
-        )
+        try:
+            evaluation = Evaluation.submit(
+                org=self.org,
+                file=file,
+                base_model=base_model,
+                adapters=adapters,
+                options={
+                    "max_generations": values.get(
+                        "max_generations", settings.LOFT_EVAL_MAX_GENERATIONS
+                    ),
+                    "max_new_tokens": values.get(
+                        "max_new_tokens", settings.LOFT_EVAL_MAX_NEW_TOKENS
+                    ),
+                },
+            )
+        except QuotaExceeded as error:
+            from jobs.api.fine_tuning import quota_error  # that module imports this one
+
+            raise quota_error(error) from None
         return Response(self.get_serializer(evaluation).data, status=status.HTTP_200_OK)
 
     def _eval_file(self, file_id: str) -> File:
@@ -203,19 +210,35 @@ def generate_response(adapter: Adapter, request) -> Response | StreamingHttpResp
     values = dict(body.validated_data)
     stream = values.pop("stream")
     values["messages"] = [dict(m) for m in values["messages"]]
+    try:
+        inference.check_prompt_fits(adapter.base_model, values["messages"], values["max_tokens"])
+    except inference.PromptTooLong as error:
+        raise LoftAPIError(str(error), param="messages", code="context_length_exceeded") from None
+    except inference.PromptRefused as error:
+        raise LoftAPIError(str(error), param="messages", code="invalid_messages") from None
+    slot = api_slot(adapter.org_id)
     model = adapter.name if values["with_adapter"] else adapter.base_model.name
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    answer_by = playground.answer_deadline()
+    try:
+        events = playground.read_events(
+            playground.start_generation(adapter, values, answer_by), answer_by
+        )
+    except BaseException:
+        slot.release()
+        raise
     if stream:
-        events = playground.read_events(playground.start_generation(adapter, values))
         response = StreamingHttpResponse(
-            _sse(events, completion_id, created, model), content_type="text/event-stream"
+            _sse(inference.holding(slot, events), completion_id, created, model),
+            content_type="text/event-stream",
         )
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
         return response
     try:
-        result = playground.answer(adapter, values)
+        with slot:
+            result = playground.collect(events)
     except playground.GenerationFailed as error:
         unavailable = error.code == "inference_unavailable"
         raise LoftAPIError(
@@ -240,6 +263,23 @@ def generate_response(adapter: Adapter, request) -> Response | StreamingHttpResp
             "usage": result["usage"],
         }
     )
+
+
+def api_slot(org_id: str) -> inference.Slot:
+    """A place among the organization's running requests, or the API's 429 / 503 answer."""
+    try:
+        return inference.take_slot(org_id)
+    except inference.TooManyRequests as error:
+        raise exceptions.Throttled(
+            wait=error.retry_after, detail=str(error), code="rate_limit_exceeded"
+        ) from None
+    except inference.InferenceUnavailable as error:
+        raise LoftAPIError(
+            str(error),
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            type="server_error",
+            code="inference_unavailable",
+        ) from None
 
 
 def _sse(events: Iterator[dict], completion_id: str, created: int, model: str) -> Iterator[str]:

@@ -10,11 +10,13 @@ from django.utils import timezone
 from jobs import tasks
 from jobs.models.catalogue import BaseModel
 from jobs.models.files import File
+from jobs.models.usage import Quota
+from loft.ids import make_id
+from loft.models import Organization
+from loft.tenancy import TenantOwnedModel
 
 if TYPE_CHECKING:
     from jobs.models.jobs import FineTuneJob
-from loft.ids import make_id
-from loft.tenancy import TenantOwnedModel
 
 
 def new_adapter_id() -> str:
@@ -70,12 +72,16 @@ class Adapter(TenantOwnedModel):
 
     def request_merge(self) -> bool:
         """Queue the making of merged weights; True if this call queued it. Asking again while
-        they are queued, being made or ready changes nothing; after a failure it tries anew."""
+        they are queued, being made or ready changes nothing; after a failure it tries anew.
+        A merge holds a worker as a job does: it counts toward the concurrent_jobs quota
+        (raises QuotaExceeded)."""
         waiting = (self.MergedStatus.NONE, self.MergedStatus.FAILED)
         with transaction.atomic():
-            queued = Adapter.objects.filter(pk=self.pk, merged_status__in=waiting).update(
-                merged_status=self.MergedStatus.QUEUED, merged_error=""
-            )
+            Organization.lock(self.org_id)
+            mergeable = Adapter.objects.filter(pk=self.pk, merged_status__in=waiting)
+            if mergeable.exists():
+                Quota.for_org(self.org).check_concurrent_work()
+            queued = mergeable.update(merged_status=self.MergedStatus.QUEUED, merged_error="")
             if queued:
                 tasks.merge_adapter(self.pk)
         self.refresh_from_db(fields=["merged_status", "merged_error"])
@@ -164,18 +170,23 @@ class Evaluation(TenantOwnedModel):
     def submit(
         cls, *, org, file: File, base_model: BaseModel, adapters: list[Adapter], options: dict
     ) -> Evaluation:
-        """A custom evaluation of the base and ``adapters`` on ``file``, queued for a worker."""
-        evaluation = cls.objects.create(
-            org=org,
-            kind=cls.Kind.CUSTOM,
-            status=cls.Status.QUEUED,
-            file=file,
-            base_model=base_model,
-            candidates=[{"model": base_model.name, "adapter": None}]
-            + [{"model": a.name, "adapter": a.id} for a in adapters],
-            options=options,
-        )
-        tasks.run_evaluation(evaluation.id)
+        """A custom evaluation of the base and ``adapters`` on ``file``, queued for a worker.
+        It holds a worker as a job does: it counts toward the concurrent_jobs quota (raises
+        QuotaExceeded)."""
+        with transaction.atomic():
+            Organization.lock(org.pk)
+            Quota.for_org(org).check_concurrent_work()
+            evaluation = cls.objects.create(
+                org=org,
+                kind=cls.Kind.CUSTOM,
+                status=cls.Status.QUEUED,
+                file=file,
+                base_model=base_model,
+                candidates=[{"model": base_model.name, "adapter": None}]
+                + [{"model": a.name, "adapter": a.id} for a in adapters],
+                options=options,
+            )
+            tasks.run_evaluation(evaluation.id)
         return evaluation
 
     def claim(self) -> bool:
@@ -257,6 +268,3 @@ def _forgetting_headline(forgetting: dict | None) -> dict | None:
         "lost": len(forgetting["lost"]),
         "gained": len(forgetting["gained"]),
     }
-
-
-# --- quotas and usage -------------------------------------------------------------------------

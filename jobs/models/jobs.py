@@ -270,18 +270,23 @@ class FineTuneJob(TenantOwnedModel):
 
     def request_cancel(self) -> None:
         """Not started yet: cancelled at once. Running: the training loop stops at its next
-        step (train.py reads should_stop), and the worker ends the job."""
+        step (train.py reads should_stop), and the worker ends the job.
+
+        The row is locked first, so that a cancel and a worker's move of the job (give_way
+        re-queueing it, the reaper) happen one after the other: a cancel is never lost
+        between a running job's re-queueing and its next claim."""
         waiting = (self.Status.VALIDATING_FILES, self.Status.QUEUED)
         with transaction.atomic():
-            if FineTuneJob.objects.filter(pk=self.pk, status__in=waiting).update(
-                status=self.Status.CANCELLED, cancel_requested=True, finished_at=timezone.now()
-            ):
+            row = FineTuneJob.objects.select_for_update().filter(pk=self.pk)
+            status = row.values_list("status", flat=True).first()
+            if status in waiting:
+                row.update(
+                    status=self.Status.CANCELLED, cancel_requested=True, finished_at=timezone.now()
+                )
                 self.refresh_from_db()
                 self._ended("info", "Job cancelled before it started.")
-            else:
-                FineTuneJob.objects.filter(pk=self.pk, status=self.Status.RUNNING).update(
-                    cancel_requested=True
-                )
+            elif status == self.Status.RUNNING:
+                row.update(cancel_requested=True)
         self.refresh_from_db()
 
     def retry(self, by: str) -> bool:
@@ -375,12 +380,21 @@ class FineTuneJob(TenantOwnedModel):
     def give_way(self, attempt: int, reason: str, max_attempts: int, retry_in: float) -> bool:
         """This attempt cannot go on for a passing reason (object storage is down): queue the
         job again, to resume from its last checkpoint after ``retry_in`` seconds; after
-        ``max_attempts`` attempts, fail it with the reason. False if the attempt was fenced off."""
+        ``max_attempts`` attempts, fail it with the reason. A job whose cancel was asked for
+        meanwhile ends cancelled instead: a re-queued job that asked to stop would never be
+        claimed again. False if the attempt was fenced off."""
         with transaction.atomic():
             if not self.fenced(attempt).select_for_update().exists():
                 return False
             self.refresh_from_db()
             JobAttempt.close(self, attempt, JobAttempt.STORAGE)
+            if self.cancel_requested:
+                self.fenced(attempt).update(
+                    status=self.Status.CANCELLED, finished_at=timezone.now()
+                )
+                self.refresh_from_db()
+                self._ended("info", "Job cancelled.")
+                return True
             if attempt - self.attempts_before_retry >= max_attempts:
                 message = f"Loft gave up after {attempt} attempts: {reason}"
                 error = {"code": "storage_unavailable", "message": message, "param": None}
@@ -398,6 +412,34 @@ class FineTuneJob(TenantOwnedModel):
             )
             self.enqueue(countdown=retry_in)
         return True
+
+    def record_checkpoint(
+        self, attempt: int, step: int, s3_prefix: str, manifest: dict, metrics: dict, keep: int
+    ) -> list[str] | None:
+        """Record a checkpoint whose files and manifest are in storage under ``s3_prefix``,
+        only while ``attempt`` still holds the job (its row locked, so the reaper cannot take
+        it in between); None, and nothing recorded, if it was fenced off.
+
+        A job keeps its newest ``keep`` checkpoints, by step, the order resume tries them in.
+        Returns the prefixes let go (older checkpoints, and an earlier attempt's at this
+        step): the caller deletes them from storage once this has committed."""
+        with transaction.atomic():
+            if not self.fenced(attempt).select_for_update().exists():
+                return None
+            replaced = list(self.checkpoints.filter(step=step).values_list("s3_prefix", flat=True))
+            Checkpoint.objects.update_or_create(
+                job=self,
+                step=step,
+                defaults={
+                    "attempt": attempt,
+                    "s3_prefix": s3_prefix,
+                    "size_bytes": manifest["total_bytes"],
+                    "metrics": metrics,
+                },
+            )
+            older = list(self.checkpoints.order_by("-step")[keep:])
+            Checkpoint.objects.filter(pk__in=[c.pk for c in older]).delete()
+        return [p for p in replaced + [c.s3_prefix for c in older] if p != s3_prefix]
 
     def record_usage(self) -> None:
         """The job's line in the usage ledger. Its figures are the job's totals over every
@@ -536,12 +578,17 @@ class JobAttempt(models.Model):
 
 
 class Checkpoint(models.Model):
-    """A complete checkpoint in S3: recorded only after its manifest.json was written."""
+    """A complete checkpoint in S3: recorded only after its manifest.json was written, under
+    a prefix of its own attempt (``checkpoints/attempt-<n>/step-<step>/``), so that an attempt
+    fenced off meanwhile never writes over the current attempt's files."""
 
     job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="checkpoints")
     step = models.PositiveIntegerField()
     attempt = models.PositiveIntegerField()
     s3_prefix = models.CharField(max_length=500)
+    size_bytes = models.BigIntegerField(
+        default=0, help_text="Its files' bytes in storage: they count toward the storage quota."
+    )
     metrics = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -9,12 +9,11 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
-from jobs.models.adapters import Adapter
 from jobs.models.files import File
+from loft.tenancy import TenantOwnedModel
 
 if TYPE_CHECKING:
     from jobs.models.jobs import FineTuneJob
-from loft.tenancy import TenantOwnedModel
 
 
 class QuotaExceeded(Exception):
@@ -42,10 +41,14 @@ class Quota(models.Model):
         "loft.Organization", on_delete=models.CASCADE, primary_key=True, related_name="quota"
     )
     max_concurrent_jobs = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Jobs validating, queued or running at once."
+        null=True,
+        blank=True,
+        help_text="Jobs validating, queued or running, custom evaluations and merges at once.",
     )
     max_storage_bytes = models.BigIntegerField(
-        null=True, blank=True, help_text="Datasets and adapters together."
+        null=True,
+        blank=True,
+        help_text="Datasets, adapters, merged weights and checkpoints together.",
     )
     max_monthly_trained_tokens = models.BigIntegerField(
         null=True, blank=True, help_text="Tokens trained per calendar month (UTC)."
@@ -83,15 +86,8 @@ class Quota(models.Model):
         from jobs.models.jobs import FineTuneJob  # that module imports this one
 
         active = FineTuneJob.objects.filter(org=self.org, status__in=FineTuneJob.ACTIVE)
-        if starting is None and limits["concurrent_jobs"] is not None:
-            count = active.count()
-            if count >= limits["concurrent_jobs"]:
-                raise QuotaExceeded(
-                    "concurrent_jobs",
-                    f"Quota concurrent_jobs reached: {count} of {limits['concurrent_jobs']} "
-                    "jobs are validating, queued or running. Wait for one to finish or cancel "
-                    "one.",
-                )
+        if starting is None:
+            self.check_concurrent_work()
         if limits["monthly_trained_tokens"] is not None and plan is not None:
             others = active.exclude(pk=starting.pk) if starting else active
             used = trained_tokens_this_month(self.org, others)
@@ -104,6 +100,21 @@ class Quota(models.Model):
                     f"{limits['monthly_trained_tokens']:,}.",
                 )
 
+    def check_concurrent_work(self) -> None:
+        """Raise QuotaExceeded if one more job, custom evaluation or merge would pass the
+        concurrent_jobs limit: each holds a worker alike. The caller holds the organization's
+        lock."""
+        limit = self.limits()["concurrent_jobs"]
+        if limit is None:
+            return
+        count = concurrent_work(self.org)
+        if count >= limit:
+            raise QuotaExceeded(
+                "concurrent_jobs",
+                f"Quota concurrent_jobs reached: {count} of {limit} jobs, evaluations and "
+                "merges are waiting or running. Wait for one to finish, or cancel a job.",
+            )
+
     def check_new_bytes(self, size: int) -> None:
         limit = self.limits()["storage_bytes"]
         used = storage_bytes(self.org)
@@ -115,13 +126,35 @@ class Quota(models.Model):
             )
 
 
+def concurrent_work(org) -> int:
+    """What holds a worker, or waits for one, for the organization: unfinished jobs, custom
+    evaluations queued or running, merges queued or running."""
+    from jobs.models.adapters import Adapter, Evaluation  # that module imports this one
+    from jobs.models.jobs import FineTuneJob
+
+    waiting_or_running = (Evaluation.Status.QUEUED, Evaluation.Status.RUNNING)
+    merging = (Adapter.MergedStatus.QUEUED, Adapter.MergedStatus.RUNNING)
+    return (
+        FineTuneJob.objects.filter(org=org, status__in=FineTuneJob.ACTIVE).count()
+        + Evaluation.objects.filter(org=org, status__in=waiting_or_running).count()
+        + Adapter.objects.filter(org=org, merged_status__in=merging).count()
+    )
+
+
 def storage_bytes(org) -> int:
-    """What the organization keeps in object storage that counts against its quota: files and
-    adapters. (Checkpoints are a job's working state and are not counted.)"""
-    files = File.objects.filter(org=org).exclude(status=File.Status.ERROR)
-    adapters = Adapter.objects.filter(org=org)
-    return int(files.aggregate(total=models.Sum("bytes"))["total"] or 0) + int(
-        adapters.aggregate(total=models.Sum("size_bytes"))["total"] or 0
+    """What the organization keeps in object storage, all of which counts against its quota:
+    files, adapters, their merged weights, and the checkpoints jobs keep (a few per job)."""
+    from jobs.models.adapters import Adapter  # that module imports this one
+    from jobs.models.jobs import Checkpoint
+
+    def total(queryset, *fields: str) -> int:
+        sums = queryset.aggregate(**{field: models.Sum(field) for field in fields})
+        return sum(int(value or 0) for value in sums.values())
+
+    return (
+        total(File.objects.filter(org=org).exclude(status=File.Status.ERROR), "bytes")
+        + total(Adapter.objects.filter(org=org), "size_bytes", "merged_size_bytes")
+        + total(Checkpoint.objects.filter(job__org=org), "size_bytes")
     )
 
 

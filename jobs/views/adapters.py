@@ -15,7 +15,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from jobs.api.fine_tuning import zip_folder
-from jobs.models import Adapter, Evaluation
+from jobs.models import Adapter, Evaluation, QuotaExceeded
 from loft.tenancy import org_or_404
 
 # The headline score of an evaluation, the first that both models have: (label, key, percent).
@@ -81,10 +81,15 @@ def adapter_detail(request, adapter_id: str):
 @require_POST
 def adapter_merge(request, adapter_id: str):
     adapter = get_object_or_404(Adapter.objects.for_org(org_or_404(request)), pk=adapter_id)
-    if adapter.request_merge():
-        messages.success(request, "Preparing merged weights; this takes a few minutes.")
+    try:
+        queued = adapter.request_merge()
+    except QuotaExceeded as error:
+        messages.error(request, str(error))
     else:
-        messages.info(request, f"Merged weights are already {adapter.merged_status}.")
+        if queued:
+            messages.success(request, "Preparing merged weights; this takes a few minutes.")
+        else:
+            messages.info(request, f"Merged weights are already {adapter.merged_status}.")
     return redirect("adapter-detail", adapter_id=adapter.id)
 
 

@@ -4,12 +4,20 @@ The job page is server-rendered; its live part (status, progress, loss chart, ev
 checkpoints, and the evaluation once done) is a fragment at ``/jobs/<id>/live`` that
 static/loft/live.js fetches every two seconds and swaps in, until the job has finished. Without
 JavaScript the page is the same, a reload away.
+
+A job logs an event per training step, so the fragment reads a bounded part of them whatever the
+job's length: the newest SHOWN_EVENTS, and at most CHART_POINTS losses sampled evenly along the
+run for the chart.
 """
 
 from __future__ import annotations
 
+import math
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.db.models import F, Window
+from django.db.models.functions import RowNumber
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
@@ -19,6 +27,7 @@ from loft.tenancy import org_or_404
 
 CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 640, 220, 36
 SHOWN_EVENTS = 40
+CHART_POINTS = 200  # a polyline this wide shows no more; a long run's curve keeps its shape
 
 
 @login_required
@@ -60,10 +69,7 @@ def job_cancel(request, job_id: str):
 
 def _live_context(job: FineTuneJob) -> dict:
     events = list(job.events.order_by("-pk")[:SHOWN_EVENTS])
-    losses = [
-        (e.data["step"], e.data["train_loss"])
-        for e in job.events.filter(data__has_key="train_loss").order_by("pk")
-    ]
+    losses = sampled_losses(job, CHART_POINTS)
     validation = (job.metrics or {}).get("validation_loss")
     progress = job.progress or {}
     evaluation = max(job.evaluations.all(), key=lambda e: e.created_at, default=None)
@@ -80,6 +86,22 @@ def _live_context(job: FineTuneJob) -> dict:
         "metrics": METRIC_COLUMNS,
         "adapter": getattr(job, "adapter", None),
     }
+
+
+def sampled_losses(job: FineTuneJob, most: int) -> list[tuple[int, float]]:
+    """(step, training loss) of the job's step events in order: all of them up to ``most``,
+    else ``most`` taken at even intervals, the first and the latest among them. Picked by the
+    database, which numbers the rows; only the chosen ones are read."""
+    with_loss = job.events.filter(data__has_key="train_loss")
+    count = with_loss.count()
+    if count <= most:
+        wanted = range(1, count + 1)
+    else:
+        stride = (count - 1) / (most - 1)
+        wanted = sorted({1 + math.floor(i * stride) for i in range(most - 1)} | {count})
+    numbered = with_loss.annotate(number=Window(RowNumber(), order_by=F("pk").asc()))
+    rows = numbered.filter(number__in=list(wanted)).order_by("pk")
+    return list(rows.values_list("data__step", "data__train_loss"))
 
 
 def _percent(progress: dict) -> int:
