@@ -14,10 +14,13 @@ keep-alive connection (``--processes`` spreads them over processes); every scena
 The baseline, measured in the same run, is ``GET /v1/models/{base model}``: the same key
 authentication and middleware, one small query. (``GET /v1/models`` lists the tenant's
 adapters too, so it grows with the tenant; it is measured as a scenario of its own.)
+Scenarios run in turn, ``--rounds`` times (interleaved, so that a busy moment of the machine
+falls on all of them), and each scenario's requests are pooled over the rounds.
 Prints requests/s, p50/p95/p99/max latency, p95 against the baseline's, the queries a request
 makes, and where the CPU went (the clients share the machine with the server).
-Target: p95 < 50 ms for the first page of ``GET /v1/fine_tuning/jobs`` and for
-``GET /v1/fine_tuning/jobs/{id}``, on 2 cores. Exit status 1 on a non-200 answer or a miss.
+Targets (issue 16), as p95 against the baseline's in the same run: the jobs list's first page
+and a job's retrieve within 1.5x, ``limit=100`` and the deep page within 3x, ``GET /v1/models``
+with a thousand adapters within 2x. Exit status 1 on a non-200 answer or a miss.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ import http.client
 import json
 import multiprocessing
 import os
+import platform
 import random
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +47,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import django
 import psutil
+import rest_framework
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
@@ -50,7 +57,6 @@ sys.path.insert(0, str(PROJECT_DIR))
 from bench.upload import start_stack, web_pids  # noqa: E402
 from loft.embedded import free_port  # noqa: E402
 
-TARGET_P95_MS = 50
 SINGLE_CLIENT_SECONDS = 2.0
 SUFFIXES = ["support-bot", "sql-gen", "triage", "summarise", "", "legal-qa", "tone"]
 ADAPTER_FILES = {
@@ -69,7 +75,7 @@ ADAPTER_FILES = {
 class Scenario:
     name: str
     paths: list[str]  # each request takes one at random
-    target: bool = False  # judged against TARGET_P95_MS
+    target: float | None = None  # the largest p95 allowed, as a multiple of the baseline's
 
 
 @dataclass
@@ -206,11 +212,14 @@ def seed_tenant(jobs: int, rng: random.Random) -> tuple[str, str]:
                 adapter.size_bytes = adapter.manifest["total_bytes"]
                 adapter.created_at = job.finished_at
                 adapters.append(adapter)
-        # created_at is auto_now_add: bulk_create stamps "now", the update puts the times back.
-        FineTuneJob.objects.bulk_create(rows, batch_size=500)
-        FineTuneJob.objects.bulk_update(rows, ["created_at"], batch_size=500)
-        Adapter.objects.bulk_create(adapters, batch_size=500)
-        Adapter.objects.bulk_update(adapters, ["created_at"], batch_size=500)
+        # created_at is auto_now_add: bulk_create stamps "now" on each object, the update puts
+        # the times back.
+        for model, objects in ((FineTuneJob, rows), (Adapter, adapters)):
+            created = [o.created_at for o in objects]
+            model.objects.bulk_create(objects, batch_size=500)
+            for o, moment in zip(objects, created, strict=True):
+                o.created_at = moment
+            model.objects.bulk_update(objects, ["created_at"], batch_size=500)
     # Statistics as autovacuum keeps them: until it has analysed the fresh rows, PostgreSQL
     # believes the organization has a handful of jobs, sorts all 1,000 for every page (8 ms
     # instead of 0.2 ms) and the bench would measure the seeding, not the API.
@@ -405,7 +414,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1000, help="jobs to seed in the tenant")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--processes", type=int, default=1, help="client processes")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measured, per scenario")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured, per scenario")
+    parser.add_argument("--rounds", type=int, default=2, help="times each scenario runs")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds, per scenario")
     args = parser.parse_args()
     args.processes = max(1, min(args.processes, args.clients))
@@ -439,15 +449,15 @@ def main() -> int:
         base, jobs = "/v1/models/HuggingFaceTB/SmolLM2-135M-Instruct", "/v1/fine_tuning/jobs"
         scenarios = [
             Scenario("baseline GET /v1/models/{base}", [base]),
-            Scenario("GET /v1/fine_tuning/jobs", [jobs], target=True),
-            Scenario("GET /v1/fine_tuning/jobs?limit=100", [f"{jobs}?limit=100"]),
+            Scenario("GET /v1/fine_tuning/jobs", [jobs], target=1.5),
+            Scenario("GET /v1/fine_tuning/jobs?limit=100", [f"{jobs}?limit=100"], target=3),
             Scenario(
                 "GET /v1/fine_tuning/jobs/{id}",
                 [f"{jobs}/{i}" for i in ids],
-                target=True,
+                target=1.5,
             ),
-            Scenario("GET …/jobs?after=<deep> (last page)", [f"{jobs}?after={ids[-21]}"]),
-            Scenario("GET /v1/models (lists the adapters)", ["/v1/models"]),
+            Scenario("GET …/jobs?after=<deep> (last page)", [f"{jobs}?after={ids[-21]}"], target=3),
+            Scenario("GET /v1/models (lists the adapters)", ["/v1/models"], target=2),
         ]
         queries = query_counts(key, {s.name: s.paths[0] for s in scenarios}) if seeding else {}
 
@@ -459,19 +469,23 @@ def main() -> int:
         if args.processes > 1:
             pool = multiprocessing.get_context("spawn").Pool(args.processes)
 
-        rows = []
-        for scenario in scenarios:
-            single = drive(url, key, scenario.paths, 1, time.time(), 0.5, SINGLE_CLIENT_SECONDS)
-            loaded, cpu = run_scenario(pool, url, key, scenario, args, meter)
-            rows.append((scenario, loaded, single, cpu))
+        rows = [(scenario, Result(), Result(), Counter()) for scenario in scenarios]
+        for _ in range(args.rounds):
+            for scenario, loaded, single, cpu in rows:
+                single.merge(
+                    drive(url, key, scenario.paths, 1, time.time(), 0.5, SINGLE_CLIENT_SECONDS)
+                )
+                this_round, round_cpu = run_scenario(pool, url, key, scenario, args, meter)
+                this_round.seconds += loaded.seconds  # pooled: the rounds' seconds add up
+                loaded.merge(this_round)
+                cpu.update(round_cpu)
 
         print_report(args, url, rows, queries, load_before, gunicorn_shape(server), ids)
         if seeding:
             print(f"(seeded {args.jobs} jobs straight into the database in {seed_seconds:.1f} s)")
         answered = all(not r[1].errors and not r[2].errors for r in rows)
-        targets_ok = all(
-            r[1].percentile(95) < TARGET_P95_MS for r in rows if r[0].target and r[1].latencies
-        )
+        base_p95 = rows[0][1].percentile(95)
+        targets_ok = all(r[1].percentile(95) <= r[0].target * base_p95 for r in rows if r[0].target)
         return 0 if answered and targets_ok else 1
     finally:
         if pool is not None:
@@ -493,6 +507,17 @@ def main() -> int:
 
 def print_report(args, url, rows, queries, load_before, server, ids) -> None:
     cores = psutil.cpu_count()
+    commit = subprocess.run(
+        ["git", "-C", str(PROJECT_DIR), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; Loft {commit}; "
+        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+        f"Django {django.get_version()}, DRF {rest_framework.VERSION}; "
+        f"{args.rounds} round(s), scenarios interleaved"
+    )
     print(
         f"Loft {url}: {server}; {len(ids)} jobs in the tenant; {cores} cores, "
         f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
@@ -535,10 +560,9 @@ def print_report(args, url, rows, queries, load_before, server, ids) -> None:
             f"{loaded.client_cpu * 1000 / n:7.2f}   "
             f"{cpu.get('machine', 0) / loaded.seconds * 100 / cores:5.0f}%"
         )
-    in_flight = args.clients
     print(
-        f"\n{in_flight} requests are always in flight, so latency = {in_flight} / (requests/s): "
-        f"p95 < {TARGET_P95_MS} ms needs more than {in_flight * 1000 // TARGET_P95_MS} req/s; "
+        f"\n{args.clients} requests are always in flight, so latency = {args.clients} / "
+        "(requests/s) and a p95 ratio is mostly a ratio of CPU per request (web and database); "
         "'1 client' is the latency without the queue."
     )
     print()
@@ -547,9 +571,12 @@ def print_report(args, url, rows, queries, load_before, server, ids) -> None:
             print(f"ERROR {scenario.name}: {count} x {message}")
     for scenario, loaded, _, _ in rows:
         if scenario.target and loaded.latencies:
-            p95 = loaded.percentile(95)
-            verdict = "PASS" if p95 < TARGET_P95_MS else "FAIL"
-            print(f"{verdict} {scenario.name}: p95 {p95:.1f} ms, target < {TARGET_P95_MS} ms")
+            ratio = loaded.percentile(95) / base_p95
+            verdict = "PASS" if ratio <= scenario.target else "FAIL"
+            print(
+                f"{verdict} {scenario.name}: p95 {ratio:.2f}x the baseline's, target <= "
+                f"{scenario.target:g}x"
+            )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "loft.observability.RequestMetricsMiddleware",
+    "loft.nul_bytes.RejectNulMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -41,6 +42,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "loft.tenancy.NoOrganizationMiddleware",
 ]
 
 ROOT_URLCONF = "loft.urls"
@@ -85,6 +87,38 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env.string("DJANGO_STATIC_ROOT", str(LOFT_HOME / "staticfiles")))
 STATICFILES_DIRS = [BASE_DIR / "static"]
+
+# --- Security --------------------------------------------------------------------------------
+# Production is served over HTTPS, by a proxy in front that terminates TLS: unless DEBUG is on,
+# cookies travel only over HTTPS and browsers are told to come back by HTTPS only (HSTS, sent
+# on HTTPS requests). `make run` and the tests serve plain HTTP on 127.0.0.1 and set
+# LOFT_HTTPS=false (loft/embedded.py). Each setting can also be set on its own.
+LOFT_HTTPS = env.boolean("LOFT_HTTPS", default=not DEBUG)
+SESSION_COOKIE_SECURE = env.boolean("DJANGO_SESSION_COOKIE_SECURE", LOFT_HTTPS)
+CSRF_COOKIE_SECURE = env.boolean("DJANGO_CSRF_COOKIE_SECURE", LOFT_HTTPS)
+SECURE_HSTS_SECONDS = env.integer(
+    "DJANGO_SECURE_HSTS_SECONDS", 365 * 24 * 3600 if LOFT_HTTPS else 0
+)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.boolean("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env.boolean("DJANGO_SECURE_HSTS_PRELOAD", False)
+# The proxy usually redirects plain HTTP itself; the containers' healthchecks speak plain HTTP.
+SECURE_SSL_REDIRECT = env.boolean("DJANGO_SECURE_SSL_REDIRECT", False)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+# The header by which the proxy says the client used HTTPS, e.g. X-Forwarded-Proto (its value
+# must then be "https"). Only behind a proxy that sets it on every request: a client could
+# send it too.
+SECURE_PROXY_SSL_HEADER = env.https_header("DJANGO_SECURE_PROXY_SSL_HEADER")
+# The reverse proxies in front of Loft (addresses or CIDR ranges): a request from one of them
+# is counted against the client that X-Forwarded-For names, read from the right past every
+# trusted hop (loft/auth.py, client_address). Empty: REMOTE_ADDR is the client.
+LOFT_TRUSTED_PROXIES = env.networks("LOFT_TRUSTED_PROXIES")
+# Wrong API keys one address may send per minute with the same first characters before they
+# get 429 (loft/auth.py); a valid key is never refused. 0: no limit.
+LOFT_AUTH_FAILURES_PER_MINUTE = env.integer("LOFT_AUTH_FAILURES_PER_MINUTE", 30)
+# Failed sign-ins (/login, /admin/login/) one address may make for one username in the window
+# before that address must wait, even with the right password. 0: no limit.
+LOFT_LOGIN_FAILURE_LIMIT = env.integer("LOFT_LOGIN_FAILURE_LIMIT", 10)
+LOFT_LOGIN_FAILURE_WINDOW_SECONDS = env.integer("LOFT_LOGIN_FAILURE_WINDOW_SECONDS", 15 * 60)
 
 # --- Broker (Celery) -------------------------------------------------------------------------
 # Redis (Valkey locally): the broker, and the channel playground answers stream back through
@@ -183,14 +217,16 @@ LOFT_INFERENCE_ADAPTERS = env.integer("LOFT_INFERENCE_ADAPTERS", 8)
 # Full precision by default: on CPUs bitsandbytes' 4-bit layers are slow to generate with and
 # rewrite their weights when peft loads adapters; a GPU deployment may set nf4.
 LOFT_INFERENCE_QUANTIZATION = env.string("LOFT_INFERENCE_QUANTIZATION", "none")
-# How long a playground request waits for a worker to start answering, and at most generates.
-LOFT_INFERENCE_TIMEOUT_SECONDS = env.integer("LOFT_INFERENCE_TIMEOUT_SECONDS", 120)
+# The longest a playground request holds its web thread, queueing to last token (the page's two
+# answers together); the worker stops generating for it then too.
+LOFT_INFERENCE_TIMEOUT_SECONDS = env.integer("LOFT_INFERENCE_TIMEOUT_SECONDS", 60)
+# Generate requests one organization may have running at once (each holds a web thread); more
+# get 429 (jobs/inference.py). 0: no limit.
+LOFT_INFERENCE_CONCURRENT_PER_ORG = env.integer("LOFT_INFERENCE_CONCURRENT_PER_ORG", 4)
 LOFT_INFERENCE_MAX_TOKENS = env.integer("LOFT_INFERENCE_MAX_TOKENS", 1024)
 
 # --- Operations: /metrics answers staff sessions, and scrapers that send this token (if set).
 LOFT_METRICS_TOKEN = env.string("LOFT_METRICS_TOKEN", "")
-# Wrong API keys one address may send per minute before it gets 429 (loft/auth.py); 0: no limit.
-LOFT_AUTH_FAILURES_PER_MINUTE = env.integer("LOFT_AUTH_FAILURES_PER_MINUTE", 30)
 
 # --- Quotas: defaults for organizations without their own (jobs.models.Quota); 0 = none ----
 LOFT_QUOTA_CONCURRENT_JOBS = env.integer("LOFT_QUOTA_CONCURRENT_JOBS", 4)
@@ -198,10 +234,14 @@ LOFT_QUOTA_STORAGE_BYTES = env.integer("LOFT_QUOTA_STORAGE_BYTES", 50 * 2**30)
 LOFT_QUOTA_MONTHLY_TRAINED_TOKENS = env.integer("LOFT_QUOTA_MONTHLY_TRAINED_TOKENS", 0)
 
 # --- Webhooks --------------------------------------------------------------------------------
-# Deliveries are quick HTTP calls; a busy deployment gives them a queue of their own so they do
-# not wait behind training runs.
-LOFT_WEBHOOK_QUEUE = env.string("LOFT_WEBHOOK_QUEUE", "default")
-LOFT_WEBHOOK_TIMEOUT_SECONDS = env.integer("LOFT_WEBHOOK_TIMEOUT_SECONDS", 5)
+# Deliveries have a queue of their own, with its own workers (docker-compose.yml's `webhooks`,
+# loft/stack.py), so that a slow receiver never holds a training worker.
+LOFT_WEBHOOK_QUEUE = env.string("LOFT_WEBHOOK_QUEUE", "webhooks")
+# The whole of one attempt, name lookup to the last byte of the answer; past it, the attempt
+# failed and is retried.
+LOFT_WEBHOOK_TIMEOUT_SECONDS = env.integer("LOFT_WEBHOOK_TIMEOUT_SECONDS", 10)
+# Endpoints one organization may register (each event is sent to every one of them).
+LOFT_WEBHOOK_MAX_ENDPOINTS = env.integer("LOFT_WEBHOOK_MAX_ENDPOINTS", 20)
 # Seconds before each retry of an undelivered event; when they run out, the delivery failed.
 LOFT_WEBHOOK_RETRY_DELAYS = env.integers("LOFT_WEBHOOK_RETRY_DELAYS", [10, 60, 300, 1800, 7200])
 # Off, webhooks go only to public addresses (no SSRF into Loft's network). Turn it on where the
@@ -214,12 +254,15 @@ S3_REGION = env.string("S3_REGION", "us-east-1")
 S3_BUCKET = env.string("S3_BUCKET", "loft")
 S3_ACCESS_KEY_ID = env.get("S3_ACCESS_KEY_ID") or env.get("AWS_ACCESS_KEY_ID")
 S3_SECRET_ACCESS_KEY = env.get("S3_SECRET_ACCESS_KEY") or env.get("AWS_SECRET_ACCESS_KEY")
-S3_PRESIGNED_URL_SECONDS = env.integer("S3_PRESIGNED_URL_SECONDS", 300)
 
 # --- Datasets --------------------------------------------------------------------------------
 LOFT_MAX_UPLOAD_BYTES = env.integer("LOFT_MAX_UPLOAD_BYTES", 2**30)
 # Up to this size an upload is validated while the client waits; larger ones in a worker.
 LOFT_INLINE_VALIDATION_MAX_BYTES = env.integer("LOFT_INLINE_VALIDATION_MAX_BYTES", 16 * 2**20)
+# ... and while it takes at most this long: tokenizing costs up to ~2 s per MB of text without
+# spaces, so an upload whose inline pass runs over goes on in a worker, and the request (under
+# gunicorn's 120 s timeout) answers with status "uploaded".
+LOFT_INLINE_VALIDATION_SECONDS = env.integer("LOFT_INLINE_VALIDATION_SECONDS", 15)
 # Of a larger upload, this much is parsed before it is accepted (twice the longest allowed row).
 LOFT_HEAD_CHECK_BYTES = env.integer("LOFT_HEAD_CHECK_BYTES", 4 * 2**20)
 
@@ -230,7 +273,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["loft.auth.IsOrganizationMember"],
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_RENDERER_CLASSES": ["loft.api.renderers.FastJSONRenderer"],
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "loft.api.negotiation.JsonFallbackNegotiation",
     "EXCEPTION_HANDLER": "loft.api.errors.openai_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",

@@ -5,7 +5,8 @@ import pytest
 from django.core.management import call_command
 
 from engine.model_cache import BUNDLED_BASE_MODEL
-from jobs.models import BaseModel
+from jobs.api.serializers import FineTunedModelSerializer
+from jobs.models import Adapter, BaseModel
 from loft import storage
 from loft.models import ApiKey, Organization
 
@@ -32,6 +33,25 @@ def test_it_lists_the_bundled_model_and_hides_disabled_ones(api_a):
     missing = api_a.get("/v1/models/acme/hidden")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.django_db
+def test_the_models_list_shows_each_adapter_as_its_serializer_does_newest_first(
+    api_a, tenant_a, tenant_b
+):
+    """The list is built by PostgreSQL (jobs/api/views.py::fine_tuned_models_json) for speed;
+    each member must be what FineTunedModelSerializer, which documents it, gives."""
+    base_model = BaseModel.seed_bundled()
+    adapters = [
+        Adapter.objects.create(
+            org=tenant.org, base_model=base_model, name=f"ft:{n}:{tenant.org.slug}"
+        )
+        for n, tenant in enumerate([tenant_a, tenant_a, tenant_b, tenant_a])
+    ]
+    listed = api_a.get("/v1/models").json()["data"]
+    ours = [a for a in reversed(adapters) if a.org == tenant_a.org]
+    assert listed[1:] == [FineTunedModelSerializer(a).data for a in ours]
+    assert listed[0]["id"] == BUNDLED and len(listed) == 4
 
 
 @pytest.mark.django_db

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
+from django.db.models import Prefetch
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status
@@ -32,6 +33,7 @@ from jobs.api.serializers import (
 from jobs.models import (
     Adapter,
     BaseModel,
+    Evaluation,
     File,
     FineTuneJob,
     IdempotencyKeyReused,
@@ -84,11 +86,20 @@ class CheckpointPagination(NumberedCursorPagination):
     prefix = CHECKPOINT_ID_PREFIX
 
 
+# Each job's latest evaluation only (a job's object shows no other), into a plain list: a
+# prefetch into the related manager builds a queryset per job, most of a page's time.
+LATEST_EVALUATION = Prefetch(
+    "evaluations",
+    queryset=Evaluation.objects.order_by("job_id", "-created_at").distinct("job_id"),
+    to_attr="latest_evaluations",
+)
+
+
 class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
     # Only what the job object shows: manifests and descriptions are large and unused here.
     queryset = (
         FineTuneJob.objects.select_related("base_model", "adapter")
-        .prefetch_related("evaluations")
+        .prefetch_related(LATEST_EVALUATION)
         .defer(
             "adapter__manifest",
             "adapter__metrics",

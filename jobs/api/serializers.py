@@ -4,7 +4,7 @@ from rest_framework import serializers
 from engine.data import FORMATS
 from engine.hyperparameters import API_FIELDS, AUTO, AUTO_RESOLVED, ApiField, public
 from jobs.models import Adapter, BaseModel, Checkpoint, File, FineTuneJob, JobEvent
-from loft.api.base import ObjectTypeField, UnixTimestampField
+from loft.api.base import ObjectTypeField, UnixTimestampField, unix_timestamp
 
 EVENT_ID_PREFIX = "ftevent-"
 CHECKPOINT_ID_PREFIX = "ftckpt-"
@@ -64,6 +64,14 @@ class FileSerializer(serializers.ModelSerializer):
 
     def get_format(self, file: File) -> str | None:
         return file.format or None
+
+
+class FileListSerializer(FileSerializer):
+    """A File object in ``GET /v1/files``: OpenAI's members and Loft's measurements, without
+    the validation report (up to 100 row errors and a preview), which its retrieve gives."""
+
+    class Meta(FileSerializer.Meta):
+        fields = [name for name in FileSerializer.Meta.fields if name != "validation"]
 
 
 class FileUploadSerializer(serializers.Serializer):
@@ -137,6 +145,41 @@ class JobSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
+    def to_representation(self, job) -> dict:
+        # Written out rather than left to DRF's per-field machinery, which cost most of a page
+        # of 100 jobs (bench/api_load.py). The fields declared above document the schema;
+        # tests/test_jobs_api.py checks that both name the same members.
+        adapter = self._adapter(job)
+        hyperparameters = self.get_hyperparameters(job)
+        return {
+            "id": job.id,
+            "object": "fine_tuning.job",
+            "model": job.base_model.name,
+            "fine_tuned_model": adapter.name if adapter else None,
+            "organization_id": job.org_id,
+            "status": job.status,
+            "created_at": unix_timestamp(job.created_at),
+            "finished_at": unix_timestamp(job.finished_at),
+            "trained_tokens": job.trained_tokens,
+            "training_file": job.training_file_id,
+            "validation_file": job.validation_file_id,
+            "hyperparameters": hyperparameters,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            "result_files": self.get_result_files(job),
+            "error": job.error,
+            "seed": job.seed,
+            "suffix": self.get_suffix(job),
+            "estimated_finish": self.get_estimated_finish(job),
+            "metadata": job.metadata,
+            "integrations": self.get_integrations(job),
+            "parent_adapter": job.parent_adapter_id,
+            "progress": job.progress,
+            "metrics": job.metrics,
+            "plan": job.plan,
+            "adapter": adapter.id if adapter else None,
+            "evaluation": self.get_evaluation(job),
+        }
+
     def get_fine_tuned_model(self, job) -> str | None:
         adapter = self._adapter(job)
         return adapter.name if adapter else None
@@ -178,8 +221,11 @@ class JobSerializer(serializers.ModelSerializer):
 
     def get_evaluation(self, job) -> dict | None:
         """Base against adapter on the held-out rows, with the promotion gate's verdict."""
-        # evaluations are prefetched by the views: no query per job in a list
-        latest = max(job.evaluations.all(), key=lambda e: e.created_at, default=None)
+        # The views prefetch it (fine_tuning.LATEST_EVALUATION): no query per job in a list.
+        evaluations = getattr(job, "latest_evaluations", None)
+        if evaluations is None:
+            evaluations = job.evaluations.all()
+        latest = max(evaluations, key=lambda e: e.created_at, default=None)
         return latest.summary() if latest else None
 
     def get_integrations(self, job) -> list:

@@ -32,11 +32,16 @@ class ObjectTypeField(serializers.Field):
         return self.object_type
 
 
+def unix_timestamp(moment) -> int | None:
+    """OpenAI's timestamps are whole seconds since the epoch."""
+    return int(moment.timestamp()) if moment is not None else None
+
+
 class UnixTimestampField(serializers.ReadOnlyField):
     """OpenAI's timestamps are whole seconds since the epoch."""
 
     def to_representation(self, value):
-        return int(value.timestamp()) if value is not None else None
+        return unix_timestamp(value)
 
 
 class AfterLimitPagination(BasePagination):
