@@ -39,8 +39,10 @@ format: install
 clean:
 	rm -rf $(VENV) .loft .pytest_cache
 
+# Generated requests to /v1 and the pages, in the long form (make test runs 15 examples per
+# operation): LOFT_FUZZ_EXAMPLES examples per /v1 operation, four times as many page requests.
 fuzz: install
-	$(PY) -m pytest tests/test_api_fuzz.py -s
+	LOFT_FUZZ_EXAMPLES=$${LOFT_FUZZ_EXAMPLES:-200} $(PY) -m pytest tests/test_api_fuzz.py -s $(PYTEST_ARGS)
 
 # The fault-injection suite in its long form (tests/test_chaos.py; make test runs one kill run).
 # The figures of each test are printed and collected in chaos-report.json (RELIABILITY.md).

@@ -98,8 +98,9 @@ def load_base_model(spec: BaseModelSpec, cache_dir: Path, quantization: str, dev
             bnb_4bit_compute_dtype=dtype,
         )
     revision = None if spec.source.startswith(BUNDLED_PREFIX) else spec.revision
+    # safetensors only: a hub model's pytorch_model.bin is a pickle, which is never opened.
     model = AutoModelForCausalLM.from_pretrained(
-        model_folder(spec, cache_dir), revision=revision, **options
+        model_folder(spec, cache_dir), revision=revision, use_safetensors=True, **options
     )
     if quantization == "nf4" and device == "cpu":
         keep_4bit_weights_in_training_layout(model)

@@ -185,21 +185,6 @@ def delete_prefix(prefix: str) -> int:
     return deleted
 
 
-def presigned_download_url(
-    key: str, seconds: int | None = None, filename: str | None = None
-) -> str:
-    """A short-lived URL for one object; Loft authorizes the caller before handing it out."""
-    params = {"Bucket": settings.S3_BUCKET, "Key": key}
-    if filename:
-        params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
-    try:
-        return client().generate_presigned_url(
-            "get_object", Params=params, ExpiresIn=seconds or settings.S3_PRESIGNED_URL_SECONDS
-        )
-    except BOTO_ERRORS as error:
-        raise _fail(f"sign a URL for {key}", error) from error
-
-
 def upload_folder(folder, prefix: str, manifest: dict) -> None:
     """Upload every file of a local folder under ``prefix``, then ``manifest.json`` last: until
     the manifest is there, readers treat the prefix as not existing."""

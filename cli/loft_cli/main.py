@@ -88,7 +88,8 @@ def _detail_lines(details) -> list[str]:
 
 
 class _KeylessRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects (a download goes to a presigned storage URL) without the API key.
+    """Follow redirects (Loft streams downloads itself, but a proxy in front of it may send a
+    client elsewhere) without the API key.
 
     The key is an unredirected header, which urllib already leaves behind; removing it here too
     keeps that true whatever urllib does, and refuses a redirect to anything but http(s).
@@ -140,7 +141,7 @@ class Client:
         except (OSError, http.client.HTTPException) as error:  # URLError is an OSError
             reason = error.reason if isinstance(error, urllib.error.URLError) else error
             if self.redirects.target:
-                # A presigned URL holds a signature, so only its host is named.
+                # A redirect's URL may hold a signature, so only its host is named.
                 host = urllib.parse.urlsplit(self.redirects.target).netloc
                 raise Unreachable(f"cannot reach the storage at {host}: {reason}") from None
             if isinstance(reason, TimeoutError):
