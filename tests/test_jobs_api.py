@@ -12,10 +12,9 @@ from datetime import timedelta
 import pytest
 import requests
 from django.utils import timezone
-from rest_framework import serializers
 
 from jobs.api.serializers import JobSerializer
-from jobs.models import Adapter, BaseModel, File, FineTuneJob, Quota, UsageRecord
+from jobs.models import Adapter, BaseModel, Evaluation, File, FineTuneJob, Quota, UsageRecord
 from loft import storage
 from tests.helpers import api_client_for, chat_rows, jsonl, stored_adapter, upload
 
@@ -522,24 +521,38 @@ def test_every_way_a_job_ends_announces_it_once_and_records_what_it_used(api_a, 
 
 
 @pytest.mark.django_db
-def test_the_written_out_job_object_holds_what_its_declared_fields_give(api_a, tenant_a, tmp_path):
-    """JobSerializer writes its object out by hand for speed; the fields it declares document
-    it in the OpenAPI schema. Both must give the same members and values."""
+def test_a_job_object_holds_every_declared_member_and_its_latest_evaluation(
+    api_a, tenant_a, tmp_path
+):
+    """JobSerializer writes its object out by hand from a row of columns, for speed; the
+    fields it declares document it in the OpenAPI schema. Both must name the same members."""
     created = create(api_a, training_file(tenant_a), suffix="demo", metadata={"k": "v"}).json()
+    assert list(created) == JobSerializer.Meta.fields
+    assert created["estimated_finish"] > created["created_at"] and created["evaluation"] is None
+    job = FineTuneJob.objects.get(pk=created["id"])
     adapter = stored_adapter(tenant_a, tmp_path)
-    queued = FineTuneJob.objects.get(pk=created["id"])
-    FineTuneJob.objects.filter(pk=queued.pk).update(status="succeeded", finished_at=timezone.now())
-    Adapter.objects.filter(pk=adapter.pk).update(job=queued)
-    for job in (queued, FineTuneJob.objects.get(pk=queued.pk)):
-        serializer = JobSerializer(job)
-        by_hand = serializer.data
-        by_fields = serializers.ModelSerializer.to_representation(serializer, job)
-        assert list(by_hand) == list(by_fields) == JobSerializer.Meta.fields
-        # estimated_finish counts from "now": the two calls may straddle a second
-        finish_by_hand, finish_by_fields = (
-            by_hand.pop("estimated_finish"),
-            by_fields.pop("estimated_finish"),
+    Adapter.objects.filter(pk=adapter.pk).update(job=job)
+    finished = timezone.now()
+    FineTuneJob.objects.filter(pk=job.pk).update(status="succeeded", finished_at=finished)
+    for loss in (2.0, 1.0):
+        latest = Evaluation.objects.create(
+            org=tenant_a.org,
+            job=job,
+            base_model=job.base_model,
+            results={"base": {"loss": 3.0}, "adapter": {"loss": loss}},
+            verdict={"better": True},
         )
-        assert finish_by_hand == finish_by_fields or abs(finish_by_hand - finish_by_fields) <= 1
-        assert json.loads(json.dumps(by_hand)) == json.loads(json.dumps(by_fields))
-    assert by_hand["fine_tuned_model"] == adapter.name and by_hand["adapter"] == adapter.id
+
+    retrieved = api_a.get(f"/v1/fine_tuning/jobs/{job.id}").json()
+    assert api_a.get("/v1/fine_tuning/jobs").json()["data"] == [retrieved]
+    assert list(retrieved) == JobSerializer.Meta.fields
+    assert retrieved["fine_tuned_model"] == adapter.name and retrieved["adapter"] == adapter.id
+    assert retrieved["status"] == "succeeded" and retrieved["estimated_finish"] is None
+    assert retrieved["finished_at"] == int(finished.timestamp())
+    assert retrieved["evaluation"] == json.loads(json.dumps(latest.summary()))
+    assert retrieved["evaluation"]["adapter"] == {"loss": 1.0}
+    assert {k: retrieved[k] for k in ("suffix", "metadata", "model")} == {
+        "suffix": "demo",
+        "metadata": {"k": "v"},
+        "model": BaseModel.default().name,
+    }

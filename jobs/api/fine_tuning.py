@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
-from django.db.models import Prefetch
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status
@@ -23,6 +22,8 @@ from jobs.api.evaluations import GenerateSerializer, generate_response
 from jobs.api.serializers import (
     CHECKPOINT_ID_PREFIX,
     EVENT_ID_PREFIX,
+    JOB_COLUMNS,
+    VERBATIM_JSON_COLUMNS,
     AdapterSerializer,
     CheckpointSerializer,
     EventSerializer,
@@ -86,27 +87,32 @@ class CheckpointPagination(NumberedCursorPagination):
     prefix = CHECKPOINT_ID_PREFIX
 
 
-# Each job's latest evaluation only (a job's object shows no other), into a plain list: a
-# prefetch into the related manager builds a queryset per job, most of a page's time.
-LATEST_EVALUATION = Prefetch(
-    "evaluations",
-    queryset=Evaluation.objects.order_by("job_id", "-created_at").distinct("job_id"),
-    to_attr="latest_evaluations",
-)
+def job_rows(jobs):
+    """``jobs`` (a queryset) as rows of what their objects show: JobSerializer's input, once
+    ``with_latest_evaluations`` has added theirs."""
+    return jobs.values(*JOB_COLUMNS, **VERBATIM_JSON_COLUMNS)
+
+
+def with_latest_evaluations(rows) -> list[dict]:
+    """``rows`` (of ``JOB_COLUMNS``), each with its job's latest evaluation added as
+    ``latest_evaluation``: one query for them all, and only the latest (a job object shows no
+    other)."""
+    rows = list(rows)
+    latest = (
+        Evaluation.objects.filter(job_id__in=[row["id"] for row in rows])
+        .order_by("job_id", "-created_at")
+        .distinct("job_id")
+        .only("id", "job", "results", "verdict")
+    )
+    by_job = {evaluation.job_id: evaluation for evaluation in latest} if rows else {}
+    for row in rows:
+        row["latest_evaluation"] = by_job.get(row["id"])
+    return rows
 
 
 class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
-    # Only what the job object shows: manifests and descriptions are large and unused here.
-    queryset = (
-        FineTuneJob.objects.select_related("base_model", "adapter")
-        .prefetch_related(LATEST_EVALUATION)
-        .defer(
-            "adapter__manifest",
-            "adapter__metrics",
-            "base_model__architecture",
-            "base_model__description",
-        )
-    )
+    # Job objects are read as rows (job_rows); the other actions take model instances.
+    queryset = FineTuneJob.objects.all()
     serializer_class = JobSerializer
     object_name = "fine-tuning job"
 
@@ -133,7 +139,7 @@ class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Ten
             canonical = json.dumps(request.data, sort_keys=True, default=str).encode()
             fingerprint = hashlib.sha256(canonical).hexdigest()
         job = submit_job(self.org, prepared, values, idempotency_key=key, fingerprint=fingerprint)
-        response = Response(self.get_serializer(job).data)
+        response = Response(self.job_object(job.pk))
         if job.replayed:
             response["Idempotent-Replayed"] = "true"
         return response
@@ -149,7 +155,22 @@ class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Ten
                 code="job_finished",
             )
         job.request_cancel()
-        return Response(self.get_serializer(job).data)
+        return Response(self.job_object(job.pk))
+
+    def list(self, request):
+        page = self.paginate_queryset(job_rows(self.get_queryset()))
+        return self.get_paginated_response(
+            JobSerializer(with_latest_evaluations(page), many=True).data
+        )
+
+    def retrieve(self, request, pk=None):
+        row = self.get_object(job_rows(self.get_queryset()))
+        return Response(JobSerializer(with_latest_evaluations([row])[0]).data)
+
+    def job_object(self, pk: str) -> dict:
+        """The job object of one of the caller's jobs, as the list and retrieve show it."""
+        row = job_rows(self.get_queryset().filter(pk=pk)).get()
+        return JobSerializer(with_latest_evaluations([row])[0]).data
 
     @extend_schema(responses={200: EventSerializer(many=True)})
     @action(detail=True, methods=["get"], pagination_class=EventPagination)

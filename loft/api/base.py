@@ -132,10 +132,13 @@ class TenantScopedViewSet(viewsets.GenericViewSet):
     def get_queryset(self):
         return super().get_queryset().for_org(self.org)
 
-    def get_object(self):
+    def get_object(self, queryset=None):
+        """The caller's object the URL names, from ``queryset`` (default: ``get_queryset()``;
+        e.g. its ``values()`` for a view that reads columns, not model instances)."""
         lookup = self.kwargs[self.lookup_url_kwarg or self.lookup_field]
+        queryset = self.get_queryset() if queryset is None else queryset
         obj = (
-            self.get_queryset().filter(**{self.lookup_field: lookup}).first()
+            queryset.filter(**{self.lookup_field: lookup}).first()
             if is_id_like(lookup)
             else None
         )

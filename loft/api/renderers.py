@@ -1,5 +1,6 @@
 """JSON for /v1, encoded by orjson: a page of 100 jobs spent a quarter of its time in the
-standard library's encoder (bench/api_load.py)."""
+standard library's encoder (bench/api_load.py). It also writes ``orjson.Fragment``s, JSON text
+put in as it is (the job object's JSON columns, jobs/api/serializers.py::verbatim_json)."""
 
 from __future__ import annotations
 
