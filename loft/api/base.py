@@ -137,11 +137,7 @@ class TenantScopedViewSet(viewsets.GenericViewSet):
         e.g. its ``values()`` for a view that reads columns, not model instances)."""
         lookup = self.kwargs[self.lookup_url_kwarg or self.lookup_field]
         queryset = self.get_queryset() if queryset is None else queryset
-        obj = (
-            queryset.filter(**{self.lookup_field: lookup}).first()
-            if is_id_like(lookup)
-            else None
-        )
+        obj = queryset.filter(**{self.lookup_field: lookup}).first() if is_id_like(lookup) else None
         if obj is None:
             raise LoftAPIError(
                 f"No such {self.object_name}: {lookup}",
