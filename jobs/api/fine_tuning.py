@@ -21,9 +21,9 @@ from jobs import preflight
 from jobs.api.evaluations import GenerateSerializer, generate_response
 from jobs.api.serializers import (
     CHECKPOINT_ID_PREFIX,
+    COMPUTED_COLUMNS,
     EVENT_ID_PREFIX,
     JOB_COLUMNS,
-    VERBATIM_JSON_COLUMNS,
     AdapterSerializer,
     CheckpointSerializer,
     EventSerializer,
@@ -90,7 +90,7 @@ class CheckpointPagination(NumberedCursorPagination):
 def job_rows(jobs):
     """``jobs`` (a queryset) as rows of what their objects show: JobSerializer's input, once
     ``with_latest_evaluations`` has added theirs."""
-    return jobs.values(*JOB_COLUMNS, **VERBATIM_JSON_COLUMNS)
+    return jobs.values(*JOB_COLUMNS, **COMPUTED_COLUMNS)
 
 
 def with_latest_evaluations(rows) -> list[dict]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.db.models import Q
+from django.db.models import BigIntegerField, Func, Q
 from django.utils.functional import cached_property
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
@@ -32,16 +32,19 @@ class ObjectTypeField(serializers.Field):
         return self.object_type
 
 
-def unix_timestamp(moment) -> int | None:
-    """OpenAI's timestamps are whole seconds since the epoch."""
-    return int(moment.timestamp()) if moment is not None else None
-
-
 class UnixTimestampField(serializers.ReadOnlyField):
     """OpenAI's timestamps are whole seconds since the epoch."""
 
     def to_representation(self, value):
-        return unix_timestamp(value)
+        return int(value.timestamp()) if value is not None else None
+
+
+class UnixSeconds(Func):
+    """A timestamp column as OpenAI shows it, whole seconds since the epoch, computed by
+    PostgreSQL (as UnixTimestampField does in Python, for rows read as values)."""
+
+    template = "floor(extract(epoch FROM %(expressions)s))::bigint"
+    output_field = BigIntegerField()
 
 
 class AfterLimitPagination(BasePagination):
