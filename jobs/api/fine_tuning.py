@@ -34,7 +34,6 @@ from jobs.api.serializers import (
 from jobs.models import (
     Adapter,
     BaseModel,
-    Evaluation,
     File,
     FineTuneJob,
     IdempotencyKeyReused,
@@ -88,26 +87,8 @@ class CheckpointPagination(NumberedCursorPagination):
 
 
 def job_rows(jobs):
-    """``jobs`` (a queryset) as rows of what their objects show: JobSerializer's input, once
-    ``with_latest_evaluations`` has added theirs."""
+    """``jobs`` (a queryset) as rows of what their objects show: JobSerializer's input."""
     return jobs.values(*JOB_COLUMNS, **COMPUTED_COLUMNS)
-
-
-def with_latest_evaluations(rows) -> list[dict]:
-    """``rows`` (of ``JOB_COLUMNS``), each with its job's latest evaluation added as
-    ``latest_evaluation``: one query for them all, and only the latest (a job object shows no
-    other)."""
-    rows = list(rows)
-    latest = (
-        Evaluation.objects.filter(job_id__in=[row["id"] for row in rows])
-        .order_by("job_id", "-created_at")
-        .distinct("job_id")
-        .only("id", "job", "results", "verdict")
-    )
-    by_job = {evaluation.job_id: evaluation for evaluation in latest} if rows else {}
-    for row in rows:
-        row["latest_evaluation"] = by_job.get(row["id"])
-    return rows
 
 
 class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
@@ -159,18 +140,16 @@ class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Ten
 
     def list(self, request):
         page = self.paginate_queryset(job_rows(self.get_queryset()))
-        return self.get_paginated_response(
-            JobSerializer(with_latest_evaluations(page), many=True).data
-        )
+        return self.get_paginated_response(JobSerializer(page, many=True).data)
 
     def retrieve(self, request, pk=None):
         row = self.get_object(job_rows(self.get_queryset()))
-        return Response(JobSerializer(with_latest_evaluations([row])[0]).data)
+        return Response(JobSerializer(row).data)
 
     def job_object(self, pk: str) -> dict:
         """The job object of one of the caller's jobs, as the list and retrieve show it."""
         row = job_rows(self.get_queryset().filter(pk=pk)).get()
-        return JobSerializer(with_latest_evaluations([row])[0]).data
+        return JobSerializer(row).data
 
     @extend_schema(responses={200: EventSerializer(many=True)})
     @action(detail=True, methods=["get"], pagination_class=EventPagination)

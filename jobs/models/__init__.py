@@ -8,7 +8,13 @@
 - workers: WorkerHeartbeat.
 """
 
-from jobs.models.adapters import Adapter, Evaluation, new_adapter_id, new_evaluation_id
+from jobs.models.adapters import (
+    Adapter,
+    Evaluation,
+    evaluation_summary,
+    new_adapter_id,
+    new_evaluation_id,
+)
 from jobs.models.catalogue import BaseModel
 from jobs.models.files import File, FileInUse, new_file_id
 from jobs.models.jobs import (
@@ -48,6 +54,7 @@ __all__ = [
     "UsageRecord",
     "WorkerHeartbeat",
     "concurrent_work",
+    "evaluation_summary",
     "month_start",
     "new_adapter_id",
     "new_evaluation_id",

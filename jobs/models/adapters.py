@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from django.db import models, transaction
+from django.db.models import F, Func, Subquery, Value
+from django.db.models.fields.json import KeyTransform
+from django.db.models.functions import JSONObject
 from django.utils import timezone
 
 from jobs import tasks
@@ -228,14 +231,25 @@ class Evaluation(TenantOwnedModel):
 
     def summary(self) -> dict:
         """What the job and adapter objects show; the samples are in the full evaluation."""
-        return {
-            "id": self.id,
-            "base": self.results.get("base"),
-            "adapter": self.results.get("adapter"),
-            "verdict": self.verdict,
-            "forgetting": _forgetting_headline(self.results.get("forgetting")),
-            "samples": self.results.get("samples", [])[:3],
+        return evaluation_summary(self.id, self.results, self.verdict)
+
+    @staticmethod
+    def latest_summary_parts(job_id) -> Subquery:
+        """For an annotation: the parts of the job's latest evaluation its summary is made of
+        (``evaluation_summary``), read by PostgreSQL in the job's own query."""
+        latest = Evaluation.objects.filter(job=job_id).order_by("-created_at")
+        results = {
+            part: KeyTransform(part, "results") for part in ("base", "adapter", "forgetting")
         }
+        first_samples = Func(
+            F("results"), Value("$.samples[0 to 2]"), function="jsonb_path_query_array"
+        )
+        parts = JSONObject(
+            evaluation_id=F("id"),
+            verdict=F("verdict"),
+            results=JSONObject(**results, samples=first_samples),
+        )
+        return Subquery(latest.values(parts=parts)[:1], output_field=models.JSONField())
 
     @staticmethod
     def leaderboard(evaluations) -> list[dict]:
@@ -256,6 +270,19 @@ class Evaluation(TenantOwnedModel):
             )
 
         return sorted(latest.values(), key=rank)
+
+
+def evaluation_summary(evaluation_id: str, results: dict, verdict: dict) -> dict:
+    """An evaluation as the job and adapter objects show it: its headline figures, verdict and
+    first three samples."""
+    return {
+        "id": evaluation_id,
+        "base": results.get("base"),
+        "adapter": results.get("adapter"),
+        "verdict": verdict,
+        "forgetting": _forgetting_headline(results.get("forgetting")),
+        "samples": (results.get("samples") or [])[:3],
+    }
 
 
 def _forgetting_headline(forgetting: dict | None) -> dict | None:
