@@ -20,9 +20,11 @@ import requests
 from django.conf import settings
 from django.db import connection
 
+from engine.base_models import model_folder, tokenizer_folder
 from jobs.models import Adapter, File, FineTuneJob, JobAttempt, UsageRecord
 from loft import storage
 from tests.helpers import (
+    SMOLLM2,
     BeatProcess,
     WorkerProcess,
     admin_action,
@@ -442,27 +444,38 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_k_attempts_and_leave
     )
 
 
+TIME_LIMIT_SECONDS = 15
+
+
 def test_the_time_limit_checkpoints_the_job_and_an_operators_retry_resumes_it(
-    tenant_a, tmp_path, private_queue, staff_client
+    tenant_a, tmp_path, private_queue, staff_client, cache
 ):
-    """A worker whose time limit is 10 s: the job checkpoints the steps it did and fails with
+    """A worker whose time limit is 15 s: the job checkpoints the steps it did and fails with
     the reason. The admin's Retry queues it again; a worker without that limit resumes it
     from the checkpoint and it succeeds, its ledger line updated rather than doubled."""
+    # The limit counts the attempt's setup too: the base is converted beforehand (once a run),
+    # so that the limit falls among the training steps, wherever this test runs in the suite.
+    tokenizer_folder(SMOLLM2, cache)
+    model_folder(SMOLLM2, cache)
     limited = WorkerProcess(
         tmp_path,
         "limited",
         private_queue,
-        **supervised(private_queue, LOFT_JOB_SOFT_TIME_LIMIT_SECONDS="10"),
+        **supervised(private_queue, LOFT_JOB_SOFT_TIME_LIMIT_SECONDS=str(TIME_LIMIT_SECONDS)),
     ).start()
     try:
-        job = submit(tenant_a, banana_file(tenant_a), max_steps=30, checkpoint_every=1000)
+        # Ten epochs of the banana rows pack into steps of about a second here: 40 of them
+        # outlast the limit, so the limit, not the end, stops the first attempt.
+        job = submit(
+            tenant_a, banana_file(tenant_a), n_epochs=10, max_steps=40, checkpoint_every=1000
+        )
         job = wait_for(job, finished, timeout=180, what="the time limit")
     finally:
         limited.stop()
     assert job.status == "failed" and job.error["code"] == "time_limit", job.error
     assert "time limit reached" in job.error["message"].lower()
     step = job.progress["step"]
-    assert 0 < step < 30, step
+    assert 0 < step < 40, step
     assert job.checkpoints.first().step == step  # saved on the way out
     assert f"checkpoint at step {step}" in job.error["message"]
 

@@ -239,6 +239,13 @@ def test_an_interrupted_upload_leaves_no_object_and_no_row(live_server, transact
             + head
         )
         connection.sendall(sent)
+        # The body ends here, 80 MiB short of its length. Wait for the server to answer (or to
+        # hang up): until then it may not even have begun the multipart upload, and a look at
+        # the bucket would pass before there is anything to leave behind.
+        connection.shutdown(socket.SHUT_WR)
+        connection.settimeout(60)
+        answer = connection.recv(65536)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:200]
     # The client is gone mid-file. Whatever the server makes of that, nothing may remain.
     wait_for(
         lambda: not (objects_of(org) or _open_multipart_uploads(org)),
