@@ -163,10 +163,12 @@ class TrainConfig:
         form="number",
     )
     method: str = hyperparameter(
-        "qlora",
-        "qlora (4-bit NF4 base, nf4) or lora (full precision, none).",
+        "lora",
+        "auto: LoRA on the full-precision base when it fits the worker with room to spare, "
+        "else QLoRA; nf4 forces QLoRA (4-bit base), none forces LoRA.",
         rule=Rule(lambda v: v in METHODS.values(), "qlora or lora"),
         api=QUANTIZATION,
+        auto=True,
     )
     max_seq_length: int = hyperparameter(
         1024,
@@ -323,8 +325,10 @@ def _checked(api_field: ApiField, value):
     name, kind = api_field.name, api_field.kind
     if api_field.choices:
         if value not in api_field.choices:
+            allowed = [AUTO, *api_field.choices] if api_field.auto else list(api_field.choices)
             raise ConfigError(
-                f"{name} must be {' or '.join(api_field.choices)}, got {str(value)[:40]!r}"
+                f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                f"got {str(value)[:40]!r}"
             )
         return value
     if kind is float:

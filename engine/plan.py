@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from engine.hyperparameters import QUANTIZATION, TrainConfig
+from engine.hyperparameters import METHODS, QUANTIZATION, TrainConfig
 
 # OpenAI's published defaults for "auto" epochs: aim at 3 epochs, but see at least 100 and at
 # most 25,000 examples in total.
@@ -27,6 +27,11 @@ MAX_AUTO_EPOCHS = 25
 STARTUP_SECONDS = 30
 # Added to the sum of the parts: the estimate should err high, not low.
 MEMORY_MARGIN = 0.2
+# quantization "auto" trains LoRA on the full-precision base when its estimate (margin included)
+# takes at most this share of the worker's memory, QLoRA otherwise. Full precision learns better
+# (a QLoRA adapter is trained to correct a 4-bit base, and loses on the full-precision base users
+# load: bench/quality.py) and, on a CPU, trains faster; QLoRA is for bases that do not fit.
+LORA_MEMORY_SHARE = 0.75
 GIB = 2**30
 
 
@@ -130,6 +135,19 @@ def train_rows(stats: DataStats, validation_fraction: float, has_validation_file
     return stats.rows - min(500, max(1, round(stats.rows * validation_fraction)))
 
 
+def auto_quantization(shape: ModelShape, worker: WorkerClass, *, lora_rank: int, batch) -> str:
+    """ "none" (LoRA on the full-precision base) when it fits the worker with room to spare,
+    "nf4" (QLoRA) when memory demands it."""
+    lora = peak_memory(
+        shape,
+        quantization="none",
+        lora_rank=lora_rank,
+        batch=batch,
+        bytes_per_activation=worker.bytes_per_activation,
+    )["total"]
+    return "none" if lora <= LORA_MEMORY_SHARE * worker.memory_bytes else "nf4"
+
+
 def resolve_auto(
     given: dict,
     stats: DataStats,
@@ -139,13 +157,32 @@ def resolve_auto(
     context_length: int,
     has_validation_file: bool,
 ) -> dict:
-    """TrainConfig's arguments with what "auto" left open (epochs, batch size, sequence
-    length) chosen from the measured data; what was given is kept."""
+    """TrainConfig's arguments with what "auto" left open (epochs, batch size, method, sequence
+    length) chosen from the measured data and the worker; what was given is kept.
+
+    The method is chosen for the sequence length the data asks for (its longest row), before
+    that length is fitted to the method: a job is not quantized to keep a rare long row."""
     config = dict(given)
     settled = {**asdict(TrainConfig()), **config}
     rows = train_rows(stats, settled["validation_fraction"], has_validation_file)
     config.setdefault("n_epochs", auto_epochs(rows))
     config.setdefault("batch_size", auto_batch_size(rows))
+    if "method" not in config:
+        wanted_length = config.get("max_seq_length") or auto_max_seq_length(
+            stats.max_row_tokens, context_length
+        )
+        quantization = auto_quantization(
+            shape,
+            worker,
+            lora_rank=settled["lora_rank"],
+            batch=micro_batch(
+                packing=settled["packing"],
+                batch_size=config["batch_size"],
+                max_seq_length=wanted_length,
+                max_row_tokens=stats.max_row_tokens,
+            ),
+        )
+        config["method"] = settled["method"] = METHODS[quantization]
     if "max_seq_length" not in config:
         quantization = QUANTIZATION.from_config(settled["method"])
         config["max_seq_length"] = auto_max_seq_length(
@@ -179,6 +216,8 @@ class Plan:
     trained_tokens: int
     tokens_per_step: int
     worker_class: str
+    quantization: str  # the API's name: "none" (LoRA) or "nf4" (QLoRA)
+    method_reason: str  # which method, and why, in a sentence
     estimated_seconds: int
     estimated_peak_memory_bytes: int
     memory_breakdown: dict
@@ -276,16 +315,17 @@ def estimate(
         steps = min(steps, config.max_steps)
     examples_seen = min(config.n_epochs * training_examples, steps * config.batch_size)
     trained_tokens = int(examples_seen * per_example)
+    batch = micro_batch(
+        packing=config.packing,
+        batch_size=config.batch_size,
+        max_seq_length=config.max_seq_length,
+        max_row_tokens=stats.max_row_tokens,
+    )
     memory = peak_memory(
         shape,
         quantization=config.quantization,
         lora_rank=config.lora_rank,
-        batch=micro_batch(
-            packing=config.packing,
-            batch_size=config.batch_size,
-            max_seq_length=config.max_seq_length,
-            max_row_tokens=stats.max_row_tokens,
-        ),
+        batch=batch,
         bytes_per_activation=worker.bytes_per_activation,
     )
     seconds = STARTUP_SECONDS + trained_tokens / worker.tokens_per_second(shape.parameters)
@@ -298,6 +338,8 @@ def estimate(
         trained_tokens=trained_tokens,
         tokens_per_step=int(min(config.batch_size, training_examples) * per_example),
         worker_class=worker.name,
+        quantization=config.quantization,
+        method_reason=method_reason(shape, worker, config.quantization, config.lora_rank, batch),
         estimated_seconds=int(seconds),
         estimated_peak_memory_bytes=memory["total"],
         memory_breakdown=memory,
@@ -315,6 +357,47 @@ def estimate(
             config.max_seq_length,
             config.packing,
         ),
+    )
+
+
+def method_reason(
+    shape: ModelShape, worker: WorkerClass, quantization: str, lora_rank: int, batch: MicroBatch
+) -> str:
+    """Which method the job trains with, and why, in a sentence: what "auto" weighs (the
+    estimated peak of LoRA on the full-precision base against the worker's memory), whether the
+    job chose it or was given it."""
+
+    def gib(quantization: str) -> str:
+        total = peak_memory(
+            shape,
+            quantization=quantization,
+            lora_rank=lora_rank,
+            batch=batch,
+            bytes_per_activation=worker.bytes_per_activation,
+        )["total"]
+        return f"{total / GIB:.1f} GiB"
+
+    memory = f"{worker.memory_bytes / GIB:.1f} GiB"
+    chosen = auto_quantization(shape, worker, lora_rank=lora_rank, batch=batch)
+    if quantization == "none":
+        why = (
+            "it fits with room to spare"
+            if chosen == "none"
+            else "as requested, though QLoRA would leave more room"
+        )
+        return (
+            f"LoRA on the full-precision base ({gib('none')} of the {worker.name} worker's "
+            f"{memory}): {why}."
+        )
+    if chosen == "nf4":
+        return (
+            f"QLoRA on a 4-bit base ({gib('nf4')}): LoRA on the full-precision base would "
+            f"need {gib('none')}, more than {LORA_MEMORY_SHARE:.0%} of the {worker.name} "
+            f"worker's {memory}."
+        )
+    return (
+        f"QLoRA on a 4-bit base ({gib('nf4')}), as requested; LoRA on the full-precision base "
+        f"would fit ({gib('none')} of {memory}) and usually learns better."
     )
 
 

@@ -94,7 +94,7 @@ def test_openais_method_form_and_the_hyperparameters_form_mean_the_same(api_a, t
     [
         ({"lora_rank": 0}, "lora_rank must be between 1 and 256"),
         ({"n_epochs": "three"}, "n_epochs must be an integer"),
-        ({"quantization": "int3"}, "quantization must be nf4 or none"),
+        ({"quantization": "int3"}, "quantization must be auto, nf4 or none"),
         ({"learning_rate": 1.0}, "Unknown hyperparameter 'learning_rate'"),
         ({"packing": "yes"}, "packing must be true or false"),
     ],
@@ -107,6 +107,35 @@ def test_bad_hyperparameters_are_refused_by_name_and_nothing_is_created(
     error = response.json()["error"]
     assert words in error["message"] and error["param"] == "hyperparameters"
     assert not FineTuneJob.objects.exists()
+
+
+@pytest.mark.django_db
+def test_the_plan_chooses_lora_when_the_base_fits_the_worker_and_qlora_when_it_does_not(
+    api_a, tenant_a, settings
+):
+    file_id = training_file(tenant_a)
+    job = create(api_a, file_id).json()  # quantization left to the plan
+    assert job["hyperparameters"]["quantization"] == "none"
+    assert job["plan"]["quantization"] == "none"
+    assert job["plan"]["method_reason"].startswith("LoRA on the full-precision base")
+    assert "room to spare" in job["plan"]["method_reason"]
+    assert FineTuneJob.objects.get(pk=job["id"]).method == "lora"
+
+    # A worker class with less memory: the full-precision base would fit, but crowd it
+    # (2.5 GiB of 3; the 4-bit base needs 2.1).
+    settings.LOFT_WORKER_MEMORY_BYTES = 3 * 2**30
+    small = create(api_a, file_id, hyperparameters={"quantization": "auto"}).json()
+    assert small["hyperparameters"]["quantization"] == "nf4"
+    assert small["plan"]["method_reason"].startswith("QLoRA on a 4-bit base")
+    assert FineTuneJob.objects.get(pk=small["id"]).method == "qlora"
+
+    # Either can still be forced; the plan says it was asked for.
+    forced = create(api_a, file_id, dry_run=True, hyperparameters={"quantization": "none"})
+    assert forced.json()["quantization"] == "none"
+    assert "as requested" in forced.json()["method_reason"]
+    settings.LOFT_WORKER_MEMORY_BYTES = 12 * 2**30
+    forced = create(api_a, file_id, dry_run=True, hyperparameters={"quantization": "nf4"})
+    assert "as requested" in forced.json()["method_reason"]
 
 
 @pytest.mark.django_db

@@ -78,3 +78,23 @@ def test_a_plan_that_does_not_fit_names_the_nearest_settings_that_do():
         training_examples=10,
     )
     assert not huge.fits and "does not fit on cpu workers" in huge.suggestion
+
+
+def test_auto_quantization_keeps_the_full_precision_base_while_it_leaves_room():
+    row = plan.MicroBatch(1024, 1024)
+    assert plan.auto_quantization(SMOLLM2, CPU, lora_rank=16, batch=row) == "none"
+    lora = plan.peak_memory(
+        SMOLLM2, quantization="none", lora_rank=16, batch=row, bytes_per_activation=4
+    )["total"]
+    crowded = plan.WorkerClass("small", int(lora / plan.LORA_MEMORY_SHARE) - 1, 150)
+    assert plan.auto_quantization(SMOLLM2, crowded, lora_rank=16, batch=row) == "nf4"
+    # The method is chosen for the length the data asks for, then the length is fitted to it.
+    stats = plan.DataStats(rows=100, tokens=30_000, max_row_tokens=900)
+    resolved = plan.resolve_auto(
+        {}, stats, SMOLLM2, crowded, context_length=8192, has_validation_file=False
+    )
+    assert resolved["method"] == "qlora" and resolved["max_seq_length"] == 1024
+    given = plan.resolve_auto(
+        {"method": "lora"}, stats, SMOLLM2, crowded, context_length=8192, has_validation_file=False
+    )
+    assert given["method"] == "lora"

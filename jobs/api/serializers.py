@@ -288,13 +288,14 @@ class JobSerializer(serializers.ModelSerializer):
 def _documented(hyperparameter: ApiField) -> serializers.Field:
     """How the OpenAPI schema shows one hyperparameter; engine/hyperparameters.py checks it."""
     options = {"required": False, "help_text": hyperparameter.help}
+    if hyperparameter.choices:
+        auto = [AUTO] if hyperparameter.auto else []
+        return serializers.ChoiceField(choices=auto + list(hyperparameter.choices), **options)
     if hyperparameter.auto or hyperparameter.openai:  # OpenAI's take "auto"
         wanted = "An integer" if hyperparameter.kind is int else "A number"
         return serializers.JSONField(
             **{**options, "help_text": f'{wanted} or "auto". ' + options["help_text"]}
         )
-    if hyperparameter.choices:
-        return serializers.ChoiceField(choices=list(hyperparameter.choices), **options)
     field = {
         int: serializers.IntegerField,
         float: serializers.FloatField,

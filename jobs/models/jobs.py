@@ -247,7 +247,10 @@ class FineTuneJob(TenantOwnedModel):
                 self._fail_before_start("quota_exceeded", str(error), error.quota)
                 return
             if FineTuneJob.objects.filter(pk=self.pk, status=self.Status.VALIDATING_FILES).update(
-                status=self.Status.QUEUED, plan=plan.as_dict(), hyperparameters=asdict(config)
+                status=self.Status.QUEUED,
+                plan=plan.as_dict(),
+                hyperparameters=asdict(config),
+                method=config.method,
             ):
                 self.add_event("info", "Files validated; job queued.", {"plan": plan.as_dict()})
                 self.enqueue()

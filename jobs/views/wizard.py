@@ -171,7 +171,8 @@ def _read_values(post) -> tuple[dict, dict]:
                 allowed = " or auto" if field.auto else ""
                 errors[field.name] = f"{field.label} must be a number{allowed}."
     values["packing"] = post.get("packing") == "on"
-    values["quantization"] = "nf4" if post.get("quantization", "nf4") == "nf4" else "none"
+    quantization = post.get("quantization", AUTO)
+    values["quantization"] = quantization if quantization in ("nf4", "none") else AUTO
     return values, errors
 
 
