@@ -42,13 +42,33 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_manifest(folder: Path) -> dict:
+def build_manifest(folder: Path, base: dict | None = None) -> dict:
+    """Each file's sha256 and size; for an adapter, also the base it must be loaded on
+    (``base_record``)."""
     files = {
         str(path.relative_to(folder)): {"sha256": sha256_of(path), "bytes": path.stat().st_size}
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }
-    return {"files": files, "total_bytes": sum(f["bytes"] for f in files.values())}
+    manifest = {"files": files, "total_bytes": sum(f["bytes"] for f in files.values())}
+    if base is not None:
+        manifest["base"] = base
+    return manifest
+
+
+# How an adapter's base is loaded, by the API's quantization name.
+BASE_PRECISIONS = {"none": "full precision (float32)", "nf4": "4-bit NF4 (bitsandbytes)"}
+
+
+def base_record(model: str, revision: str, quantization: str) -> dict:
+    """The base an adapter was trained on and must be loaded on: a QLoRA adapter learned to
+    correct a 4-bit base, a LoRA adapter a full-precision one (Loft serves each so)."""
+    return {
+        "model": model,
+        "revision": revision,
+        "quantization": quantization,
+        "precision": BASE_PRECISIONS[quantization],
+    }
 
 
 def verify(folder: Path, manifest: dict) -> None:
@@ -68,6 +88,7 @@ def model_card(
     name: str,
     base_model: str,
     method: str,
+    base_quantization: str,
     hyperparameters: dict,
     data_stats: dict,
     metrics: dict,
@@ -92,17 +113,15 @@ A LoRA adapter for `{base_model}`, trained by Loft with {method.upper()}.
 
 {lineage}## Use
 
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+Trained on the base in **{BASE_PRECISIONS[base_quantization]}**: load it on the base at that
+precision, as Loft serves it (`manifest.json` records it under `base`).
 
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-base = AutoModelForCausalLM.from_pretrained("{base_model}")
-model = PeftModel.from_pretrained(base, "path/to/this/folder")
+```python
+{_loading_code(base_model, base_quantization)}
 ```
 
 The folder holds safetensors weights only; `manifest.json` lists each file's sha256.
-
+{_precision_section(evaluation)}
 ## Data
 
 | | |
@@ -121,6 +140,47 @@ The folder holds safetensors weights only; `manifest.json` lists each file's sha
 |---|---|
 {metric_rows}
 {_evaluation_section(evaluation)}"""
+
+
+def _loading_code(base_model: str, quantization: str) -> str:
+    if quantization == "nf4":
+        return f"""import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+four_bit = BitsAndBytesConfig(
+    load_in_4bit=True,
+    bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype=torch.bfloat16,  # torch.float32 on a CPU
+)
+base = AutoModelForCausalLM.from_pretrained("{base_model}", quantization_config=four_bit)
+model = PeftModel.from_pretrained(base, "path/to/this/folder")"""
+    return f"""import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+base = AutoModelForCausalLM.from_pretrained("{base_model}", dtype=torch.float32)
+model = PeftModel.from_pretrained(base, "path/to/this/folder")"""
+
+
+def _precision_section(evaluation: dict | None) -> str:
+    """A QLoRA adapter's scores on the full-precision base beside those on its 4-bit base."""
+    report = (evaluation or {}).get("base_precision") or {}
+    if "gap" not in report:
+        return ""
+
+    def shown(value) -> str:
+        return "–" if value is None else f"{value:.4g}"
+
+    trained, full = report["adapter"][report["trained_on"]], report["adapter"]["none"]
+    return f"""
+On the full-precision base instead (the standard `PeftModel.from_pretrained` on an unquantized
+base), held-out loss is {shown(full["loss"])} against {shown(trained["loss"])} on the 4-bit base,
+and exact match {shown(full["exact_match"])} against {shown(trained["exact_match"])}.
+"""
 
 
 EVALUATION_ROWS = [

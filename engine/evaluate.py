@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine import data, train
+from engine import artifacts, data, train
 
 SHOWN_SAMPLES = 5
 # exp() of a larger loss overflows a float; no model that loads is anywhere near it.
@@ -387,6 +387,60 @@ def compare(
     samples.sort(key=lambda s: (-s.gain, -s.adapter_rouge_l))
     lost = forgetting(model, tokenizer, probes, device=device) if probes else None
     return Comparison(base, adapter, samples, verdict(base, adapter), lost)
+
+
+# --- the base precision: what is served, and what users load -------------------------------
+
+
+@torch.no_grad()
+def on_other_base(
+    base,
+    adapter_folder: Path,
+    tokenizer,
+    held_out_examples: list[data.Example],
+    held_out_tokenized: list[train.Tokenized],
+    *,
+    row_tokens: int,
+    device: str,
+    max_generations: int = 50,
+    max_new_tokens: int = 64,
+) -> Scores:
+    """The saved adapter loaded the standard PEFT way (``PeftModel.from_pretrained``) on
+    another copy of its base — a QLoRA adapter on the full-precision base, as a user who
+    downloads it would load it — and scored on the same rows as ``compare``."""
+    from peft import PeftModel
+
+    artifacts.refuse_unsafe_adapter(adapter_folder)
+    model = PeftModel.from_pretrained(base, str(adapter_folder))
+    chat = answerable(held_out_examples, max_generations)
+    scores, _ = score(
+        model,
+        tokenizer,
+        chat,
+        held_out_tokenized,
+        row_tokens=row_tokens,
+        device=device,
+        max_new_tokens=max_new_tokens,
+    )
+    return scores
+
+
+def base_precision(trained_on: str, adapter: dict, on_full_precision: Scores | None) -> dict:
+    """Which base precision the adapter was trained on and is served on (the same: an adapter
+    learns to correct the base it saw), with, for a QLoRA adapter, its scores on the
+    full-precision base and the gap to its 4-bit ones (positive: worse on full precision)."""
+    report = {"trained_on": trained_on, "served_on": trained_on, "adapter": {trained_on: adapter}}
+    if on_full_precision is not None:
+        full = asdict(on_full_precision)
+        report["adapter"]["none"] = full
+
+        def gap(metric: str) -> float | None:
+            if full[metric] is None or adapter[metric] is None:
+                return None
+            return full[metric] - adapter[metric]
+
+        report["gap"] = {"loss": gap("loss"), "exact_match": gap("exact_match")}
+    return report
 
 
 # --- forgetting: what the adapter lost of the base's general knowledge ----------------------

@@ -12,11 +12,10 @@ against 200 ms to reload base and adapter). The least recently used adapter is d
 more would exceed the capacity. ``key=None`` answers as the plain base, with the LoRA layers
 turned off (``disable_adapter()``), as evaluation compares base and adapter.
 
-Quantization is the caller's choice (``load_base``), with one caveat: on the CPU, bitsandbytes
-0.50 rewrites a 4-bit model's quantization state in place when ``model.state_dict()`` is called
-(engine/train.py), and peft's ``load_adapter`` goes through its state-dict helpers. A CPU
-playground therefore loads its base in full precision (``load_base_model(spec, cache_dir,
-"none", "cpu")``). The rewrite was measured on the CPU; NF4 on CUDA is untested here.
+Quantization is the caller's choice (``load_base``): an adapter is served on the base precision
+it was trained on, a QLoRA adapter on its 4-bit base (worker/serving.py). Loading adapters with
+peft onto a 4-bit base leaves the base's answers as they were (measured on the CPU with
+bitsandbytes 0.50: tests/test_generate_engine.py).
 """
 
 from __future__ import annotations

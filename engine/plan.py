@@ -135,17 +135,10 @@ def train_rows(stats: DataStats, validation_fraction: float, has_validation_file
     return stats.rows - min(500, max(1, round(stats.rows * validation_fraction)))
 
 
-def auto_quantization(shape: ModelShape, worker: WorkerClass, *, lora_rank: int, batch) -> str:
-    """ "none" (LoRA on the full-precision base) when it fits the worker with room to spare,
-    "nf4" (QLoRA) when memory demands it."""
-    lora = peak_memory(
-        shape,
-        quantization="none",
-        lora_rank=lora_rank,
-        batch=batch,
-        bytes_per_activation=worker.bytes_per_activation,
-    )["total"]
-    return "none" if lora <= LORA_MEMORY_SHARE * worker.memory_bytes else "nf4"
+def auto_quantization(lora_peak_bytes: int, worker: WorkerClass) -> str:
+    """ "none" (LoRA on the full-precision base) when its estimated peak fits the worker with
+    room to spare, "nf4" (QLoRA) when memory demands it."""
+    return "none" if lora_peak_bytes <= LORA_MEMORY_SHARE * worker.memory_bytes else "nf4"
 
 
 def resolve_auto(
@@ -171,9 +164,9 @@ def resolve_auto(
         wanted_length = config.get("max_seq_length") or auto_max_seq_length(
             stats.max_row_tokens, context_length
         )
-        quantization = auto_quantization(
+        lora_peak = peak_memory(
             shape,
-            worker,
+            quantization="none",
             lora_rank=settled["lora_rank"],
             batch=micro_batch(
                 packing=settled["packing"],
@@ -181,7 +174,9 @@ def resolve_auto(
                 max_seq_length=wanted_length,
                 max_row_tokens=stats.max_row_tokens,
             ),
-        )
+            bytes_per_activation=worker.bytes_per_activation,
+        )["total"]
+        quantization = auto_quantization(lora_peak, worker)
         config["method"] = settled["method"] = METHODS[quantization]
     if "max_seq_length" not in config:
         quantization = QUANTIZATION.from_config(settled["method"])
@@ -218,6 +213,7 @@ class Plan:
     worker_class: str
     quantization: str  # the API's name: "none" (LoRA) or "nf4" (QLoRA)
     method_reason: str  # which method, and why, in a sentence
+    peak_memory_by_quantization: dict  # both methods sized for this worker, "none" and "nf4"
     estimated_seconds: int
     estimated_peak_memory_bytes: int
     memory_breakdown: dict
@@ -330,6 +326,16 @@ def estimate(
     )
     seconds = STARTUP_SECONDS + trained_tokens / worker.tokens_per_second(shape.parameters)
     fits = memory["total"] <= worker.memory_bytes
+    both = {
+        quantization: peak_memory(
+            shape,
+            quantization=quantization,
+            lora_rank=config.lora_rank,
+            batch=batch,
+            bytes_per_activation=worker.bytes_per_activation,
+        )["total"]
+        for quantization in ("none", "nf4")
+    }
     return Plan(
         training_examples=training_examples,
         tokens_per_epoch=int(training_examples * per_example),
@@ -339,7 +345,8 @@ def estimate(
         tokens_per_step=int(min(config.batch_size, training_examples) * per_example),
         worker_class=worker.name,
         quantization=config.quantization,
-        method_reason=method_reason(shape, worker, config.quantization, config.lora_rank, batch),
+        method_reason=method_reason(worker, config.quantization, both),
+        peak_memory_by_quantization=both,
         estimated_seconds=int(seconds),
         estimated_peak_memory_bytes=memory["total"],
         memory_breakdown=memory,
@@ -360,30 +367,21 @@ def estimate(
     )
 
 
-def method_reason(
-    shape: ModelShape, worker: WorkerClass, quantization: str, lora_rank: int, batch: MicroBatch
-) -> str:
+def method_reason(worker: WorkerClass, quantization: str, peaks: dict) -> str:
     """Which method the job trains with, and why, in a sentence: what "auto" weighs (the
-    estimated peak of LoRA on the full-precision base against the worker's memory), whether the
-    job chose it or was given it."""
+    estimated peak of each method, ``peaks``, against the worker's memory), and whether the job
+    was given the method or the plan chose it."""
 
     def gib(quantization: str) -> str:
-        total = peak_memory(
-            shape,
-            quantization=quantization,
-            lora_rank=lora_rank,
-            batch=batch,
-            bytes_per_activation=worker.bytes_per_activation,
-        )["total"]
-        return f"{total / GIB:.1f} GiB"
+        return f"{peaks[quantization] / GIB:.1f} GiB"
 
     memory = f"{worker.memory_bytes / GIB:.1f} GiB"
-    chosen = auto_quantization(shape, worker, lora_rank=lora_rank, batch=batch)
+    chosen = auto_quantization(peaks["none"], worker)
     if quantization == "none":
         why = (
             "it fits with room to spare"
             if chosen == "none"
-            else "as requested, though QLoRA would leave more room"
+            else "not the plan's choice, QLoRA would leave more room"
         )
         return (
             f"LoRA on the full-precision base ({gib('none')} of the {worker.name} worker's "
@@ -396,8 +394,9 @@ def method_reason(
             f"worker's {memory}."
         )
     return (
-        f"QLoRA on a 4-bit base ({gib('nf4')}), as requested; LoRA on the full-precision base "
-        f"would fit ({gib('none')} of {memory}) and usually learns better."
+        f"QLoRA on a 4-bit base ({gib('nf4')}), not the plan's choice (given, or kept from the "
+        f"parent adapter): LoRA on the full-precision base would fit ({gib('none')} of {memory}) "
+        "and usually learns better."
     )
 
 

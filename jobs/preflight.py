@@ -4,12 +4,17 @@ queue."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from django.conf import settings
 
 from engine import plan as planning
-from engine.hyperparameters import TrainConfig, from_request
+from engine.hyperparameters import METHODS, TrainConfig, from_request
 from jobs.models.catalogue import BaseModel
 from jobs.models.files import File
+
+if TYPE_CHECKING:
+    from jobs.models.adapters import Adapter
 
 
 class JobTooLarge(Exception):
@@ -57,10 +62,15 @@ def resolve_hyperparameters(
     training_file: File,
     validation_file: File | None,
     base_model: BaseModel,
+    parent: Adapter | None = None,
 ) -> dict:
     """TrainConfig's arguments from a request's hyperparameters: "auto" (or absent) resolved
-    from the training data when it has been measured. Raises ConfigError naming the field."""
+    from the training data when it has been measured. A job that continues an adapter keeps
+    its parent's base precision unless told otherwise: the parent learned to correct that base.
+    Raises ConfigError naming the field."""
     config = from_request(requested)
+    if parent is not None:
+        config.setdefault("method", METHODS[parent.base_quantization])
     if files_measured(training_file, validation_file):
         config = planning.resolve_auto(
             config,

@@ -211,12 +211,10 @@ LOFT_EVAL_MAX_NEW_TOKENS = env.integer("LOFT_EVAL_MAX_NEW_TOKENS", 64)
 LOFT_EVAL_FORGETTING_PROBES = env.integer("LOFT_EVAL_FORGETTING_PROBES", 100)
 
 # --- Inference (playground): workers of this queue keep one base model loaded and switch among
-# up to LOFT_INFERENCE_ADAPTERS of its adapters without reloading it (worker/serving.py).
+# up to LOFT_INFERENCE_ADAPTERS of its adapters without reloading it (worker/serving.py), at
+# the base precision the adapters were trained on.
 LOFT_INFERENCE_QUEUE = env.string("LOFT_INFERENCE_QUEUE", "inference")
 LOFT_INFERENCE_ADAPTERS = env.integer("LOFT_INFERENCE_ADAPTERS", 8)
-# Full precision by default: on CPUs bitsandbytes' 4-bit layers are slow to generate with and
-# rewrite their weights when peft loads adapters; a GPU deployment may set nf4.
-LOFT_INFERENCE_QUANTIZATION = env.string("LOFT_INFERENCE_QUANTIZATION", "none")
 # The longest a playground request holds its web thread, queueing to last token (the page's two
 # answers together); the worker stops generating for it then too.
 LOFT_INFERENCE_TIMEOUT_SECONDS = env.integer("LOFT_INFERENCE_TIMEOUT_SECONDS", 60)

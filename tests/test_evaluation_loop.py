@@ -48,8 +48,9 @@ DATES_JOB = {
     "max_seq_length": 64,
     "checkpoint_every": 1000,
 }
-# Shuffled answers need fewer steps to make an adapter confidently wrong.
-SHUFFLED_JOB = {**DATES_JOB, "max_steps": 8}
+# Shuffled answers need fewer steps to make an adapter confidently wrong. LoRA on the
+# full-precision base, so that the custom evaluation serves adapters of both precisions.
+SHUFFLED_JOB = {**DATES_JOB, "max_steps": 8, "quantization": "none"}
 
 
 def shuffled_answers(rows: list[dict], seed: int = 0) -> list[dict]:
@@ -132,6 +133,15 @@ def test_the_evaluation_loop_on_a_learnable_rule(tenant_a, tenant_b, celery_work
     assert not api.get(f"/v1/adapters/{rule_adapter.id}").json()["flagged_worse_than_base"]
     shown = api.get(f"/v1/fine_tuning/jobs/{shuffled_job.id}").json()["evaluation"]
     assert shown["verdict"]["better"] is False
+    # Each adapter is served on the base precision it was trained on.
+    assert shown["base_precision"] == {
+        "trained_on": "none",
+        "served_on": "none",
+        "adapter": {"none": flagged.results["adapter"]},
+    }
+    assert api.get(f"/v1/adapters/{shuffled_adapter.id}").json()["base_quantization"] == "none"
+    assert api.get(f"/v1/adapters/{rule_adapter.id}").json()["base_quantization"] == "nf4"
+    assert job_body["evaluation"]["base_precision"]["served_on"] == "nf4"
 
     # --- 3. a custom evaluation: both adapters and the base on an eval file, in the background
     eval_file = uploaded(api, date_rows(20, seed=3), "dates-eval.jsonl", purpose="eval")
@@ -172,6 +182,7 @@ def test_the_evaluation_loop_on_a_learnable_rule(tenant_a, tenant_b, celery_work
     assert page.index(rule_adapter.name) < page.index(shuffled_adapter.name)
     report = browser.get(f"/evaluations/{evaluation.id}").content.decode()
     assert "General knowledge" in report and "Side by side" in report
+    assert "Loaded on the full-precision base instead" in report
 
     # --- 4. the playground: adapter and base answer the same message on an inference worker
     inference = WorkerProcess(tmp_path, name="inference-worker", queue="inference").start()

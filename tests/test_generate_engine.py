@@ -148,6 +148,22 @@ def test_a_failed_load_leaves_the_base_and_the_cache_as_they_were(
     assert adapter_cache.base_loads == 1
 
 
+def test_adapters_served_on_a_4bit_base_leave_the_base_as_it_was(cache, adapters, ids):
+    """A QLoRA adapter is served on its 4-bit base. peft's state-dict loaders would rewrite a
+    4-bit model's quantization state on the CPU (engine/train.py); the cache copies weights by
+    parameter instead, so the base answers the same before and after adapters are loaded."""
+    adapter_cache = AdapterCache(lambda: load_base_model(SMOLLM2, cache, "nf4", "cpu"))
+    with adapter_cache.use(None, lambda: None) as model:
+        before = logits_of(model, ids)
+    with adapter_cache.use("ftad-0", lambda: adapters["ftad-0"]) as model:
+        tuned = logits_of(model, ids)
+    with adapter_cache.use("ftad-1", lambda: adapters["ftad-1"]) as model:
+        assert (logits_of(model, ids) - tuned).abs().max() > 1.0
+    with adapter_cache.use(None, lambda: None) as model:
+        assert close(logits_of(model, ids), before)
+    assert (tuned - before).abs().max() > 1.0
+
+
 def test_a_nested_use_in_the_same_thread_is_refused(cache, adapters):
     adapter_cache = AdapterCache(lambda: fresh_base(cache))
     with (

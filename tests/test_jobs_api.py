@@ -132,10 +132,25 @@ def test_the_plan_chooses_lora_when_the_base_fits_the_worker_and_qlora_when_it_d
     # Either can still be forced; the plan says it was asked for.
     forced = create(api_a, file_id, dry_run=True, hyperparameters={"quantization": "none"})
     assert forced.json()["quantization"] == "none"
-    assert "as requested" in forced.json()["method_reason"]
+    assert "not the plan's choice" in forced.json()["method_reason"]
     settings.LOFT_WORKER_MEMORY_BYTES = 12 * 2**30
     forced = create(api_a, file_id, dry_run=True, hyperparameters={"quantization": "nf4"})
-    assert "as requested" in forced.json()["method_reason"]
+    assert "not the plan's choice" in forced.json()["method_reason"]
+
+
+@pytest.mark.django_db
+def test_a_job_continuing_an_adapter_keeps_its_base_precision_unless_told(
+    api_a, tenant_a, tmp_path
+):
+    file_id = training_file(tenant_a)
+    parent = stored_adapter(tenant_a, tmp_path)
+    parent.manifest["base"] = {"quantization": "nf4"}  # a QLoRA adapter
+    parent.save()
+    child = create(api_a, file_id, model=parent.name).json()
+    assert child["hyperparameters"]["quantization"] == "nf4"
+    assert "kept from the parent adapter" in child["plan"]["method_reason"]
+    told = create(api_a, file_id, model=parent.name, hyperparameters={"quantization": "none"})
+    assert told.json()["hyperparameters"]["quantization"] == "none"
 
 
 @pytest.mark.django_db

@@ -82,12 +82,13 @@ def test_a_plan_that_does_not_fit_names_the_nearest_settings_that_do():
 
 def test_auto_quantization_keeps_the_full_precision_base_while_it_leaves_room():
     row = plan.MicroBatch(1024, 1024)
-    assert plan.auto_quantization(SMOLLM2, CPU, lora_rank=16, batch=row) == "none"
     lora = plan.peak_memory(
         SMOLLM2, quantization="none", lora_rank=16, batch=row, bytes_per_activation=4
     )["total"]
+    assert plan.auto_quantization(lora, CPU) == "none"
     crowded = plan.WorkerClass("small", int(lora / plan.LORA_MEMORY_SHARE) - 1, 150)
-    assert plan.auto_quantization(SMOLLM2, crowded, lora_rank=16, batch=row) == "nf4"
+    assert plan.auto_quantization(lora, crowded) == "nf4"
+    assert estimate(quantization="none").peak_memory_by_quantization["none"] == lora
     # The method is chosen for the length the data asks for, then the length is fitted to it.
     stats = plan.DataStats(rows=100, tokens=30_000, max_row_tokens=900)
     resolved = plan.resolve_auto(

@@ -93,7 +93,22 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
     assert "Banana" in sample["adapter_output"] and sample["reference"] == BANANA_ANSWER
     report = json.loads((folder / "eval_report.json").read_text())
     assert report["adapter"] == adapter_scores
-    assert "## Evaluation on held-out rows" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "## Evaluation on held-out rows" in card
+
+    # A QLoRA adapter is served on the 4-bit base it was trained on, says so in its manifest
+    # and card, and is also scored on the full-precision base users may load it on.
+    precision = evaluation.results["base_precision"]
+    assert precision["trained_on"] == precision["served_on"] == "nf4"
+    assert precision["adapter"]["nf4"] == adapter_scores
+    full = precision["adapter"]["none"]
+    assert full["generations"] == adapter_scores["generations"] and full["loss"] > 0
+    assert precision["gap"]["loss"] == pytest.approx(full["loss"] - adapter_scores["loss"])
+    assert adapter.manifest["base"]["quantization"] == adapter.base_quantization == "nf4"
+    stored_manifest = json.loads(storage.get_bytes(f"{adapter.s3_prefix}manifest.json"))
+    assert stored_manifest["base"]["quantization"] == "nf4"
+    assert "Trained on the base in **4-bit NF4" in card and "BitsAndBytesConfig" in card
+    assert "On the full-precision base instead" in card
 
     # A second job on the same worker finds the base model still loaded; it continues from the
     # first job's adapter, and its adapter records that parent.
@@ -101,7 +116,12 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
         org=tenant_a.org,
         training_file=job.training_file,
         parent_adapter=adapter,
-        hyperparameters={"max_steps": 1, "batch_size": 4, "max_seq_length": 128},
+        hyperparameters={
+            "max_steps": 1,
+            "batch_size": 4,
+            "max_seq_length": 128,
+            "method": "qlora",  # the API would choose the parent's precision
+        },
     )
     second = wait_for(second, finished, what="the second job")
     assert second.status == "succeeded", second.error

@@ -71,7 +71,6 @@ def _score_every_model(evaluation: Evaluation) -> dict:
         "max_new_tokens": evaluation.options["max_new_tokens"],
     }
     scores, outputs = [], []
-    cache = serving.adapter_cache(evaluation.base_model)
     for candidate in evaluation.candidates:
         adapter = adapters.get(candidate["adapter"]) if candidate["adapter"] else None
         if candidate["adapter"] and adapter is None:
@@ -79,6 +78,10 @@ def _score_every_model(evaluation: Evaluation) -> dict:
             outputs.append([""] * len(answerable))
             continue
         key = adapter.id if adapter else None
+        # Each adapter on the base precision it is served on; the base alone at full precision.
+        cache = serving.adapter_cache(
+            evaluation.base_model, adapter.base_quantization if adapter else "none"
+        )
         with cache.use(key, lambda a=adapter: serving.adapter_folder(a)) as model:
             result, answers = evaluate.score(model, tokenizer, answerable, tokenized, **options)
         scores.append(asdict(result))

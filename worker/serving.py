@@ -30,27 +30,26 @@ from worker.tokenizer import tokenizer_for
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_cache: tuple[BaseModelSpec, generate.AdapterCache] | None = None
+_cache: tuple[tuple[BaseModelSpec, str], generate.AdapterCache] | None = None
 
 
-def adapter_cache(base_model: BaseModel) -> generate.AdapterCache:
-    """This process's cache for ``base_model``. One base at a time: asking for another drops
-    the first (a worker class serves one base model at a time in practice)."""
+def adapter_cache(base_model: BaseModel, quantization: str = "none") -> generate.AdapterCache:
+    """This process's cache for ``base_model`` at one precision ("none": full precision, or
+    "nf4"): an adapter is served on the base precision it was trained on. One base at one
+    precision at a time: asking for another drops the first (a worker serves one base model
+    at a time in practice)."""
     global _cache
-    spec = base_model.spec
+    key = (base_model.spec, quantization)
     with _lock:
-        if _cache is None or _cache[0] != spec:
+        if _cache is None or _cache[0] != key:
             _cache = None  # free the old base before loading the next
 
             def load_base():
                 return load_base_model(
-                    spec,
-                    settings.LOFT_HOME / "models",
-                    settings.LOFT_INFERENCE_QUANTIZATION,
-                    training_device(),
+                    base_model.spec, settings.LOFT_HOME / "models", quantization, training_device()
                 )
 
-            _cache = (spec, generate.AdapterCache(load_base, settings.LOFT_INFERENCE_ADAPTERS))
+            _cache = (key, generate.AdapterCache(load_base, settings.LOFT_INFERENCE_ADAPTERS))
         return _cache[1]
 
 
@@ -74,7 +73,7 @@ def adapter_folder(adapter: Adapter) -> Path:
 
 def use(adapter: Adapter, with_adapter: bool = True):
     """``with use(adapter) as model``: the adapter's base with the adapter on, or off."""
-    cache = adapter_cache(adapter.base_model)
+    cache = adapter_cache(adapter.base_model, adapter.base_quantization)
     return cache.use(adapter.id if with_adapter else None, lambda: adapter_folder(adapter))
 
 

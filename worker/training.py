@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 
 from engine import artifacts, data, evaluate, train
-from engine.base_models import training_device, warm_base_models
+from engine.base_models import load_base_model, training_device, warm_base_models
 from engine.hyperparameters import ConfigError, TrainConfig
 from jobs.models import Adapter, Evaluation, File, FineTuneJob
 from loft import storage
@@ -397,7 +397,31 @@ class JobRun:
             ).as_dict()
         finally:
             warm_base_models.give_back(model.unload())
+        comparison["base_precision"] = evaluate.base_precision(
+            self.config.quantization, comparison["adapter"], self.on_full_precision(folder)
+        )
         return folder, comparison
+
+    def on_full_precision(self, folder: Path) -> evaluate.Scores | None:
+        """A QLoRA adapter is served on its 4-bit base, but a user who downloads it may load
+        it on the full-precision base (the standard PEFT way): score it there too, so the gap
+        is measured rather than guessed. A LoRA adapter was trained on that base already."""
+        if self.config.quantization != "nf4":
+            return None
+        self.event("Scoring the QLoRA adapter on the full-precision base as well.")
+        cache = settings.LOFT_HOME / "models"
+        full = load_base_model(self.job.base_model.spec, cache, "none", self.device)
+        return evaluate.on_other_base(
+            full,
+            folder,
+            self.tokenizer,
+            self.held_examples,
+            self.held_out,
+            row_tokens=self.config.max_seq_length,
+            device=self.device,
+            max_generations=settings.LOFT_EVAL_MAX_GENERATIONS,
+            max_new_tokens=settings.LOFT_EVAL_MAX_NEW_TOKENS,
+        )
 
     def save(self, folder: Path, comparison: dict, result: train.TrainResult) -> Adapter:
         """The adapter folder (weights, tokenizer, config, eval report, model card) uploaded;
@@ -420,6 +444,7 @@ class JobRun:
                 name=name,
                 base_model=job.base_model.name,
                 method=self.config.method,
+                base_quantization=self.config.quantization,
                 hyperparameters=job.hyperparameters,
                 data_stats={
                     "training examples": len(self.train_rows),
@@ -434,7 +459,12 @@ class JobRun:
             org=job.org, name=name, job=job, base_model=job.base_model, parent=job.parent_adapter
         )
         adapter.s3_prefix = f"orgs/{job.org_id}/adapters/{adapter.id}/"
-        adapter.manifest = artifacts.build_manifest(folder)
+        adapter.manifest = artifacts.build_manifest(
+            folder,
+            base=artifacts.base_record(
+                job.base_model.name, job.base_model.revision, self.config.quantization
+            ),
+        )
         adapter.size_bytes, adapter.metrics = adapter.manifest["total_bytes"], metrics
         storage.upload_folder(folder, adapter.s3_prefix, adapter.manifest)
         return adapter

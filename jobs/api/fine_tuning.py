@@ -197,7 +197,7 @@ def prepare_job(org, values: dict) -> PreparedJob:
     requested.pop("parent_adapter", None)
     try:
         resolved = preflight.resolve_hyperparameters(
-            requested, training_file, validation_file, base_model
+            requested, training_file, validation_file, base_model, parent
         )
         seed = values.get("seed")
         seed = 42 if seed is None else seed

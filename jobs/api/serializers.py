@@ -479,6 +479,11 @@ class AdapterSerializer(serializers.ModelSerializer):
     created_at = UnixTimestampField()
     files = serializers.SerializerMethodField()
     flagged_worse_than_base = serializers.SerializerMethodField()
+    base_quantization = serializers.CharField(
+        read_only=True,
+        help_text="The base precision the adapter was trained on and is served on: "
+        "none (full precision) or nf4 (4-bit).",
+    )
 
     class Meta:
         model = Adapter
@@ -487,6 +492,7 @@ class AdapterSerializer(serializers.ModelSerializer):
             "object",
             "name",
             "base_model",
+            "base_quantization",
             "job",
             "parent",
             "size_bytes",

@@ -70,6 +70,13 @@ class Adapter(TenantOwnedModel):
         return self.name
 
     @property
+    def base_quantization(self) -> str:
+        """The precision of the base the adapter is served on: the one it was trained on, as
+        its manifest records (``engine.artifacts.base_record``). Adapters made before that was
+        recorded were always served on the full-precision base, and still are."""
+        return ((self.manifest or {}).get("base") or {}).get("quantization", "none")
+
+    @property
     def merged_prefix(self) -> str:
         return f"{self.s3_prefix}merged/"
 
@@ -239,7 +246,8 @@ class Evaluation(TenantOwnedModel):
         (``evaluation_summary``), read by PostgreSQL in the job's own query."""
         latest = Evaluation.objects.filter(job=job_id).order_by("-created_at")
         results = {
-            part: KeyTransform(part, "results") for part in ("base", "adapter", "forgetting")
+            part: KeyTransform(part, "results")
+            for part in ("base", "adapter", "forgetting", "base_precision")
         }
         first_samples = Func(
             F("results"), Value("$.samples[0 to 2]"), function="jsonb_path_query_array"
@@ -281,6 +289,7 @@ def evaluation_summary(evaluation_id: str, results: dict, verdict: dict) -> dict
         "adapter": results.get("adapter"),
         "verdict": verdict,
         "forgetting": _forgetting_headline(results.get("forgetting")),
+        "base_precision": results.get("base_precision"),
         "samples": (results.get("samples") or [])[:3],
     }
 

@@ -229,6 +229,7 @@ class FineTuneJob(TenantOwnedModel):
                 self.training_file,
                 self.validation_file,
                 self.base_model,
+                self.parent_adapter,
             )
             config = TrainConfig(**{**resolved, "seed": self.seed})
         except ConfigError as error:

@@ -77,6 +77,7 @@ def evaluation_detail(request, evaluation_id: str):
             "metrics": METRIC_COLUMNS,
             "samples": evaluation.results.get("samples", []),
             "forgetting": evaluation.results.get("forgetting"),
+            "precision": evaluation.results.get("base_precision"),
         },
     )
 
