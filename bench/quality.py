@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -58,6 +59,7 @@ sys.path.insert(0, str(PROJECT_DIR / "bench"))
 
 import quality_tasks  # noqa: E402
 
+from engine.artifacts import refuse_unsafe_adapter  # noqa: E402
 from engine.hyperparameters import ConfigError, from_request  # noqa: E402
 from engine.model_cache import BaseModelSpec  # noqa: E402
 
@@ -210,7 +212,9 @@ def train_script(job: dict) -> dict:
         ]
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
-    base = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        job["model"], dtype=torch.float32, use_safetensors=True
+    )
     model = get_peft_model(base, lora_config())
     arguments = TrainingArguments(
         output_dir=job["work"],
@@ -245,8 +249,11 @@ def judge(model_path: str, tokenizer_path: str, adapter: str | None, rows: list)
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     end_id, pad_id = tokenizer.convert_tokens_to_ids([END, PAD_APART])
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, use_safetensors=True
+    )
     if adapter is not None:
+        refuse_unsafe_adapter(Path(adapter))  # safetensors only, as Loft loads adapters
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
 
@@ -480,6 +487,72 @@ def config_line(config: dict) -> str:
     return " ".join(f"{key}={config[key]}" for key in keys)
 
 
+def run_seed(runner: Runner, common: dict, unit: dict) -> dict:
+    """Every contender trained on one seed, then judged together (and the base, the first time)."""
+    seed, folder = unit["seed"], runner.work / unit["task"] / str(unit["seed"])
+    adapters: dict[str, str | None] = {"base": None} if unit["with_base"] else {}
+    trained = {}
+    for contender in unit["contenders"]:
+        trained[contender] = runner.run(
+            {
+                **common,
+                "role": contender,
+                "contender": contender,
+                "seed": seed,
+                "epochs": unit["epochs"],
+                "batch_size": unit["batch_size"],
+                "overrides": unit["overrides"],
+                "work": str(folder / contender / "work"),
+                "adapter": str(folder / contender / "adapter"),
+            }
+        )
+        adapters[contender] = str(folder / contender / "adapter")
+    judged = runner.run({**common, "role": "judge", "adapters": adapters})
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"trained": trained, "judged": judged}
+
+
+# A long run on a shared machine can be cut short; with --journal, each finished seed of a task
+# is appended to a JSONL file and a later run with the same settings and the same engine source
+# takes it from there instead of training it again.
+
+
+# The engine modules a Loft run goes through (train.py imports artifacts and data).
+ENGINE_PATH = (
+    "artifacts",
+    "base_models",
+    "data",
+    "hyperparameters",
+    "model_cache",
+    "plan",
+    "train",
+)
+
+
+def engine_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in ENGINE_PATH:
+        path = PROJECT_DIR / "engine" / f"{name}.py"
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def journal_entry(journal: Path | None, unit: dict) -> dict | None:
+    if journal is None or not journal.exists():
+        return None
+    for line in journal.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["unit"] == unit:
+            return entry["done"]
+    return None
+
+
+def journal_add(journal: Path | None, unit: dict, done: dict) -> None:
+    if journal is not None:
+        with journal.open("a") as file:
+            file.write(json.dumps({"unit": unit, "done": done}) + "\n")
+
+
 def run_task(report: Report, runner: Runner, name: str, sizes: Sizes, args, paths) -> dict:
     task = quality_tasks.build(name, sizes.train_rows, sizes.held_out_rows)
     lengths = paths["lengths"][name]
@@ -501,25 +574,23 @@ def run_task(report: Report, runner: Runner, name: str, sizes: Sizes, args, path
     runs: dict[str, list[dict]] = {c: [] for c in args.contenders}
     base = None
     for seed in range(1, sizes.seeds + 1):
-        adapters = {} if base else {"base": None}
-        trained = {}
-        for contender in args.contenders:
-            folder = runner.work / name / str(seed) / contender
-            trained[contender] = runner.run(
-                {
-                    **common,
-                    "role": contender,
-                    "contender": contender,
-                    "seed": seed,
-                    "epochs": sizes.epochs,
-                    "batch_size": sizes.batch_size,
-                    "overrides": args.loft,
-                    "work": str(folder / "work"),
-                    "adapter": str(folder / "adapter"),
-                }
-            )
-            adapters[contender] = str(folder / "adapter")
-        judged = runner.run({**common, "role": "judge", "adapters": adapters})
+        unit = {
+            **{k: common[k] for k in ("task", "train_rows", "held_out_rows")},
+            "seed": seed,
+            "contenders": args.contenders,
+            "epochs": sizes.epochs,
+            "batch_size": sizes.batch_size,
+            "overrides": args.loft,
+            "with_base": base is None,
+            "engine": engine_fingerprint(),
+        }
+        done = journal_entry(args.journal, unit)
+        if done is None:
+            done = run_seed(runner, common, unit)
+            journal_add(args.journal, unit, done)
+        else:
+            report(f"  seed {seed}: from the journal {args.journal}")
+        trained, judged = done["trained"], done["judged"]
         if "base" in judged:
             base = judged["base"]
             report(
@@ -537,7 +608,6 @@ def run_task(report: Report, runner: Runner, name: str, sizes: Sizes, args, path
             )
             if contender == "loft":
                 report(f"           loft config: {config_line(figures['config'])}")
-        shutil.rmtree(runner.work / name / str(seed), ignore_errors=True)
     return {"task": task, "base": base, "runs": runs}
 
 
@@ -617,6 +687,11 @@ def parse_arguments():
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny tasks, 1 seed")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
+    parser.add_argument(
+        "--journal",
+        type=Path,
+        help="a JSONL file of finished seeds: an interrupted run given it again resumes",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.loft = dict(args.loft)
