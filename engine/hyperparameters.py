@@ -186,9 +186,10 @@ class TrainConfig:
         form="number",
     )
     packing: bool = hyperparameter(True, "Pack examples into rows (no padding).")
-    # 0 by measurement (bench/quality.py, bench/results/quality-sweep-*): with 0.03, a short
-    # run's first step has a learning rate of 0, and its adapters lost to a careful script's
-    # (held-out loss 1.44× on the dates task); without warmup they match it.
+    # 0: with 0.03, a short run's first step had a learning rate of 0 (a wasted step). Measured
+    # on bench/quality.py (bench/results/quality-sweep-*, quality-journal-*): it helped on one
+    # seed of the dates task and not on another, and does not close the gap there to a careful
+    # Trainer script (issue 17's note).
     warmup_ratio: float = hyperparameter(
         0.0,
         "Share of steps warming up, 0 to 1.",
