@@ -22,6 +22,8 @@ from typing import Any
 AUTO = "auto"
 BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0
 METHODS = {"nf4": "qlora", "none": "lora"}  # the API's quantization → the engine's method
+# How the learning rate falls after warmup (transformers' get_*_schedule_with_warmup).
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 class ConfigError(ValueError):
@@ -91,6 +93,7 @@ def hyperparameter(
     auto: bool = False,
     label: str = "",
     form: str = "",
+    choices: tuple[str, ...] = (),
 ):
     """A TrainConfig field.
 
@@ -99,6 +102,7 @@ def hyperparameter(
     auto: "auto" (or leaving it out) resolves it from the measured data (engine/plan.py).
     form: how the wizard shows it: "number" under Advanced, or "" where the page has its own
     control (method, packing) or none.
+    choices: the values a text field takes (the API refuses others by name).
     """
     return field(
         default=default,
@@ -110,6 +114,7 @@ def hyperparameter(
             "auto": auto,
             "label": label,
             "form": form,
+            "choices": choices,
         },
     )
 
@@ -197,6 +202,13 @@ class TrainConfig:
         label="Warmup ratio",
         form="number",
     )
+    lr_scheduler: str = hyperparameter(
+        "cosine",
+        "How the learning rate falls after warmup: cosine, linear or constant.",
+        rule=Rule(lambda v: v in SCHEDULES, "cosine, linear or constant"),
+        choices=SCHEDULES,
+        label="Learning-rate schedule",
+    )
     checkpoint_every: int = hyperparameter(
         50, "Steps between checkpoints.", rule=between(1, 10_000_000)
     )
@@ -263,7 +275,7 @@ def _api_fields() -> tuple[ApiField, ...]:
                 nullable=spec.default is None,
                 label=spec.metadata["label"] or spec.name,
                 form=spec.metadata["form"],
-                choices=convert.choices if convert else (),
+                choices=convert.choices if convert else spec.metadata["choices"],
                 convert=convert,
             )
         )
@@ -302,11 +314,14 @@ def from_request(requested: dict) -> dict:
 
 
 def public(config: dict) -> dict:
-    """A stored TrainConfig as the API shows it: OpenAI's names first, then Loft's."""
-    return {
-        f.name: f.convert.from_config(config[f.config_name]) if f.convert else config[f.config_name]
-        for f in API_FIELDS
-    }
+    """A stored TrainConfig as the API shows it: OpenAI's names first, then Loft's. A job stored
+    before a field existed ran with its default, and shows that."""
+    defaults = {spec.name: spec.default for spec in fields(TrainConfig)}
+    shown = {}
+    for f in API_FIELDS:
+        value = config.get(f.config_name, defaults[f.config_name])
+        shown[f.name] = f.convert.from_config(value) if f.convert else value
+    return shown
 
 
 def api_defaults() -> dict:

@@ -408,6 +408,19 @@ def save_adapter(model, folder: Path) -> None:
     model.peft_config[model.active_adapter].save_pretrained(str(folder))
 
 
+def learning_rate_schedule(optimizer, config: TrainConfig, steps: int):
+    """Warmup over ``warmup_ratio`` of the steps, then ``lr_scheduler``'s fall to the end."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        # transformers' "constant" ignores warmup; its "constant_with_warmup" with none is the same
+        "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(steps * config.warmup_ratio),
+        num_training_steps=steps,
+    )
+
+
 def train(
     config: TrainConfig,
     train_examples: list[Tokenized],
@@ -423,8 +436,6 @@ def train(
 ):
     """Train and return (the peft model, TrainResult). The caller saves the adapter, then
     ``unload()`` gives back the untouched base for the next run."""
-    from transformers import get_cosine_schedule_with_warmup
-
     callbacks = callbacks or Callbacks()
     started = time.monotonic()
 
@@ -438,9 +449,7 @@ def train(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay
     )
     steps = total_steps(config, len(train_examples))
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(steps * config.warmup_ratio), steps
-    )
+    scheduler = learning_rate_schedule(optimizer, config, steps)
     first_step = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else 0
 
     # --- train (on any failure or cancel, the base is handed back without this run's layers)

@@ -1,13 +1,14 @@
 """The training engine on its own (engine/train.py): packing, loss, checkpoints, resume."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from engine import data
 from engine import train as T
-from engine.hyperparameters import ConfigError, TrainConfig
+from engine.hyperparameters import ConfigError, TrainConfig, public
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +134,30 @@ def test_a_cancel_request_stops_the_run_at_a_step_boundary(base, examples, tmp_p
 
 
 @pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("cosine", [0.5, 1.0, 0.854, 0.5, 0.146]),
+        ("linear", [0.5, 1.0, 0.75, 0.5, 0.25]),
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
+def test_the_learning_rate_warms_up_then_follows_the_chosen_schedule(schedule, expected):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    config = TrainConfig(lr_scheduler=schedule, warmup_ratio=0.2)  # 2 of 10 steps
+    scheduler = T.learning_rate_schedule(optimizer, config, steps=10)
+    rates = {}
+    for step in range(1, 9):
+        optimizer.step()
+        scheduler.step()
+        rates[step] = scheduler.get_last_lr()[0]
+    assert [round(rates[step], 3) for step in (1, 2, 4, 6, 8)] == expected
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [
         ("method", "full"),
+        ("lr_scheduler", "cyclic"),
         ("lora_rank", 0),
         ("learning_rate", 0),
         ("batch_size", 0),
@@ -145,3 +167,11 @@ def test_a_cancel_request_stops_the_run_at_a_step_boundary(base, examples, tmp_p
 def test_a_bad_setting_is_refused_naming_its_field(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_a_job_stored_before_a_hyperparameter_existed_shows_the_default_it_ran_with():
+    stored = asdict(TrainConfig())
+    del stored["lr_scheduler"]  # as a job saved before the field was added
+    shown = public(stored)
+    assert shown["lr_scheduler"] == "cosine"
+    assert shown["learning_rate_multiplier"] == 1.0
