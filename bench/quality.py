@@ -1,9 +1,13 @@
 """Held-out quality: Loft's default hyperparameters against a careful and a plain training script.
 
-    .venv/bin/python bench/quality.py                  # 3 tasks × 3 seeds × 3 contenders, ~50 min
+    .venv/bin/python bench/quality.py                  # 3 tasks × 3 seeds × 3 contenders, ~80 min
     .venv/bin/python bench/quality.py --quick          # a smoke run, a couple of minutes
     .venv/bin/python bench/quality.py --tasks dates,docstrings --seeds 1 --contenders loft \\
         --loft lora_dropout=0 --loft learning_rate_multiplier=2     # sweep a default
+
+On 2 cores, two runs of one thread each train about twice as fast as one run of two threads:
+run each task on its own (LOFT_BENCH_THREADS=1, --tasks T, --journal T.jsonl) side by side,
+then all of them with the journals joined (``cat *.jsonl > all.jsonl``) for the whole report.
 
 Three contenders train a LoRA adapter for SmolLM2-135M-Instruct (the bundled base) on the same
 rows, with the same epochs and batch size (issue 17):
@@ -22,8 +26,8 @@ rows, with the same epochs and batch size (issue 17):
 
 For a given seed every contender trains on the same examples in the same order and starts
 from the same LoRA initialisation (``example_order``), so the comparison is paired. With the
-same schedule and no dropout, Loft's engine and the careful script give the same training loss
-at every step to five decimals (checked by hand on the dates task: bench/results/quality-*).
+same schedule and no dropout, Loft's engine and the careful script's Trainer give the same
+training loss at every step (bench/trainer_parity.py, bench/results/trainer-parity-*).
 
 One judge, which shares no code with Loft's engine, scores every adapter the standard way: the
 full-precision base from ``from_pretrained`` with ``PeftModel.from_pretrained`` on top; held-out
@@ -549,8 +553,10 @@ def run_seed(runner: Runner, common: dict, unit: dict) -> dict:
 
 
 # A long run on a shared machine can be cut short; with --journal, each finished seed of a task
-# is appended to a JSONL file and a later run with the same settings and the same engine source
-# takes it from there instead of training it again.
+# is appended to a JSONL file and a later run with the same settings and the same engine and
+# benchmark source takes it from there instead of training it again. Runs of separate tasks can
+# go side by side (LOFT_BENCH_THREADS=1, one --tasks each, one journal each); a last run of all
+# the tasks given their journals joined prints the whole report.
 
 
 # The engine modules a Loft run goes through (train.py imports artifacts and data).
@@ -566,9 +572,10 @@ ENGINE_PATH = (
 
 
 def engine_fingerprint() -> str:
+    """The engine's source and the benchmark's own (the scripts, the order, the tasks)."""
     digest = hashlib.sha256()
-    for name in ENGINE_PATH:
-        path = PROJECT_DIR / "engine" / f"{name}.py"
+    paths = [PROJECT_DIR / "engine" / f"{name}.py" for name in ENGINE_PATH]
+    for path in [*paths, Path(__file__), Path(quality_tasks.__file__)]:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -8,7 +8,7 @@ import torch
 
 from engine import data
 from engine import train as T
-from engine.hyperparameters import ConfigError, TrainConfig, public
+from engine.hyperparameters import ConfigError, TrainConfig, as_stored, public
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +169,9 @@ def test_a_bad_setting_is_refused_naming_its_field(field, value):
         TrainConfig(**{field: value})
 
 
-def test_a_job_stored_before_a_hyperparameter_existed_shows_the_default_it_ran_with():
+def test_a_job_stored_before_a_hyperparameter_existed_keeps_what_it_ran_with():
     stored = asdict(TrainConfig())
     del stored["lr_scheduler"]  # as a job saved before the field was added
-    shown = public(stored)
-    assert shown["lr_scheduler"] == "cosine"
-    assert shown["learning_rate_multiplier"] == 1.0
+    assert public(stored)["lr_scheduler"] == "cosine"  # the schedule it trained with
+    assert TrainConfig(**as_stored(stored)).lr_scheduler == "cosine"  # and resumes with
+    assert public(asdict(TrainConfig()))["lr_scheduler"] == "linear"  # today's default

@@ -21,7 +21,7 @@ from django.db import close_old_connections, transaction
 
 from engine import artifacts, data, evaluate, train
 from engine.base_models import load_base_model, training_device, warm_base_models
-from engine.hyperparameters import ConfigError, TrainConfig
+from engine.hyperparameters import ConfigError, TrainConfig, as_stored
 from jobs.models import Adapter, Evaluation, File, FineTuneJob
 from loft import storage
 from loft.observability import bind_log_fields
@@ -281,7 +281,7 @@ class JobRun:
 
     def __init__(self, job: FineTuneJob, attempt: int, work: Path, started: float):
         self.job, self.attempt, self.work, self.started = job, attempt, work, started
-        self.config = TrainConfig(**job.hyperparameters)
+        self.config = TrainConfig(**as_stored(job.hyperparameters))
         self.device = training_device()
         self.latest: dict = {}  # the last step's figures, stored with each checkpoint
 
