@@ -15,6 +15,10 @@ the defaults and the random draws, not from the loop.
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -146,6 +150,13 @@ def main() -> int:
         loft = loft_losses(config, examples, cache, Path(work) / "loft", pad_id)
         reference = trainer_losses(config, examples, cache, Path(work) / "trainer", args.steps)
 
+    versions = ", ".join(
+        f"{name} {importlib.metadata.version(name)}" for name in ("torch", "transformers", "peft")
+    )
+    print(f"bench/trainer_parity.py  {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"machine: {quality.cpu_model()}, {os.cpu_count()} cores ({quality.THREADS} threads)")
+    print(f"python {platform.python_version()}, {versions}")
+    print(f"commit:  {quality.git_commit()}")
     print(f"task {args.task}, {args.steps} steps, seed {SEED}: training loss per step")
     print(f"{'step':>4}  {'loft (packed)':>14}  {'trainer (padded)':>16}  {'difference':>10}")
     for step, (ours, theirs) in enumerate(zip(loft, reference, strict=True), start=1):

@@ -100,8 +100,8 @@ def hyperparameter(
     api: False when the API does not take it; an ApiName when it takes it under another name.
     openai: one of OpenAI's own hyperparameters (listed first).
     auto: "auto" (or leaving it out) resolves it from the measured data (engine/plan.py).
-    form: how the wizard shows it: "number" under Advanced, or "" where the page has its own
-    control (method, packing) or none.
+    form: how the wizard shows it: "number" or "choice" (a list of ``choices``) under Advanced,
+    or "" where the page has its own control (method, packing) or none.
     choices: the values a text field takes (the API refuses others by name).
     """
     return field(
@@ -211,6 +211,7 @@ class TrainConfig:
         rule=Rule(lambda v: v in SCHEDULES, "cosine, linear or constant"),
         choices=SCHEDULES,
         label="Learning-rate schedule",
+        form="choice",
     )
     checkpoint_every: int = hyperparameter(
         50, "Steps between checkpoints.", rule=between(1, 10_000_000)

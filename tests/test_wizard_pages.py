@@ -53,6 +53,7 @@ def test_the_wizard_walks_data_model_review_and_launches_a_job(browser_a, api_a,
         "lora_dropout": "0.05",
         "max_seq_length": "auto",
         "warmup_ratio": "0.03",
+        "lr_scheduler": "cosine",
         "max_steps": "2",
         "packing": "on",
         "suffix": "wizard",
@@ -67,6 +68,7 @@ def test_the_wizard_walks_data_model_review_and_launches_a_job(browser_a, api_a,
     # Going back keeps what was chosen.
     back = browser_a.get("/train/new/model").content.decode()
     assert 'name="max_steps" value="2"' in back and 'value="wizard"' in back
+    assert '<option value="cosine" selected>' in back
 
     review = browser_a.get("/train/new/review").content.decode()
     assert "Pre-flight estimate" in review and "2 steps" in review
@@ -75,6 +77,7 @@ def test_the_wizard_walks_data_model_review_and_launches_a_job(browser_a, api_a,
     assert launched["Location"] == f"/jobs/{job.id}"
     assert job.org == tenant_a.org and job.hyperparameters["lora_rank"] == 8
     assert job.hyperparameters["max_steps"] == 2 and job.suffix == "wizard"
+    assert job.hyperparameters["lr_scheduler"] == "cosine"
 
     page = browser_a.get(f"/jobs/{job.id}").content.decode()
     assert 'data-live-url="/jobs/' in page and "Cancel" in page

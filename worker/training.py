@@ -389,11 +389,8 @@ class JobRun:
                 self.tokenizer,
                 self.held_examples,
                 self.held_out,
-                row_tokens=self.config.max_seq_length,
-                device=self.device,
-                max_generations=settings.LOFT_EVAL_MAX_GENERATIONS,
-                max_new_tokens=settings.LOFT_EVAL_MAX_NEW_TOKENS,
                 probes=evaluate.load_probes()[: settings.LOFT_EVAL_FORGETTING_PROBES],
+                **self.scoring_options,
             ).as_dict()
         finally:
             warm_base_models.give_back(model.unload())
@@ -417,11 +414,18 @@ class JobRun:
             self.tokenizer,
             self.held_examples,
             self.held_out,
-            row_tokens=self.config.max_seq_length,
-            device=self.device,
-            max_generations=settings.LOFT_EVAL_MAX_GENERATIONS,
-            max_new_tokens=settings.LOFT_EVAL_MAX_NEW_TOKENS,
+            **self.scoring_options,
         )
+
+    @property
+    def scoring_options(self) -> dict:
+        """How held-out rows are scored, the same on every base an adapter is scored on."""
+        return {
+            "row_tokens": self.config.max_seq_length,
+            "device": self.device,
+            "max_generations": settings.LOFT_EVAL_MAX_GENERATIONS,
+            "max_new_tokens": settings.LOFT_EVAL_MAX_NEW_TOKENS,
+        }
 
     def save(self, folder: Path, comparison: dict, result: train.TrainResult) -> Adapter:
         """The adapter folder (weights, tokenizer, config, eval report, model card) uploaded;

@@ -33,6 +33,7 @@ def _shown(values: dict) -> dict:
 SESSION_KEY = "wizard"
 # The Advanced fields, each preset's values and how a typed value is read: all from the schema.
 FIELDS = [h for h in API_FIELDS if h.form == "number"]
+CHOICE_FIELDS = [h for h in API_FIELDS if h.form == "choice"]
 PRESETS = {
     key: {"label": p.label, "help": p.help, "values": _shown(p.values)}
     for key, p in SCHEMA_PRESETS.items()
@@ -148,6 +149,10 @@ def model_step(request):
                 (h.name, h.label, h.help, values.get(h.name, ""), errors.get(h.name))
                 for h in FIELDS
             ],
+            "choice_fields": [
+                (h.name, h.label, h.help, h.choices, values.get(h.name, h.default))
+                for h in CHOICE_FIELDS
+            ],
             "values": values,
             "errors": errors,
             "suffix": _state(request).get("suffix", ""),
@@ -170,6 +175,9 @@ def _read_values(post) -> tuple[dict, dict]:
             except ValueError:
                 allowed = " or auto" if field.auto else ""
                 errors[field.name] = f"{field.label} must be a number{allowed}."
+    for field in CHOICE_FIELDS:
+        raw = post.get(field.name, "")
+        values[field.name] = raw if raw in field.choices else field.default
     values["packing"] = post.get("packing") == "on"
     quantization = post.get("quantization", AUTO)
     values["quantization"] = quantization if quantization in ("nf4", "none") else AUTO
