@@ -261,6 +261,7 @@ def test_merged_weights_count_toward_the_storage_quota(api_a, tenant_a, tmp_path
     assert refused.status_code == 429 and refused.json()["error"]["param"] == "storage_bytes"
 
 
+@pytest.mark.slow  # loads the base model in-process (~17 s): make test, not make test-fast
 def test_the_worker_stops_generating_for_a_client_that_stopped_waiting(tenant_a, tmp_path):
     """Worker side (worker/serving.py), called here in-process: the base model answers."""
     adapter = stored_adapter(tenant_a, tmp_path)
