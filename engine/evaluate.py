@@ -21,9 +21,11 @@ Two kinds of measure:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import unicodedata
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +35,38 @@ import torch.nn.functional as F
 from engine import artifacts, data, train
 
 SHOWN_SAMPLES = 5
+
+# --- the base's half, kept -------------------------------------------------------------------
+#
+# The base's results on a set of rows do not depend on the adapter: a worker keeps them
+# (worker/base_scores.py) and the next job or evaluation on the same base and rows reads them
+# instead of computing them again. ``remember(kind, inputs, compute)`` returns ``compute()``'s
+# result, or the one kept for the same inputs; ``inputs`` names everything the result depends on
+# here (the rows' content, the settings, this scoring code), and the worker adds the base model,
+# its precision, the device and the libraries.
+Remember = Callable[[str, dict, Callable[[], dict]], dict]
+HELD_OUT, PROBES = "held_out", "probes"
+
+
+def compute_now(kind: str, inputs: dict, compute: Callable[[], dict]) -> dict:
+    """The ``remember`` that keeps nothing."""
+    return compute()
+
+
+def digest(value) -> str:
+    """sha256 of a JSON value's canonical text."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# The code a kept result was computed with: a change to how rows are rendered, packed or scored
+# gives other keys, so nothing computed by the old code is read by the new.
+SCORING_CODE = digest(
+    [
+        Path(__file__).with_name(name).read_text()
+        for name in ("evaluate.py", "data.py", "train.py", "chat_tokenizer.py")
+    ]
+)
 # exp() of a larger loss overflows a float; no model that loads is anywhere near it.
 MAX_LOSS_FOR_PERPLEXITY = 700.0
 
@@ -153,6 +187,13 @@ def _prompt_ids(messages: list[data.Message], tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+# How many prompts generate together: as many as fit both limits. On a CPU a decoding step
+# reads every weight whatever the batch, so 36 probes took 18 s in batches of 8 and 7 s in one
+# (SmolLM2-135M, 2 cores); the token limit bounds the KV cache of long prompts on a large model.
+GENERATION_BATCH_ROWS = 64
+GENERATION_BATCH_TOKENS = 16384
+
+
 @torch.no_grad()
 def generate_answers(
     model,
@@ -160,13 +201,14 @@ def generate_answers(
     examples: list[data.Example],
     max_new_tokens: int,
     device: str,
-    batch_size: int = 8,
+    max_rows: int = GENERATION_BATCH_ROWS,
 ) -> list[str]:
     """Greedy answers to each chat example's conversation up to its last assistant turn.
 
-    Batched with left padding, prompts of similar length together; the KV cache is asked for
-    explicitly, since the model's config turns it off for packed training. An answer ends at the
-    end-of-turn token, which is not part of the text.
+    Batched with left padding, prompts of similar length together (``generation_batches``); the
+    KV cache is asked for explicitly, since the model's config turns it off for packed training.
+    An answer ends at the end-of-turn token, which is not part of the text. Batching changes no
+    answer: one at a time, they are the same (tests/test_evaluate_engine.py).
     """
     from transformers import GenerationConfig
 
@@ -190,9 +232,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     answers = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
+    for chosen in generation_batches([len(p) for p in prompts], max_new_tokens, max_rows):
         ids, mask = _left_padded([prompts[i] for i in chosen], pad_id)
         output = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
@@ -201,6 +241,27 @@ def generate_answers(
             answers[index] = _decode_until(tokens, stops, tokenizer)
     model.train(was_training)
     return answers
+
+
+def generation_batches(
+    prompt_lengths: list[int],
+    max_new_tokens: int,
+    max_rows: int = GENERATION_BATCH_ROWS,
+    max_tokens: int = GENERATION_BATCH_TOKENS,
+) -> list[list[int]]:
+    """Prompt indices in batches, shortest prompts first: a batch grows while it has at most
+    ``max_rows`` prompts and its padded length (longest prompt and the new tokens) times its
+    rows stays within ``max_tokens`` (a single prompt longer than that goes alone)."""
+    order = sorted(range(len(prompt_lengths)), key=lambda i: prompt_lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        longest = prompt_lengths[index] + max_new_tokens  # sorted: the newest is the longest
+        current = batches[-1] if batches else None
+        if current and len(current) < max_rows and longest * (len(current) + 1) <= max_tokens:
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,9 +417,11 @@ def compare(
     max_generations: int = 50,
     max_new_tokens: int = 64,
     probes: list[Probe] | None = None,
+    remember: Remember = compute_now,
 ) -> Comparison:
     """Score the base (adapter disabled) and the adapter on the same held-out rows, and on the
-    forgetting probes when given.
+    forgetting probes when given. The base's results go through ``remember``: computed, or read
+    from what a worker kept for the same base and rows.
 
     ``model`` is a peft model with its adapter active; ``held_out_tokenized`` are the held-out
     examples as training tokenized them, and generation answers the first ``max_generations``
@@ -366,8 +429,15 @@ def compare(
     """
     chat = answerable(held_out_examples, max_generations)
     options = {"row_tokens": row_tokens, "device": device, "max_new_tokens": max_new_tokens}
-    with model.disable_adapter():
-        base, base_outputs = score(model, tokenizer, chat, held_out_tokenized, **options)
+
+    def score_base() -> dict:
+        with model.disable_adapter():
+            scores, outputs = score(model, tokenizer, chat, held_out_tokenized, **options)
+        return {"scores": asdict(scores), "outputs": outputs}
+
+    inputs = rows_inputs(chat, held_out_tokenized, **options)
+    kept = remember(HELD_OUT, inputs, score_base)
+    base, base_outputs = Scores(**kept["scores"]), kept["outputs"]
     adapter, adapter_outputs = score(model, tokenizer, chat, held_out_tokenized, **options)
 
     samples = []
@@ -385,8 +455,36 @@ def compare(
             )
         )
     samples.sort(key=lambda s: (-s.gain, -s.adapter_rouge_l))
-    lost = forgetting(model, tokenizer, probes, device=device) if probes else None
+    lost = (
+        forgetting(model, tokenizer, probes, device=device, remember=remember) if probes else None
+    )
     return Comparison(base, adapter, samples, verdict(base, adapter), lost)
+
+
+def rows_inputs(
+    chat: list[data.Example],
+    tokenized: list[train.Tokenized],
+    *,
+    row_tokens: int,
+    device: str,
+    max_new_tokens: int,
+) -> dict:
+    """What a model's ``score`` on these rows depends on, the model aside: the rows' content
+    (as generation prompts them and as training tokenized them), the settings, the code."""
+    rows = {
+        "chat": [
+            [[m.role, m.content] for m in prompt_and_reference(e)[0]] + [prompt_and_reference(e)[1]]
+            for e in chat
+        ],
+        "tokenized": [[t.input_ids, t.labels] for t in tokenized],
+    }
+    return {
+        "rows": digest(rows),
+        "row_tokens": row_tokens,
+        "device": device,
+        "max_new_tokens": max_new_tokens,
+        "code": SCORING_CODE,
+    }
 
 
 # --- the base precision: what is served, and what users load -------------------------------
@@ -477,11 +575,18 @@ def names_expected(output: str, expect: tuple[str, ...]) -> bool:
 
 
 def forgetting(
-    model, tokenizer, probes: list[Probe], *, device: str, max_new_tokens: int = PROBE_NEW_TOKENS
+    model,
+    tokenizer,
+    probes: list[Probe],
+    *,
+    device: str,
+    max_new_tokens: int = PROBE_NEW_TOKENS,
+    remember: Remember = compute_now,
 ) -> dict:
     """Base and adapter on the probe set: the share of probes each answers, their loss on the
     reference answers, and the probes the adapter lost (answered by the base, not by it) or
-    gained. Fine-tuning on a narrow task often costs general ability; this shows how much."""
+    gained. Fine-tuning on a narrow task often costs general ability; this shows how much.
+    The base's side goes through ``remember``: the probes are the same for every job."""
     examples = [
         data.Example(
             i + 1,
@@ -492,15 +597,31 @@ def forgetting(
     ]
     tokenized, _ = train.tokenize(examples, tokenizer, 256)
 
-    def run() -> tuple[dict, list[bool], list[str]]:
+    def run() -> dict:
         tokens = token_metrics(model, tokenized, 256, device)
         outputs = generate_answers(model, tokenizer, examples, max_new_tokens, device)
-        hits = [names_expected(o, p.expect) for o, p in zip(outputs, probes, strict=True)]
-        return {"answered": sum(hits) / len(probes), "loss": tokens.loss}, hits, outputs
+        return {"loss": tokens.loss, "outputs": outputs}
 
-    with model.disable_adapter():
-        base, base_hits, base_outputs = run()
-    adapter, adapter_hits, adapter_outputs = run()
+    def run_base() -> dict:
+        with model.disable_adapter():
+            return run()
+
+    inputs = {
+        "probes": digest([asdict(p) for p in probes]),
+        "device": device,
+        "max_new_tokens": max_new_tokens,
+        "code": SCORING_CODE,
+    }
+    base, adapter = remember(PROBES, inputs, run_base), run()
+
+    def hits(outputs: list[str]) -> list[bool]:
+        return [names_expected(o, p.expect) for o, p in zip(outputs, probes, strict=True)]
+
+    def summary(run: dict) -> dict:
+        return {"answered": sum(hits(run["outputs"])) / len(probes), "loss": run["loss"]}
+
+    base_outputs, adapter_outputs = base["outputs"], adapter["outputs"]
+    base_hits, adapter_hits = hits(base_outputs), hits(adapter_outputs)
 
     def listed(keep) -> list[dict]:
         return [
@@ -513,8 +634,8 @@ def forgetting(
 
     return {
         "probes": len(probes),
-        "base": base,
-        "adapter": adapter,
+        "base": summary(base),
+        "adapter": summary(adapter),
         "lost": listed(lambda base_hit, adapter_hit: base_hit and not adapter_hit),
         "gained": listed(lambda base_hit, adapter_hit: adapter_hit and not base_hit),
     }

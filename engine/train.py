@@ -326,6 +326,8 @@ class Callbacks:
     on_checkpoint: Callable[[Path, int], None] = lambda folder, step: None
     # True once the run must end for lack of time (the job's time limit).
     out_of_time: Callable[[], bool] = lambda: False
+    # Called as the first step is about to start: setup (LoRA attached, checkpoint loaded) is over.
+    on_loop_start: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -338,6 +340,9 @@ class TrainResult:
     validation_loss: float | None
     seconds: float
     seconds_to_first_step: float
+    # time.monotonic() when the last step ended, its checkpoint included: the end of
+    # "training" in a job's timings (worker/training.py); Callbacks.on_loop_start marks its start.
+    last_step_ended: float
 
     @property
     def packing_efficiency(self) -> float:
@@ -457,7 +462,8 @@ def train(
         trained_tokens = processed_tokens = 0
         recent_loss: float | None = None
         first_step_done_at: float | None = None
-        loop_started = time.monotonic()
+        callbacks.on_loop_start()
+        loop_started = last_step_ended = time.monotonic()
         per_epoch = steps_per_epoch(len(train_examples), config.batch_size)
         last_checkpoint = first_step
         for step in range(first_step, steps):
@@ -509,6 +515,7 @@ def train(
                 save_checkpoint(folder, model, optimizer, scheduler, done, config)
                 callbacks.on_checkpoint(folder, done)
                 last_checkpoint = done
+            last_step_ended = time.monotonic()
 
         # --- evaluate on the held-out examples
         validation_loss = held_out_loss(model, validation_examples, config.max_seq_length, device)
@@ -525,4 +532,5 @@ def train(
         validation_loss=validation_loss,
         seconds=time.monotonic() - started,
         seconds_to_first_step=(first_step_done_at or time.monotonic()) - started,
+        last_step_ended=last_step_ended,
     )

@@ -84,6 +84,17 @@ def run_seconds(since) -> list[float]:
     ]
 
 
+def phase_seconds(since) -> dict[str, list[float]]:
+    """Each phase's seconds (the job's timings) over the jobs that finished since ``since``."""
+    spent: dict[str, list[float]] = {phase: [] for phase in FineTuneJob.PHASES}
+    finished = FineTuneJob.objects.filter(finished_at__gte=since).exclude(timings={})
+    for timings in finished.values_list("timings", flat=True):
+        for phase in FineTuneJob.PHASES:
+            if timings.get(phase) is not None:
+                spent[phase].append(timings[phase])
+    return spent
+
+
 def wait_seconds(since) -> list[float]:
     """Queue wait (created to first start) of the jobs that started since ``since``."""
     return [

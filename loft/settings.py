@@ -209,6 +209,10 @@ LOFT_EVAL_MAX_NEW_TOKENS = env.integer("LOFT_EVAL_MAX_NEW_TOKENS", 64)
 # ... and on (up to this many questions of) Loft's general probe set, engine/probes.jsonl, to
 # show what the adapter forgot; 0 turns that check off.
 LOFT_EVAL_FORGETTING_PROBES = env.integer("LOFT_EVAL_FORGETTING_PROBES", 100)
+# The base's half of those results is kept (jobs/models/base_scores.py) and read again by the
+# next job on the same base and rows; off, every evaluation scores its base (bench/iteration.py
+# compares the two).
+LOFT_EVAL_KEEP_BASE_SCORES = env.boolean("LOFT_EVAL_KEEP_BASE_SCORES", True)
 
 # --- Inference (playground): workers of this queue keep one base model loaded and switch among
 # up to LOFT_INFERENCE_ADAPTERS of its adapters without reloading it (worker/serving.py), at

@@ -141,7 +141,7 @@ def test_batched_greedy_answers_use_the_cache_and_match_one_at_a_time(base, toke
         hook.remove()
     assert all(width == 1 for width in steps[1:])  # after the prompt, one new token per step
     # Left padding changes nothing: one at a time, the answers are the same.
-    assert E.generate_answers(base, tokenizer, examples, 8, "cpu", batch_size=1) == batched
+    assert E.generate_answers(base, tokenizer, examples, 8, "cpu", max_rows=1) == batched
     assert all(answer and "<|im_end|>" not in answer for answer in batched)
 
 

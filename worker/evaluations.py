@@ -18,6 +18,7 @@ from jobs.models import Adapter, Evaluation
 from loft.observability import bind_log_fields
 from loft.storage import StorageError
 from worker import serving
+from worker.base_scores import remember_for
 from worker.tokenizer import tokenizer_for
 from worker.training import read_examples
 
@@ -77,15 +78,30 @@ def _score_every_model(evaluation: Evaluation) -> dict:
             scores.append({"error": "The adapter was deleted before it was evaluated."})
             outputs.append([""] * len(answerable))
             continue
-        key = adapter.id if adapter else None
         # Each adapter on the base precision it is served on; the base alone at full precision.
-        cache = serving.adapter_cache(
-            evaluation.base_model, adapter.base_quantization if adapter else "none"
-        )
-        with cache.use(key, lambda a=adapter: serving.adapter_folder(a)) as model:
-            result, answers = evaluate.score(model, tokenizer, answerable, tokenized, **options)
-        scores.append(asdict(result))
-        outputs.append(answers)
+        quantization = adapter.base_quantization if adapter else "none"
+        cache = serving.adapter_cache(evaluation.base_model, quantization)
+
+        def score(adapter=adapter, cache=cache) -> dict:
+            key = adapter.id if adapter else None
+            with cache.use(key, lambda: serving.adapter_folder(adapter)) as model:
+                result, answers = evaluate.score(model, tokenizer, answerable, tokenized, **options)
+            return {"scores": asdict(result), "outputs": answers}
+
+        if adapter is None:  # the base alone: kept, like a job's, for the next run on the file
+            remember = remember_for(
+                evaluation.base_model,
+                quantization,
+                options["device"],
+                org_id=evaluation.org_id,
+                file_sha256=evaluation.file.sha256,
+            )
+            inputs = evaluate.rows_inputs(answerable, tokenized, **options)
+            result = remember(evaluate.HELD_OUT, inputs, score)
+        else:
+            result = score()
+        scores.append(result["scores"])
+        outputs.append(result["outputs"])
 
     samples = []
     for row, example in enumerate(answerable[:SAMPLES]):

@@ -18,6 +18,7 @@ from botocore.exceptions import ClientError
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections, transaction
+from django.utils import timezone
 
 from engine import artifacts, data, evaluate, train
 from engine.base_models import load_base_model, training_device, warm_base_models
@@ -25,6 +26,7 @@ from engine.hyperparameters import ConfigError, TrainConfig, as_stored
 from jobs.models import Adapter, Evaluation, File, FineTuneJob
 from loft import storage
 from loft.observability import bind_log_fields
+from worker.base_scores import remember_for
 from worker.tokenizer import tokenizer_for
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,44 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
+class PhaseClock:
+    """Where an attempt's time goes (the job's ``timings``): a mark as it enters each phase.
+
+        queue       submission → a worker claims the job (file validation included)
+        setup       claim → the first training step starts (data, checkpoint, base model)
+        training    the first step's start → the last step's end, its checkpoint included
+        evaluation  the last step's end → base and adapter scored (engine/evaluate.py)
+        upload      the adapter's folder written and uploaded, the job finished
+        total       submission → the end
+
+    An attempt that ends early shows the phases it reached, the last one up to its end. A
+    resumed job's phases are those of its last attempt; ``total`` includes the earlier ones."""
+
+    PHASES = FineTuneJob.PHASES[1:]  # the queue is measured by the database's timestamps
+
+    def __init__(self, job: FineTuneJob, attempt: int, claimed: float):
+        self.job, self.attempt = job, attempt
+        self.marks = {"setup": claimed}  # phase → time.monotonic() when it began
+
+    def enter(self, phase: str, at: float | None = None) -> None:
+        self.marks[phase] = time.monotonic() if at is None else at
+
+    def timings(self) -> dict:
+        """Seconds per phase so far; the phase under way ends now."""
+        now, job = time.monotonic(), self.job
+        reached = [p for p in self.PHASES if p in self.marks]
+        ends = [self.marks[p] for p in reached[1:]] + [now]
+        spans = {p: round(end - self.marks[p], 3) for p, end in zip(reached, ends, strict=True)}
+        queue = (job.started_at - job.created_at).total_seconds() if job.started_at else None
+        total = (timezone.now() - job.created_at).total_seconds()
+        return {
+            "attempt": self.attempt,
+            "queue": None if queue is None else round(queue, 3),
+            **{p: spans.get(p) for p in self.PHASES},
+            "total": round(total, 3),
+        }
+
+
 def run_job(job_id: str, worker: str) -> None:
     job = FineTuneJob.objects.select_related("org", "base_model").filter(pk=job_id).first()
     if job is None:
@@ -72,17 +112,22 @@ def run_job(job_id: str, worker: str) -> None:
     heartbeat.start()
     work = Path(tempfile.mkdtemp(prefix=f"loft-{job.id}-"))
     started = time.monotonic()
+    clock = PhaseClock(job, attempt, started)
     try:
-        run = JobRun(job, attempt, work, started)
+        run = JobRun(job, attempt, work, started, clock)
         run.setup()
         model, result = run.train()
+        clock.enter("evaluation", result.last_step_ended)
         folder, comparison = run.evaluate(model)
+        clock.enter("upload")
         run.finish(run.save(folder, comparison, result), comparison)
     except storage.StorageError as error:
         # Passing, most likely: the job waits and resumes rather than failing on a blip. The
         # tenant reads a sentence; the endpoint, bucket and key are for the operators' log.
         logger.warning("attempt %s of job %s met a storage error: %s", attempt, job.id, error)
-        job.fenced(attempt).update(compute_seconds=_compute_seconds(job, started))
+        job.fenced(attempt).update(
+            compute_seconds=_compute_seconds(job, started), timings=clock.timings()
+        )
         if not job.give_way(
             attempt,
             "object storage was unavailable.",
@@ -103,17 +148,17 @@ def run_job(job_id: str, worker: str) -> None:
             "time_limit",
             f"Time limit reached: the job ran longer than "
             f"{settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS} s, the most a worker allows. {kept}",
-            started,
+            clock,
         )
     except train.TrainingCancelled:  # asked to, or its lease was lost (then this is refused)
-        _end(job, attempt, Status.CANCELLED, "Job cancelled.", started)
+        _end(job, attempt, Status.CANCELLED, "Job cancelled.", clock)
     except (data.DatasetError, ConfigError) as error:
         _fail(
             job,
             attempt,
             getattr(error, "code", "invalid_hyperparameters"),
             str(error),
-            started,
+            clock,
         )
     except SoftTimeLimitExceeded:  # Celery's backstop, for a step or evaluation that overran
         _fail(
@@ -121,7 +166,7 @@ def run_job(job_id: str, worker: str) -> None:
             attempt,
             "time_limit",
             "Time limit reached; the job ran longer than the worker allows.",
-            started,
+            clock,
         )
     except Exception as error:  # noqa: BLE001 - the job must end with a sentence, whatever broke
         if _is_out_of_memory(error):
@@ -131,7 +176,7 @@ def run_job(job_id: str, worker: str) -> None:
                 attempt,
                 "out_of_memory",
                 f"Out of memory at batch size {batch}; try {max(1, batch // 2)}.",
-                started,
+                clock,
             )
         else:
             logger.exception("job %s attempt %s failed", job.id, attempt)
@@ -141,7 +186,7 @@ def run_job(job_id: str, worker: str) -> None:
                 "training_failed",
                 f"Training failed on the worker ({error.__class__.__name__}); the operators "
                 "have the details in its log.",
-                started,
+                clock,
             )
     finally:
         heartbeat.stop()
@@ -164,9 +209,9 @@ def _compute_seconds(job: FineTuneJob, started: float) -> float:
     return job.compute_seconds + (time.monotonic() - started)
 
 
-def _fail(job: FineTuneJob, attempt: int, code: str, message: str, started: float) -> None:
+def _fail(job: FineTuneJob, attempt: int, code: str, message: str, clock: PhaseClock) -> None:
     error = {"code": code, "message": message, "param": None}
-    _end(job, attempt, Status.FAILED, message, started, error=error)
+    _end(job, attempt, Status.FAILED, message, clock, error=error)
 
 
 def _end(
@@ -174,11 +219,18 @@ def _end(
     attempt: int,
     status: str,
     message: str,
-    started: float,
+    clock: PhaseClock,
     error: dict | None = None,
 ) -> None:
-    compute_seconds = _compute_seconds(job, started)
-    if not job.finish(attempt, status, message, error=error, compute_seconds=compute_seconds):
+    compute_seconds = _compute_seconds(job, clock.marks["setup"])
+    if not job.finish(
+        attempt,
+        status,
+        message,
+        error=error,
+        compute_seconds=compute_seconds,
+        timings=clock.timings(),
+    ):
         _refused(job, attempt, f"its end ({status})")
 
 
@@ -279,8 +331,11 @@ class JobRun:
     Each step is a method; what they share lives on the run. Everything written to the job
     goes through its fencing token (``attempt``)."""
 
-    def __init__(self, job: FineTuneJob, attempt: int, work: Path, started: float):
+    def __init__(
+        self, job: FineTuneJob, attempt: int, work: Path, started: float, clock: PhaseClock
+    ):
         self.job, self.attempt, self.work, self.started = job, attempt, work, started
+        self.clock = clock
         self.config = TrainConfig(**as_stored(job.hyperparameters))
         self.device = training_device()
         self.latest: dict = {}  # the last step's figures, stored with each checkpoint
@@ -369,6 +424,7 @@ class JobRun:
                 lambda: self.job.should_stop(self.attempt),
                 self.on_checkpoint,
                 out_of_time=self.out_of_time,
+                on_loop_start=lambda: self.clock.enter("training"),
             ),
             resume_from=self.resume_from,
             parent_adapter=self.parent_folder,
@@ -390,6 +446,7 @@ class JobRun:
                 self.held_examples,
                 self.held_out,
                 probes=evaluate.load_probes()[: settings.LOFT_EVAL_FORGETTING_PROBES],
+                remember=self.remember_base_scores(),
                 **self.scoring_options,
             ).as_dict()
         finally:
@@ -415,6 +472,18 @@ class JobRun:
             self.held_examples,
             self.held_out,
             **self.scoring_options,
+        )
+
+    def remember_base_scores(self) -> evaluate.Remember:
+        """The base's results kept for the next job on the same base and held-out rows (and
+        for every job on the same base, for the probes): worker/base_scores.py."""
+        held_out_file = self.job.validation_file or self.job.training_file
+        return remember_for(
+            self.job.base_model,
+            self.config.quantization,
+            self.device,
+            org_id=self.job.org_id,
+            file_sha256=held_out_file.sha256,
         )
 
     @property
@@ -488,6 +557,7 @@ class JobRun:
                     metrics=adapter.metrics,
                     trained_tokens=train.scheduled_tokens(self.train_rows, self.config),
                     compute_seconds=_compute_seconds(job, self.started),
+                    timings=self.clock.timings(),
                 )
                 return
         _refused(job, self.attempt, f"its adapter {adapter.id}, deleted again")

@@ -138,6 +138,7 @@ COMPUTED_COLUMNS = {
             "progress",
             "metrics",
             "plan",
+            "timings",
             "requested_hyperparameters",
         )
     },
@@ -174,6 +175,11 @@ class JobSerializer(serializers.ModelSerializer):
     adapter = serializers.SerializerMethodField()
     evaluation = serializers.SerializerMethodField()
     integrations = serializers.SerializerMethodField()
+    timings = serializers.JSONField(
+        help_text="Where the job's time went, in seconds: queue (submission to a worker's "
+        "claim), setup, training (first step's start to last step's end), evaluation, upload "
+        "and total; the attempt they describe. Empty until a worker claims the job."
+    )
 
     class Meta:
         model = FineTuneJob
@@ -202,6 +208,7 @@ class JobSerializer(serializers.ModelSerializer):
             "progress",
             "metrics",
             "plan",
+            "timings",
             "adapter",
             "evaluation",
         ]
@@ -234,6 +241,7 @@ class JobSerializer(serializers.ModelSerializer):
             "progress": verbatim_json(job["progress_text"]),
             "metrics": verbatim_json(job["metrics_text"]),
             "plan": verbatim_json(job["plan_text"]),
+            "timings": verbatim_json(job["timings_text"]),
             "adapter": self.get_adapter(job),
             "evaluation": self.get_evaluation(job),
         }

@@ -4,6 +4,7 @@
 - files: File, an uploaded dataset;
 - jobs: FineTuneJob with its whole lifecycle, JobEvent, JobAttempt, Checkpoint;
 - adapters: Adapter and Evaluation;
+- base_scores: BaseScores, a base model's evaluation results kept for the next job;
 - usage: Quota and the usage ledger;
 - workers: WorkerHeartbeat.
 """
@@ -15,6 +16,7 @@ from jobs.models.adapters import (
     new_adapter_id,
     new_evaluation_id,
 )
+from jobs.models.base_scores import BaseScores
 from jobs.models.catalogue import BaseModel
 from jobs.models.files import File, FileInUse, new_file_id
 from jobs.models.jobs import (
@@ -40,6 +42,7 @@ from jobs.models.workers import WorkerHeartbeat
 __all__ = [
     "Adapter",
     "BaseModel",
+    "BaseScores",
     "Checkpoint",
     "Evaluation",
     "File",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.db import models, transaction
 
+from jobs.models.base_scores import BaseScores
 from jobs.models.catalogue import BaseModel
 from loft import storage
 from loft.ids import make_id
@@ -92,6 +93,7 @@ class File(TenantOwnedModel):
                 )
             prefix = f"orgs/{self.org_id}/files/{self.id}/"
             self.delete()
+            BaseScores.forget_file(self.org_id, self.sha256)
         storage.delete_prefix(prefix)  # after the row: a file is never listed without its bytes
 
     def mark_error(self, message: str, report: dict | None = None) -> None:

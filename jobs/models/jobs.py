@@ -89,6 +89,12 @@ class FineTuneJob(TenantOwnedModel):
     plan = models.JSONField(
         default=dict, blank=True, help_text="Pre-flight figures (engine/plan.py) at submission."
     )
+    timings = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Where the time went, in seconds: queue, setup, training, evaluation, upload "
+        "and total (worker/training.py, PhaseClock).",
+    )
     idempotency_key = models.CharField(max_length=255, blank=True)
     request_fingerprint = models.CharField(
         max_length=64, blank=True, help_text="sha256 of the create request the key was used with."
@@ -98,6 +104,8 @@ class FineTuneJob(TenantOwnedModel):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     ACTIVE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING)
+    # The phases of ``timings``, in order (worker/training.py PhaseClock measures them).
+    PHASES = ("queue", "setup", "training", "evaluation", "upload")
 
     class Meta:
         ordering = ["-created_at"]

@@ -85,7 +85,33 @@ def _live_context(job: FineTuneJob) -> dict:
         "models": evaluation.scores_by_model() if evaluation else [],
         "metrics": METRIC_COLUMNS,
         "adapter": getattr(job, "adapter", None),
+        "timings": time_spent(job.timings or {}),
     }
+
+
+PHASE_LABELS = (  # FineTuneJob.PHASES, in words
+    "Waiting in the queue",
+    "Setup (data, base model)",
+    "Training",
+    "Evaluation (base and adapter)",
+    "Saving and uploading the adapter",
+)
+
+
+def time_spent(timings: dict) -> list[dict]:
+    """The job's phases (worker/training.py PhaseClock) as rows: label, seconds and share of
+    the total; the phases a job did not reach are left out."""
+    total = timings.get("total") or 0
+    return [
+        {
+            "phase": phase,
+            "label": label,
+            "seconds": timings[phase],
+            "percent": round(100 * timings[phase] / total) if total else None,
+        }
+        for phase, label in zip(FineTuneJob.PHASES, PHASE_LABELS, strict=True)
+        if timings.get(phase) is not None
+    ]
 
 
 def sampled_losses(job: FineTuneJob, most: int) -> list[tuple[int, float]]:

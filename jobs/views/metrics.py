@@ -24,6 +24,7 @@ from loft.observability import HTTP_LATENCY
 from loft.views import permission_denied
 
 DURATION_BUCKETS = (60, 300, 900, 3600, 4 * 3600, 12 * 3600)
+PHASE_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 3600, 4 * 3600)
 
 
 class LoftCollector:
@@ -60,6 +61,19 @@ class LoftCollector:
             buckets=buckets,
             sum_value=sum(durations),
         )
+
+        phases = HistogramMetricFamily(
+            "loft_job_phase_seconds",
+            "Where the time of the jobs that finished in the last 24 hours went: queue, setup, "
+            "training, evaluation, upload (the job's timings).",
+            labels=["phase"],
+        )
+        for phase, seconds in ops.phase_seconds(timezone.now() - ops.RECENT).items():
+            buckets = [
+                (str(bound), sum(1 for s in seconds if s <= bound)) for bound in PHASE_BUCKETS
+            ] + [("+Inf", len(seconds))]
+            phases.add_metric([phase], buckets, sum(seconds))
+        yield phases
 
         rate = GaugeMetricFamily(
             "loft_training_tokens_per_second", "Tokens per second of the running jobs, summed."

@@ -1,0 +1,79 @@
+"""The base model's evaluation results, kept between jobs (jobs/models/base_scores.py).
+
+``remember_for`` gives engine/evaluate.py the ``remember`` it scores the base through: the key
+adds to the engine's inputs what only the worker knows — which base model, at which revision and
+precision, on which device, with which libraries — and, for rows of a tenant's file, the
+organization. A kept result is read only when every one of them is the same; otherwise the base
+is scored and the result kept for the next job.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+
+from django.conf import settings
+from django.db import DatabaseError
+
+from engine import evaluate
+from engine.base_models import compute_dtype
+from jobs.models import BaseModel, BaseScores
+
+logger = logging.getLogger(__name__)
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+def device_name(device: str) -> str:
+    """The device as far as numbers go: GPUs of two kinds may round differently."""
+    if device == "cuda":
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return device
+
+
+def library_versions() -> dict:
+    return {name: importlib.metadata.version(name) for name in LIBRARIES}
+
+
+def remember_for(
+    base_model: BaseModel, quantization: str, device: str, *, org_id: str, file_sha256: str = ""
+) -> evaluate.Remember:
+    """The ``remember`` for scoring ``base_model`` at ``quantization`` on ``device``; rows of a
+    held-out file are kept for ``org_id`` only. With LOFT_EVAL_KEEP_BASE_SCORES off, nothing is
+    kept or read (every evaluation scores its base)."""
+    base = {
+        "base_model": base_model.name,
+        "revision": base_model.revision,
+        "source": base_model.source,
+        "quantization": quantization,
+        "device": device_name(device),
+        "dtype": str(compute_dtype(device)),
+        "libraries": library_versions(),
+    }
+
+    def remember(kind: str, inputs: dict, compute) -> dict:
+        if not settings.LOFT_EVAL_KEEP_BASE_SCORES:
+            return compute()
+        tenant = org_id if kind == evaluate.HELD_OUT else None  # the probes are Loft's own
+        described = {"kind": kind, "org": tenant, **base, **inputs}
+        key = evaluate.digest(described)
+        kept = BaseScores.read(key)
+        if kept is not None:
+            return kept
+        result = compute()
+        try:
+            BaseScores.keep(
+                key,
+                kind=kind,
+                org_id=tenant,
+                base_model=base_model,
+                file_sha256=file_sha256 if tenant else "",
+                inputs=described,
+                result=result,
+            )
+        except (DatabaseError, ValueError):  # e.g. a NaN JSON cannot hold: score it next time
+            logger.warning("the base's %s results could not be kept", kind, exc_info=True)
+        return result
+
+    return remember
