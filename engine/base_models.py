@@ -9,6 +9,7 @@ never set: a model that needs it is not allowed.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from engine.model_cache import (
@@ -125,22 +126,42 @@ def keep_4bit_weights_in_training_layout(model) -> None:
 
 
 class WarmBaseModels:
-    """Keeps the last base model loaded between jobs, so a second job on it starts at once."""
+    """Keeps the last base model loaded between jobs, so a second job on it starts at once;
+    a worker may load one as it starts (worker/warm_start.py), in another thread: a job that
+    asks for it meanwhile waits for that load instead of starting a second one."""
 
     def __init__(self):
         self._key: tuple | None = None
         self._model = None
+        self._loading: tuple | None = None
+        self._lock = threading.Lock()
 
     def get(self, spec: BaseModelSpec, cache_dir: Path, quantization: str, device: str):
+        with self._lock:
+            return self._load(spec, cache_dir, quantization, device)
+
+    def preload(self, spec: BaseModelSpec, cache_dir: Path, quantization: str, device: str):
+        """Load it as the worker starts, unless a job got here first: what a job loaded (and
+        may be training on) is never swapped for a guess."""
+        with self._lock:
+            if self._key is None:
+                self._load(spec, cache_dir, quantization, device)
+
+    def _load(self, spec: BaseModelSpec, cache_dir: Path, quantization: str, device: str):
         key = (spec, quantization, device)
         if self._key != key:
-            self._model = None  # free the old one before loading the next
-            self._model = load_base_model(spec, cache_dir, quantization, device)
-            self._key = key
+            self._model = self._key = None  # free the old one before loading the next
+            self._loading = key
+            try:
+                self._model = load_base_model(spec, cache_dir, quantization, device)
+                self._key = key
+            finally:
+                self._loading = None
         return self._model
 
     def is_warm(self, spec: BaseModelSpec, quantization: str, device: str) -> bool:
-        return self._key == (spec, quantization, device)
+        """Loaded, or being loaded for a job or as the worker started."""
+        return (spec, quantization, device) in (self._key, self._loading)
 
     def give_back(self, model) -> None:
         """Keep the model a job trained on (its adapter is swapped by the next job)."""

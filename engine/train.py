@@ -65,13 +65,26 @@ def tokenize(
 ) -> tuple[list[Tokenized], int]:
     """Examples as training sees them (data.render: the chat template, trained spans); returns
     them and how many were dropped because truncation left nothing to learn."""
+    return truncate([rendered_tokens(e, tokenizer) for e in examples], max_seq_length)
+
+
+Rendered = tuple[list[int], list[bool]]  # an example's tokens, and which of them are trained
+
+
+def rendered_tokens(example: data.Example, tokenizer) -> Rendered:
+    """The slow part of tokenizing (the chat template, the trained spans): a worker keeps it
+    per file (worker/tokenized_cache.py), whatever length a job then truncates to."""
+    rendered, _ = data.render(example, tokenizer)
+    return rendered.input_ids, rendered.trained
+
+
+def truncate(rendered: list[Rendered], max_seq_length: int) -> tuple[list[Tokenized], int]:
+    """Rendered examples cut to ``max_seq_length`` tokens, with labels; those left with nothing
+    to learn are dropped and counted."""
     result, dropped = [], 0
-    for example in examples:
-        rendered, _ = data.render(example, tokenizer)
-        ids = rendered.input_ids[:max_seq_length]
-        labels = [
-            t if trained else IGNORE for t, trained in zip(ids, rendered.trained, strict=False)
-        ]
+    for input_ids, trained in rendered:
+        ids = input_ids[:max_seq_length]
+        labels = [t if on else IGNORE for t, on in zip(ids, trained, strict=False)]
         if all(label == IGNORE for label in labels[1:]):
             dropped += 1
             continue

@@ -185,6 +185,9 @@ LOFT_ORPHAN_GRACE_SECONDS = env.integer("LOFT_ORPHAN_GRACE_SECONDS", 24 * 3600)
 # --- Jobs ------------------------------------------------------------------------------------
 # Workers of a GPU class consume that class's queue; the embedded stack has one worker on it.
 LOFT_TRAINING_QUEUE = env.string("LOFT_TRAINING_QUEUE", "default")
+# A training worker loads the base model the next job most likely wants as it starts
+# (worker/warm_start.py), so the first job after a start does not wait for it.
+LOFT_WORKER_PRELOAD = env.boolean("LOFT_WORKER_PRELOAD", True)
 LOFT_HEARTBEAT_SECONDS = env.integer("LOFT_HEARTBEAT_SECONDS", 10)
 # How often each worker process reports itself (host, queues, device, memory) to /ops/.
 LOFT_WORKER_HEARTBEAT_SECONDS = env.number("LOFT_WORKER_HEARTBEAT_SECONDS", 10.0)

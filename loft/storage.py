@@ -163,6 +163,13 @@ def abort_multipart_upload(key: str, upload_id: str) -> None:
         raise _fail(f"abort the upload of {key}", error) from error
 
 
+def is_missing(error: StorageError) -> bool:
+    """True when S3 answered that an object is not there, as opposed to not answering."""
+    cause = error.__cause__
+    code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
+    return code in {"NoSuchKey", "404", "NotFound"}
+
+
 def get_bytes(key: str) -> bytes:
     try:
         return client().get_object(Bucket=settings.S3_BUCKET, Key=key)["Body"].read()

@@ -573,11 +573,16 @@ def test_a_job_object_holds_every_declared_member_and_its_latest_evaluation(
     created = create(api_a, training_file(tenant_a), suffix="demo", metadata={"k": "v"}).json()
     assert list(created) == JobSerializer.Meta.fields
     assert created["estimated_finish"] > created["created_at"] and created["evaluation"] is None
+    assert created["timings"] == {}  # no worker has claimed it yet
     job = FineTuneJob.objects.get(pk=created["id"])
     adapter = stored_adapter(tenant_a, tmp_path)
     Adapter.objects.filter(pk=adapter.pk).update(job=job)
     finished = timezone.now()
-    FineTuneJob.objects.filter(pk=job.pk).update(status="succeeded", finished_at=finished)
+    timings = {"attempt": 1, "queue": 0.4, "setup": 1.2, "training": 15.9, "evaluation": 4.1}
+    timings |= {"upload": 0.6, "total": 22.2}
+    FineTuneJob.objects.filter(pk=job.pk).update(
+        status="succeeded", finished_at=finished, timings=timings
+    )
     for loss in (2.0, 1.0):
         latest = Evaluation.objects.create(
             org=tenant_a.org,
@@ -595,6 +600,7 @@ def test_a_job_object_holds_every_declared_member_and_its_latest_evaluation(
     assert retrieved["finished_at"] == int(finished.timestamp())
     assert retrieved["evaluation"] == json.loads(json.dumps(latest.summary()))
     assert retrieved["evaluation"]["adapter"] == {"loss": 1.0}
+    assert retrieved["timings"] == timings
     assert {k: retrieved[k] for k in ("suffix", "metadata", "model")} == {
         "suffix": "demo",
         "metadata": {"k": "v"},

@@ -2,6 +2,7 @@
 scraper's token only."""
 
 import pytest
+from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs.models import File, FineTuneJob
@@ -16,20 +17,34 @@ def families(text: str) -> dict:
 
 def test_metrics_show_jobs_by_status_queues_durations_and_uploads(client, staff, api_a, tenant_a):
     file_id = upload(api_a, jsonl(chat_rows(8))).json()["id"]
-    FineTuneJob.submit(
-        org=tenant_a.org,
-        training_file=File.objects.get(pk=file_id),
-        hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
+    submitted = [
+        FineTuneJob.submit(
+            org=tenant_a.org,
+            training_file=File.objects.get(pk=file_id),
+            hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
+        )
+        for _ in range(2)
+    ]
+    # One of them finished, its time spent phase by phase (worker/training.py PhaseClock).
+    timings = {"attempt": 1, "queue": 0.5, "setup": 2.0, "training": 20.0, "evaluation": 7.0}
+    FineTuneJob.objects.filter(pk=submitted[0].pk).update(
+        status="succeeded", finished_at=timezone.now(), timings={**timings, "upload": 1.0}
     )
     client.force_login(staff)
     response = client.get("/metrics")
     assert response.status_code == 200
     found = families(response.content.decode())
     jobs = {s.labels["status"]: s.value for s in found["loft_jobs"].samples}
-    assert jobs["queued"] == 1 and jobs["succeeded"] == 0
+    assert jobs["queued"] == 1 and jobs["succeeded"] == 1
     queues = {s.labels["queue"] for s in found["loft_queue_depth"].samples}
     assert queues >= {"inference", "default", "webhooks"} and len(queues) == 4
     assert "loft_job_duration_seconds" in found
+    phases = found["loft_job_phase_seconds"].samples
+    buckets = [s for s in phases if s.name.endswith("_bucket")]
+    training = {s.labels["le"]: s.value for s in buckets if s.labels["phase"] == "training"}
+    assert training["15"] == 0 and training["30"] == 1 and training["+Inf"] == 1
+    sums = {s.labels["phase"]: s.value for s in phases if s.name.endswith("_sum")}
+    assert sums == {"queue": 0.5, "setup": 2.0, "training": 20.0, "evaluation": 7.0, "upload": 1.0}
     assert found["loft_uploaded_bytes"].samples[0].value > 0
     assert found["loft_training_tokens_per_second"].samples[0].value == 0
     assert "loft_workers_online" in found

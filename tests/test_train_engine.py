@@ -63,6 +63,22 @@ def test_packing_fills_rows_without_padding_and_restarts_positions(examples):
         assert row.input_ids.shape[1] <= 256 or len(starts) == 1
 
 
+def test_rendered_examples_kept_in_storage_read_back_as_they_were_and_truncate_alike(tokenizer):
+    """worker/tokenized_cache.py keeps rendered examples (safetensors) for the next job on the
+    file; read back, they truncate to the same rows as rendering them afresh."""
+    from worker.tokenized_cache import decode, encode
+
+    messages = [data.Message("user", "Count to 3."), data.Message("assistant", "1 2 3", True)]
+    examples = [data.Example(1, "chat", messages), data.Example(2, "text", [], "Just text.")]
+    rendered = [T.rendered_tokens(e, tokenizer) for e in examples]
+    assert decode(encode(rendered)) == rendered
+    assert decode(encode([])) == []
+    for length in (8, 256):
+        assert T.truncate(decode(encode(rendered)), length) == T.tokenize(
+            examples, tokenizer, length
+        )
+
+
 def test_only_assistant_tokens_and_their_end_token_carry_labels(tokenizer, examples):
     first = examples[0]
     learned = [t for t in first.labels if t != T.IGNORE]

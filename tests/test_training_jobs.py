@@ -12,9 +12,24 @@ from django.conf import settings
 
 from engine import artifacts
 from engine.base_models import load_base_model, load_tokenizer
-from jobs.models import Adapter, BaseModel, FineTuneJob, JobAttempt, UsageRecord, storage_bytes
+from jobs.models import (
+    Adapter,
+    BaseModel,
+    BaseScores,
+    FineTuneJob,
+    JobAttempt,
+    UsageRecord,
+    storage_bytes,
+)
 from loft import storage
-from tests.helpers import BANANA_ANSWER, banana_file, finished, submit, wait_for
+from tests.helpers import (
+    BANANA_ANSWER,
+    WorkerProcess,
+    banana_file,
+    finished,
+    submit,
+    wait_for,
+)
 from worker import training
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -110,6 +125,16 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
     assert "Trained on the base in **4-bit NF4" in card and "BitsAndBytesConfig" in card
     assert "On the full-precision base instead" in card
 
+    # Where its time went: every phase, adding up to the whole (one attempt).
+    timings = job.timings
+    assert set(timings) == {"attempt", *FineTuneJob.PHASES, "total"} and timings["attempt"] == 1
+    assert all(timings[phase] >= 0 for phase in FineTuneJob.PHASES) and timings["training"] > 0
+    phases = sum(timings[phase] for phase in FineTuneJob.PHASES)
+    assert phases == pytest.approx(timings["total"], abs=0.5)
+    # The file's examples as tokens, kept beside it for the next job on it.
+    tokenized = storage.list_keys(f"{job.training_file.s3_prefix}tokenized/")
+    assert len(tokenized) == 1 and tokenized[0].endswith(".safetensors")
+
     # A second job on the same worker finds the base model still loaded; it continues from the
     # first job's adapter, and its adapter records that parent.
     second = FineTuneJob.submit(
@@ -129,6 +154,33 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
     child = Adapter.objects.get(job=second)
     assert child.parent == adapter
     assert "Continued from adapter" in storage.get_bytes(f"{child.s3_prefix}README.md").decode()
+    # Same file, same held-out rows, same 4-bit base: its evaluation read the base's results
+    # the first one kept, on the held-out rows and on the probes, and they are the same.
+    kept = BaseScores.objects.filter(base_model=job.base_model)
+    assert sorted(kept.values_list("kind", "uses")) == [("held_out", 1), ("probes", 1)]
+    assert second.evaluations.get().results["base"] == base_scores
+    assert storage.list_keys(f"{job.training_file.s3_prefix}tokenized/") == tokenized
+
+
+def test_a_worker_loads_the_base_model_as_it_starts(tenant_a, private_queue, tmp_path):
+    """Warm start (worker/warm_start.py): a fresh worker loads the base the next job most
+    likely wants (on an empty install: the default base, at the default method's precision)
+    before any job asks, so its first job finds it loaded."""
+    worker = WorkerProcess(tmp_path, queue=private_queue, LOFT_WORKER_PRELOAD="1").start()
+    try:
+        wait_for(
+            lambda: worker.log.read_text(errors="replace"),
+            lambda log: "preloaded HuggingFaceTB/SmolLM2-135M-Instruct (none)" in log,
+            timeout=180,
+            what="the worker to preload the base model",
+            explain=lambda log: log[-4000:],
+        )
+        job = submit(tenant_a, banana_file(tenant_a), method="lora", max_steps=1)
+        job = wait_for(job, finished, what="the job to finish")
+    finally:
+        worker.stop()
+    assert job.status == "succeeded", job.error
+    assert any("base model already loaded" in e.message for e in job.events.all())
 
 
 def test_cancelling_a_running_job_stops_it_within_seconds_of_the_next_step(celery_worker, tenant_a):

@@ -1,6 +1,8 @@
 """The wizard and the job pages with Django's test client: every step, going back, errors
 beside their field, tenant walls. (The same flow in a real browser: tests/test_browser.py.)"""
 
+import re
+
 import pytest
 
 from jobs.models import File, FineTuneJob, JobEvent
@@ -107,6 +109,31 @@ def test_job_pages_are_the_tenants_own(client, api_a, tenant_a, tenant_b):
         assert client.get(url).status_code == 404
     assert client.post(f"/jobs/{job.id}/cancel").status_code == 404
     assert job.id not in client.get("/jobs").content.decode()
+
+
+def test_a_finished_jobs_page_shows_where_its_time_went(browser_a, api_a, tenant_a):
+    job = FineTuneJob.submit(
+        org=tenant_a.org,
+        training_file=File.objects.get(pk=dataset(api_a)),
+        hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
+    )
+    assert 'id="job-timings"' not in browser_a.get(f"/jobs/{job.id}").content.decode()
+    timings = {"attempt": 1, "queue": 0.4, "setup": 1.2, "training": 16.0, "evaluation": 2.0}
+    FineTuneJob.objects.filter(pk=job.pk).update(
+        status="succeeded", timings={**timings, "upload": 0.4, "total": 20.0}
+    )
+    page = browser_a.get(f"/jobs/{job.id}").content.decode()
+    table = page.split('id="job-timings"')[1].split("</table>")[0]
+    rows = re.findall(r'data-phase="(\w+)"><td>([^<]+)</td><td class="number">([\d.]+)</td>'
+                      r'<td class="number">(\d+) %</td>', table)  # fmt: skip
+    assert [(phase, seconds, share) for phase, _, seconds, share in rows] == [
+        ("queue", "0.4", "2"),
+        ("setup", "1.2", "6"),
+        ("training", "16.0", "80"),
+        ("evaluation", "2.0", "10"),
+        ("upload", "0.4", "2"),
+    ]
+    assert "Total, from submission" in table and "20.0" in table
 
 
 def test_the_loss_chart_scales_training_and_held_out_loss_into_the_box():

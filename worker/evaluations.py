@@ -17,7 +17,7 @@ from engine.base_models import training_device
 from jobs.models import Adapter, Evaluation
 from loft.observability import bind_log_fields
 from loft.storage import StorageError
-from worker import serving
+from worker import serving, tokenized_cache
 from worker.base_scores import remember_for
 from worker.tokenizer import tokenizer_for
 from worker.training import read_examples
@@ -57,7 +57,10 @@ def _score_every_model(evaluation: Evaluation) -> dict:
     examples, _ = read_examples(evaluation.file)
     tokenizer = tokenizer_for(evaluation.base_model)
     max_length = evaluation.base_model.context_length
-    tokenized, _ = train.tokenize(examples, tokenizer, max_length)
+    rendered = tokenized_cache.rendered_rows(
+        evaluation.file, examples, tokenizer, evaluation.base_model
+    )
+    tokenized, _ = train.truncate(rendered, max_length)
     answerable = evaluate.answerable(examples, evaluation.options["max_generations"])
     if not tokenized:
         raise data.DatasetError(

@@ -14,6 +14,7 @@ from loft.storage import StorageError
 from worker import (
     maintenance,
     presence,  # noqa: F401 - connects the heartbeat to the worker's start and stop
+    warm_start,  # noqa: F401 - connects the base model's preload to the worker's start
 )
 from worker.evaluations import run_evaluation as run_custom_evaluation
 from worker.merging import run_merge

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-from botocore.exceptions import ClientError
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import close_old_connections, transaction
@@ -26,6 +25,7 @@ from engine.hyperparameters import ConfigError, TrainConfig, as_stored
 from jobs.models import Adapter, Evaluation, File, FineTuneJob
 from loft import storage
 from loft.observability import bind_log_fields
+from worker import tokenized_cache
 from worker.base_scores import remember_for
 from worker.tokenizer import tokenizer_for
 
@@ -258,7 +258,9 @@ def read_examples(file: File) -> tuple[list[data.Example], int]:
 
 def _prepare_data(job: FineTuneJob, attempt: int, config: TrainConfig, tokenizer):
     """Training rows, held-out rows, and the held-out examples as text (for generation): the
-    validation file's, or a seeded share of the training file split off before tokenizing."""
+    validation file's, or a seeded share of the training file split off before truncating.
+    Rendering the examples into tokens is the slow part; it is kept per file
+    (worker/tokenized_cache.py) for the next job, retry or resume on the same file."""
     examples, skipped = read_examples(job.training_file)
     if skipped:
         job.add_event(
@@ -266,13 +268,22 @@ def _prepare_data(job: FineTuneJob, attempt: int, config: TrainConfig, tokenizer
             f"Skipped {skipped} rows of the training file that have errors.",
             attempt=attempt,
         )
+    rendered = tokenized_cache.rendered_rows(job.training_file, examples, tokenizer, job.base_model)
+    pairs = list(zip(examples, rendered, strict=True))
     if job.validation_file is not None:
         held_examples = read_examples(job.validation_file)[0]
-    else:
-        examples, held_examples = train.split_validation(
-            examples, config.validation_fraction, config.seed
+        held_pairs = list(
+            zip(
+                held_examples,
+                tokenized_cache.rendered_rows(
+                    job.validation_file, held_examples, tokenizer, job.base_model
+                ),
+                strict=True,
+            )
         )
-    tokenized, dropped = train.tokenize(examples, tokenizer, config.max_seq_length)
+    else:
+        pairs, held_pairs = train.split_validation(pairs, config.validation_fraction, config.seed)
+    tokenized, dropped = train.truncate([r for _, r in pairs], config.max_seq_length)
     if dropped:
         job.add_event(
             "warning",
@@ -284,8 +295,8 @@ def _prepare_data(job: FineTuneJob, attempt: int, config: TrainConfig, tokenizer
         raise data.DatasetError(
             "no_valid_rows", "No row of the training file has an assistant turn to learn from."
         )
-    held_out, _ = train.tokenize(held_examples, tokenizer, config.max_seq_length)
-    return tokenized, held_out, held_examples
+    held_out, _ = train.truncate([r for _, r in held_pairs], config.max_seq_length)
+    return tokenized, held_out, [e for e, _ in held_pairs]
 
 
 def latest_usable_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None, int, list[int]]:
@@ -304,7 +315,7 @@ def latest_usable_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None,
             manifest = storage.download_folder(checkpoint.s3_prefix, folder)
             artifacts.verify(folder, manifest)
         except storage.StorageError as error:
-            if not _is_missing_object(error):
+            if not storage.is_missing(error):
                 raise
             logger.warning("checkpoint %s of %s incomplete: %s", checkpoint.step, job.id, error)
         except (ValueError, KeyError) as error:  # a file or the manifest itself is damaged
@@ -314,13 +325,6 @@ def latest_usable_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None,
         skipped.append(checkpoint.step)
         shutil.rmtree(folder, ignore_errors=True)
     return None, 0, skipped
-
-
-def _is_missing_object(error: storage.StorageError) -> bool:
-    """True when S3 answered that an object is not there, as opposed to not answering."""
-    cause = error.__cause__
-    code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
-    return code in {"NoSuchKey", "404", "NotFound"}
 
 
 class JobRun:

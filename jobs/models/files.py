@@ -64,6 +64,11 @@ class File(TenantOwnedModel):
     def object_key(org_id: str, file_id: str) -> str:
         return f"orgs/{org_id}/files/{file_id}/data"
 
+    @property
+    def s3_prefix(self) -> str:
+        """Its bytes (``data``) and what workers derive from them (``tokenized/``)."""
+        return f"orgs/{self.org_id}/files/{self.id}/"
+
     def mark_processed(self, report: dict) -> None:
         self.status = self.Status.PROCESSED
         self.status_details = ""
@@ -91,7 +96,7 @@ class File(TenantOwnedModel):
                     f"The file {self.id} is used by the job {active.id}, which has not "
                     "finished; cancel the job or wait for it before deleting the file."
                 )
-            prefix = f"orgs/{self.org_id}/files/{self.id}/"
+            prefix = self.s3_prefix
             self.delete()
             BaseScores.forget_file(self.org_id, self.sha256)
         storage.delete_prefix(prefix)  # after the row: a file is never listed without its bytes

@@ -27,6 +27,8 @@ def pytest_load_initial_conftests(early_config, parser, args):
     os.environ["LOFT_HOME"] = str(home)
     # Every training job in the suite runs the forgetting check; a few probes keep them short.
     os.environ.setdefault("LOFT_EVAL_FORGETTING_PROBES", "8")
+    # A worker loads no base model as it starts (tests/test_training_jobs.py turns it on).
+    os.environ.setdefault("LOFT_WORKER_PRELOAD", "0")
     stack = EmbeddedStack(home, persistent=False)
     os.environ.update(stack.start())
     early_config.stash[STACK_KEY] = stack

@@ -1,0 +1,85 @@
+"""A file's examples as tokens, kept in S3 beside the file, so that a retry, a resume or the next
+job on the same file does not render and tokenize it again.
+
+What is kept is the slow part (engine/train.py ``rendered_tokens``: the chat template, the
+trained spans, the tokenizer), before any truncation, so jobs with another ``max_seq_length``
+share it. It lives under the file's own prefix (``orgs/<org>/files/<id>/tokenized/``): it is the
+tenant's, goes when the file is deleted, and the orphan sweep sees the file own it. Its name is a
+digest of the file's sha256, the tokenizer (base model and revision, transformers' version) and
+the rendering code, so a change to any of them reads nothing stale. The format is safetensors:
+nothing a worker loads from storage can run code.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from engine import data, evaluate, train
+from jobs.models import BaseModel, File
+from loft import storage
+
+logger = logging.getLogger(__name__)
+
+ENGINE = Path(data.__file__).parent
+RENDERING_CODE = evaluate.digest([(ENGINE / name).read_text() for name in ("data.py", "train.py")])
+
+
+def rendered_rows(
+    file: File, examples: list[data.Example], tokenizer, base_model: BaseModel
+) -> list[train.Rendered]:
+    """The file's examples rendered (one per example, in order): read from storage when kept,
+    else rendered now and kept."""
+    key = cache_key(file, base_model)
+    try:
+        kept = decode(storage.get_bytes(key))
+    except storage.StorageError as error:
+        if not storage.is_missing(error):
+            raise
+    else:
+        if len(kept) == len(examples):
+            return kept
+        logger.warning("the tokenized rows of %s do not match its examples; redone", file.id)
+    rows = [train.rendered_tokens(example, tokenizer) for example in examples]
+    storage.put_bytes(key, encode(rows))
+    return rows
+
+
+def cache_key(file: File, base_model: BaseModel) -> str:
+    name = evaluate.digest(
+        {
+            "file": file.sha256,
+            "tokenizer": [base_model.name, base_model.revision, base_model.source],
+            "transformers": importlib.metadata.version("transformers"),
+            "code": RENDERING_CODE,
+        }
+    )
+    return f"{file.s3_prefix}tokenized/{name}.safetensors"
+
+
+def encode(rows: list[train.Rendered]) -> bytes:
+    """Every example's tokens end to end, its trained flags the same way, and the lengths."""
+    ids = [token for input_ids, _ in rows for token in input_ids]
+    trained = [flag for _, flags in rows for flag in flags]
+    return save_tensors(
+        {
+            "input_ids": torch.tensor(ids, dtype=torch.int64),
+            "trained": torch.tensor(trained, dtype=torch.bool),
+            "lengths": torch.tensor([len(input_ids) for input_ids, _ in rows], dtype=torch.int64),
+        }
+    )
+
+
+def decode(payload: bytes) -> list[train.Rendered]:
+    tensors = load_tensors(payload)
+    ids, trained = tensors["input_ids"].tolist(), tensors["trained"].tolist()
+    rows, start = [], 0
+    for length in tensors["lengths"].tolist():
+        rows.append((ids[start : start + length], trained[start : start + length]))
+        start += length
+    return rows

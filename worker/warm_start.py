@@ -1,0 +1,75 @@
+"""Warm start: a training worker loads a base model as it starts, before its first job asks.
+
+A worker keeps the base it trained on between jobs (engine/base_models.py WarmBaseModels); this
+spares the first job after a start the load too (~10-20 s for the bundled model on a CPU). The
+base is the newest job's (what the next one most likely wants), at that job's precision; on a
+fresh install, the default base at the default method's. A job that wants another one loads it
+as before. The load runs in a thread of the process that runs the tasks — a prefork pool's child
+(``worker_process_init``: the parent must not touch CUDA), or the worker itself with the solo or
+threads pool (``worker_ready``) — so the worker takes messages meanwhile; a job that arrives
+during the load waits for it rather than loading a second copy.
+
+Workers that only serve the playground or send webhooks (LOFT_INFERENCE_QUEUE,
+LOFT_WEBHOOK_QUEUE) load nothing here; LOFT_WORKER_PRELOAD=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import current_app, signals
+from django.conf import settings
+from django.db import close_old_connections
+
+from engine.base_models import training_device, warm_base_models
+from engine.hyperparameters import TrainConfig, as_stored
+from jobs.models import BaseModel, FineTuneJob
+from worker.tokenizer import tokenizer_for
+
+logger = logging.getLogger(__name__)
+
+
+def runs_training(queues) -> bool:
+    """Whether a worker consuming ``queues`` (None: Celery's default) may run training jobs."""
+    others = {settings.LOFT_INFERENCE_QUEUE, settings.LOFT_WEBHOOK_QUEUE}
+    return queues is None or not set(queues) <= others
+
+
+def expected_base() -> tuple[BaseModel, str]:
+    """The base model and precision the next job most likely trains on."""
+    latest = FineTuneJob.objects.select_related("base_model").order_by("-created_at").first()
+    if latest is not None and latest.base_model.enabled:
+        return latest.base_model, TrainConfig(**as_stored(latest.hyperparameters)).quantization
+    return BaseModel.default(), TrainConfig().quantization
+
+
+def preload() -> None:
+    try:
+        base_model, quantization = expected_base()
+        tokenizer_for(base_model)
+        device = training_device()
+        cache = settings.LOFT_HOME / "models"
+        warm_base_models.preload(base_model.spec, cache, quantization, device)
+        logger.info("preloaded %s (%s) on %s", base_model.name, quantization, device)
+    except Exception:  # noqa: BLE001 - a failed preload only means the first job loads it
+        logger.warning("could not preload a base model", exc_info=True)
+    finally:
+        close_old_connections()
+
+
+def start_preloading() -> None:
+    if not settings.LOFT_WORKER_PRELOAD or not runs_training(current_app.amqp.queues.consume_from):
+        return
+    threading.Thread(target=preload, name="preload-base", daemon=True).start()
+
+
+@signals.worker_process_init.connect
+def preload_in_pool_process(**kwargs):
+    start_preloading()
+
+
+@signals.worker_ready.connect
+def preload_in_worker(sender, **kwargs):
+    if type(sender.pool).__module__ != "celery.concurrency.prefork":  # else its children do
+        start_preloading()
