@@ -6,8 +6,10 @@ examples, and returns numbers and samples that the job stores as its evaluation 
 Why both, on the same rows: a fine-tuning job is judged against what it started from. A loss of
 0.9 says little alone; 0.9 where the base had 1.4 says the adapter learned the data, and an
 adapter worse than its base (on held-out loss or on what it writes) is flagged before anyone
-deploys it. The base costs nothing extra to run: ``model.disable_adapter()`` turns the LoRA
-layers off, so the one model in memory answers as the base, then as the adapter.
+deploys it. The base needs no second model: ``model.disable_adapter()`` turns the LoRA layers
+off, so the one model in memory answers as the base, then as the adapter. And its results are the
+same for every adapter of it on the same rows, so they go through ``remember`` (below): a worker
+keeps them and the next job reads them.
 
 Two kinds of measure:
 

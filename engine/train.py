@@ -353,8 +353,8 @@ class TrainResult:
     validation_loss: float | None
     seconds: float
     seconds_to_first_step: float
-    # time.monotonic() when the last step ended, its checkpoint included: the end of
-    # "training" in a job's timings (worker/training.py); Callbacks.on_loop_start marks its start.
+    # time.monotonic() when the last step ended (before its checkpoint): the end of "training"
+    # in a job's timings (worker/training.py); Callbacks.on_loop_start marks its start.
     last_step_ended: float
 
     @property
@@ -523,12 +523,12 @@ def train(
                     trained_tokens=trained_tokens,
                 )
             )
+            last_step_ended = time.monotonic()
             if done % config.checkpoint_every == 0 or done == steps:
                 folder = work_dir / "checkpoints" / f"step-{done}"
                 save_checkpoint(folder, model, optimizer, scheduler, done, config)
                 callbacks.on_checkpoint(folder, done)
                 last_checkpoint = done
-            last_step_ended = time.monotonic()
 
         # --- evaluate on the held-out examples
         validation_loss = held_out_loss(model, validation_examples, config.max_seq_length, device)

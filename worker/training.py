@@ -64,8 +64,10 @@ class PhaseClock:
 
         queue       submission → a worker claims the job (file validation included)
         setup       claim → the first training step starts (data, checkpoint, base model)
-        training    the first step's start → the last step's end, its checkpoint included
-        evaluation  the last step's end → base and adapter scored (engine/evaluate.py)
+        training    the first step's start → the last step's end (the checkpoints between
+                    steps included, not the one after the last)
+        evaluation  the last step's end → base and adapter scored (engine/evaluate.py), the
+                    final checkpoint and validation loss included
         upload      the adapter's folder written and uploaded, the job finished
         total       submission → the end
 
