@@ -145,6 +145,16 @@ def test_batched_greedy_answers_use_the_cache_and_match_one_at_a_time(base, toke
     assert all(answer and "<|im_end|>" not in answer for answer in batched)
 
 
+def test_prompts_generate_in_batches_of_similar_length_within_the_row_and_token_limits():
+    lengths = [30, 5, 12, 7, 400, 6]
+    batches = E.generation_batches(lengths, max_new_tokens=10, max_rows=3, max_tokens=200)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert batches == [[1, 5, 3], [2, 0], [4]]  # shortest first; 3 rows × (30 + 10) > 200
+    for batch in batches[:-1]:
+        assert len(batch) <= 3 and len(batch) * (max(lengths[i] for i in batch) + 10) <= 200
+    assert E.generation_batches([], 10) == []
+
+
 @pytest.mark.slow  # about 10 s of the 135M model on the CPU: make test, not make test-fast
 def test_a_fresh_adapter_scores_exactly_like_its_base(base, tokenizer, examples, tokenized):
     """LoRA's B starts at zero, so before training the adapter is the base, bit for bit."""
