@@ -26,9 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -322,6 +323,8 @@ class Comparison:
     samples: list[Sample]  # every generated row, the adapter's largest gain over the base first
     verdict: dict
     forgetting: dict | None = None  # the probe set, base against adapter (see forgetting())
+    # Seconds spent on the held-out rows and on the probes (for the job's log, not the report).
+    seconds: dict = field(default_factory=dict)
 
     @property
     def worst(self) -> list[Sample]:
@@ -429,6 +432,7 @@ def compare(
     examples as training tokenized them, and generation answers the first ``max_generations``
     chat rows of ``held_out_examples``.
     """
+    started = time.monotonic()
     chat = answerable(held_out_examples, max_generations)
     options = {"row_tokens": row_tokens, "device": device, "max_new_tokens": max_new_tokens}
 
@@ -457,10 +461,12 @@ def compare(
             )
         )
     samples.sort(key=lambda s: (-s.gain, -s.adapter_rouge_l))
+    held_out_done = time.monotonic()
     lost = (
         forgetting(model, tokenizer, probes, device=device, remember=remember) if probes else None
     )
-    return Comparison(base, adapter, samples, verdict(base, adapter), lost)
+    seconds = {"held_out": held_out_done - started, "probes": time.monotonic() - held_out_done}
+    return Comparison(base, adapter, samples, verdict(base, adapter), lost, seconds)
 
 
 def rows_inputs(

@@ -9,6 +9,7 @@ is scored and the result kept for the next job.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 
@@ -32,16 +33,16 @@ def device_name(device: str) -> str:
     return device
 
 
+@functools.cache
 def library_versions() -> dict:
     return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
 
 def remember_for(
     base_model: BaseModel, quantization: str, device: str, *, org_id: str, file_sha256: str = ""
-) -> evaluate.Remember:
+) -> KeptBaseScores:
     """The ``remember`` for scoring ``base_model`` at ``quantization`` on ``device``; rows of a
-    held-out file are kept for ``org_id`` only. With LOFT_EVAL_KEEP_BASE_SCORES off, nothing is
-    kept or read (every evaluation scores its base)."""
+    held-out file are kept for ``org_id`` only."""
     base = {
         "base_model": base_model.name,
         "revision": base_model.revision,
@@ -51,15 +52,28 @@ def remember_for(
         "dtype": str(compute_dtype(device)),
         "libraries": library_versions(),
     }
+    return KeptBaseScores(base_model, base, org_id, file_sha256)
 
-    def remember(kind: str, inputs: dict, compute) -> dict:
+
+class KeptBaseScores:
+    """engine/evaluate.py's ``remember`` over BaseScores rows. ``read`` names the kinds it found
+    kept. With LOFT_EVAL_KEEP_BASE_SCORES off, nothing is kept or read (every evaluation scores
+    its base)."""
+
+    def __init__(self, base_model: BaseModel, base: dict, org_id: str, file_sha256: str):
+        self.base_model, self.base = base_model, base
+        self.org_id, self.file_sha256 = org_id, file_sha256
+        self.read: set[str] = set()
+
+    def __call__(self, kind: str, inputs: dict, compute) -> dict:
         if not settings.LOFT_EVAL_KEEP_BASE_SCORES:
             return compute()
-        tenant = org_id if kind == evaluate.HELD_OUT else None  # the probes are Loft's own
-        described = {"kind": kind, "org": tenant, **base, **inputs}
+        tenant = self.org_id if kind == evaluate.HELD_OUT else None  # the probes are Loft's own
+        described = {"kind": kind, "org": tenant, **self.base, **inputs}
         key = evaluate.digest(described)
         kept = BaseScores.read(key)
         if kept is not None:
+            self.read.add(kind)
             return kept
         result = compute()
         try:
@@ -67,13 +81,11 @@ def remember_for(
                 key,
                 kind=kind,
                 org_id=tenant,
-                base_model=base_model,
-                file_sha256=file_sha256 if tenant else "",
+                base_model=self.base_model,
+                file_sha256=self.file_sha256 if tenant else "",
                 inputs=described,
                 result=result,
             )
         except (DatabaseError, ValueError):  # e.g. a NaN JSON cannot hold: score it next time
             logger.warning("the base's %s results could not be kept", kind, exc_info=True)
         return result
-
-    return remember

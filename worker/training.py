@@ -26,7 +26,7 @@ from jobs.models import Adapter, Evaluation, File, FineTuneJob
 from loft import storage
 from loft.observability import bind_log_fields
 from worker import tokenized_cache
-from worker.base_scores import remember_for
+from worker.base_scores import KeptBaseScores, remember_for
 from worker.tokenizer import tokenizer_for
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ Status = FineTuneJob.Status
 # out damaged. Older ones are deleted once a newer one is recorded; a checkpoint every step
 # would otherwise fill the bucket (and the tenant's storage quota) without end.
 CHECKPOINTS_KEPT = 2
+KEPT_WORDS = {evaluate.HELD_OUT: "held-out rows", evaluate.PROBES: "probes"}
 
 
 class Heartbeat(threading.Thread):
@@ -421,7 +422,7 @@ class JobRun:
         return train.train(
             self.config,
             self.train_rows,
-            self.held_out,
+            [],  # the held-out loss is the evaluation's (the same rows, packed the same way)
             self.base,
             device=self.device,
             work_dir=self.work,
@@ -446,15 +447,24 @@ class JobRun:
             folder = self.work / "adapter"
             train.save_adapter(model, folder)
             self.event(f"Evaluating base and adapter on {len(self.held_examples)} held-out rows.")
-            comparison = evaluate.compare(
+            remember = self.remember_base_scores()
+            result = evaluate.compare(
                 model,
                 self.tokenizer,
                 self.held_examples,
                 self.held_out,
                 probes=evaluate.load_probes()[: settings.LOFT_EVAL_FORGETTING_PROBES],
-                remember=self.remember_base_scores(),
+                remember=remember,
                 **self.scoring_options,
-            ).as_dict()
+            )
+            comparison = result.as_dict()
+            kept = " and ".join(KEPT_WORDS[kind] for kind in sorted(remember.read)) or "none"
+            self.event(
+                f"Evaluated in {sum(result.seconds.values()):.1f} s: held-out rows "
+                f"{result.seconds['held_out']:.1f} s, probes {result.seconds['probes']:.1f} s. "
+                f"The base's results kept by earlier jobs: {kept}.",
+                {"seconds": result.seconds, "base_results_kept": sorted(remember.read)},
+            )
         finally:
             warm_base_models.give_back(model.unload())
         comparison["base_precision"] = evaluate.base_precision(
@@ -480,7 +490,7 @@ class JobRun:
             **self.scoring_options,
         )
 
-    def remember_base_scores(self) -> evaluate.Remember:
+    def remember_base_scores(self) -> KeptBaseScores:
         """The base's results kept for the next job on the same base and held-out rows (and
         for every job on the same base, for the probes): worker/base_scores.py."""
         held_out_file = self.job.validation_file or self.job.training_file
@@ -510,7 +520,7 @@ class JobRun:
         artifacts.write_json(folder / "eval_report.json", comparison)
         metrics = {
             "train_loss": result.train_loss,
-            "validation_loss": result.validation_loss,
+            "validation_loss": comparison["adapter"]["loss"],
             "steps": result.steps,
             "resumed_from_step": result.resumed_from_step,
             "trained_tokens": result.trained_tokens,
