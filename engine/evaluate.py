@@ -67,7 +67,7 @@ def digest(value) -> str:
 SCORING_CODE = digest(
     [
         Path(__file__).with_name(name).read_text()
-        for name in ("evaluate.py", "data.py", "train.py", "chat_tokenizer.py")
+        for name in ("evaluate.py", "data.py", "train.py", "chat_tokenizer.py", "base_models.py")
     ]
 )
 # exp() of a larger loss overflows a float; no model that loads is anywhere near it.
@@ -479,10 +479,10 @@ def rows_inputs(
 ) -> dict:
     """What a model's ``score`` on these rows depends on, the model aside: the rows' content
     (as generation prompts them and as training tokenized them), the settings, the code."""
+    pairs = [prompt_and_reference(e) for e in chat]
     rows = {
         "chat": [
-            [[m.role, m.content] for m in prompt_and_reference(e)[0]] + [prompt_and_reference(e)[1]]
-            for e in chat
+            [[m.role, m.content] for m in prompt] + [reference] for prompt, reference in pairs
         ],
         "tokenized": [[t.input_ids, t.labels] for t in tokenized],
     }

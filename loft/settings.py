@@ -175,12 +175,20 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 3600.0,
         "options": _maintenance,
     },
+    "forget-unused-base-scores": {
+        "task": "worker.tasks.forget_unused_base_scores",
+        "schedule": 24 * 3600.0,
+        "options": _maintenance,
+    },
 }
 # A multipart upload still open after this long was abandoned (its request died).
 LOFT_ABANDONED_UPLOAD_SECONDS = env.integer("LOFT_ABANDONED_UPLOAD_SECONDS", 24 * 3600)
 # An object no row owns is deleted once it is this old: younger, its row may still be coming
 # (an upload writes the object before the row commits).
 LOFT_ORPHAN_GRACE_SECONDS = env.integer("LOFT_ORPHAN_GRACE_SECONDS", 24 * 3600)
+# A base's kept evaluation results (jobs/models/base_scores.py) nobody read for this long are
+# deleted: a change of the scoring code or of a library leaves the old ones unread for good.
+LOFT_BASE_SCORES_UNUSED_SECONDS = env.integer("LOFT_BASE_SCORES_UNUSED_SECONDS", 30 * 24 * 3600)
 
 # --- Jobs ------------------------------------------------------------------------------------
 # Workers of a GPU class consume that class's queue; the embedded stack has one worker on it.

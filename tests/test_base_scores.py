@@ -63,6 +63,23 @@ def evaluate_job(base, tokenizer, held_out, remember, *, seed=1, probes=None) ->
         model.unload()
 
 
+def held_out_file(tenant) -> File:
+    """The file held-out rows come from: what is kept of it lives as long as it does."""
+    return File.objects.create(
+        org=tenant.org,
+        filename="held-out.jsonl",
+        purpose=File.Purpose.FINE_TUNE,
+        bytes=1,
+        sha256="0" * 64,
+        s3_key=File.object_key(tenant.org.id, "file-x"),
+    )
+
+
+def remember_for_file(base_model, tenant):
+    sha256 = held_out_file(tenant).sha256
+    return remember_for(base_model, "none", "cpu", org_id=tenant.org.id, file_sha256=sha256)
+
+
 def counting(remember, computed: list[str]):
     """``remember``, noting the kind of each result it had to compute."""
 
@@ -78,7 +95,7 @@ def test_kept_and_recomputed_base_scores_give_the_same_evaluation(
     fresh = evaluate_job(base, tokenizer, held_out, E.compute_now)
     model = BaseModel.default()
     computed: list[str] = []
-    remember = counting(remember_for(model, "none", "cpu", org_id=tenant_a.org.id), computed)
+    remember = counting(remember_for_file(model, tenant_a), computed)
     first = evaluate_job(base, tokenizer, held_out, remember)
     again = evaluate_job(base, tokenizer, held_out, remember)
     assert computed == [E.HELD_OUT, E.PROBES]  # the second evaluation read both
@@ -92,11 +109,16 @@ def test_the_probes_base_results_are_computed_once_per_base_and_probe_set(
     model = BaseModel.default()
     computed: list[str] = []
 
-    def job(org, seed, base_model=model, probes=None):
-        remember = counting(remember_for(base_model, "none", "cpu", org_id=org.id), computed)
+    held_out_file(tenant_a), held_out_file(tenant_b)
+
+    def job(tenant, seed, base_model=model, probes=None):
+        remember = remember_for(
+            base_model, "none", "cpu", org_id=tenant.org.id, file_sha256="0" * 64
+        )
+        remember = counting(remember, computed)
         return evaluate_job(base, tokenizer, held_out, remember, seed=seed, probes=probes)
 
-    first, second = job(tenant_a.org, 1), job(tenant_a.org, 2)
+    first, second = job(tenant_a, 1), job(tenant_a, 2)
     assert computed.count(E.PROBES) == 1  # two jobs (two adapters), one base run on the probes
     assert first["forgetting"]["base"] == second["forgetting"]["base"]
     assert first["forgetting"]["adapter"] != second["forgetting"]["adapter"]
@@ -104,32 +126,25 @@ def test_the_probes_base_results_are_computed_once_per_base_and_probe_set(
 
     # Another tenant's job reads Loft's probes but scores its own held-out rows, even the same.
     computed.clear()
-    job(tenant_b.org, 3)
+    job(tenant_b, 3)
     assert computed == [E.HELD_OUT]
 
     # A changed probe set, or another revision of the base, is scored again.
     computed.clear()
     changed = E.load_probes()[:3]
     changed[0] = E.Probe(changed[0].prompt, "Its capital is Paris.", changed[0].expect)
-    job(tenant_a.org, 4, probes=changed)
+    job(tenant_a, 4, probes=changed)
     assert computed == [E.PROBES]
     computed.clear()
     revised = BaseModel.objects.get(pk=model.pk)
     revised.revision = "another-revision"
-    job(tenant_a.org, 5, base_model=revised)
+    job(tenant_a, 5, base_model=revised)
     assert computed == [E.HELD_OUT, E.PROBES]
 
 
 def test_what_was_kept_of_a_tenants_file_goes_with_the_file(db, tenant_a):
     model = BaseModel.default()
-    file = File.objects.create(
-        org=tenant_a.org,
-        filename="held-out.jsonl",
-        purpose=File.Purpose.FINE_TUNE,
-        bytes=1,
-        sha256="0" * 64,
-        s3_key=File.object_key(tenant_a.org.id, "file-x"),
-    )
+    file = held_out_file(tenant_a)
     remember = remember_for(model, "none", "cpu", org_id=tenant_a.org.id, file_sha256=file.sha256)
     remember(E.HELD_OUT, {"rows": "r"}, lambda: {"scores": {}, "outputs": []})
     remember(E.PROBES, {"probes": "p"}, lambda: {"loss": 1.0, "outputs": []})
@@ -137,3 +152,6 @@ def test_what_was_kept_of_a_tenants_file_goes_with_the_file(db, tenant_a):
     file.delete_with_content()
     assert not BaseScores.objects.filter(org=tenant_a.org).exists()
     assert BaseScores.objects.filter(kind=E.PROBES).count() == 1  # Loft's own stay
+    # An evaluation that finishes after its file was deleted keeps nothing of it.
+    remember(E.HELD_OUT, {"rows": "other"}, lambda: {"scores": {}, "outputs": []})
+    assert not BaseScores.objects.filter(org=tenant_a.org).exists()

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from jobs.models import (
     BaseModel,
+    BaseScores,
     Checkpoint,
     File,
     FineTuneJob,
@@ -31,6 +32,7 @@ def test_every_scheduled_task_exists_and_goes_to_the_maintenance_queue():
         "worker.tasks.abort_abandoned_uploads",
         "worker.tasks.sweep_orphan_objects",
         "worker.tasks.roll_up_usage",
+        "worker.tasks.forget_unused_base_scores",
     } <= names
     app.loader.import_default_modules()
     assert names <= set(app.tasks)
@@ -102,6 +104,25 @@ def test_the_sweep_deletes_a_live_jobs_checkpoints_that_no_row_records(tenant_a)
     time.sleep(1.5)  # S3 dates objects to the second
     assert maintenance.sweep_orphan_objects(timedelta(seconds=1), prefix=job.s3_prefix) == 2
     assert set(storage.list_keys(job.s3_prefix)) == {keys["recorded"], keys["not_a_checkpoint"]}
+
+
+def test_kept_base_results_nobody_read_for_a_month_are_deleted(tenant_a):
+    def kept(key: str, days_unused: int, used: bool) -> None:
+        long_ago = timezone.now() - timedelta(days=days_unused)
+        row = BaseScores.objects.create(
+            key=key, kind="probes", base_model=BaseModel.default(), inputs={}, result={}
+        )
+        BaseScores.objects.filter(pk=row.pk).update(
+            created_at=long_ago if not used else long_ago - timedelta(days=90),
+            last_used_at=long_ago if used else None,
+        )
+
+    kept("old-never-read", 40, used=False)
+    kept("read-long-ago", 31, used=True)
+    kept("read-lately", 2, used=True)  # made long ago, read two days ago
+    kept("new", 0, used=False)
+    assert maintenance.forget_unused_base_scores() == 2
+    assert sorted(BaseScores.objects.values_list("key", flat=True)) == ["new", "read-lately"]
 
 
 def test_the_monthly_roll_up_sums_each_organizations_ledger_and_can_run_again(tenant_a, tenant_b):

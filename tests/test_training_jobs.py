@@ -166,7 +166,9 @@ def test_a_worker_loads_the_base_model_as_it_starts(tenant_a, private_queue, tmp
     """Warm start (worker/warm_start.py): a fresh worker loads the base the next job most
     likely wants (on an empty install: the default base, at the default method's precision)
     before any job asks, so its first job finds it loaded."""
-    worker = WorkerProcess(tmp_path, queue=private_queue, LOFT_WORKER_PRELOAD="1").start()
+    worker = WorkerProcess(
+        tmp_path, queue=private_queue, LOFT_WORKER_PRELOAD="1", LOFT_TRAINING_QUEUE=private_queue
+    ).start()
     try:
         wait_for(
             lambda: worker.log.read_text(errors="replace"),
@@ -254,7 +256,7 @@ def test_checkpoints_are_written_per_attempt_fenced_bounded_and_counted(tenant_a
     and claimed again) records nothing and leaves nothing, and never writes over the current
     attempt's files; what is kept counts toward the organization's storage."""
     job = job_held_by(tenant_a, attempts=1)
-    first = training.JobRun(job, 1, tmp_path, time.monotonic())
+    first = training.JobRun(job, 1, tmp_path, training.PhaseClock(job, 1, time.monotonic()))
     for step in (1, 2, 3):
         first.on_checkpoint(checkpoint_folder(tmp_path, step), step)
     kept = list(job.checkpoints.order_by("step"))
@@ -272,7 +274,7 @@ def test_checkpoints_are_written_per_attempt_fenced_bounded_and_counted(tenant_a
     FineTuneJob.objects.filter(pk=job.pk).update(heartbeat_at="2000-01-01T00:00Z")
     FineTuneJob.reap_stale(lease_seconds=1, max_attempts=10)
     assert job.claim("worker-2") == 2
-    second = training.JobRun(job, 2, tmp_path, time.monotonic())
+    second = training.JobRun(job, 2, tmp_path, training.PhaseClock(job, 2, time.monotonic()))
     first.on_checkpoint(checkpoint_folder(tmp_path, 4), 4)
     assert sorted(job.checkpoints.values_list("step", flat=True)) == [2, 3]
     assert checkpoint_prefixes(job) == {c.s3_prefix for c in kept}

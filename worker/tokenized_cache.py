@@ -7,7 +7,9 @@ share it. It lives under the file's own prefix (``orgs/<org>/files/<id>/tokenize
 tenant's, goes when the file is deleted, and the orphan sweep sees the file own it. Its name is a
 digest of the file's sha256, the tokenizer (base model and revision, transformers' version) and
 the rendering code, so a change to any of them reads nothing stale. The format is safetensors:
-nothing a worker loads from storage can run code.
+nothing a worker loads from storage can run code. It is a cache: a read or a write that fails
+only means rendering again. (It is not counted in the tenant's storage quota: about five bytes
+a token, against the file's own bytes.)
 """
 
 from __future__ import annotations
@@ -39,14 +41,19 @@ def rendered_rows(
     try:
         kept = decode(storage.get_bytes(key))
     except storage.StorageError as error:
-        if not storage.is_missing(error):
-            raise
+        if not storage.is_missing(error):  # not fatal: it is only a cache
+            logger.warning("could not read the tokenized rows of %s: %s", file.id, error)
+    except Exception:  # noqa: BLE001 - a damaged object is rendered again, and replaced
+        logger.warning("the tokenized rows of %s are damaged; redone", file.id, exc_info=True)
     else:
         if len(kept) == len(examples):
             return kept
         logger.warning("the tokenized rows of %s do not match its examples; redone", file.id)
     rows = [train.rendered_tokens(example, tokenizer) for example in examples]
-    storage.put_bytes(key, encode(rows))
+    try:
+        storage.put_bytes(key, encode(rows))
+    except storage.StorageError as error:
+        logger.warning("could not keep the tokenized rows of %s: %s", file.id, error)
     return rows
 
 
@@ -55,7 +62,7 @@ def cache_key(file: File, base_model: BaseModel) -> str:
         {
             "file": file.sha256,
             "tokenizer": [base_model.name, base_model.revision, base_model.source],
-            "transformers": importlib.metadata.version("transformers"),
+            "libraries": [importlib.metadata.version(n) for n in ("transformers", "tokenizers")],
             "code": RENDERING_CODE,
         }
     )
@@ -68,7 +75,7 @@ def encode(rows: list[train.Rendered]) -> bytes:
     trained = [flag for _, flags in rows for flag in flags]
     return save_tensors(
         {
-            "input_ids": torch.tensor(ids, dtype=torch.int64),
+            "input_ids": torch.tensor(ids, dtype=torch.int32),
             "trained": torch.tensor(trained, dtype=torch.bool),
             "lengths": torch.tensor([len(input_ids) for input_ids, _ in rows], dtype=torch.int64),
         }

@@ -68,17 +68,19 @@ class PhaseClock:
         training    the first step's start → the last step's end (the checkpoints between
                     steps included, not the one after the last)
         evaluation  the last step's end → base and adapter scored (engine/evaluate.py), the
-                    final checkpoint and validation loss included
+                    final checkpoint included
         upload      the adapter's folder written and uploaded, the job finished
         total       submission → the end
 
-    An attempt that ends early shows the phases it reached, the last one up to its end. A
-    resumed job's phases are those of its last attempt; ``total`` includes the earlier ones."""
+    They are written when an attempt ends (or gives way to a storage outage). An attempt that
+    ends early shows the phases it reached, the last one up to its end. A resumed job's phases
+    are those of its last attempt, its queue the wait before the first; ``total`` includes the
+    earlier attempts."""
 
     PHASES = FineTuneJob.PHASES[1:]  # the queue is measured by the database's timestamps
 
     def __init__(self, job: FineTuneJob, attempt: int, claimed: float):
-        self.job, self.attempt = job, attempt
+        self.job, self.attempt, self.started = job, attempt, claimed
         self.marks = {"setup": claimed}  # phase → time.monotonic() when it began
 
     def enter(self, phase: str, at: float | None = None) -> None:
@@ -117,7 +119,7 @@ def run_job(job_id: str, worker: str) -> None:
     started = time.monotonic()
     clock = PhaseClock(job, attempt, started)
     try:
-        run = JobRun(job, attempt, work, started, clock)
+        run = JobRun(job, attempt, work, clock)
         run.setup()
         model, result = run.train()
         clock.enter("evaluation", result.last_step_ended)
@@ -225,7 +227,7 @@ def _end(
     clock: PhaseClock,
     error: dict | None = None,
 ) -> None:
-    compute_seconds = _compute_seconds(job, clock.marks["setup"])
+    compute_seconds = _compute_seconds(job, clock.started)
     if not job.finish(
         attempt,
         status,
@@ -338,11 +340,9 @@ class JobRun:
     Each step is a method; what they share lives on the run. Everything written to the job
     goes through its fencing token (``attempt``)."""
 
-    def __init__(
-        self, job: FineTuneJob, attempt: int, work: Path, started: float, clock: PhaseClock
-    ):
-        self.job, self.attempt, self.work, self.started = job, attempt, work, started
-        self.clock = clock
+    def __init__(self, job: FineTuneJob, attempt: int, work: Path, clock: PhaseClock):
+        self.job, self.attempt, self.work, self.clock = job, attempt, work, clock
+        self.started = clock.started
         self.config = TrainConfig(**as_stored(job.hyperparameters))
         self.device = training_device()
         self.latest: dict = {}  # the last step's figures, stored with each checkpoint
@@ -458,12 +458,12 @@ class JobRun:
                 **self.scoring_options,
             )
             comparison = result.as_dict()
-            kept = " and ".join(KEPT_WORDS[kind] for kind in sorted(remember.read)) or "none"
+            kept = " and ".join(KEPT_WORDS[kind] for kind in sorted(remember.kinds_read)) or "none"
             self.event(
                 f"Evaluated in {sum(result.seconds.values()):.1f} s: held-out rows "
                 f"{result.seconds['held_out']:.1f} s, probes {result.seconds['probes']:.1f} s. "
                 f"The base's results kept by earlier jobs: {kept}.",
-                {"seconds": result.seconds, "base_results_kept": sorted(remember.read)},
+                {"seconds": result.seconds, "base_results_kept": sorted(remember.kinds_read)},
             )
         finally:
             warm_base_models.give_back(model.unload())

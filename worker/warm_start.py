@@ -5,12 +5,12 @@ spares the first job after a start the load too (~10-20 s for the bundled model 
 base is the newest job's (what the next one most likely wants), at that job's precision; on a
 fresh install, the default base at the default method's. A job that wants another one loads it
 as before. The load runs in a thread of the process that runs the tasks — a prefork pool's child
-(``worker_process_init``: the parent must not touch CUDA), or the worker itself with the solo or
-threads pool (``worker_ready``) — so the worker takes messages meanwhile; a job that arrives
-during the load waits for it rather than loading a second copy.
+or the solo pool's worker (``worker_process_init``; a prefork parent must not touch CUDA), or
+the threads pool's worker (``worker_ready``) — so the worker takes messages meanwhile; a job
+that arrives during the load waits for it rather than loading a second copy.
 
-Workers that only serve the playground or send webhooks (LOFT_INFERENCE_QUEUE,
-LOFT_WEBHOOK_QUEUE) load nothing here; LOFT_WORKER_PRELOAD=0 turns it off.
+Only workers that consume the training queue (LOFT_TRAINING_QUEUE) load anything;
+LOFT_WORKER_PRELOAD=0 turns it off.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import threading
 
 from celery import current_app, signals
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import connections
 
 from engine.base_models import training_device, warm_base_models
-from engine.hyperparameters import TrainConfig, as_stored
+from engine.hyperparameters import ConfigError, TrainConfig, as_stored
 from jobs.models import BaseModel, FineTuneJob
 from worker.tokenizer import tokenizer_for
 
@@ -31,16 +31,20 @@ logger = logging.getLogger(__name__)
 
 
 def runs_training(queues) -> bool:
-    """Whether a worker consuming ``queues`` (None: Celery's default) may run training jobs."""
-    others = {settings.LOFT_INFERENCE_QUEUE, settings.LOFT_WEBHOOK_QUEUE}
-    return queues is None or not set(queues) <= others
+    """Whether a worker consuming ``queues`` (None: Celery's default) runs training jobs."""
+    return queues is None or settings.LOFT_TRAINING_QUEUE in queues
 
 
 def expected_base() -> tuple[BaseModel, str]:
     """The base model and precision the next job most likely trains on."""
     latest = FineTuneJob.objects.select_related("base_model").order_by("-created_at").first()
     if latest is not None and latest.base_model.enabled:
-        return latest.base_model, TrainConfig(**as_stored(latest.hyperparameters)).quantization
+        try:
+            config = TrainConfig(**as_stored(latest.hyperparameters))
+        except (ConfigError, TypeError):  # stored by a version that knew other settings
+            pass
+        else:
+            return latest.base_model, config.quantization
     return BaseModel.default(), TrainConfig().quantization
 
 
@@ -55,7 +59,7 @@ def preload() -> None:
     except Exception:  # noqa: BLE001 - a failed preload only means the first job loads it
         logger.warning("could not preload a base model", exc_info=True)
     finally:
-        close_old_connections()
+        connections.close_all()  # this thread's own, which it ends without
 
 
 def start_preloading() -> None:
@@ -70,6 +74,6 @@ def preload_in_pool_process(**kwargs):
 
 
 @signals.worker_ready.connect
-def preload_in_worker(sender, **kwargs):
-    if type(sender.pool).__module__ != "celery.concurrency.prefork":  # else its children do
+def preload_in_threads_worker(sender, **kwargs):
+    if type(sender.pool).__module__ == "celery.concurrency.thread":  # sends no process init
         start_preloading()

@@ -177,8 +177,9 @@ class JobSerializer(serializers.ModelSerializer):
     integrations = serializers.SerializerMethodField()
     timings = serializers.JSONField(
         help_text="Where the job's time went, in seconds: queue (submission to a worker's "
-        "claim), setup, training (first step's start to last step's end), evaluation, upload "
-        "and total; the attempt they describe. Empty until a worker claims the job."
+        "first claim), setup, training (first step's start to last step's end), evaluation, "
+        "upload and total; the attempt they describe. Written when an attempt ends; empty "
+        "before."
     )
 
     class Meta:

@@ -20,9 +20,13 @@ from django.db.models import F
 from django.utils import timezone
 
 from jobs.models.catalogue import BaseModel
+from loft.tenancy import TenantOwnedModel
 
 
-class BaseScores(models.Model):
+class BaseScores(TenantOwnedModel):
+    """Never shown to a tenant; scoped all the same (``for_org``), its org left empty for
+    Loft's own probes."""
+
     class Kind(models.TextChoices):
         HELD_OUT = "held_out"  # a job's held-out rows, or a custom evaluation's eval file
         PROBES = "probes"  # Loft's forgetting probes
