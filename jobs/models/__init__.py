@@ -6,6 +6,7 @@
 - adapters: Adapter and Evaluation;
 - base_scores: BaseScores, a base model's evaluation results kept for the next job;
 - usage: Quota and the usage ledger;
+- aliases: Alias, a named deployment, and AliasMove, the record of its moves;
 - workers: WorkerHeartbeat.
 """
 
@@ -16,6 +17,7 @@ from jobs.models.adapters import (
     new_adapter_id,
     new_evaluation_id,
 )
+from jobs.models.aliases import Alias, AliasMove, new_alias_id
 from jobs.models.base_scores import BaseScores
 from jobs.models.catalogue import BaseModel
 from jobs.models.files import File, FileInUse, new_file_id
@@ -28,6 +30,7 @@ from jobs.models.jobs import (
     new_job_id,
 )
 from jobs.models.usage import (
+    InferenceUsage,
     MonthlyUsage,
     Quota,
     QuotaExceeded,
@@ -41,6 +44,8 @@ from jobs.models.workers import WorkerHeartbeat
 
 __all__ = [
     "Adapter",
+    "Alias",
+    "AliasMove",
     "BaseModel",
     "BaseScores",
     "Checkpoint",
@@ -49,6 +54,7 @@ __all__ = [
     "FileInUse",
     "FineTuneJob",
     "IdempotencyKeyReused",
+    "InferenceUsage",
     "JobAttempt",
     "JobEvent",
     "MonthlyUsage",
@@ -59,6 +65,7 @@ __all__ = [
     "concurrent_work",
     "evaluation_summary",
     "month_start",
+    "new_alias_id",
     "new_adapter_id",
     "new_evaluation_id",
     "new_file_id",

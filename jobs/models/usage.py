@@ -53,6 +53,14 @@ class Quota(models.Model):
     max_monthly_trained_tokens = models.BigIntegerField(
         null=True, blank=True, help_text="Tokens trained per calendar month (UTC)."
     )
+    max_concurrent_inference = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Chat completion requests running at once."
+    )
+    max_inference_tokens_per_minute = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Prompt and completion tokens (max_tokens, reserved) per minute.",
+    )
 
     def __str__(self) -> str:
         return f"quota of {self.org_id}"
@@ -189,6 +197,24 @@ class UsageRecord(TenantOwnedModel):
         return f"{self.org_id} {self.job_id}: {self.trained_tokens} tokens"
 
 
+class InferenceUsage(TenantOwnedModel):
+    """The usage ledger's inference lines: one per answered chat completion request, written by
+    the inference worker when the answer ends (finished, stopped or cut off)."""
+
+    model = models.CharField(max_length=300, help_text="The model the request named.")
+    adapter_id = models.CharField(max_length=40, blank=True, help_text="Empty: the base alone.")
+    alias = models.CharField(max_length=64, blank=True)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.org_id} {self.model}: {self.prompt_tokens}+{self.completion_tokens}"
+
+
 class MonthlyUsage(TenantOwnedModel):
     """The usage ledger rolled up per organization and calendar month (UTC), by the periodic
     task ``roll_up_usage``: what an operator bills from, without summing every job's line."""
@@ -197,6 +223,8 @@ class MonthlyUsage(TenantOwnedModel):
     jobs = models.PositiveIntegerField(default=0)
     trained_tokens = models.BigIntegerField(default=0)
     compute_seconds = models.FloatField(default=0)
+    inference_prompt_tokens = models.BigIntegerField(default=0)
+    inference_completion_tokens = models.BigIntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
