@@ -8,11 +8,14 @@ from django.utils.html import format_html
 
 from jobs.models import (
     Adapter,
+    Alias,
+    AliasMove,
     BaseModel,
     Checkpoint,
     Evaluation,
     File,
     FineTuneJob,
+    InferenceUsage,
     JobAttempt,
     JobEvent,
     MonthlyUsage,
@@ -179,6 +182,40 @@ class AdapterAdmin(admin.ModelAdmin):
     readonly_fields = _read_only(Adapter)
 
 
+class AliasMoveInline(admin.TabularInline):
+    model = AliasMove
+    fields = ["created_at", "kind", "from_adapter", "to_adapter", "actor"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ["-created_at", "-id"]
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Alias)
+class AliasAdmin(ReadOnlyAdmin):
+    """Aliases move through promote and rollback (the API, the Deployments page), which record
+    every move; an operator reads them here, and may delete one."""
+
+    list_display = ["name", "org", "adapter", "updated_at", "created_at"]
+    list_filter = ["org", "updated_at"]
+    search_fields = ["name", "org__slug", "adapter__id", "adapter__name"]
+    inlines = [AliasMoveInline]
+
+
+@admin.register(AliasMove)
+class AliasMoveAdmin(ReadOnlyAdmin):
+    list_display = ["alias", "kind", "from_adapter", "to_adapter", "actor", "org", "created_at"]
+    list_filter = ["kind", "org", "created_at"]
+    date_hierarchy = "created_at"
+    search_fields = ["alias__name", "org__slug", "from_adapter", "to_adapter", "actor"]
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(Evaluation)
 class EvaluationAdmin(admin.ModelAdmin):
     list_display = ["id", "kind", "status", "org", "base_model", "job", "file", "created_at"]
@@ -199,9 +236,34 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     search_fields = ["org__slug", "job__id"]
 
 
+@admin.register(InferenceUsage)
+class InferenceUsageAdmin(ReadOnlyAdmin):
+    list_display = [
+        "org",
+        "model",
+        "adapter_id",
+        "alias",
+        "prompt_tokens",
+        "completion_tokens",
+        "created_at",
+    ]
+    list_filter = ["org", "created_at"]
+    date_hierarchy = "created_at"
+    search_fields = ["org__slug", "model", "adapter_id", "alias"]
+
+
 @admin.register(MonthlyUsage)
 class MonthlyUsageAdmin(ReadOnlyAdmin):
-    list_display = ["month", "org", "jobs", "trained_tokens", "compute_seconds", "updated_at"]
+    list_display = [
+        "month",
+        "org",
+        "jobs",
+        "trained_tokens",
+        "compute_seconds",
+        "inference_prompt_tokens",
+        "inference_completion_tokens",
+        "updated_at",
+    ]
     list_filter = ["month", "org"]
     search_fields = ["org__slug"]
 

@@ -1,21 +1,25 @@
 """What every inference request is held to before a worker sees it, whichever route it came by
-(the playground's now, chat completions later):
+(chat completions, the playground's page and its API):
 
 - ``check_prompt_fits``: the conversation, rendered with the base model's chat template and
   counted with its tokenizer (engine/chat_tokenizer.py: the web stays torch-free), must leave
   ``max_tokens`` of the model's context for the answer; else ``PromptTooLong``, naming both.
-- ``take_slot``: an organization has at most ``LOFT_INFERENCE_CONCURRENT_PER_ORG`` requests
-  waiting on workers at once, each holding a web thread; one more gets ``TooManyRequests``.
-  The running requests are a Redis sorted set per organization (shared by every web process),
-  each member scored with the time it lapses by itself, so a web process killed mid-request
-  does not keep its place for ever.
+- ``admit``: the organization's two inference limits, its Quota row's or else the operator's
+  defaults (settings), checked and counted in one step in Redis (shared by every web process):
+  - requests running at once (``max_concurrent_inference``, ``LOFT_INFERENCE_CONCURRENT_PER_ORG``),
+    each holding a web thread: a sorted set per organization, each member scored with the time
+    it lapses by itself, so a web process killed mid-request does not keep its place for ever;
+  - tokens per minute (``max_inference_tokens_per_minute``,
+    ``LOFT_INFERENCE_TOKENS_PER_MINUTE_PER_ORG``): each request reserves its prompt and its
+    max_tokens when admitted, as OpenAI counts them, and gets nothing back for a shorter answer.
+  Past either, ``TooManyRequests`` (the API's 429), with the seconds to wait.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import time
+import math
 import uuid
 from collections.abc import Iterator
 
@@ -24,7 +28,7 @@ from django.conf import settings
 from jinja2.exceptions import TemplateError
 
 from jobs.datasets import chat_tokenizer_for
-from jobs.models import BaseModel
+from jobs.models import BaseModel, Quota
 
 # A refused request is told to come back after this long: most answers take seconds.
 RETRY_AFTER_SECONDS = 5
@@ -47,14 +51,27 @@ class PromptTooLong(PromptRefused):
         )
 
 
-class TooManyRequests(Exception):
-    retry_after = RETRY_AFTER_SECONDS
+class RequestTooLarge(PromptRefused):
+    """The request alone asks for more tokens than the organization may use in a minute: no
+    wait would let it through, so it is refused as a bad request, not a rate limit."""
 
-    def __init__(self, limit: int):
+    def __init__(self, tokens: int, budget: int, per: str):
         super().__init__(
-            f"Your organization already has {limit} generation requests running, its limit; "
-            f"try again in {self.retry_after} seconds."
+            f"This request asks for {tokens:,} tokens (its prompt and max_tokens), more than "
+            f"your organization's limit of {budget:,} tokens per {per}. Shorten the messages "
+            "or lower max_tokens."
         )
+
+
+class TooManyRequests(Exception):
+    """One of the organization's inference limits is reached. ``limit`` names which, as
+    OpenAI's 429s do: "requests" (running at once) or "tokens" (per minute); ``retry_after``
+    is the whole seconds to wait, at least 1."""
+
+    def __init__(self, message: str, *, retry_after: int, limit: str):
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+        self.limit = limit
 
 
 class InferenceUnavailable(Exception):
@@ -104,29 +121,113 @@ class Slot:
         self.release()
 
 
-def take_slot(org_id: str) -> Slot:
-    """A place for one more running request of ``org_id``; raises ``TooManyRequests`` when all
-    are taken, ``InferenceUnavailable`` when Redis does not answer."""
-    limit = settings.LOFT_INFERENCE_CONCURRENT_PER_ORG
-    key, member = f"loft:inference:running:{org_id}", uuid.uuid4().hex
-    now = time.time()
+# One step, so that two web processes never both take the last place or the last tokens, and
+# a request refused for its tokens takes no place (nor the reverse). Redis's own clock scores
+# the places: web processes on several hosts need not agree on the time.
+_ADMIT = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local lifetime, running_limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local running = redis.call('ZCARD', KEYS[1])
+if running_limit >= 0 and running >= running_limit then
+  return {'requests', running, 0}
+end
+if budget >= 0 then
+  local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if used + tokens > budget then
+    return {'tokens', used, redis.call('PTTL', KEYS[2])}
+  end
+  redis.call('INCRBY', KEYS[2], tokens)
+  if redis.call('PTTL', KEYS[2]) < 0 then
+    redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  end
+end
+redis.call('ZADD', KEYS[1], now + lifetime, ARGV[1])
+redis.call('EXPIRE', KEYS[1], lifetime)
+return {'ok', running + 1, 0}
+"""
+
+
+@functools.cache
+def _admit_script():
+    """Sent to Redis once, then called by its hash (EVALSHA; redis-py sends it again if Redis
+    restarted and forgot it)."""
+    return _redis().register_script(_ADMIT)
+
+
+def admit(org_id: str, tokens: int) -> Slot:
+    """A place among the organization's running inference requests, with ``tokens`` (prompt +
+    max_tokens) counted against its tokens-per-minute budget. Give the place back with
+    ``Slot.release`` (or ``with``, or ``holding``); the tokens stay counted.
+
+    The budget is a fixed window, opened by the first request that finds none open and lasting
+    ``LOFT_INFERENCE_RATE_WINDOW_SECONDS`` (a minute): a counter whose expiry is the window's
+    end, so that a refused request waits until then. (Two windows back to back may let up to
+    twice the budget through within a minute; a sliding window would keep a line per request.)
+
+    Raises ``TooManyRequests`` past either limit, ``RequestTooLarge`` (a ``PromptRefused``)
+    for ``tokens`` above the whole budget, ``InferenceUnavailable`` when Redis does not answer.
+    A limit of 0 in the organization's Quota row allows nothing; 0 in settings, no limit.
+    """
+    limits = (Quota.objects.filter(org_id=org_id).first() or Quota(org_id=org_id)).limits()
+    running_limit, budget = limits["concurrent_inference"], limits["inference_tokens_per_minute"]
+    window = max(1, settings.LOFT_INFERENCE_RATE_WINDOW_SECONDS)
+    per = {60: "minute", 1: "second"}.get(window, f"{window} seconds")
+    if running_limit == 0:
+        raise TooManyRequests(
+            "Your organization's quota allows no generation requests (its limit of requests "
+            "running at once is 0).",
+            retry_after=RETRY_AFTER_SECONDS,
+            limit="requests",
+        )
+    if budget == 0:
+        raise TooManyRequests(
+            f"Your organization's quota allows no generation (its limit is 0 tokens per {per}).",
+            retry_after=window,
+            limit="tokens",
+        )
+    if budget is not None and tokens > budget:
+        raise RequestTooLarge(tokens, budget, per)
+
+    keys = [f"loft:inference:running:{org_id}", f"loft:inference:tokens:{org_id}"]
+    member = uuid.uuid4().hex
     lifetime = settings.LOFT_INFERENCE_TIMEOUT_SECONDS + SLOT_GRACE_SECONDS
+    no_limit = -1
     try:
-        with _redis().pipeline() as pipe:  # MULTI/EXEC: counted and added in one step
-            pipe.zremrangebyscore(key, "-inf", now)
-            pipe.zadd(key, {member: now + lifetime})
-            pipe.zcard(key)
-            pipe.expire(key, lifetime)
-            running = pipe.execute()[2]
-        slot = Slot(key, member)
+        outcome, count, expires_ms = _admit_script()(
+            keys,
+            [
+                member,
+                lifetime,
+                no_limit if running_limit is None else running_limit,
+                tokens,
+                no_limit if budget is None else budget,
+                window * 1000,
+            ],
+        )
     except redis.RedisError as error:
         raise InferenceUnavailable(
             f"Generation is unavailable right now ({error}); try again later."
         ) from None
-    if limit and running > limit:
-        slot.release()
-        raise TooManyRequests(limit)
-    return slot
+    if outcome == b"requests":
+        raise TooManyRequests(
+            f"Your organization already has {count} generation requests running, its limit; "
+            f"try again in {RETRY_AFTER_SECONDS} seconds.",
+            retry_after=RETRY_AFTER_SECONDS,
+            limit="requests",
+        )
+    if outcome == b"tokens":
+        wait = math.ceil(expires_ms / 1000) if expires_ms > 0 else window
+        raise TooManyRequests(
+            f"Your organization has used {count:,} of its {budget:,} tokens per {per}, and "
+            f"this request needs {tokens:,} (its prompt and max_tokens); try again in "
+            f"{wait} seconds.",
+            retry_after=wait,
+            limit="tokens",
+        )
+    return Slot(keys[0], member)
 
 
 def holding(slot: Slot, events: Iterator[dict]) -> Iterator[dict]:

@@ -22,6 +22,7 @@ from jobs.models import (
     Adapter,
     File,
     FineTuneJob,
+    InferenceUsage,
     UsageRecord,
     WorkerHeartbeat,
     month_start,
@@ -111,11 +112,13 @@ class Tenant:
     jobs_active: int
     trained_tokens_month: int
     storage_bytes: int
+    inference_tokens_month: int = 0
 
 
 def tenants() -> list[Tenant]:
-    """Every organization's running work, tokens trained this month and bytes stored; the
-    largest users first. Four grouped queries, whatever the number of organizations."""
+    """Every organization's running work, tokens trained and inference tokens (prompt and
+    completion) this month, and bytes stored; the largest users first. Five grouped queries,
+    whatever the number of organizations."""
     active = dict(
         FineTuneJob.objects.filter(status__in=FineTuneJob.ACTIVE)
         .values("org")
@@ -137,16 +140,40 @@ def tenants() -> list[Tenant]:
     adapters = dict(
         Adapter.objects.values("org").annotate(n=Sum("size_bytes")).values_list("org", "n")
     )
+    answered = dict(
+        InferenceUsage.objects.filter(created_at__gte=month_start())
+        .values("org")
+        .annotate(n=Sum("prompt_tokens") + Sum("completion_tokens"))
+        .values_list("org", "n")
+    )
     rows = [
         Tenant(
             org,
             active.get(org.pk, 0),
             tokens.get(org.pk) or 0,
             (files.get(org.pk) or 0) + (adapters.get(org.pk) or 0),
+            answered.get(org.pk) or 0,
         )
         for org in Organization.objects.order_by("slug")
     ]
-    return sorted(rows, key=lambda t: (-t.trained_tokens_month, -t.storage_bytes, t.org.slug))
+    return sorted(
+        rows,
+        key=lambda t: (
+            -t.trained_tokens_month,
+            -t.inference_tokens_month,
+            -t.storage_bytes,
+            t.org.slug,
+        ),
+    )
+
+
+def inference_totals() -> dict[str, int]:
+    """Answered inference requests and their prompt and completion tokens since the ledger
+    began: counters for /metrics, summed from the rows the inference workers write."""
+    totals = InferenceUsage.objects.aggregate(
+        requests=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens")
+    )
+    return {name: int(value or 0) for name, value in totals.items()}
 
 
 # --- the jobs-over-time chart, drawn by the server as SVG (as the job page's loss chart) -----

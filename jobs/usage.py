@@ -1,5 +1,7 @@
 """An organization's usage against its quotas: what ``GET /v1/usage`` answers and what the
-usage page (jobs/views/usage.py) shows, computed once here."""
+usage page (jobs/views/usage.py) shows, computed once here. Two ledgers: training
+(UsageRecord, a line per finished job) and inference (InferenceUsage, a line per answered
+request)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from django.db.models.functions import TruncMonth
 
 from jobs.models import (
     FineTuneJob,
+    InferenceUsage,
     Quota,
     UsageRecord,
     concurrent_work,
@@ -32,6 +35,19 @@ class Usage:
     limits: dict
     months: list[dict]
     records: list[UsageRecord]
+    inference: list[dict]
+
+    @property
+    def inference_requests(self) -> int:
+        return sum(line["requests"] for line in self.inference)
+
+    @property
+    def inference_prompt_tokens(self) -> int:
+        return sum(line["prompt_tokens"] for line in self.inference)
+
+    @property
+    def inference_completion_tokens(self) -> int:
+        return sum(line["completion_tokens"] for line in self.inference)
 
     def as_json(self) -> dict:
         """The body of ``GET /v1/usage``."""
@@ -43,6 +59,9 @@ class Usage:
                 "trained_tokens": self.trained_tokens,
                 "compute_seconds": round(self.compute_seconds, 1),
                 "storage_bytes": self.storage_bytes,
+                "inference_requests": self.inference_requests,
+                "inference_prompt_tokens": self.inference_prompt_tokens,
+                "inference_completion_tokens": self.inference_completion_tokens,
             },
             "limits": self.limits,
             "months": [
@@ -51,6 +70,9 @@ class Usage:
                     "trained_tokens": row["trained_tokens"],
                     "compute_seconds": round(row["compute_seconds"], 1),
                     "jobs": row["jobs"],
+                    "inference_requests": row["inference_requests"],
+                    "inference_prompt_tokens": row["inference_prompt_tokens"],
+                    "inference_completion_tokens": row["inference_completion_tokens"],
                 }
                 for row in self.months
             ],
@@ -63,28 +85,41 @@ class Usage:
                 }
                 for record in self.records
             ],
+            "inference": [
+                {
+                    "model": line["model"],
+                    "adapter": line["adapter_id"] or None,
+                    "alias": line["alias"] or None,
+                    "requests": line["requests"],
+                    "prompt_tokens": line["prompt_tokens"],
+                    "completion_tokens": line["completion_tokens"],
+                }
+                for line in self.inference
+            ],
         }
 
 
 def usage_of(org, start: datetime | None = None, max_records: int = 1000) -> Usage:
     """The organization's usage in the month that begins at ``start`` (this month if None):
-    its ledger lines newest first, at most ``max_records`` of them."""
+    its training ledger's lines newest first, at most ``max_records`` of them, and its
+    inference per model (and adapter and alias) named, most tokens first."""
     start = start or month_start()
     end = (start.replace(day=28) + timedelta(days=4)).replace(day=1)
     ledger = UsageRecord.objects.for_org(org)
-    months = (
-        ledger.annotate(month=TruncMonth("created_at"))
-        .values("month")
-        .annotate(
-            trained_tokens=Sum("trained_tokens"),
-            compute_seconds=Sum("compute_seconds"),
-            jobs=Count("id"),
-        )
-        .order_by("-month")
-    )
+    answered = InferenceUsage.objects.for_org(org)
     in_month = ledger.filter(created_at__gte=start, created_at__lt=end)
     totals = in_month.aggregate(
         trained_tokens=Sum("trained_tokens"), compute_seconds=Sum("compute_seconds")
+    )
+    inference = (
+        answered.filter(created_at__gte=start, created_at__lt=end)
+        .values("model", "adapter_id", "alias")
+        .annotate(
+            requests=Count("id"),
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+        )
+        .order_by("model", "adapter_id", "alias")
     )
     return Usage(
         org_id=org.id,
@@ -93,17 +128,64 @@ def usage_of(org, start: datetime | None = None, max_records: int = 1000) -> Usa
         compute_seconds=totals["compute_seconds"] or 0,
         storage_bytes=storage_bytes(org),
         limits=Quota.for_org(org).limits(),
-        months=[
-            {
-                "month": row["month"],
-                "trained_tokens": int(row["trained_tokens"] or 0),
-                "compute_seconds": row["compute_seconds"] or 0,
-                "jobs": row["jobs"],
-            }
-            for row in months
-        ],
+        months=_months(ledger, answered),
         records=list(in_month.order_by("-created_at")[:max_records]),
+        inference=sorted(
+            (
+                {
+                    **line,
+                    "prompt_tokens": int(line["prompt_tokens"] or 0),
+                    "completion_tokens": int(line["completion_tokens"] or 0),
+                }
+                for line in inference
+            ),
+            key=lambda line: -(line["prompt_tokens"] + line["completion_tokens"]),
+        ),
     )
+
+
+def _months(ledger, answered) -> list[dict]:
+    """Every month with a line in either ledger, newest first."""
+    months: dict[datetime, dict] = {}
+    empty = {
+        "trained_tokens": 0,
+        "compute_seconds": 0,
+        "jobs": 0,
+        "inference_requests": 0,
+        "inference_prompt_tokens": 0,
+        "inference_completion_tokens": 0,
+    }
+    for row in (
+        ledger.annotate(month=TruncMonth("created_at"))
+        .values("month")
+        .annotate(
+            trained_tokens=Sum("trained_tokens"),
+            compute_seconds=Sum("compute_seconds"),
+            jobs=Count("id"),
+        )
+        .order_by()
+    ):
+        months.setdefault(row["month"], dict(empty)).update(
+            trained_tokens=int(row["trained_tokens"] or 0),
+            compute_seconds=row["compute_seconds"] or 0,
+            jobs=row["jobs"],
+        )
+    for row in (
+        answered.annotate(month=TruncMonth("created_at"))
+        .values("month")
+        .annotate(
+            requests=Count("id"),
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+        )
+        .order_by()
+    ):
+        months.setdefault(row["month"], dict(empty)).update(
+            inference_requests=row["requests"],
+            inference_prompt_tokens=int(row["prompt_tokens"] or 0),
+            inference_completion_tokens=int(row["completion_tokens"] or 0),
+        )
+    return [{"month": month, **months[month]} for month in sorted(months, reverse=True)]
 
 
 @dataclass(frozen=True)

@@ -230,13 +230,31 @@ LOFT_EVAL_KEEP_BASE_SCORES = env.boolean("LOFT_EVAL_KEEP_BASE_SCORES", True)
 # the base precision the adapters were trained on.
 LOFT_INFERENCE_QUEUE = env.string("LOFT_INFERENCE_QUEUE", "inference")
 LOFT_INFERENCE_ADAPTERS = env.integer("LOFT_INFERENCE_ADAPTERS", 8)
+# Requests one engine answers at once, in one running batch (engine/batching.py); 1 answers them
+# one at a time (bench/serve.py compares the two).
+LOFT_INFERENCE_BATCH_ROWS = env.integer("LOFT_INFERENCE_BATCH_ROWS", 32)
 # The longest a playground request holds its web thread, queueing to last token (the page's two
 # answers together); the worker stops generating for it then too.
 LOFT_INFERENCE_TIMEOUT_SECONDS = env.integer("LOFT_INFERENCE_TIMEOUT_SECONDS", 60)
 # Generate requests one organization may have running at once (each holds a web thread); more
-# get 429 (jobs/inference.py). 0: no limit.
+# get 429 (jobs/inference.py). 0: no limit. An organization's Quota row may set its own.
 LOFT_INFERENCE_CONCURRENT_PER_ORG = env.integer("LOFT_INFERENCE_CONCURRENT_PER_ORG", 4)
+# Tokens one organization may ask for per window (LOFT_INFERENCE_RATE_WINDOW_SECONDS, a minute):
+# each request reserves its prompt and its max_tokens when admitted, as OpenAI counts them; past
+# the budget, 429 until the window ends. 0: no limit. An organization's Quota row may set its own.
+LOFT_INFERENCE_TOKENS_PER_MINUTE_PER_ORG = env.integer(
+    "LOFT_INFERENCE_TOKENS_PER_MINUTE_PER_ORG", 200_000
+)
+LOFT_INFERENCE_RATE_WINDOW_SECONDS = env.integer("LOFT_INFERENCE_RATE_WINDOW_SECONDS", 60)
 LOFT_INFERENCE_MAX_TOKENS = env.integer("LOFT_INFERENCE_MAX_TOKENS", 1024)
+
+# --- Aliases: a candidate adapter moves an alias only on evidence (jobs/promotion.py): a gain on
+# some pinned eval file whose paired-bootstrap 95 % interval (this many resamples, fixed seed)
+# lies above zero, no file's score dropping by more than MAX_DROP (absolute), and at most this
+# share of the general probes lost.
+LOFT_PROMOTION_MAX_DROP = env.number("LOFT_PROMOTION_MAX_DROP", 0.02)
+LOFT_PROMOTION_MAX_PROBES_LOST = env.number("LOFT_PROMOTION_MAX_PROBES_LOST", 0.10)
+LOFT_PROMOTION_BOOTSTRAP_SAMPLES = env.integer("LOFT_PROMOTION_BOOTSTRAP_SAMPLES", 2000)
 
 # --- Operations: /metrics answers staff sessions, and scrapers that send this token (if set).
 LOFT_METRICS_TOKEN = env.string("LOFT_METRICS_TOKEN", "")

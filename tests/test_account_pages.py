@@ -6,7 +6,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 
-from jobs.models import File, FineTuneJob, Quota, UsageRecord
+from jobs.models import File, FineTuneJob, InferenceUsage, Quota, UsageRecord
 from loft.models import ApiKey, Invitation, Membership, Organization
 from tests.helpers import api_client_for, chat_rows, jsonl, signed_in, upload
 
@@ -398,3 +398,27 @@ def test_an_owner_issues_a_key_that_may_manage_keys(tenant_a):
     bad = browser.post("/account/keys", {"name": "x", "scope": "root"})
     assert bad.status_code == 400
     assert "Choose what the key may do" in bad.content.decode()
+
+
+def test_the_usage_page_shows_the_months_inference_and_its_limits(tenant_a, tenant_b):
+    Quota.objects.create(org=tenant_a.org, max_inference_tokens_per_minute=50_000)
+    InferenceUsage.record(tenant_a.org.id, "support-bot", "ft-abc", "support-bot", 12_345, 678)
+    InferenceUsage.record(tenant_a.org.id, "SmolLM2-135M-Instruct", None, None, 10, 2)
+    InferenceUsage.record(tenant_b.org.id, "other", None, None, 999_999, 1)
+
+    response = signed_in(tenant_a).get("/account/usage")
+    html = response.content.decode()
+    assert "<dt>Prompt tokens</dt><dd>12,355</dd>" in html
+    assert "<dt>Completion tokens</dt><dd>680</dd>" in html
+    assert "<dt>Answered requests</dt><dd>2</dd>" in html
+    assert "at most 50,000 (prompt and max_tokens" in html  # tokens per minute, its own
+    assert "<dt>Requests at once</dt><dd>at most 4</dd>" in html  # the operator's default
+    assert "<code>ft-abc</code>" in html and "base model" in html
+    assert "999,999" not in html and "No usage yet" not in html
+    [month] = response.context["usage"].months
+    assert (month["jobs"], month["inference_prompt_tokens"]) == (0, 12_355)
+
+
+def test_an_organization_without_inference_reads_so(tenant_b):
+    html = signed_in(tenant_b).get("/account/usage").content.decode()
+    assert "No chat completions answered this month yet." in html

@@ -14,6 +14,7 @@ from jobs.models import (
     Checkpoint,
     File,
     FineTuneJob,
+    InferenceUsage,
     MonthlyUsage,
     UsageRecord,
     month_start,
@@ -142,6 +143,36 @@ def test_the_monthly_roll_up_sums_each_organizations_ledger_and_can_run_again(te
     b = lines[(tenant_b.org.id, last_month.date())]
     assert (b.jobs, b.trained_tokens) == (1, 7)
     assert timezone.now().date() >= a.month
+
+
+def test_the_roll_up_adds_the_inference_ledger_even_for_an_organization_without_jobs(
+    tenant_a, tenant_b
+):
+    this_month = month_start()
+    UsageRecord.objects.create(org=tenant_a.org, trained_tokens=100, compute_seconds=1)
+    for org, prompt, completion in (
+        (tenant_a.org, 10, 2),
+        (tenant_a.org, 5, 1),
+        (tenant_b.org, 7, 3),
+    ):
+        InferenceUsage.record(org.id, "support-bot", "ft-abc", "support-bot", prompt, completion)
+
+    for _ in range(2):
+        assert maintenance.roll_up_usage() == 2
+    lines = {line.org_id: line for line in MonthlyUsage.objects.filter(month=this_month.date())}
+    a, b = lines[tenant_a.org.id], lines[tenant_b.org.id]
+    assert (a.jobs, a.trained_tokens, a.inference_prompt_tokens, a.inference_completion_tokens) == (
+        1,
+        100,
+        15,
+        3,
+    )
+    assert (b.jobs, b.trained_tokens, b.inference_prompt_tokens, b.inference_completion_tokens) == (
+        0,
+        0,
+        7,
+        3,
+    )
 
 
 def test_lost_hints_are_sent_again_once_and_only_when_the_broker_lacks_them(

@@ -5,7 +5,8 @@ import pytest
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs.models import File, FineTuneJob
+from jobs import ops
+from jobs.models import File, FineTuneJob, InferenceUsage
 from tests.helpers import chat_rows, jsonl, upload
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]
@@ -73,3 +74,21 @@ def test_request_timings_name_only_a_fixed_set_of_methods(client, staff_client):
     methods = {s.labels["method"] for s in latency}
     assert {"GET", "other"} <= methods
     assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+
+
+def test_metrics_count_answered_inference_requests_and_their_tokens(staff_client, tenant_a):
+    before = families(staff_client.get("/metrics").content.decode())
+    assert before["loft_inference_requests"].samples[0].value == 0
+    InferenceUsage.record(tenant_a.org.id, "support-bot", "ft-abc", "support-bot", 100, 20)
+    InferenceUsage.record(tenant_a.org.id, "SmolLM2-135M-Instruct", None, None, 5, 1)
+
+    found = families(staff_client.get("/metrics").content.decode())
+    requests = found["loft_inference_requests"]
+    assert requests.type == "counter"
+    assert [(s.name, s.value) for s in requests.samples] == [("loft_inference_requests_total", 2)]
+    tokens = {s.labels["kind"]: s.value for s in found["loft_inference_tokens"].samples}
+    assert tokens == {"prompt": 105, "completion": 21}
+    # Per organization, on the operators' page only (as trained tokens).
+    row = next(t for t in ops.tenants() if t.org == tenant_a.org)
+    assert row.inference_tokens_month == 126
+    assert "126" in staff_client.get("/ops/live").content.decode()

@@ -18,7 +18,6 @@ from rest_framework.views import APIView
 
 from engine.hyperparameters import ConfigError, TrainConfig, public
 from jobs import preflight
-from jobs.api.evaluations import GenerateSerializer, generate_response
 from jobs.api.serializers import (
     CHECKPOINT_ID_PREFIX,
     COMPUTED_COLUMNS,
@@ -40,6 +39,7 @@ from jobs.models import (
     QuotaExceeded,
     month_start,
 )
+from jobs.models.adapters import AdapterInUse
 from jobs.usage import usage_of
 from loft import storage
 from loft.api.base import AfterLimitPagination, TenantScopedViewSet
@@ -331,12 +331,38 @@ def _too_large(plan) -> LoftAPIError:
     )
 
 
+def delete_adapter(adapter: Adapter) -> None:
+    """Delete an adapter and its files, or the API's 409 with the sentence saying why not."""
+    try:
+        adapter.delete_with_content()
+    except AdapterInUse as error:
+        raise LoftAPIError(
+            str(error), status_code=status.HTTP_409_CONFLICT, param="id", code="adapter_in_use"
+        ) from None
+
+
 class AdapterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
-    """The tenant's trained adapters; ``download`` streams a zip of the PEFT folder."""
+    """The tenant's trained adapters; ``download`` streams a zip of the PEFT folder; delete
+    removes it and its files (refused while an alias points at it)."""
 
     queryset = Adapter.objects.select_related("base_model")
     serializer_class = AdapterSerializer
     object_name = "adapter"
+
+    @extend_schema(
+        responses=inline_serializer(
+            "AdapterDeleted",
+            {
+                "id": serializers.CharField(),
+                "object": serializers.CharField(),
+                "deleted": serializers.BooleanField(),
+            },
+        )
+    )
+    def destroy(self, request, pk=None):
+        adapter = self.get_object()
+        delete_adapter(adapter)
+        return Response({"id": pk, "object": "adapter", "deleted": True})
 
     @extend_schema(
         responses={(200, "application/zip"): bytes},
@@ -350,17 +376,6 @@ class AdapterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
         response = StreamingHttpResponse(zip_stream(adapter), content_type="application/zip")
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
-
-    @extend_schema(
-        request=GenerateSerializer,
-        responses={200: dict, (200, "text/event-stream"): str},
-        description="The playground: answer a conversation with the adapter (or, with "
-        "with_adapter false, its base) on an inference worker. stream: true sends "
-        "chat.completion.chunk server-sent events, then data: [DONE].",
-    )
-    @action(detail=True, methods=["post"])
-    def generate(self, request, pk=None):
-        return generate_response(self.get_object(), request)
 
 
 class _ZipSink:
@@ -409,8 +424,10 @@ def zip_folder(prefix: str, manifest: dict, date: datetime) -> Iterator[bytes]:
 
 
 class UsageView(APIView):
-    """``GET /v1/usage``: trained tokens and compute seconds per month and per job, storage in
-    use, and the organization's limits. ``?month=YYYY-MM`` picks the month of the job list."""
+    """``GET /v1/usage``: trained tokens and compute seconds per month and per job, inference
+    requests and their prompt and completion tokens per month and per model, storage in use,
+    and the organization's limits. ``?month=YYYY-MM`` picks the month of the job list and of
+    the model list."""
 
     @extend_schema(
         parameters=[OpenApiParameter("month", str, description="YYYY-MM; this month if absent")],
@@ -424,6 +441,7 @@ class UsageView(APIView):
                     "limits": serializers.DictField(),
                     "months": serializers.ListField(child=serializers.DictField()),
                     "jobs": serializers.ListField(child=serializers.DictField()),
+                    "inference": serializers.ListField(child=serializers.DictField()),
                 },
             )
         },

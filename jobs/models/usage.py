@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.utils import timezone
 
 from jobs.models.files import File
@@ -14,6 +15,8 @@ from loft.tenancy import TenantOwnedModel
 
 if TYPE_CHECKING:
     from jobs.models.jobs import FineTuneJob
+
+logger = logging.getLogger(__name__)
 
 
 class QuotaExceeded(Exception):
@@ -76,11 +79,15 @@ class Quota(models.Model):
             "concurrent_jobs": settings.LOFT_QUOTA_CONCURRENT_JOBS,
             "storage_bytes": settings.LOFT_QUOTA_STORAGE_BYTES,
             "monthly_trained_tokens": settings.LOFT_QUOTA_MONTHLY_TRAINED_TOKENS,
+            "concurrent_inference": settings.LOFT_INFERENCE_CONCURRENT_PER_ORG,
+            "inference_tokens_per_minute": settings.LOFT_INFERENCE_TOKENS_PER_MINUTE_PER_ORG,
         }
         own = {
             "concurrent_jobs": self.max_concurrent_jobs,
             "storage_bytes": self.max_storage_bytes,
             "monthly_trained_tokens": self.max_monthly_trained_tokens,
+            "concurrent_inference": self.max_concurrent_inference,
+            "inference_tokens_per_minute": self.max_inference_tokens_per_minute,
         }
         return {
             name: own[name] if own[name] is not None else (defaults[name] or None)
@@ -214,6 +221,41 @@ class InferenceUsage(TenantOwnedModel):
     def __str__(self) -> str:
         return f"{self.org_id} {self.model}: {self.prompt_tokens}+{self.completion_tokens}"
 
+    @classmethod
+    def record(
+        cls,
+        org_id: str,
+        model: str,
+        adapter_id: str | None,
+        alias: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> InferenceUsage | None:
+        """The line of one answered request, or None if it could not be written: an answer
+        already given is never failed for its bill, so a failure here is logged, not raised.
+        In a savepoint, so that a caller's transaction outlives a failed INSERT."""
+        try:
+            with transaction.atomic():
+                return cls.objects.create(
+                    org_id=org_id,
+                    model=model[: cls._meta.get_field("model").max_length],
+                    adapter_id=adapter_id or "",
+                    alias=alias or "",
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                )
+        except Exception:
+            logger.exception(
+                "The inference usage of a request was not recorded",
+                extra={
+                    "org_id": org_id,
+                    "model": model,
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                },
+            )
+            return None
+
 
 class MonthlyUsage(TenantOwnedModel):
     """The usage ledger rolled up per organization and calendar month (UTC), by the periodic
@@ -239,25 +281,46 @@ class MonthlyUsage(TenantOwnedModel):
     @classmethod
     def roll_up(cls, month) -> int:
         """Recompute every organization's line for the month that starts at ``month`` (a
-        datetime at a month's start); safe to run again. Returns how many lines it wrote."""
+        datetime at a month's start): its finished jobs and its answered inference requests.
+        Safe to run again. Returns how many lines it wrote."""
         next_month = (month + timedelta(days=32)).replace(day=1)
-        totals = (
-            UsageRecord.objects.filter(created_at__gte=month, created_at__lt=next_month)
+        in_month = {"created_at__gte": month, "created_at__lt": next_month}
+        lines: dict[str, dict] = {}
+        for line in (
+            UsageRecord.objects.filter(**in_month)
             .values("org")
             .annotate(
                 jobs=models.Count("id"),
                 trained_tokens=models.Sum("trained_tokens"),
                 compute_seconds=models.Sum("compute_seconds"),
             )
-        )
-        for line in totals:
-            cls.objects.update_or_create(
-                org_id=line["org"],
-                month=month.date(),
-                defaults={
-                    "jobs": line["jobs"],
-                    "trained_tokens": line["trained_tokens"] or 0,
-                    "compute_seconds": line["compute_seconds"] or 0,
-                },
+        ):
+            lines[line["org"]] = {
+                "jobs": line["jobs"],
+                "trained_tokens": line["trained_tokens"] or 0,
+                "compute_seconds": line["compute_seconds"] or 0,
+            }
+        for line in (
+            InferenceUsage.objects.filter(**in_month)
+            .values("org")
+            .annotate(
+                prompt_tokens=models.Sum("prompt_tokens"),
+                completion_tokens=models.Sum("completion_tokens"),
             )
-        return len(totals)
+        ):
+            lines.setdefault(line["org"], {}).update(
+                inference_prompt_tokens=line["prompt_tokens"] or 0,
+                inference_completion_tokens=line["completion_tokens"] or 0,
+            )
+        empty = {
+            "jobs": 0,
+            "trained_tokens": 0,
+            "compute_seconds": 0,
+            "inference_prompt_tokens": 0,
+            "inference_completion_tokens": 0,
+        }
+        for org_id, figures in lines.items():
+            cls.objects.update_or_create(
+                org_id=org_id, month=month.date(), defaults={**empty, **figures}
+            )
+        return len(lines)

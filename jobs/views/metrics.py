@@ -15,7 +15,7 @@ from django.db.models import Count, Sum
 from django.http import HttpResponse
 from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from jobs import ops
 from jobs.models import File, FineTuneJob, WorkerHeartbeat
@@ -89,6 +89,23 @@ class LoftCollector:
         )
         uploaded.add_metric([], File.objects.aggregate(total=Sum("bytes"))["total"] or 0)
         yield uploaded
+
+        # From the ledger the inference workers write (another process), so any web process
+        # answers the same; per organization only on /ops/, as trained tokens are.
+        answered = ops.inference_totals()
+        requests = CounterMetricFamily(
+            "loft_inference_requests", "Inference requests answered (finished or cut off)."
+        )
+        requests.add_metric([], answered["requests"])
+        yield requests
+        tokens = CounterMetricFamily(
+            "loft_inference_tokens",
+            "Tokens of the answered inference requests: their prompts and their completions.",
+            labels=["kind"],
+        )
+        tokens.add_metric(["prompt"], answered["prompt"])
+        tokens.add_metric(["completion"], answered["completion"])
+        yield tokens
 
 
 def metrics(request):
