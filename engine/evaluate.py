@@ -342,20 +342,36 @@ class Comparison:
         }
 
 
+GENERATION_METRICS = {
+    "exact_match": exact_match,
+    "normalized_exact_match": normalized_exact_match,
+    "rouge_l": rouge_l,
+}
+
+
+def per_row(outputs: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Each generation metric row by row (the means ``Scores`` holds are their averages): what
+    a paired comparison of two models on the same rows needs (jobs/promotion.py)."""
+    return {
+        name: [metric(o, r) for o, r in zip(outputs, references, strict=True)]
+        for name, metric in GENERATION_METRICS.items()
+    }
+
+
 def _scores(tokens: TokenMetrics, outputs: list[str], references: list[str]) -> Scores:
-    def mean(metric) -> float | None:
-        if not outputs:
-            return None
-        return sum(metric(o, r) for o, r in zip(outputs, references, strict=True)) / len(outputs)
+    rows = per_row(outputs, references)
+
+    def mean(name: str) -> float | None:
+        return sum(rows[name]) / len(outputs) if outputs else None
 
     return Scores(
         loss=tokens.loss,
         perplexity=tokens.perplexity,
         token_accuracy=tokens.token_accuracy,
         tokens=tokens.tokens,
-        exact_match=mean(exact_match),
-        normalized_exact_match=mean(normalized_exact_match),
-        rouge_l=mean(rouge_l),
+        exact_match=mean("exact_match"),
+        normalized_exact_match=mean("normalized_exact_match"),
+        rouge_l=mean("rouge_l"),
         generations=len(outputs),
     )
 
@@ -595,35 +611,19 @@ def forgetting(
     reference answers, and the probes the adapter lost (answered by the base, not by it) or
     gained. Fine-tuning on a narrow task often costs general ability; this shows how much.
     The base's side goes through ``remember``: the probes are the same for every job."""
-    examples = [
-        data.Example(
-            i + 1,
-            "chat",
-            [data.Message("user", p.prompt), data.Message("assistant", p.answer, True)],
-        )
-        for i, p in enumerate(probes)
-    ]
-    tokenized, _ = train.tokenize(examples, tokenizer, 256)
 
     def run() -> dict:
-        tokens = token_metrics(model, tokenized, 256, device)
-        outputs = generate_answers(model, tokenizer, examples, max_new_tokens, device)
-        return {"loss": tokens.loss, "outputs": outputs}
+        return ask_probes(model, tokenizer, probes, device=device, max_new_tokens=max_new_tokens)
 
     def run_base() -> dict:
         with model.disable_adapter():
             return run()
 
-    inputs = {
-        "probes": digest([asdict(p) for p in probes]),
-        "device": device,
-        "max_new_tokens": max_new_tokens,
-        "code": SCORING_CODE,
-    }
+    inputs = probes_inputs(probes, device=device, max_new_tokens=max_new_tokens)
     base, adapter = remember(PROBES, inputs, run_base), run()
 
     def hits(outputs: list[str]) -> list[bool]:
-        return [names_expected(o, p.expect) for o, p in zip(outputs, probes, strict=True)]
+        return probe_hits(probes, outputs)
 
     def summary(run: dict) -> dict:
         return {"answered": sum(hits(run["outputs"])) / len(probes), "loss": run["loss"]}
@@ -647,3 +647,39 @@ def forgetting(
         "lost": listed(lambda base_hit, adapter_hit: base_hit and not adapter_hit),
         "gained": listed(lambda base_hit, adapter_hit: adapter_hit and not base_hit),
     }
+
+
+def ask_probes(
+    model, tokenizer, probes: list[Probe], *, device: str, max_new_tokens: int = PROBE_NEW_TOKENS
+) -> dict:
+    """One model as it is now on the probes: its loss on the reference answers and its greedy
+    answers, ``{"loss", "outputs"}`` (the result ``remember`` keeps for a base)."""
+    examples = [
+        data.Example(
+            i + 1,
+            "chat",
+            [data.Message("user", p.prompt), data.Message("assistant", p.answer, True)],
+        )
+        for i, p in enumerate(probes)
+    ]
+    tokenized, _ = train.tokenize(examples, tokenizer, 256)
+    tokens = token_metrics(model, tokenized, 256, device)
+    outputs = generate_answers(model, tokenizer, examples, max_new_tokens, device)
+    return {"loss": tokens.loss, "outputs": outputs}
+
+
+def probes_inputs(
+    probes: list[Probe], *, device: str, max_new_tokens: int = PROBE_NEW_TOKENS
+) -> dict:
+    """What a model's answers to the probes depend on, the model aside."""
+    return {
+        "probes": digest([asdict(p) for p in probes]),
+        "device": device,
+        "max_new_tokens": max_new_tokens,
+        "code": SCORING_CODE,
+    }
+
+
+def probe_hits(probes: list[Probe], outputs: list[str]) -> list[bool]:
+    """Whether each answer names its probe's expected words."""
+    return [names_expected(o, p.expect) for o, p in zip(outputs, probes, strict=True)]

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from jobs.views import adapters, datasets, jobs, metrics, ops, usage, wizard
+from jobs.views import adapters, datasets, deployments, jobs, metrics, ops, usage, wizard
 
 urlpatterns = [
     path("metrics", metrics.metrics, name="metrics"),
@@ -29,5 +29,14 @@ urlpatterns = [
         name="adapter-merged-download",
     ),
     path("adapters/<str:adapter_id>/playground", datasets.playground, name="playground"),
+    path("deployments/", deployments.deployments, name="deployments"),
+    path(
+        "deployments/<str:name>/promote", deployments.deployment_promote, name="deployment-promote"
+    ),
+    path(
+        "deployments/<str:name>/rollback",
+        deployments.deployment_rollback,
+        name="deployment-rollback",
+    ),
     path("account/usage", usage.usage, name="account-usage"),
 ]

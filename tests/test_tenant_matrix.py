@@ -19,7 +19,7 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
-from jobs.models import Adapter, BaseModel, Evaluation, File, FineTuneJob
+from jobs.models import Adapter, Alias, BaseModel, Evaluation, File, FineTuneJob
 from jobs.views.wizard import PRESETS
 from jobs.views.wizard import SESSION_KEY as WIZARD_SESSION_KEY
 from loft.models import Invitation, Membership, WebhookEndpoint
@@ -50,6 +50,7 @@ OBJECT_OF_PARAM = {
     "invitation_id": "invitation",
     "token": "invitation_token",
     "model": "model_name",
+    "name": "alias_name",
 }
 OBJECT_OF_API_ROUTE = {
     "fine-tuning-job": "job",
@@ -106,6 +107,8 @@ def objects_of_b(tenant_b, django_user_model) -> dict:
     evaluation = Evaluation.objects.create(
         org=org, kind="custom", status="queued", file=eval_file, base_model=job.base_model
     )
+    alias = Alias.objects.create(org=org, name="b-deployment", adapter=adapter)
+    alias.eval_files.add(eval_file)
     other_member = django_user_model.objects.create_user("b-second", password=PASSWORD)
     membership = Membership.objects.create(org=org, user=other_member)
     endpoint = WebhookEndpoint.objects.create(org=org, url="https://example.com/hook")
@@ -116,6 +119,7 @@ def objects_of_b(tenant_b, django_user_model) -> dict:
         "eval_file": eval_file.id,
         "adapter": adapter.id,
         "model_name": adapter.name,
+        "alias_name": alias.name,
         "evaluation": evaluation.id,
         "api_key": tenant_b.key.id,
         "membership": membership.id,
@@ -184,6 +188,7 @@ def test_every_object_route_answers_404_to_another_tenants_ids(tenant_a, objects
         checked.append(name)
     # The matrix covers the routes it should; a route left out by mistake would show here.
     assert {"api:file-content", "api:adapter-download", "job-cancel", "playground"} <= set(checked)
+    assert {"api:alias-promote", "api:alias-rollback", "deployment-promote"} <= set(checked)
     assert len(checked) >= 25, checked
     # And nothing of B's changed on the way.
     job = FineTuneJob.objects.get(pk=objects_of_b["job"])
@@ -191,6 +196,8 @@ def test_every_object_route_answers_404_to_another_tenants_ids(tenant_a, objects
     assert File.objects.filter(pk=objects_of_b["file"]).exists()
     assert Membership.objects.filter(pk=objects_of_b["membership"]).exists()
     assert Invitation.objects.get(pk=objects_of_b["invitation"]).status == "pending"
+    assert Alias.objects.get(name=objects_of_b["alias_name"]).adapter_id == objects_of_b["adapter"]
+    assert Adapter.objects.filter(pk=objects_of_b["adapter"]).exists()
 
 
 def test_no_list_or_page_shows_another_tenants_ids(tenant_a, tenant_b, objects_of_b):
@@ -239,6 +246,10 @@ def test_another_tenants_ids_in_a_body_read_like_missing_ones_and_create_nothing
     b = objects_of_b
     job = {"model": model, "training_file": training_file, "dry_run": True}
     evaluation = {"file": eval_file, "models": [model]}
+    own_adapter = Adapter.objects.create(
+        org=tenant_a.org, name="ft:a-own", base_model=BaseModel.default(), s3_prefix="a/"
+    )
+    alias = {"name": "a-deployment", "adapter": own_adapter.id, "eval_files": [eval_file]}
     # (path, body with B's id, B's id): every body field that names an object.
     cases = [
         ("/v1/fine_tuning/jobs", {**job, "training_file": b["file"]}, b["file"]),
@@ -268,6 +279,9 @@ def test_another_tenants_ids_in_a_body_read_like_missing_ones_and_create_nothing
         ("/v1/evaluations", {**evaluation, "file": b["eval_file"]}, b["eval_file"]),
         ("/v1/evaluations", {**evaluation, "models": [b["adapter"]]}, b["adapter"]),
         ("/v1/evaluations", {**evaluation, "models": [model, b["model_name"]]}, b["model_name"]),
+        ("/v1/aliases", {**alias, "adapter": b["adapter"]}, b["adapter"]),
+        ("/v1/aliases", {**alias, "adapter": b["model_name"]}, b["model_name"]),
+        ("/v1/aliases", {**alias, "eval_files": [b["eval_file"]]}, b["eval_file"]),
     ]
     # The bodies are right but for B's id: with A's own ids, the same job plans.
     planned = api_a.post("/v1/fine_tuning/jobs", job, format="json")
@@ -299,6 +313,7 @@ def test_another_tenants_ids_in_a_body_read_like_missing_ones_and_create_nothing
         )
     assert not FineTuneJob.objects.for_org(tenant_a.org).exists()
     assert not Evaluation.objects.for_org(tenant_a.org).exists()
+    assert not Alias.objects.for_org(tenant_a.org).exists()
 
 
 def test_another_tenants_idempotency_key_replays_nothing_of_theirs(tenant_a, api_a, objects_of_b):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
+from django.conf import settings
+
 from engine import data, evaluate, train
 from engine.base_models import training_device
 from jobs.models import Adapter, Evaluation
@@ -74,6 +76,12 @@ def _score_every_model(evaluation: Evaluation) -> dict:
         "device": training_device(),
         "max_new_tokens": evaluation.options["max_new_tokens"],
     }
+    references = [evaluate.prompt_and_reference(e)[1] for e in answerable]
+    probes = (
+        evaluate.load_probes()[: settings.LOFT_EVAL_FORGETTING_PROBES]
+        if evaluation.options.get("probes")
+        else []
+    )
     scores, outputs = [], []
     for candidate in evaluation.candidates:
         adapter = adapters.get(candidate["adapter"]) if candidate["adapter"] else None
@@ -85,25 +93,41 @@ def _score_every_model(evaluation: Evaluation) -> dict:
         quantization = adapter.base_quantization if adapter else "none"
         cache = serving.adapter_cache(evaluation.base_model, quantization)
 
-        def score(adapter=adapter, cache=cache) -> dict:
+        def use(adapter=adapter, cache=cache):
             key = adapter.id if adapter else None
-            with cache.use(key, lambda: serving.adapter_folder(adapter)) as model:
+            return cache.use(key, lambda: serving.adapter_folder(adapter))
+
+        def score(use=use) -> dict:
+            with use() as model:
                 result, answers = evaluate.score(model, tokenizer, answerable, tokenized, **options)
             return {"scores": asdict(result), "outputs": answers}
 
-        if adapter is None:  # the base alone: kept, like a job's, for the next run on the file
-            remember = remember_for(
+        def ask_probes(use=use) -> dict:
+            with use() as model:
+                return evaluate.ask_probes(model, tokenizer, probes, device=options["device"])
+
+        # The base alone: kept, like a job's, for the next run on the file and the probes.
+        remember = (
+            remember_for(
                 evaluation.base_model,
                 quantization,
                 options["device"],
                 org_id=evaluation.org_id,
                 file_sha256=evaluation.file.sha256,
             )
-            inputs = evaluate.rows_inputs(answerable, tokenized, **options)
-            result = remember(evaluate.HELD_OUT, inputs, score)
-        else:
-            result = score()
-        scores.append(result["scores"])
+            if adapter is None
+            else evaluate.compute_now
+        )
+        inputs = evaluate.rows_inputs(answerable, tokenized, **options)
+        result = remember(evaluate.HELD_OUT, inputs, score)
+        # Row by row too: an alias's promotion compares two models on the same rows.
+        entry = {**result["scores"], "per_row": evaluate.per_row(result["outputs"], references)}
+        if probes:
+            inputs = evaluate.probes_inputs(probes, device=options["device"])
+            answers = remember(evaluate.PROBES, inputs, ask_probes)["outputs"]
+            hits = evaluate.probe_hits(probes, answers)
+            entry["probes"] = {"hits": hits, "answered": sum(hits) / len(hits)}
+        scores.append(entry)
         outputs.append(result["outputs"])
 
     samples = []
@@ -117,4 +141,7 @@ def _score_every_model(evaluation: Evaluation) -> dict:
                 "outputs": [answers[row] for answers in outputs],
             }
         )
-    return {"models": scores, "samples": samples, "rows": len(examples)}
+    results = {"models": scores, "samples": samples, "rows": len(examples)}
+    if probes:
+        results["probes"] = [{"prompt": p.prompt, "expected": p.answer} for p in probes]
+    return results

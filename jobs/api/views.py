@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 
 from engine.data import DatasetError, OutOfTime
 from jobs import tasks
-from jobs.api.fine_tuning import quota_error
+from jobs.api.fine_tuning import delete_adapter, quota_error
 from jobs.api.serializers import (
     FileListSerializer,
     FileSerializer,
@@ -25,7 +25,16 @@ from jobs.api.serializers import (
     ModelSerializer,
 )
 from jobs.datasets import check_object_head, rejection_details, validate_object
-from jobs.models import Adapter, BaseModel, File, FileInUse, Quota, QuotaExceeded, new_file_id
+from jobs.models import (
+    Adapter,
+    Alias,
+    BaseModel,
+    File,
+    FileInUse,
+    Quota,
+    QuotaExceeded,
+    new_file_id,
+)
 from jobs.uploads import S3StreamingUploadHandler, StoredUpload
 from loft import storage
 from loft.api.base import TenantScopedViewSet, is_id_like
@@ -38,8 +47,8 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 class ModelListView(APIView):
-    """``GET /v1/models``: the enabled base models of the catalogue, then the organization's
-    fine-tuned models (its adapters), newest first."""
+    """``GET /v1/models``: the enabled base models of the catalogue, the organization's aliases
+    (by name), then its fine-tuned models (its adapters), newest first."""
 
     @extend_schema(
         operation_id="models_list",
@@ -49,9 +58,11 @@ class ModelListView(APIView):
         ),
     )
     def get(self, request):
+        org = current_org(request)
         base_models = ModelSerializer(BaseModel.objects.enabled(), many=True).data
-        fine_tuned = fine_tuned_models_json(Adapter.objects.for_org(current_org(request)))
-        members = [json.dumps(base_models)[1:-1], fine_tuned[1:-1]]
+        aliases = [alias_model(alias) for alias in aliases_of(org)]
+        fine_tuned = fine_tuned_models_json(Adapter.objects.for_org(org))
+        members = [json.dumps(base_models)[1:-1], json.dumps(aliases)[1:-1], fine_tuned[1:-1]]
         body = '{"object": "list", "data": [' + ", ".join(m for m in members if m) + "]}"
         return HttpResponse(body, content_type="application/json")
 
@@ -83,8 +94,27 @@ def fine_tuned_models_json(adapters) -> str:
         return cursor.fetchone()[0]
 
 
+def aliases_of(org):
+    return Alias.objects.for_org(org).select_related("org", "adapter__base_model").order_by("name")
+
+
+def alias_model(alias: Alias) -> dict:
+    """An alias as OpenAI lists a model: its name is the id requests use."""
+    return {
+        "id": alias.name,
+        "object": "model",
+        "created": int(alias.created_at.timestamp()),
+        "owned_by": alias.org.slug,
+        "root": alias.adapter.base_model.name,
+        "adapter": alias.adapter_id,
+        "alias": True,
+    }
+
+
 class ModelDetailView(APIView):
-    """``GET /v1/models/{model}``; model ids contain a slash, so the route takes a path."""
+    """``GET /v1/models/{model}`` (a base model, an alias or a fine-tuned model) and
+    ``DELETE /v1/models/{model}`` (a fine-tuned model: its adapter and its files, OpenAI's
+    call); model ids contain a slash, so the route takes a path."""
 
     @extend_schema(operation_id="models_retrieve", responses=ModelSerializer)
     def get(self, request, model: str):
@@ -93,12 +123,51 @@ class ModelDetailView(APIView):
         found = BaseModel.objects.enabled().filter(name=model).first()
         if found is not None:
             return Response(ModelSerializer(found).data)
+        org = current_org(request)
+        alias = aliases_of(org).filter(name=model).first()
+        if alias is not None:
+            return Response(alias_model(alias))
+        adapter = self._adapter(org, model)
+        return Response(FineTunedModelSerializer(adapter).data)
+
+    @extend_schema(
+        operation_id="models_delete",
+        responses=inline_serializer(
+            "ModelDeleted",
+            {
+                "id": serializers.CharField(),
+                "object": serializers.CharField(),
+                "deleted": serializers.BooleanField(),
+            },
+        ),
+    )
+    def delete(self, request, model: str):
+        if not is_id_like(model, max_length=300):
+            model = ""
+        org = current_org(request)
+        if BaseModel.objects.filter(name=model).exists():
+            raise LoftAPIError(
+                f"The model '{model}' is a base model of the catalogue; only fine-tuned models "
+                "can be deleted.",
+                status_code=status.HTTP_403_FORBIDDEN,
+                param="model",
+                code="model_not_deletable",
+            )
+        if aliases_of(org).filter(name=model).exists():
+            raise LoftAPIError(
+                f"'{model}' is an alias, not a model; DELETE /v1/aliases/{model} removes it.",
+                param="model",
+                code="model_not_deletable",
+            )
+        adapter = self._adapter(org, model)
+        delete_adapter(adapter)
+        return Response({"id": model, "object": "model", "deleted": True})
+
+    @staticmethod
+    def _adapter(org, model: str) -> Adapter:
         adapter = (
-            Adapter.objects.for_org(current_org(request))
-            .select_related("org", "base_model")
-            .filter(name=model)
-            .first()
-        )
+            Adapter.objects.for_org(org).select_related("org", "base_model").filter(name=model)
+        ).first()
         if adapter is None:
             raise LoftAPIError(
                 f"The model '{model}' does not exist",
@@ -106,7 +175,7 @@ class ModelDetailView(APIView):
                 param="model",
                 code="model_not_found",
             )
-        return Response(FineTunedModelSerializer(adapter).data)
+        return adapter
 
 
 class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):

@@ -14,6 +14,7 @@ from jobs import tasks
 from jobs.models.catalogue import BaseModel
 from jobs.models.files import File
 from jobs.models.usage import Quota
+from loft import storage
 from loft.ids import make_id
 from loft.models import Organization
 from loft.tenancy import TenantOwnedModel
@@ -96,6 +97,39 @@ class Adapter(TenantOwnedModel):
                 tasks.merge_adapter(self.pk)
         self.refresh_from_db(fields=["merged_status", "merged_error"])
         return bool(queued)
+
+    def delete_with_content(self) -> None:
+        """Delete the row, then its folder and merged weights in object storage. Refused
+        (AdapterInUse) while an alias points at it, while a job continues from it, or while
+        its merged weights are being made. Under the organization's lock, so that no alias
+        moves to it and no job starts from it in between."""
+        with transaction.atomic():
+            Organization.lock(self.org_id)
+            alias = self.aliases.order_by("name").first()
+            if alias is not None:
+                raise AdapterInUse(
+                    f"The alias {alias.name} points at the adapter {self.id}; promote another "
+                    "adapter to it, or delete the alias, before deleting the adapter."
+                )
+            child = self.children_jobs.order_by("created_at").first()
+            if child is not None:
+                raise AdapterInUse(
+                    f"The job {child.id} was trained from the adapter {self.id} and keeps it as "
+                    "its parent (the lineage); it cannot be deleted."
+                )
+            if self.merged_status in (self.MergedStatus.QUEUED, self.MergedStatus.RUNNING):
+                raise AdapterInUse(
+                    f"The merged weights of the adapter {self.id} are being made; wait for "
+                    "them before deleting it."
+                )
+            prefix = self.s3_prefix
+            self.delete()
+        # After the row: an adapter is never listed without its files.
+        storage.delete_prefix(prefix)
+
+
+class AdapterInUse(Exception):
+    pass
 
 
 def new_evaluation_id() -> str:
