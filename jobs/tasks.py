@@ -44,14 +44,13 @@ def merge_adapter(adapter_id: str) -> None:
     send_after_commit("merge_adapter", adapter_id, queue=settings.LOFT_TRAINING_QUEUE)
 
 
-def generate(request_id: str, org_id: str, adapter_id: str, request: dict) -> None:
-    """A playground request: sent at once (its client waits now), dropped when nobody took it
+def generate(request_id: str, org_id: str, request: dict) -> None:
+    """An inference request: sent at once (its client waits now), dropped when nobody took it
     in time, since its client has given up by then."""
     send(
         "generate",
         request_id,
         org_id,
-        adapter_id,
         request,
         queue=settings.LOFT_INFERENCE_QUEUE,
         expires=settings.LOFT_INFERENCE_TIMEOUT_SECONDS,

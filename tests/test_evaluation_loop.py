@@ -188,23 +188,24 @@ def test_the_evaluation_loop_on_a_learnable_rule(tenant_a, tenant_b, celery_work
     inference = WorkerProcess(tmp_path, name="inference-worker", queue="inference").start()
     try:
         ask = {
+            "model": rule_adapter.name,
             "messages": [
                 {"role": "system", "content": INSTRUCTION},
                 {"role": "user", "content": "March 5, 2021"},
             ],
             "max_tokens": 16,
+            "temperature": 0,
         }
-        answer = api.post(f"/v1/adapters/{rule_adapter.id}/generate", ask, format="json")
+        answer = api.post("/v1/chat/completions", ask, format="json")
         assert answer.status_code == 200, answer.content
         completion = answer.json()
         assert completion["object"] == "chat.completion"
         assert completion["choices"][0]["message"]["content"].strip() == "2021-03-05"
         assert completion["usage"]["completion_tokens"] > 0
 
+        base_name = "HuggingFaceTB/SmolLM2-135M-Instruct"
         streamed = api.post(
-            f"/v1/adapters/{rule_adapter.id}/generate",
-            {**ask, "stream": True, "with_adapter": False},
-            format="json",
+            "/v1/chat/completions", {**ask, "model": base_name, "stream": True}, format="json"
         )
         assert streamed["Content-Type"].startswith("text/event-stream")
         events = b"".join(streamed.streaming_content).decode().split("\n\n")
@@ -212,7 +213,7 @@ def test_the_evaluation_loop_on_a_learnable_rule(tenant_a, tenant_b, celery_work
         chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
         base_text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
         assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-        assert chunks[0]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert chunks[0]["model"] == base_name
         assert base_text.strip() != "2021-03-05" or base["exact_match"] > 0
 
         # The browser page without JavaScript: both answers at once.

@@ -1,11 +1,12 @@
-"""``/v1/evaluations`` and ``/v1/adapters/{id}/generate``: what they accept, refuse and show,
-without a worker (the loop itself, through real workers, is tests/test_evaluation_loop.py)."""
+"""``/v1/evaluations``, the limits of inference requests and the playground: what they accept,
+refuse and show, without a worker (the loop itself, through real workers, is
+tests/test_evaluation_loop.py)."""
 
 import time
 
 import pytest
 
-from jobs import playground
+from jobs import inference, playground
 from jobs.models import Adapter, BaseModel, Evaluation, FineTuneJob, Quota, QuotaExceeded
 from jobs.usage import quota_meters, usage_of
 from tests.helpers import (
@@ -18,7 +19,8 @@ from tests.helpers import (
     submit,
     upload,
 )
-from worker.serving import serve_generation
+from worker import serving
+from worker.serving import submit_generation
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("private_queue")]
 
@@ -106,39 +108,6 @@ def test_a_bad_evaluation_request_is_refused_by_name_and_creates_nothing(
     assert not Evaluation.objects.exists()
 
 
-def test_the_playground_refuses_bad_requests_by_name(api_a, api_b, tenant_a, tmp_path):
-    adapter = stored_adapter(tenant_a, tmp_path)
-    url = f"/v1/adapters/{adapter.id}/generate"
-    user = {"role": "user", "content": "Hi"}
-    for body, param in [
-        ({}, "messages"),
-        ({"messages": [{"role": "assistant", "content": "Hi"}]}, "messages"),
-        ({"messages": [{"role": "wizard", "content": "Hi"}]}, "messages.role"),
-        ({"messages": [user], "max_tokens": 100_000}, "max_tokens"),
-        ({"messages": [user], "temperature": 5}, "temperature"),
-        ({"messages": [user], "top_k": 3}, "top_k"),
-    ]:
-        response = api_a.post(url, body, format="json")
-        assert response.status_code == 400, (body, response.content)
-        assert response.json()["error"]["param"].startswith(param.split(".")[0]), response.json()
-    assert api_b.post(url, {"messages": [user]}, format="json").status_code == 404
-
-
-def test_without_an_inference_worker_the_playground_says_so_in_time(
-    api_a, tenant_a, tmp_path, inference_queue
-):
-    adapter = stored_adapter(tenant_a, tmp_path)
-    url = f"/v1/adapters/{adapter.id}/generate"
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-    response = api_a.post(url, body, format="json")
-    assert response.status_code == 503
-    error = response.json()["error"]
-    assert error["code"] == "inference_unavailable" and "No inference worker" in error["message"]
-    streamed = api_a.post(url, {**body, "stream": True}, format="json")
-    text = b"".join(streamed.streaming_content).decode()
-    assert '"inference_unavailable"' in text and text.endswith("data: [DONE]\n\n")
-
-
 def test_evaluation_leaderboard_and_playground_pages_are_the_tenants_own(
     api_a, tenant_a, tenant_b, tmp_path, client
 ):
@@ -166,9 +135,10 @@ def test_the_playground_refuses_a_conversation_that_leaves_no_room_for_the_answe
 ):
     adapter = stored_adapter(tenant_a, tmp_path)
     BaseModel.objects.filter(pk=adapter.base_model_id).update(context_length=100)
-    url = f"/v1/adapters/{adapter.id}/generate"
+    url = "/v1/chat/completions"
     long = {"role": "user", "content": "Tell me more about the weather. " * 20}
-    response = api_a.post(url, {"messages": [long], "max_tokens": 64}, format="json")
+    body = {"model": adapter.name, "messages": [long], "max_tokens": 64}
+    response = api_a.post(url, body, format="json")
     assert response.status_code == 400, response.content
     error = response.json()["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
@@ -176,8 +146,8 @@ def test_the_playground_refuses_a_conversation_that_leaves_no_room_for_the_answe
     assert int(error["message"].split("The messages are ")[1].split()[0]) > 36
 
     # A short question fits; it goes on to the (absent) worker.
-    short = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
-    assert api_a.post(url, short, format="json").status_code == 503
+    short = {"model": adapter.name, "messages": [{"role": "user", "content": "Hi"}]}
+    assert api_a.post(url, {**short, "max_tokens": 8}, format="json").status_code == 503
 
     client.force_login(tenant_a.user)
     page = client.post(
@@ -186,28 +156,29 @@ def test_the_playground_refuses_a_conversation_that_leaves_no_room_for_the_answe
     assert page.status_code == 200 and "leaves room for 36" in page.content.decode()
 
 
-def test_an_organization_gets_429_past_its_running_generate_requests(
+def test_an_organization_gets_429_past_its_running_inference_requests(
     api_a, api_b, tenant_a, tenant_b, tmp_path, settings, inference_queue
 ):
     settings.LOFT_INFERENCE_CONCURRENT_PER_ORG = 1
     adapter = stored_adapter(tenant_a, tmp_path)
     (tmp_path / "b").mkdir()
     adapter_b = stored_adapter(tenant_b, tmp_path / "b")
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-    url = f"/v1/adapters/{adapter.id}/generate"
+    hi = [{"role": "user", "content": "Hi"}]
 
-    streaming = api_a.post(url, {**body, "stream": True}, format="json")  # holds A's one place
-    refused = api_a.post(url, body, format="json")
+    def ask(api, model):
+        return api.post("/v1/chat/completions", {"model": model, "messages": hi}, format="json")
+
+    running = inference.admit(tenant_a.org.id, 10)  # a request of A's, still answering
+    refused = ask(api_a, adapter.name)
     assert refused.status_code == 429, refused.content
     assert refused["Retry-After"] == "5"
     error = refused.json()["error"]
     assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
     assert "already has 1 generation requests running" in error["message"]
-    other_tenant = api_b.post(f"/v1/adapters/{adapter_b.id}/generate", body, format="json")
-    assert other_tenant.status_code == 503, "B has places of its own"
+    assert ask(api_b, adapter_b.name).status_code == 503, "B has places of its own"
 
-    b"".join(streaming.streaming_content)  # the stream ends: its place is given back
-    assert api_a.post(url, body, format="json").status_code == 503
+    running.release()  # it ended: its place is given back
+    assert ask(api_a, adapter.name).status_code == 503
 
 
 def test_custom_evaluations_and_merges_hold_a_worker_and_count_toward_concurrent_jobs(
@@ -261,20 +232,30 @@ def test_merged_weights_count_toward_the_storage_quota(api_a, tenant_a, tmp_path
     assert refused.status_code == 429 and refused.json()["error"]["param"] == "storage_bytes"
 
 
-@pytest.mark.slow  # loads the base model in-process (~17 s): make test, not make test-fast
-def test_the_worker_stops_generating_for_a_client_that_stopped_waiting(tenant_a, tmp_path):
-    """Worker side (worker/serving.py), called here in-process: the base model answers."""
+def test_the_worker_refuses_what_it_cannot_answer_before_any_compute(tenant_a, tmp_path):
+    """Worker side (worker/serving.py), called here in-process: a request whose prompt no
+    longer fits (the base's context changed after the web checked it) or whose adapter was
+    deleted gets an error event, and no engine is started for it."""
     adapter = stored_adapter(tenant_a, tmp_path)
-    story = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}]}
-    request = {**story, "max_tokens": 64, "temperature": 0, "with_adapter": False}
-
-    serve_generation("late", tenant_a.org.id, adapter.id, {**request, "answer_by": time.time()})
-    events = list(playground.read_events("late", time.time() + 5))
-    assert [(e["type"], e.get("code")) for e in events] == [("error", "timeout")]
-
-    # A prompt too long for the context is refused by the worker too, before any compute.
+    story = [{"role": "user", "content": "Write a long story about a dragon."}]
+    target = playground.Target.of_adapter(adapter)
+    request = {
+        "messages": story,
+        "max_tokens": 64,
+        "temperature": 0,
+        "model": target.model,
+        "base_model": adapter.base_model_id,
+        "adapter": adapter.id,
+        "alias": "",
+        "quantization": "none",
+        "answer_by": time.time() + 60,
+    }
     BaseModel.objects.filter(pk=adapter.base_model_id).update(context_length=40)
-    in_time = {**request, "answer_by": time.time() + 60}
-    serve_generation("long", tenant_a.org.id, adapter.id, in_time)
+    submit_generation("long", tenant_a.org.id, request)
     [event] = playground.read_events("long", time.time() + 5)
     assert event["code"] == "context_length_exceeded" and "context of 40 tokens" in event["message"]
+
+    submit_generation("gone", tenant_a.org.id, {**request, "adapter": "adapter-deleted"})
+    [event] = playground.read_events("gone", time.time() + 5)
+    assert event["code"] == "model_not_found"
+    assert not serving._engines

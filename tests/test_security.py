@@ -18,7 +18,7 @@ from django.urls import reverse
 
 from engine import artifacts
 from engine.hyperparameters import API_NAMES, TrainConfig
-from jobs.models import Adapter, BaseModel, File, FineTuneJob
+from jobs.models import Adapter, Alias, BaseModel, File, FineTuneJob
 from loft import storage
 from loft.models import ApiKey
 from tests.helpers import (
@@ -281,6 +281,8 @@ def test_mass_assignment_never_sets_what_the_server_owns(api_a, tenant_a, tenant
         "error": {"code": "forged"},
         "secret_hash": "0" * 64,
     }
+    alias = Alias.objects.create(org=tenant_a.org, name="live", adapter=adapter)
+    alias.eval_files.set([file_id])
     job = {"training_file": file_id, "model": model}
     bodies = {
         ("post", "/v1/fine_tuning/jobs"): job,
@@ -288,7 +290,13 @@ def test_mass_assignment_never_sets_what_the_server_owns(api_a, tenant_a, tenant
         ("post", "/v1/api_keys"): {"name": "k"},
         ("post", "/v1/webhook_endpoints"): {"url": "http://127.0.0.1:9/hook"},
         ("post", "/v1/evaluations"): {"file": file_id, "models": [model]},
-        ("post", "/v1/adapters/{id}/generate"): {"messages": [{"role": "user", "content": "Hi"}]},
+        ("post", "/v1/chat/completions"): {
+            "model": model,
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
+        ("post", "/v1/aliases"): {"name": "fresh", "adapter": adapter.id, "eval_files": [file_id]},
+        ("post", "/v1/aliases/{name}/promote"): {"adapter": adapter.id},
+        ("post", "/v1/aliases/{name}/rollback"): {},
         ("post", "/v1/files"): None,  # multipart: below
     }
     schema = api_a.get("/v1/openapi.json").json()
@@ -305,6 +313,8 @@ def test_mass_assignment_never_sets_what_the_server_owns(api_a, tenant_a, tenant
     )
 
     def url_of(path: str) -> str:
+        if path.startswith("/v1/aliases/"):
+            return path.format(name=alias.name)
         if path.startswith("/v1/adapters/"):
             return path.format(id=adapter.id)
         # A fresh job each time: a cancelled job cannot be cancelled again.
@@ -319,7 +329,7 @@ def test_mass_assignment_never_sets_what_the_server_owns(api_a, tenant_a, tenant
             else:
                 client = key_manager if path == "/v1/api_keys" else api_a
                 response = getattr(client, method)(
-                    url_of(path) if "{id}" in path else path, {**body, field: value}, format="json"
+                    url_of(path) if "{" in path else path, {**body, field: value}, format="json"
                 )
             assert response.status_code < 500, (path, field, response.content)
             if response.status_code >= 400:

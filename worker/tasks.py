@@ -18,7 +18,7 @@ from worker import (
 )
 from worker.evaluations import run_evaluation as run_custom_evaluation
 from worker.merging import run_merge
-from worker.serving import serve_generation
+from worker.serving import submit_generation
 from worker.training import run_job
 
 
@@ -66,9 +66,9 @@ def run_evaluation(evaluation_id: str) -> None:
 # A playground request is answered once or not at all: its client is waiting now, and a retry
 # after a worker died would answer nobody.
 @shared_task(acks_late=False)
-def generate(request_id: str, org_id: str, adapter_id: str, request: dict) -> None:
-    with log_fields(request_id=request_id, org_id=org_id, adapter_id=adapter_id):
-        serve_generation(request_id, org_id, adapter_id, request)
+def generate(request_id: str, org_id: str, request: dict) -> None:
+    with log_fields(request_id=request_id, org_id=org_id, adapter_id=request.get("adapter")):
+        submit_generation(request_id, org_id, request)
 
 
 @shared_task

@@ -1,24 +1,16 @@
-"""``/v1/evaluations`` (custom evaluations) and ``/v1/adapters/{id}/generate`` (playground).
+"""``/v1/evaluations``: custom evaluations, the base and chosen adapters scored on one file.
 
-Both are Loft's own: OpenAI's fine-tuning API has neither. Shapes follow OpenAI's habits
-(``object``, unix ``created_at``, list envelopes); a generate answer is a ``chat.completion``
-and its stream ``chat.completion.chunk`` server-sent events, so a chat client reads it.
+Loft's own: OpenAI's fine-tuning API has none. Shapes follow OpenAI's habits (``object``, unix
+``created_at``, list envelopes).
 """
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
-from collections.abc import Iterator
-
 from django.conf import settings
-from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
-from rest_framework import exceptions, mixins, serializers, status
+from rest_framework import mixins, serializers, status
 from rest_framework.response import Response
 
-from jobs import inference, playground
 from jobs.api.serializers import StrictSerializer
 from jobs.models import Adapter, BaseModel, Evaluation, File, QuotaExceeded
 from loft.api.base import ObjectTypeField, TenantScopedViewSet, UnixTimestampField
@@ -167,140 +159,3 @@ class EvaluationViewSet(
             )
         base_model = adapters[0].base_model if adapters else BaseModel.objects.get(pk=bases.pop())
         return base_model, adapters
-
-
-# --- playground -----------------------------------------------------------------------------
-
-
-class MessageSerializer(StrictSerializer):
-    role = serializers.ChoiceField(choices=["system", "user", "assistant"])
-    content = serializers.CharField(max_length=32_000, trim_whitespace=False)
-
-
-class GenerateSerializer(StrictSerializer):
-    messages = serializers.ListField(child=MessageSerializer(), min_length=1, max_length=100)
-    max_tokens = serializers.IntegerField(required=False, default=256, min_value=1)
-    temperature = serializers.FloatField(required=False, default=0.0, min_value=0, max_value=2)
-    seed = serializers.IntegerField(
-        required=False, allow_null=True, min_value=0, max_value=2**31 - 1
-    )
-    stream = serializers.BooleanField(required=False, default=False)
-    with_adapter = serializers.BooleanField(
-        required=False,
-        default=True,
-        help_text="false: answer with the adapter's base model alone (for side by side).",
-    )
-
-    def validate_max_tokens(self, value: int) -> int:
-        if value > settings.LOFT_INFERENCE_MAX_TOKENS:
-            raise serializers.ValidationError(
-                f"max_tokens is at most {settings.LOFT_INFERENCE_MAX_TOKENS}."
-            )
-        return value
-
-    def validate_messages(self, messages: list[dict]) -> list[dict]:
-        if messages[-1]["role"] != "user":
-            raise serializers.ValidationError("The last message must be the user's.")
-        return messages
-
-
-def generate_response(adapter: Adapter, request) -> Response | StreamingHttpResponse:
-    body = GenerateSerializer(data=request.data)
-    body.is_valid(raise_exception=True)
-    values = dict(body.validated_data)
-    stream = values.pop("stream")
-    values["messages"] = [dict(m) for m in values["messages"]]
-    try:
-        inference.check_prompt_fits(adapter.base_model, values["messages"], values["max_tokens"])
-    except inference.PromptTooLong as error:
-        raise LoftAPIError(str(error), param="messages", code="context_length_exceeded") from None
-    except inference.PromptRefused as error:
-        raise LoftAPIError(str(error), param="messages", code="invalid_messages") from None
-    slot = api_slot(adapter.org_id)
-    model = adapter.name if values["with_adapter"] else adapter.base_model.name
-    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    answer_by = playground.answer_deadline()
-    try:
-        events = playground.read_events(
-            playground.start_generation(adapter, values, answer_by), answer_by
-        )
-    except BaseException:
-        slot.release()
-        raise
-    if stream:
-        response = StreamingHttpResponse(
-            _sse(inference.holding(slot, events), completion_id, created, model),
-            content_type="text/event-stream",
-        )
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
-        return response
-    try:
-        with slot:
-            result = playground.collect(events)
-    except playground.GenerationFailed as error:
-        unavailable = error.code == "inference_unavailable"
-        raise LoftAPIError(
-            str(error),
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE if unavailable else 502,
-            type="server_error",
-            code=error.code,
-        ) from error
-    return Response(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result["text"]},
-                    "finish_reason": result["finish_reason"],
-                }
-            ],
-            "usage": result["usage"],
-        }
-    )
-
-
-def api_slot(org_id: str) -> inference.Slot:
-    """A place among the organization's running requests, or the API's 429 / 503 answer."""
-    try:
-        return inference.take_slot(org_id)
-    except inference.TooManyRequests as error:
-        raise exceptions.Throttled(
-            wait=error.retry_after, detail=str(error), code="rate_limit_exceeded"
-        ) from None
-    except inference.InferenceUnavailable as error:
-        raise LoftAPIError(
-            str(error),
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-            type="server_error",
-            code="inference_unavailable",
-        ) from None
-
-
-def _sse(events: Iterator[dict], completion_id: str, created: int, model: str) -> Iterator[str]:
-    def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
-        body = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-            **extra,
-        }
-        return f"data: {json.dumps(body)}\n\n"
-
-    yield chunk({"role": "assistant", "content": ""})
-    for event in events:
-        if event["type"] == "delta":
-            yield chunk({"content": event["text"]})
-        elif event["type"] == "done":
-            yield chunk({}, event["finish_reason"], usage=event["usage"])
-        else:
-            error = {"message": event["message"], "type": "server_error", "code": event.get("code")}
-            yield f"data: {json.dumps({'error': error})}\n\n"
-    yield "data: [DONE]\n\n"

@@ -3,6 +3,8 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
+from jobs.api.aliases import AliasViewSet
+from jobs.api.chat import ChatCompletionsView
 from jobs.api.evaluations import EvaluationViewSet
 from jobs.api.fine_tuning import AdapterViewSet, FineTuningJobViewSet, UsageView
 from jobs.api.views import FileViewSet, ModelDetailView, ModelListView
@@ -13,8 +15,10 @@ router.register("files", FileViewSet, basename="file")
 router.register("fine_tuning/jobs", FineTuningJobViewSet, basename="fine-tuning-job")
 router.register("adapters", AdapterViewSet, basename="adapter")
 router.register("evaluations", EvaluationViewSet, basename="evaluation")
+router.register("aliases", AliasViewSet, basename="alias")
 
 urlpatterns = [
+    path("chat/completions", ChatCompletionsView.as_view(), name="chat-completions"),
     path("models", ModelListView.as_view(), name="model-list"),
     path("models/<path:model>", ModelDetailView.as_view(), name="model-detail"),
     path("usage", UsageView.as_view(), name="usage"),
