@@ -100,8 +100,13 @@ def web_child(env: dict[str, str], host: str, port: int, home: Path) -> Child:
             f"{host}:{port}",
             "--workers",
             "2",
+            # A streamed answer holds its thread for as long as it is generated (the thread
+            # waits on the answer's Redis list), so threads, not CPU, bound how many clients
+            # stream at once; 2 x 4 queued the 9th behind the first 8. 16 per process, since
+            # gunicorn does not spread connections evenly: one process alone takes 16 streams
+            # (bench/serve.py), the other stays free for pages and API calls.
             "--threads",
-            "4",
+            "16",
             "--timeout",
             "120",
             # No access log: Loft logs each request itself, as JSON (loft/observability.py).

@@ -1,4 +1,5 @@
-"""The ``loft`` command-line client: files, fine-tuning jobs and adapters from a terminal.
+"""The ``loft`` command-line client: files, fine-tuning jobs, adapters, aliases and chat from a
+terminal.
 
 It speaks Loft's OpenAI-compatible REST API with the standard library only, so it needs nothing
 beyond Python on the machine that runs it. The key and the URL come from the environment
@@ -35,6 +36,13 @@ FINISHED = ("succeeded", "failed", "cancelled")
 SHOWN_LINE_ERRORS = 5
 # A followed job survives this many failed polls in a row (a restarting server) before giving up.
 FOLLOW_RETRIES = 5
+# A streamed answer may wait this long for its next event (a first request loads the model; the
+# server gives up on a request itself after LOFT_INFERENCE_TIMEOUT_SECONDS).
+STREAM_TIMEOUT_SECONDS = 300
+# ``aliases promote`` asks again this often while the candidate is being evaluated, this long.
+PROMOTE_INTERVAL_SECONDS = 5.0
+PROMOTE_TIMEOUT_SECONDS = 3600.0
+SHOWN_EVIDENCE_ITEMS = 5
 
 
 class CLIError(Exception):
@@ -54,7 +62,9 @@ class Unreachable(CLIError):
 class APIError(CLIError):
     """Loft answered with an error, normally in OpenAI's shape ``{"error": {...}}``."""
 
-    def __init__(self, status: int, message: str, *, param=None, code=None, details=None):
+    def __init__(
+        self, status: int, message: str, *, param=None, code=None, details=None, body=None
+    ):
         extra = ", ".join(
             f"{name}: {value}" for name, value in (("param", param), ("code", code)) if value
         )
@@ -64,6 +74,7 @@ class APIError(CLIError):
         self.status = status
         self.param = param
         self.code = code
+        self.body = body or {}  # the whole answer: some errors carry more than ``error``
 
 
 def _detail_lines(details) -> list[str]:
@@ -162,6 +173,8 @@ class Client:
 
     def json_of(self, response) -> dict:
         raw = self._read(response)
+        if not raw.strip():  # 204 No Content, e.g. a deletion
+            return {}
         try:
             return json.loads(raw)
         except ValueError:
@@ -206,6 +219,7 @@ class Client:
             param=info.get("param"),
             code=info.get("code"),
             details=body.get("details"),
+            body=body,
         )
 
 
@@ -864,6 +878,301 @@ def cmd_adapters_download(client: Client, args) -> int:
     return 0
 
 
+# --- chat ----------------------------------------------------------------------------------
+
+
+def _prompt_of(args) -> str:
+    """The message: the argument, else standard input (a pipe, or typed up to Ctrl-D)."""
+    if args.prompt is not None:
+        prompt = args.prompt
+    else:
+        if sys.stdin.isatty():
+            print("Type the message, then Ctrl-D.", file=sys.stderr)
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise CLIError("no message: give it as an argument or on standard input.", exit_code=2)
+    return prompt
+
+
+def chat_request(args, prompt: str) -> dict:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    body: dict = {
+        "model": args.model,
+        "messages": [*messages, {"role": "user", "content": prompt}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    for name in ("max_tokens", "temperature", "seed"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    return body
+
+
+def sse_events(client: Client, response) -> Iterator[dict]:
+    """The JSON objects of a server-sent event stream, up to ``data: [DONE]``; an error event
+    (``{"error": {...}}``, OpenAI's shape) becomes an APIError."""
+    while True:
+        try:
+            line = response.readline()
+        except (OSError, http.client.HTTPException) as error:
+            raise Unreachable(
+                f"the answer from Loft at {client.base_url} broke off: {error}"
+            ) from None
+        if not line:
+            return  # the server closed the stream without [DONE]: what came is all there is
+        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not text.startswith("data:"):
+            continue  # blank separators, comments (keep-alives), event names
+        data = text[len("data:") :].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise CLIError("Loft sent an event that is not JSON in the answer's stream") from None
+        if isinstance(event, dict) and isinstance(event.get("error"), dict):
+            info = event["error"]
+            raise APIError(
+                response.status,
+                str(info.get("message") or "the answer failed"),
+                param=info.get("param"),
+                code=info.get("code"),
+            )
+        yield event
+
+
+def _usage_text(usage: dict | None, finish_reason: str | None, seconds: float) -> str:
+    parts = []
+    if usage:
+        parts.append(
+            f"{_number(usage.get('prompt_tokens'))} prompt + "
+            f"{_number(usage.get('completion_tokens'))} completion tokens"
+        )
+    if finish_reason:
+        parts.append(f"finish_reason {finish_reason}")
+    parts.append(f"{seconds:.1f} s")
+    return "usage: " + ", ".join(parts)
+
+
+def cmd_chat(client: Client, args) -> int:
+    body = chat_request(args, _prompt_of(args))
+    started = time.monotonic()
+    usage, finish_reason, ends_with_newline = None, None, True
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    with client.open(
+        "POST",
+        "chat/completions",
+        body=json.dumps(body).encode(),
+        headers=headers,
+        timeout=STREAM_TIMEOUT_SECONDS,
+    ) as response:
+        try:
+            for event in sse_events(client, response):
+                if args.json:
+                    print(json.dumps(event), flush=True)
+                for choice in event.get("choices") or []:
+                    content = (choice.get("delta") or {}).get("content")
+                    if content and not args.json:
+                        sys.stdout.write(content)
+                        sys.stdout.flush()
+                        ends_with_newline = content.endswith("\n")
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                usage = event.get("usage") or usage
+        finally:
+            if not ends_with_newline:
+                print(flush=True)  # an error or Ctrl-C starts on a line of its own
+    print(_usage_text(usage, finish_reason, time.monotonic() - started), file=sys.stderr)
+    return 0
+
+
+# --- aliases -------------------------------------------------------------------------------
+
+ALIAS_COLUMNS = [
+    ("NAME", lambda a: a.get("name", "")),
+    ("ADAPTER", lambda a: _adapter_id(a.get("adapter")) or "-"),
+    ("EVAL FILES", lambda a: ", ".join(a.get("eval_files") or []) or "-"),
+    ("UPDATED", lambda a: _when(a.get("updated_at") or a.get("created_at"))),
+]
+MOVE_COLUMNS = [
+    ("WHEN", lambda m: _when(m.get("created_at"))),
+    ("KIND", lambda m: m.get("kind", "")),
+    ("FROM", lambda m: m.get("from_adapter") or "-"),
+    ("TO", lambda m: m.get("to_adapter") or "-"),
+    ("BY", lambda m: m.get("actor") or "-"),
+]
+
+
+def _adapter_id(value) -> str | None:
+    """An alias's adapter, whether the API gives its id or the adapter object."""
+    return value.get("id") if isinstance(value, dict) else value
+
+
+def _alias_path(name: str, action: str = "") -> str:
+    path = f"aliases/{urllib.parse.quote(name, safe='')}"
+    return f"{path}/{action}" if action else path
+
+
+def cmd_aliases_list(client: Client, args) -> int:
+    listing = client.call("GET", "aliases")
+    if args.json:
+        _print_json(listing)
+    else:
+        _table(listing.get("data", []), ALIAS_COLUMNS, "No aliases.")
+    return 0
+
+
+def cmd_aliases_create(client: Client, args) -> int:
+    eval_files = []
+    for value in args.eval_files:
+        if Path(value).is_file():  # a local file: uploaded first, as an eval set
+            file = upload_file(client, value, "eval", None, None)
+            print(f"Uploaded {value} as {file['id']} ({file.get('status')}).", file=sys.stderr)
+            value = file["id"]
+        eval_files.append(value)
+    alias = client.call(
+        "POST",
+        "aliases",
+        json_body={"name": args.name, "adapter": args.adapter, "eval_files": eval_files},
+    )
+    if args.json:
+        _print_json(alias)
+    else:
+        print(
+            f"Created alias {alias.get('name', args.name)} → {_adapter_id(alias.get('adapter'))}."
+        )
+    return 0
+
+
+def cmd_aliases_delete(client: Client, args) -> int:
+    client.call("DELETE", _alias_path(args.name))
+    if args.json:
+        _print_json({"name": args.name, "deleted": True})
+    else:
+        print(f"Deleted alias {args.name}.")
+    return 0
+
+
+def cmd_aliases_rollback(client: Client, args) -> int:
+    alias = client.call("POST", _alias_path(args.name, "rollback"))
+    if args.json:
+        _print_json(alias)
+    else:
+        print(f"Rolled {args.name} back to {_adapter_id(alias.get('adapter'))}.")
+    return 0
+
+
+def cmd_aliases_moves(client: Client, args) -> int:
+    listing = client.call("GET", _alias_path(args.name, "moves"))
+    if args.json:
+        _print_json(listing)
+    else:
+        _table(listing.get("data", []), MOVE_COLUMNS, "No moves.")
+    return 0
+
+
+def _compact(value) -> str:
+    """An evidence value on one line: numbers to 4 significant digits, structures flattened."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_compact(inner)}" for key, inner in value.items())
+    if isinstance(value, list):
+        if len(value) == 2 and all(isinstance(v, int | float) for v in value):
+            return f"[{_compact(value[0])}, {_compact(value[1])}]"  # an interval
+        return "; ".join(_compact(inner) for inner in value)
+    return "-" if value is None else str(value)
+
+
+def _file_evidence(entry: dict) -> str:
+    """``eval.jsonl: rouge_l 0.42 → 0.38, gain -0.04, 95% interval [-0.08, 0.01], 50 rows``."""
+    if entry.get("current") is None:
+        return f"{entry.get('file', '?')}: no rows scored"
+    text = (
+        f"{entry.get('file', '?')}: {entry.get('metric', 'score')} "
+        f"{_compact(entry['current'])} → {_compact(entry.get('candidate'))}, "
+        f"gain {_compact(entry.get('gain'))}"
+    )
+    if entry.get("interval"):
+        text += f", 95% interval {_compact(entry['interval'])}"
+    if entry.get("rows") is not None:
+        text += f", {entry['rows']} rows"
+    if entry.get("dropped"):
+        text += " (drops more than allowed)"
+    return text
+
+
+def evidence_lines(evidence, message: str = "") -> list[str]:
+    """The gate's evidence in a few lines: the reasons the message does not already give, each
+    eval file's means, gain and interval, the forgetting probes; any other part compactly."""
+    if not isinstance(evidence, dict):
+        return [f"  {_compact(evidence)}"] if evidence else []
+    lines = [f"  {reason}" for reason in evidence.get("reasons") or [] if reason not in message]
+    for entry in (evidence.get("files") or [])[:SHOWN_EVIDENCE_ITEMS]:
+        lines.append(f"  {_file_evidence(entry) if isinstance(entry, dict) else entry}")
+    probes = evidence.get("probes")
+    if isinstance(probes, dict) and probes.get("count"):
+        lines.append(
+            f"  probes: the current adapter answers {probes.get('current_answered', 0):.0%}, "
+            f"the candidate {probes.get('candidate_answered', 0):.0%}; "
+            f"{probes.get('lost', 0)} of {probes['count']} lost"
+        )
+    known = ("passed", "reasons", "files", "probes", "limits")
+    for key, value in evidence.items():
+        if key not in known and value not in (None, "", [], {}):
+            lines.append(f"  {key}: {_compact(value)}")
+    return lines
+
+
+def cmd_aliases_promote(client: Client, args) -> int:
+    """Ask to move the alias; while the candidate is being evaluated (202), ask again every few
+    seconds, unless --no-wait. Moved: 0. Refused by the gate: 1, with its evidence."""
+    body = {"adapter": args.adapter, "force": args.force}
+    deadline = time.monotonic() + args.timeout
+    status = StatusLine(sys.stderr)
+    try:
+        while True:
+            try:
+                answer = client.call("POST", _alias_path(args.name, "promote"), json_body=body)
+            except APIError as error:
+                status.close()
+                if error.code != "promotion_refused":
+                    raise
+                if args.json:
+                    _print_json(error.body)
+                evidence = evidence_lines(error.body.get("evidence"), error.message)
+                raise CLIError(error.message, lines=evidence) from None
+            if answer.get("status") != "evaluating":
+                break
+            if args.no_wait:
+                break
+            if time.monotonic() > deadline:
+                status.close()
+                raise CLIError(
+                    f"the promotion of {args.adapter} is still being evaluated after "
+                    f"{args.timeout:g} s; ask again later: "
+                    f"loft aliases promote {args.name} {args.adapter}"
+                )
+            status.update(answer.get("message") or f"evaluating {args.adapter}…")
+            pause(args.interval)
+    except KeyboardInterrupt:
+        status.close()
+        print(
+            f"Stopped waiting; the evaluation goes on. Ask again with: "
+            f"loft aliases promote {args.name} {args.adapter}",
+            file=sys.stderr,
+        )
+        return 130
+    status.close()
+    if args.json:
+        _print_json(answer)
+    elif answer.get("status") == "evaluating":  # --no-wait
+        print(answer.get("message") or f"{args.adapter} is being evaluated.")
+        print(f"Ask again later: loft aliases promote {args.name} {args.adapter}")
+    else:
+        print(f"Moved {args.name} to {_adapter_id(answer.get('adapter')) or args.adapter}.")
+    return 0
+
+
 # --- the command line -----------------------------------------------------------------------
 
 
@@ -892,11 +1201,12 @@ def _listing_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loft",
-        description="Loft's command-line client: datasets, fine-tuning jobs and adapters.",
+        description="Loft's command-line client: datasets, fine-tuning jobs, adapters, aliases "
+        "and chat.",
         parents=[_options(suppress=False)],
     )
     common = _options(suppress=True)
-    groups = parser.add_subparsers(dest="group", metavar="{files,jobs,adapters}")
+    groups = parser.add_subparsers(dest="group", metavar="{files,jobs,adapters,aliases,chat}")
 
     def command(sub, name: str, handler, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, parents=[common])
@@ -989,6 +1299,71 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("id")
     download.add_argument("-o", "--output", help="the zip's path (default: <id>.zip)")
     download.add_argument("--extract", metavar="DIR", help="also unzip it into DIR")
+
+    aliases = groups.add_parser("aliases", help="name adapters, promote and roll back")
+    aliases_sub = aliases.add_subparsers(dest="command", required=True)
+    command(aliases_sub, "list", cmd_aliases_list, "list the organization's aliases")
+    alias_create = command(
+        aliases_sub, "create", cmd_aliases_create, "name an adapter; requests use the name"
+    )
+    alias_create.add_argument("name")
+    alias_create.add_argument("adapter", help="an adapter id or fine-tuned model name")
+    alias_create.add_argument(
+        "--eval-file",
+        dest="eval_files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an eval file id, or a local path to upload first, on which every promotion is "
+        "measured; repeatable (one per task the alias serves)",
+    )
+    promote = command(
+        aliases_sub,
+        "promote",
+        cmd_aliases_promote,
+        "move an alias to another adapter, if it does no worse on the alias's eval files",
+    )
+    promote.add_argument("name")
+    promote.add_argument("adapter", help="the candidate: an adapter id or fine-tuned model name")
+    promote.add_argument(
+        "--force", action="store_true", help="move it even if the gate refuses (owners only)"
+    )
+    promote.add_argument(
+        "--no-wait", action="store_true", help="do not wait while the candidate is evaluated"
+    )
+    promote.add_argument(
+        "--interval", type=float, default=PROMOTE_INTERVAL_SECONDS, help="seconds between asks"
+    )
+    promote.add_argument(
+        "--timeout",
+        type=float,
+        default=PROMOTE_TIMEOUT_SECONDS,
+        help="give up waiting after this many seconds",
+    )
+    command(
+        aliases_sub, "rollback", cmd_aliases_rollback, "move an alias back to its previous adapter"
+    ).add_argument("name")
+    command(aliases_sub, "delete", cmd_aliases_delete, "delete an alias").add_argument("name")
+    command(aliases_sub, "moves", cmd_aliases_moves, "an alias's moves, newest first").add_argument(
+        "name"
+    )
+
+    chat = command(
+        groups,
+        "chat",
+        cmd_chat,
+        "ask a model (a base model, a fine-tuned model, an adapter id or an alias) and print its "
+        "answer as it is written",
+    )
+    chat.epilog = 'Example: echo "Summarise: ..." | loft chat support-bot --max-tokens 200'
+    chat.add_argument("model")
+    chat.add_argument(
+        "prompt", nargs="?", metavar="message", help="the message (default: standard input)"
+    )
+    chat.add_argument("--system", help="a system message before it")
+    chat.add_argument("--max-tokens", type=int, help="the longest answer, in tokens")
+    chat.add_argument("--temperature", type=float, help="0 answers greedily")
+    chat.add_argument("--seed", type=int, help="the same seed, the same sampled answer")
     return parser
 
 

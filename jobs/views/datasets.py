@@ -1,22 +1,32 @@
 """Browser pages of the fine-tuning domain: datasets, evaluations and leaderboards, the
 playground."""
 
+import logging
+
+import redis
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
+from kombu.exceptions import OperationalError
+from rest_framework import serializers
 
 from jobs import inference
-from jobs.api.evaluations import GenerateSerializer
-from jobs.models import Adapter, Evaluation, File, FileInUse
+from jobs.api.chat import ChatMessageSerializer
+from jobs.api.serializers import StrictSerializer
+from jobs.models import Adapter, Alias, BaseModel, Evaluation, File, FileInUse
 from jobs.playground import (
     GenerationFailed,
     answer_deadline,
     collect,
+    find_target,
     read_events,
     start_generation,
 )
 from loft.tenancy import org_or_404
+
+log = logging.getLogger(__name__)
 
 # The scores shown for each model, in this order: (label, key, higher is better).
 METRIC_COLUMNS = [
@@ -97,62 +107,134 @@ def leaderboard(request, file_id: str):
     )
 
 
+# The playground's columns: each answers the same conversation with the model picked for it.
+PLAYGROUND_COLUMNS = 3
+
+
+class PlaygroundForm(StrictSerializer):
+    """The page's form without JavaScript: a conversation and how to answer it."""
+
+    messages = serializers.ListField(child=ChatMessageSerializer(), min_length=1, max_length=100)
+    max_tokens = serializers.IntegerField(min_value=1, max_value=settings.LOFT_INFERENCE_MAX_TOKENS)
+    temperature = serializers.FloatField(min_value=0, max_value=2)
+
+
 @login_required
 def playground(request, adapter_id: str):
-    """The adapter and its base answering the same conversation side by side. With
-    JavaScript both answers stream in from /v1/adapters/{id}/generate; without, the form posts
-    here and the page comes back with both answers."""
+    """Up to three models side by side (by default the adapter's base and the adapter, and an
+    alias of the adapter if it has one), each picked from the base models, the organization's
+    adapters and its aliases, all answering the same conversation. With JavaScript each answer
+    streams in from /v1/chat/completions (the page's session and CSRF token authenticate it);
+    without, the form posts here and the page comes back with every answer."""
     org = org_or_404(request)
     adapter = get_object_or_404(
         Adapter.objects.for_org(org).select_related("base_model"), pk=adapter_id
     )
-    context = {"adapter": adapter, "system": "", "prompt": "", "max_tokens": 128, "temperature": 0}
+    choices = _model_choices(org)
+    alias = next((a for a in choices["aliases"] if a.adapter_id == adapter.id), None)
+    picked = [adapter.base_model.name, adapter.id, alias.name if alias else ""]
+    context = {
+        "adapter": adapter,
+        "choices": choices,
+        "system": "",
+        "prompt": "",
+        "max_tokens": 128,
+        "temperature": 0,
+    }
     if request.method == "POST":
+        sent = request.POST.getlist("model")
+        if sent:  # the page's pickers; a form without them gets the default columns
+            picked = [*sent, *[""] * PLAYGROUND_COLUMNS][:PLAYGROUND_COLUMNS]
         system, prompt = request.POST.get("system", ""), request.POST.get("prompt", "")
-        messages = [{"role": "system", "content": system}] if system.strip() else []
-        form = GenerateSerializer(
+        conversation = [{"role": "system", "content": system}] if system.strip() else []
+        form = PlaygroundForm(
             data={
-                "messages": [*messages, {"role": "user", "content": prompt}],
+                "messages": [*conversation, {"role": "user", "content": prompt}],
                 "max_tokens": request.POST.get("max_tokens") or 128,
                 "temperature": request.POST.get("temperature") or 0,
             }
         )
         context.update(system=system, prompt=prompt)
-        if not form.is_valid():
+        if not any(picked):
+            context["error"] = "Pick a model for at least one column."
+        elif not form.is_valid():
             context["error"] = _first_error(form.errors)
         else:
-            values = {
-                **form.validated_data,
-                "messages": [dict(m) for m in form.validated_data["messages"]],
-            }
-            values.pop("stream", None)
+            values = form.validated_data
             context.update(max_tokens=values["max_tokens"], temperature=values["temperature"])
+            generation = {
+                "messages": [dict(m) for m in values["messages"]],
+                "max_tokens": values["max_tokens"],
+                "temperature": values["temperature"],
+                "top_p": 1.0,
+                "stop": [],
+                "seed": None,
+            }
             try:
-                context["answers"] = _side_by_side(adapter, values)
+                context["answers"] = _side_by_side(org, picked, generation)
             except (
                 inference.PromptRefused,
                 inference.TooManyRequests,
                 inference.InferenceUnavailable,
-                GenerationFailed,
             ) as error:
                 context["error"] = str(error)
+    context["columns"] = [
+        {"number": number, "model": model, "answer": context.get("answers", {}).get(number)}
+        for number, model in enumerate(picked, start=1)
+    ]
     return render(request, "jobs/playground.html", context)
 
 
-def _side_by_side(adapter: Adapter, values: dict) -> dict:
-    """The base's and the adapter's answers, both queued at once and waited for within one
-    request's timeout, holding one of the organization's places."""
-    inference.check_prompt_fits(adapter.base_model, values["messages"], values["max_tokens"])
-    with inference.take_slot(adapter.org_id):
+def _model_choices(org) -> dict:
+    """What a column may pick: the enabled base models, the organization's adapters and its
+    aliases (each with the adapter it points to)."""
+    return {
+        "bases": list(BaseModel.objects.enabled().order_by("name")),
+        "adapters": list(Adapter.objects.for_org(org).order_by("-created_at")[:200]),
+        "aliases": list(Alias.objects.for_org(org).select_related("adapter").order_by("name")),
+    }
+
+
+def _side_by_side(org, picked: list[str], generation: dict) -> dict[int, dict]:
+    """Each picked column's answer (``text``, ``finish_reason``, ``usage``) or ``error``, by
+    column number. All are queued at once under one admission for their tokens together and
+    waited for within one request's timeout; a column whose model is gone or whose generation
+    broke says so in a sentence, and the others still answer."""
+    answers: dict[int, dict] = {}
+    targets = {}
+    for number, model in enumerate(picked, start=1):
+        if not model:
+            continue
+        target = find_target(org, model)
+        if target is None:
+            answers[number] = {"error": f"The model '{model}' no longer exists."}
+        else:
+            targets[number] = target
+    if not targets:
+        return answers
+    tokens = sum(
+        inference.check_prompt_fits(t.base_model, generation["messages"], generation["max_tokens"])
+        + generation["max_tokens"]
+        for t in targets.values()
+    )
+    with inference.admit(org.id, tokens):
         answer_by = answer_deadline()
-        request_ids = {
-            side: start_generation(adapter, {**values, "with_adapter": with_adapter}, answer_by)
-            for side, with_adapter in (("base", False), ("adapter", True))
-        }
-        return {
-            side: collect(read_events(request_id, answer_by))
-            for side, request_id in request_ids.items()
-        }
+        try:
+            request_ids = {
+                number: start_generation(org.id, target, generation, answer_by)
+                for number, target in targets.items()
+            }
+        except (OperationalError, redis.RedisError) as error:
+            log.warning("queueing playground requests: %s", error)
+            raise inference.InferenceUnavailable(
+                "The inference workers cannot be reached right now; try again later."
+            ) from None
+        for number, request_id in request_ids.items():
+            try:
+                answers[number] = collect(read_events(request_id, answer_by))
+            except GenerationFailed as error:
+                answers[number] = {"error": str(error)}
+    return answers
 
 
 def _first_error(errors) -> str:
