@@ -558,6 +558,280 @@ def test_a_redirected_download_leaves_the_key_behind(monkeypatch, capsys, tmp_pa
     }
 
 
+# --- chat --------------------------------------------------------------------------------
+
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    """A stand-in for Loft's chat and alias endpoints: each POST gets the next scripted answer
+    (status, content type, body) and is recorded (path, JSON body)."""
+
+    answers: list = []  # noqa: RUF012 -- per-test, set by scripted()
+    seen: list = []  # noqa: RUF012
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        self.seen.append((self.path, json.loads(self.rfile.read(length) or b"null")))
+        status, content_type, body = self.answers.pop(0)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Set the answers, get the requests: ``scripted(answer, …)`` returns the list of them."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("LOFT_API_KEY", "sk-loft-anything")
+    monkeypatch.setenv("LOFT_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/v1")
+
+    def script(*answers):
+        _Scripted.answers, _Scripted.seen = list(answers), []
+        return _Scripted.seen
+
+    yield script
+    server.shutdown()
+    server.server_close()
+
+
+def sse(*events) -> tuple[int, str, bytes]:
+    lines = [f"data: {json.dumps(event)}\n\n" for event in events]
+    return 200, "text/event-stream", ("".join(lines) + "data: [DONE]\n\n").encode()
+
+
+def chunk(content=None, finish_reason=None, usage=None) -> dict:
+    delta = {} if content is None else {"content": content}
+    return {
+        "object": "chat.completion.chunk",
+        "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+
+
+def test_chat_streams_the_answer_and_prints_the_usage_to_stderr(scripted, capsys):
+    seen = scripted(
+        sse(
+            chunk(""),
+            chunk("Hello"),
+            chunk(", world"),
+            chunk(finish_reason="length"),
+            chunk(usage={"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}),
+        )
+    )
+
+    code, out, err = run(
+        capsys,
+        "chat",
+        "support-bot",
+        "Say hello",
+        "--system",
+        "Be brief.",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--seed",
+        "7",
+    )
+
+    assert code == 0, err
+    assert out == "Hello, world\n"
+    assert err.startswith("usage: 12 prompt + 3 completion tokens, finish_reason length, ")
+    assert seen == [
+        (
+            "/v1/chat/completions",
+            {
+                "model": "support-bot",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Say hello"},
+                ],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_tokens": 3,
+                "temperature": 0.0,
+                "seed": 7,
+            },
+        )
+    ]
+
+
+def test_chat_reads_the_message_from_stdin(scripted, capsys, monkeypatch):
+    seen = scripted(sse(chunk("Fine."), chunk(finish_reason="stop")))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("How are you?\n"))
+
+    code, out, _ = run(capsys, "chat", "ft:smol:a:cli")
+
+    assert code == 0 and out == "Fine.\n"
+    assert seen[0][1]["messages"] == [{"role": "user", "content": "How are you?\n"}]
+    assert "max_tokens" not in seen[0][1] and "temperature" not in seen[0][1]
+
+
+def test_chat_without_a_message_is_a_usage_error(scripted, capsys, monkeypatch):
+    seen = scripted()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("  \n"))
+
+    code, out, err = run(capsys, "chat", "support-bot")
+
+    assert code == 2 and out == "" and seen == []
+    assert err.strip() == "loft: no message: give it as an argument or on standard input."
+
+
+def test_an_error_in_the_stream_ends_the_answer_with_a_sentence(scripted, capsys):
+    error = {"message": "The worker ran out of memory.", "type": "server_error", "code": "oom"}
+    scripted(sse(chunk("Once upon"), {"error": error}))
+
+    code, out, err = run(capsys, "chat", "support-bot", "A story")
+
+    assert code == 1
+    assert out == "Once upon\n"
+    assert err.strip() == "loft: The worker ran out of memory. (code: oom)"
+
+
+def test_chat_names_a_model_loft_does_not_know(as_tenant_a, capsys):
+    code, out, err = run(capsys, "chat", "no-such-model", "Hi")
+
+    assert code == 1 and out == ""
+    assert err.startswith("loft: ") and "no-such-model" in err and "Traceback" not in err
+
+
+def test_chat_without_an_inference_worker_says_so_in_a_sentence(as_tenant_a, capsys, settings):
+    settings.LOFT_INFERENCE_QUEUE = "nobody-listens"
+    settings.LOFT_INFERENCE_TIMEOUT_SECONDS = 2
+
+    code, _, err = run(
+        capsys, "chat", "HuggingFaceTB/SmolLM2-135M-Instruct", "Hi", "--max-tokens", "4"
+    )
+
+    assert code == 1
+    assert err.startswith("loft: ") and "inference" in err.lower() and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# --- aliases -----------------------------------------------------------------------------
+
+
+def test_an_alias_is_created_listed_and_deleted(as_tenant_a, capsys, tmp_path):
+    adapter = _stored_adapter(as_tenant_a.org, tmp_path)
+    rows = tmp_path / "eval.jsonl"
+    rows.write_text("\n".join([CHAT_LINE] * 4) + "\n")
+
+    code, out, err = run(
+        capsys, "aliases", "create", "support-bot", adapter.id, "--eval-file", str(rows)
+    )
+
+    assert code == 0, err
+    assert "Uploaded " in err and " as file-" in err
+    assert out.strip() == f"Created alias support-bot → {adapter.id}."
+
+    code, out, _ = run(capsys, "aliases", "list")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split()[:2] == ["NAME", "ADAPTER"]
+    assert row.split()[:3] == ["support-bot", adapter.id, "file-" + row.split()[2][5:]]
+
+    code, out, _ = run(capsys, "aliases", "delete", "support-bot")
+    assert code == 0 and out.strip() == "Deleted alias support-bot."
+    code, out, _ = run(capsys, "aliases", "list")
+    assert code == 0 and out.strip() == "No aliases."
+
+    code, _, err = run(capsys, "aliases", "delete", "support-bot")
+    assert code == 1 and err.startswith("loft: ") and "Traceback" not in err
+
+
+def test_promote_asks_again_while_the_candidate_is_evaluated(scripted, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "pause", lambda seconds: None)
+    evaluating = {
+        "object": "alias.promotion",
+        "status": "evaluating",
+        "evaluations": ["eval-1"],
+        "message": "Evaluating adapter-new against adapter-old on 1 eval file.",
+    }
+    moved = {"object": "alias", "name": "support-bot", "adapter": "adapter-new"}
+    answer = (202, "application/json", json.dumps(evaluating).encode())
+    seen = scripted(answer, answer, (200, "application/json", json.dumps(moved).encode()))
+
+    code, out, err = run(capsys, "aliases", "promote", "support-bot", "adapter-new")
+
+    assert code == 0, err
+    assert out.strip() == "Moved support-bot to adapter-new."
+    assert "Evaluating adapter-new against adapter-old" in err
+    assert (
+        seen
+        == [("/v1/aliases/support-bot/promote", {"adapter": "adapter-new", "force": False})] * 3
+    )
+
+
+def test_promote_without_waiting_says_to_ask_again(scripted, capsys):
+    evaluating = {"object": "alias.promotion", "status": "evaluating", "message": "Evaluating."}
+    scripted((202, "application/json", json.dumps(evaluating).encode()))
+
+    code, out, _ = run(capsys, "aliases", "promote", "support-bot", "adapter-new", "--no-wait")
+
+    assert code == 0
+    assert out.splitlines() == [
+        "Evaluating.",
+        "Ask again later: loft aliases promote support-bot adapter-new",
+    ]
+
+
+def test_a_refused_promotion_shows_the_evidence_in_a_few_lines(scripted, capsys):
+    refused = {
+        "error": {
+            "message": "The candidate is refused: its ROUGE-L drops on eval.jsonl.",
+            "type": "invalid_request_error",
+            "param": "adapter",
+            "code": "promotion_refused",
+        },
+        "evidence": {
+            "passed": False,
+            "reasons": [
+                "The candidate is refused: its ROUGE-L drops on eval.jsonl.",
+                "The candidate fails 3 of the 100 general probes that the current adapter answers.",
+            ],
+            "files": [
+                {
+                    "file": "eval.jsonl",
+                    "rows": 50,
+                    "metric": "rouge_l",
+                    "current": 0.4213,
+                    "candidate": 0.3601,
+                    "gain": -0.0612,
+                    "interval": [-0.1234567, -0.02],
+                    "significant": False,
+                    "dropped": True,
+                }
+            ],
+            "probes": {
+                "count": 100,
+                "current_answered": 0.84,
+                "candidate_answered": 0.81,
+                "lost": 3,
+            },
+            "limits": {"max_drop": 0.02},
+        },
+    }
+    seen = scripted((409, "application/json", json.dumps(refused).encode()))
+
+    code, out, err = run(capsys, "aliases", "promote", "support-bot", "adapter-new", "--force")
+
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        "loft: The candidate is refused: its ROUGE-L drops on eval.jsonl."
+        " (param: adapter, code: promotion_refused)",
+        "  The candidate fails 3 of the 100 general probes that the current adapter answers.",
+        "  eval.jsonl: rouge_l 0.4213 → 0.3601, gain -0.0612, 95% interval [-0.1235, -0.02],"
+        " 50 rows (drops more than allowed)",
+        "  probes: the current adapter answers 84%, the candidate 81%; 3 of 100 lost",
+    ]
+    assert seen[0][1] == {"adapter": "adapter-new", "force": True}
+
+
 # --- the distribution --------------------------------------------------------------------
 
 # Options of `loft jobs create` that are not hyperparameters.
