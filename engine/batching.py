@@ -124,7 +124,8 @@ class Listener(Protocol):
         (``max_new_tokens``), "cancelled", or "error" with a sentence in ``error``."""
 
     def after_step(self, running: list[str]) -> Iterable[str]:
-        """Called after every step with the ids still running; returns ids to cancel."""
+        """Called after every step, and after new rows' prompts are run (their first tokens),
+        with the ids still running; returns ids to cancel. A listener sends what it holds here."""
 
 
 class InferenceEngine(Protocol):
@@ -378,6 +379,10 @@ class BatchedEngine(InferenceEngine):
             self._prefill(group, rows)
             if not group.rows:  # every joiner of a new group ended at its first token
                 del self._groups[key]
+        if joiners:
+            # The joiners' first tokens go out now, not after this step's decode: a decode of a
+            # full batch takes 150 ms here, which their time to first token need not wait for.
+            self._cancel(set(self.listener.after_step(self._running()) or ()))
         rows_this_step = 0
         for group in list(self._groups.values()):
             rows_this_step += len(group.rows)
@@ -385,9 +390,11 @@ class BatchedEngine(InferenceEngine):
                 self._decode(group)
         self._stats["rows_in_last_step"] = rows_this_step
         self._stats["largest_batch"] = max(self._stats["largest_batch"], rows_this_step)
-        running = [row.id for group in self._groups.values() for row in group.rows]
-        self._cancel(set(self.listener.after_step(running) or ()))
+        self._cancel(set(self.listener.after_step(self._running()) or ()))
         return bool(self._groups or self._waiting)
+
+    def _running(self) -> list[str]:
+        return [row.id for group in self._groups.values() for row in group.rows]
 
     # --- admission ----------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class Recorder:
         self.finishes: dict[str, tuple] = {}
         self.steps: list[list[str]] = []  # the ids running after each step
         self.cancel_after = cancel_after or {}
+        self.engine: BatchedEngine | None = None
 
     def piece(self, request_id: str, text: str) -> None:
         assert request_id not in self.finishes, f"a piece of {request_id} after it finished"
@@ -55,8 +56,13 @@ class Recorder:
         self.finishes[request_id] = (finish_reason, prompt_tokens, completion_tokens, error)
 
     def after_step(self, running: list[str]) -> set[str]:
-        self.steps.append(list(running))
-        return self.cancel_after.get(len(self.steps), set())
+        # Called after a step, and also after its new rows' prompts: the step's last call wins.
+        step = self.engine.stats["steps"]
+        if len(self.steps) == step:
+            self.steps[-1] = list(running)
+        else:
+            self.steps.append(list(running))
+        return self.cancel_after.pop(step, set())
 
     def answer(self, request_id: str) -> Answer:
         reason, _, completion_tokens, error = self.finishes[request_id]
@@ -64,9 +70,11 @@ class Recorder:
 
 
 def engine_for(cache, tokenizer, listener, **options) -> BatchedEngine:
-    return BatchedEngine(
+    engine = BatchedEngine(
         lambda: load_base_model(SMOLLM2, cache, "none", "cpu"), tokenizer, listener, **options
     )
+    listener.engine = engine
+    return engine
 
 
 def serve(engine: BatchedEngine, requests: list[Request], joining: dict[str, int] | None = None):
@@ -387,7 +395,8 @@ def test_measure_bf16_agreement_of_a_mixed_batch_with_alone(cache, tokenizer, ad
     answers = []
     for max_rows in (1, 32):
         recorder = Recorder()
-        serve(BatchedEngine(bf16_base, tokenizer, recorder, max_rows=max_rows), requests)
+        recorder.engine = BatchedEngine(bf16_base, tokenizer, recorder, max_rows=max_rows)
+        serve(recorder.engine, requests)
         answers.append({r.id: recorder.answer(r.id) for r in requests})
     alone, batched = answers
     same = [r.id for r in requests if alone[r.id] == batched[r.id]]
