@@ -16,9 +16,9 @@ random LoRA adapters (r=8 on q/k/v/o, B not zero) saved to a temporary folder. M
   without the cache would do. Its files are in the page cache, the baseline's best case;
 - answer: the switch, or the reload, plus one forward pass over a short chat prompt (the first
   token of an answer), the figure a playground user waits for;
-- generation: tokens/s of greedy answers of up to --new-tokens tokens through generate(), the
-  plain base, an adapter through the cache (peft LoRA layers active), and the same adapter merged
-  into a fresh copy of the base (merge_and_unload).
+- generation: tokens/s of greedy answers of up to --new-tokens tokens through the serving engine
+  (engine/batching.py, one request at a time), the plain base, an adapter beside it (peft LoRA
+  layers active), and the same adapter merged into a fresh copy of the base (merge_and_unload).
 
 Target: a warm switch >= 20 x faster than a reload (per-request medians). The answer ratio is
 bounded by the forward pass both sides pay, and is reported without a target. Exits 0 when the
@@ -41,6 +41,7 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
+from engine import batching as B  # noqa: E402
 from engine import generate as G  # noqa: E402
 from engine.base_models import (  # noqa: E402
     BaseModelSpec,
@@ -58,6 +59,28 @@ SPEC = BaseModelSpec(
 TARGET_SWITCH_RATIO = 20.0
 CONTENDED_CORES = 0.25  # other processes' average CPU use during the run that skews its figures
 QUESTION = [{"role": "user", "content": "Write a long story about a dragon who learns to fly."}]
+
+
+class Answers:
+    """The serving engine's listener: each answer's text and completion tokens."""
+
+    def __init__(self):
+        self.pieces: dict[str, list[str]] = {}
+        self.tokens: dict[str, int] = {}
+
+    def piece(self, request_id: str, text: str) -> None:
+        self.pieces.setdefault(request_id, []).append(text)
+
+    def finished(self, request_id, finish_reason, prompt_tokens, completion_tokens, error=None):
+        if error:
+            raise SystemExit(f"generation failed: {error}")
+        self.tokens[request_id] = completion_tokens
+
+    def after_step(self, running: list[str]) -> list[str]:
+        return []
+
+    def text(self, request_id: str) -> str:
+        return "".join(self.pieces.get(request_id, []))
 
 
 def cache_dir() -> Path:
@@ -238,28 +261,32 @@ def main() -> int:
         print(f"base loads: {cache.base_loads}, cache: {cache.stats}")
 
         # --- generation: unmerged (LoRA layers active) vs merged weights -------------------------
-        def rate(model) -> tuple[float, int, str]:
-            times, tokens, text = [], 0, ""
-            for _ in range(args.repeats):
+        # Through the serving engine (engine/batching.py), one request at a time.
+        question = prompt[0].tolist()
+
+        def rate(load, adapter: str | None = None, folder: Path | None = None):
+            answers = Answers()
+            engine = B.BatchedEngine(load, tokenizer, answers, device=device, max_rows=1)
+            times = []
+            for repeat in range(args.repeats):
                 sync()
                 begun = time.perf_counter()
-                answer = G.generate(
-                    model, tokenizer, QUESTION, max_new_tokens=args.new_tokens, device=device
-                )
-                text = "".join(answer)
+                sampling = B.Sampling(max_new_tokens=args.new_tokens)
+                engine.submit(B.Request(f"r{repeat}", question, adapter, sampling, folder))
+                while engine.step():
+                    pass
                 sync()
                 times.append(time.perf_counter() - begun)
-                tokens = answer.completion_tokens
+            tokens, text = answers.tokens[f"r{repeat}"], answers.text(f"r{repeat}")
             return tokens / statistics.median(times), tokens, text
 
-        with cache.use(None, lambda: work) as model:
-            base_rate, base_tokens, _ = rate(model)
-        with cache.use(keys[0], lambda: folders[0]) as model:
-            unmerged_rate, unmerged_tokens, unmerged_text = rate(model)
-        merged = PeftModel.from_pretrained(
-            load_base_model(SPEC, cache_dir(), "none", device), str(folders[0])
-        ).merge_and_unload()
-        merged_rate, merged_tokens, merged_text = rate(merged)
+        def load_base():
+            return load_base_model(SPEC, cache_dir(), "none", device)
+
+        base_rate, base_tokens, _ = rate(load_base)
+        unmerged_rate, unmerged_tokens, unmerged_text = rate(load_base, "a0", folders[0])
+        merged = PeftModel.from_pretrained(load_base(), str(folders[0])).merge_and_unload()
+        merged_rate, merged_tokens, merged_text = rate(lambda: merged)
         print()
         print(f"generation, greedy, up to {args.new_tokens} new tokens, median of {args.repeats}:")
         print(f"  base, no adapter:        {base_rate:7.1f} tokens/s ({base_tokens} tokens)")

@@ -179,8 +179,13 @@ def print_header(args) -> None:
     print(f"{platform.platform()}; Python {platform.python_version()}; {versions}")
     print(
         f"{args.rounds} round(s), modes interleaved; {CLIENTS} streaming clients over "
-        f"{ADAPTERS} random rank-4 LoRA adapters of the bundled base (full precision), "
-        f"{NEW_TOKENS} new tokens each, greedy; warm-up: "
+        f"{ADAPTERS} random LoRA adapters of the bundled base (full precision; "
+        + (
+            "rank 4 on q/v), "
+            if args.adapter_shape == "small"
+            else "Loft's default shape: rank 16 on every linear layer), "
+        )
+        + f"{NEW_TOKENS} new tokens each, greedy; warm-up: "
         + ("one request" if args.cold_adapters else "one request, then one per adapter")
     )
     print()
@@ -257,17 +262,20 @@ class Stack:
 # --- the adapters ---------------------------------------------------------------------------
 
 
-def build_adapters(home: Path, count: int) -> tuple[list[str], float]:
+def build_adapters(home: Path, count: int, shape: str = "small") -> tuple[list[str], float]:
     """``count`` random LoRA adapters of the bundled base for the organization "bench" (made by
     create_api_key), registered and uploaded as a finished job's would be; their ids, and the
-    seconds it took."""
+    seconds it took. ``shape`` "small": rank 4 on q/v (tests/helpers.py random_adapter);
+    "default": the shape Loft trains by default, rank 16 (alpha 32) on every linear layer."""
     import torch
+    from peft import LoraConfig, get_peft_model
 
     from engine import artifacts
+    from engine.base_models import load_base_model
     from jobs.models import Adapter, BaseModel
     from loft import storage
     from loft.models import Organization
-    from tests.helpers import random_adapter
+    from tests.helpers import SMOLLM2, random_adapter
 
     started = time.monotonic()
     org = Organization.objects.get(slug="bench")
@@ -275,8 +283,15 @@ def build_adapters(home: Path, count: int) -> tuple[list[str], float]:
     ids = []
     for number in range(count):
         folder = home / "bench-adapters" / f"serve-{number}"
-        torch.manual_seed(number)  # random_adapter draws from torch's generator
-        random_adapter(home / "models", folder)
+        torch.manual_seed(number)  # the LoRA weights are drawn from torch's generator
+        if shape == "small":
+            random_adapter(home / "models", folder)
+        else:
+            config = LoraConfig(
+                r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False
+            )
+            base_model = load_base_model(SMOLLM2, home / "models", "none", "cpu")
+            get_peft_model(base_model, config).save_pretrained(folder)
         adapter = Adapter(
             org=org, name=f"ft:{base.name}:{org.slug}:serve-{number}:bench", base_model=base
         )
@@ -488,7 +503,7 @@ def measure(args, work: Path) -> bool:
         setup_django(stack.home, own_stack=True)
         for name in ("httpx", "httpx2", "openai"):  # a line per request would bury the report
             logging.getLogger(name).setLevel(logging.WARNING)
-        adapters, seconds = build_adapters(stack.home, ADAPTERS)
+        adapters, seconds = build_adapters(stack.home, ADAPTERS, args.adapter_shape)
         print(f"{len(adapters)} adapters built and uploaded in {seconds:.1f} s\n")
         if args.dry_run:
             stack.start_inference(MODES["batched"])
@@ -537,6 +552,12 @@ def main() -> int:
     parser.add_argument(
         "--model-cache",
         help="a model cache to use and keep (e.g. .loft/models); default: a temporary one",
+    )
+    parser.add_argument(
+        "--adapter-shape",
+        choices=["small", "default"],
+        default="small",
+        help="small: rank 4 on q/v; default: Loft's default shape, rank 16 on every linear layer",
     )
     parser.add_argument(
         "--cold-adapters",

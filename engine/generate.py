@@ -1,8 +1,10 @@
-"""The playground engine: one base model in memory, many LoRA adapters beside it, and streamed
-answers from whichever of them a request names.
+"""One base model in memory and many LoRA adapters beside it, switched without reloading the
+base (``AdapterCache``: custom evaluations score one model after another with it, and the serving
+engine, engine/batching.py, loads its adapters through it), and the incremental decoding both
+use to send an answer in pieces of whole characters.
 
 No Django, no Celery, no S3: the caller says how to load the base and where an adapter's folder
-is (``folder`` may download it), and gets back text in pieces it can send as server-sent events.
+is (``folder`` may download it).
 
 Why one base and many adapters: an adapter of SmolLM2 is a few MB, its base hundreds, and a
 larger base takes longer still to load. ``AdapterCache`` loads the base once, wraps it in a peft
@@ -29,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from engine import artifacts, data
-from engine.evaluate import _prompt_ids, end_of_turn_ids
+from engine import artifacts
 
 # A character split across tokens decodes to this until its last byte arrives.
 INCOMPLETE = "\ufffd"
@@ -185,107 +186,11 @@ def _remove_adapter_layers(model) -> None:
 # --- generation -------------------------------------------------------------------------------
 
 
-class PromptTooLong(ValueError):
-    """The prompt, and the answer it may grow to, do not fit the model's context."""
-
-
-class Generation(Iterator[str]):
-    """An answer as it is produced: iterate for its text in pieces; ``completion_tokens`` and
-    ``finish_reason`` ("stop" at an end-of-turn token, "length" at ``max_new_tokens``) are final
-    once the iteration ends."""
-
-    def __init__(self, pieces: Callable[[Generation], Iterator[str]], prompt_tokens: int):
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self._pieces = pieces(self)
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-
-def generate(
-    model,
-    tokenizer,
-    messages: list[dict],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    seed: int | None = None,
-    device: str = "cpu",
-    context_length: int | None = None,
-) -> Generation:
-    """The assistant's answer to ``messages`` (``{"role", "content"}`` dicts), in pieces.
-
-    Greedy when ``temperature`` is 0, else sampled from the softmax at that temperature, with a
-    generator of its own when ``seed`` is given (the same seed, the same answer). The prompt is
-    rendered as evaluation renders it; the answer ends at an end-of-turn token, which is not part
-    of the text. The model is put in eval mode. A piece is yielded only when it ends on a whole
-    character, so the pieces joined are the decoded answer. Given ``context_length``, a prompt
-    that leaves less than ``max_new_tokens`` of it raises ``PromptTooLong`` before any compute.
-    """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, not {temperature}")
-    prompt = _prompt_ids([data.Message(m["role"], m["content"]) for m in messages], tokenizer)
-    if context_length is not None and len(prompt) + max_new_tokens > context_length:
-        raise PromptTooLong(
-            f"The prompt is {len(prompt)} tokens; with max_new_tokens {max_new_tokens} it does "
-            f"not fit the model's context of {context_length} tokens."
-        )
-    stops = set(end_of_turn_ids(tokenizer))
-    generator = None
-    if temperature > 0 and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    model.eval()
-    cache_argument = _cache_argument(model)
-
-    def pieces(result: Generation) -> Iterator[str]:
-        tokens: list[int] = []
-        decoder = _IncrementalDecoder(tokenizer, tokens)
-        ids = torch.tensor([prompt], device=device)
-        cache = None
-        result.finish_reason = "length"
-        for _ in range(max_new_tokens):
-            # Grad mode is set per step, not around the loop: a generator's context would
-            # stay entered in the caller between pieces.
-            with torch.no_grad():
-                # use_cache explicitly: the base's config turns the cache off for packed training.
-                output = model(input_ids=ids, use_cache=True, **{cache_argument: cache})
-            cache = getattr(output, cache_argument)
-            token = _next_token(output.logits[0, -1], temperature, generator)
-            if token in stops:
-                result.finish_reason = "stop"
-                break
-            tokens.append(token)
-            result.completion_tokens = len(tokens)
-            if piece := decoder.step():
-                yield piece
-            ids = torch.tensor([[token]], device=device)
-        if rest := decoder.flush():
-            yield rest
-
-    return Generation(pieces, len(prompt))
-
-
-def generate_text(model, tokenizer, messages: list[dict], **options) -> str:
-    """The whole answer at once; the options are ``generate``'s."""
-    return "".join(generate(model, tokenizer, messages, **options))
-
-
 def _cache_argument(model) -> str:
     """The name of the KV-cache argument (and output): transformers 5.x renamed
     ``past_key_values`` to ``cache``, the old name deprecated."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
-def _next_token(logits: torch.Tensor, temperature: float, generator) -> int:
-    if temperature == 0:
-        return int(logits.argmax())
-    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
-    return int(torch.multinomial(probabilities, 1, generator=generator))
 
 
 class _IncrementalDecoder:

@@ -450,3 +450,14 @@ def test_measure_tokens_per_second_batched_against_one_at_a_time(
         rates[max_rows] = tokens / seconds
         print(f"\nmax_rows={max_rows}: {tokens} tokens in {seconds:.1f} s, {rates[max_rows]:.1f}/s")
     print(f"batched / one at a time: {rates[32] / rates[1]:.2f}x")
+
+
+def test_bad_sampling_settings_are_refused_by_name():
+    for options, name in [
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"max_new_tokens": 4, "temperature": -1.0}, "temperature"),
+        ({"max_new_tokens": 4, "top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": 4, "stop": ("",)}, "stop"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            Sampling(**options)

@@ -1,5 +1,6 @@
-"""The playground engine on its own (engine/generate.py): one base model with several LoRA
-adapters switched in and out of an LRU cache, and answers streamed in pieces."""
+"""engine/generate.py on its own: one base model with several LoRA adapters switched in and out
+of an LRU cache, and the incremental decoding that sends answers in whole characters (answers
+themselves: tests/test_batching_engine.py)."""
 
 import threading
 
@@ -8,21 +9,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 
-from engine import data
-from engine import evaluate as E
 from engine.base_models import load_base_model
 from engine.generate import (
     AdapterCache,
-    PromptTooLong,
     _IncrementalDecoder,
-    generate,
-    generate_text,
 )
 from tests.helpers import SMOLLM2
 
 KEYS = ["ftad-0", "ftad-1", "ftad-2"]
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 
 
 def fresh_base(cache):
@@ -206,37 +200,6 @@ def test_the_capacity_must_hold_at_least_one_adapter():
 # --- generation ---------------------------------------------------------------------------
 
 
-def test_a_greedy_answer_stops_at_the_end_of_turn_as_evaluation_answers(base, tokenizer):
-    answer = generate(base, tokenizer, FRANCE, max_new_tokens=24)
-    text = "".join(answer)
-    example = data.Example(
-        0, "chat", [data.Message("user", FRANCE[0]["content"]), data.Message("assistant", "", True)]
-    )
-    assert text.strip() == E.generate_answers(base, tokenizer, [example], 24, "cpu")[0]
-    assert "Paris" in text
-    assert answer.finish_reason == "stop"
-    assert 0 < answer.completion_tokens < 24
-    assert answer.completion_tokens == len(tokenizer.encode(text))
-
-
-def test_the_answer_streams_in_pieces_that_join_to_the_whole_greedy_text(base, tokenizer):
-    answer = generate(base, tokenizer, STORY, max_new_tokens=6)
-    pieces = list(answer)
-    assert len(pieces) > 1
-    assert "".join(pieces) == generate_text(base, tokenizer, STORY, max_new_tokens=6)
-    assert answer.finish_reason == "length"
-    assert answer.completion_tokens == 6
-
-
-def test_sampling_with_a_seed_is_repeatable(base, tokenizer):
-    def sample(seed: int) -> str:
-        return generate_text(base, tokenizer, STORY, max_new_tokens=5, temperature=1.0, seed=seed)
-
-    first = sample(7)
-    assert sample(7) == first
-    assert sample(8) != first
-
-
 def test_a_character_split_across_tokens_is_never_split_across_pieces(tokenizer):
     text = "日本語 😀 café"
     tokens = tokenizer.encode(text, add_special_tokens=False)
@@ -250,18 +213,3 @@ def test_a_character_split_across_tokens_is_never_split_across_pieces(tokenizer)
     pieces.append(decoder.flush())
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) == text
-
-
-def test_bad_generation_settings_are_refused(base, tokenizer):
-    with pytest.raises(ValueError, match="temperature"):
-        generate(base, tokenizer, FRANCE, max_new_tokens=4, temperature=-1.0)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        generate(base, tokenizer, FRANCE, max_new_tokens=-1)
-
-
-def test_a_prompt_that_leaves_no_room_for_the_answer_is_refused_before_any_compute(base, tokenizer):
-    prompt_tokens = len(E._prompt_ids([data.Message("user", FRANCE[0]["content"])], tokenizer))
-    fits = generate(base, tokenizer, FRANCE, max_new_tokens=2, context_length=prompt_tokens + 2)
-    assert fits.prompt_tokens == prompt_tokens
-    with pytest.raises(PromptTooLong, match=f"{prompt_tokens} tokens; with max_new_tokens 3"):
-        generate(base, tokenizer, FRANCE, max_new_tokens=3, context_length=prompt_tokens + 2)
