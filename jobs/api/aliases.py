@@ -177,6 +177,10 @@ class AliasViewSet(TenantScopedViewSet):
     lookup_value_regex = "[^/]+"  # names may hold dots
     pagination_class = None
 
+    def get_serializer_class(self):
+        """The request body of the action (OPTIONS describes it; the actions build their own)."""
+        return PromoteSerializer if self.action == "promote" else AliasCreateSerializer
+
     @extend_schema(responses={200: AliasObject})
     def list(self, request):
         aliases = self.get_queryset().order_by("name")
