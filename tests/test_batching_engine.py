@@ -184,6 +184,45 @@ def test_a_mixed_batch_answers_each_request_as_it_is_answered_alone(
     assert engine.stats["forwards"] < sum(a.completion_tokens + 1 for a in alone.values()) / 3
 
 
+def test_the_stacked_lora_routing_computes_what_peft_computes_for_a_mixed_batch(
+    cache, adapters, prompts
+):
+    """engine/batching.py's own per-row LoRA (``_MixedLoRA``) against peft's mixed batches
+    (``adapter_names``), on one prefill forward: adapters of different ranks and layers (a rank 4
+    on q/v beside the rank 8 on every linear layer), rows of the plain base among them."""
+    from peft import PeftModel
+
+    from engine.batching import BASE, _MixedLoRA
+
+    base = load_base_model(SMOLLM2, cache, "none", "cpu")
+    torch.manual_seed(7)
+    small = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    small.save_pretrained(adapters["dora"].parent / "small")
+    base = small.unload()
+    model = PeftModel.from_pretrained(base, str(adapters["ad-0"]), adapter_name="ad-0")
+    for name in ["ad-1", "ad-2"]:
+        model.load_adapter(str(adapters[name]), adapter_name=name)
+    model.load_adapter(str(adapters["dora"].parent / "small"), adapter_name="small")
+    model.eval()
+    names = ["ad-1", BASE, "small", "ad-0", "ad-1", BASE, "small", "ad-2"]
+    ids = torch.tensor([prompts[0][:12]] * len(names))
+
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=names).logits
+        with _MixedLoRA(model).routed(names):
+            routed = model(input_ids=ids).logits
+        plain = model(input_ids=ids).logits  # the hooks are gone: the active adapter again
+
+    scale = expected.abs().max()
+    assert (routed - expected).abs().max() / scale < 1e-5
+    # Rows of one prompt differ by their adapter alone: each got its own.
+    assert (routed[0] - routed[1]).abs().max() / scale > 1e-2
+    assert (routed[2] - routed[1]).abs().max() / scale > 1e-2
+    assert torch.equal(plain[0], plain[1])
+
+
 # --- leaving early ----------------------------------------------------------------------------
 
 
