@@ -115,15 +115,8 @@ def find_eval_files(org, ids: list[str]) -> list[File]:
                 param="eval_files",
                 code="invalid_file",
             )
-        if file.status != File.Status.PROCESSED:
-            reason = (
-                f"failed validation: {file.status_details}"
-                if file.status == File.Status.ERROR
-                else "is still being validated; try again shortly"
-            )
-            raise LoftAPIError(
-                f"The file {file_id} {reason}.", param="eval_files", code="invalid_file"
-            )
+        if file.unusable_reason:
+            raise LoftAPIError(file.unusable_reason, param="eval_files", code="invalid_file")
         files.append(file)
     return files
 

@@ -124,13 +124,8 @@ class EvaluationViewSet(
                 param="file",
                 code="invalid_file",
             )
-        if file.status != File.Status.PROCESSED:
-            reason = (
-                f"failed validation: {file.status_details}"
-                if file.status == File.Status.ERROR
-                else "is still being validated; try again shortly"
-            )
-            raise LoftAPIError(f"The file {file_id} {reason}.", param="file", code="invalid_file")
+        if file.unusable_reason:
+            raise LoftAPIError(file.unusable_reason, param="file", code="invalid_file")
         return file
 
     def _models(self, names: list[str]) -> tuple[BaseModel, list[Adapter]]:

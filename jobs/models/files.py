@@ -69,6 +69,15 @@ class File(TenantOwnedModel):
         """Its bytes (``data``) and what workers derive from them (``tokenized/``)."""
         return f"orgs/{self.org_id}/files/{self.id}/"
 
+    @property
+    def unusable_reason(self) -> str | None:
+        """Why the file cannot be used yet, as a sentence naming it; None once it is processed."""
+        if self.status == self.Status.PROCESSED:
+            return None
+        if self.status == self.Status.ERROR:
+            return f"The file {self.id} failed validation: {self.status_details}."
+        return f"The file {self.id} is still being validated; try again shortly."
+
     def mark_processed(self, report: dict) -> None:
         self.status = self.Status.PROCESSED
         self.status_details = ""
