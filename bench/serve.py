@@ -13,9 +13,10 @@ no training worker. The organization's inference limits are lifted for the run
 (``LOFT_INFERENCE_CONCURRENT_PER_ORG=64``, ``LOFT_INFERENCE_TOKENS_PER_MINUTE_PER_ORG=0``), so
 that only the engine is measured.
 
-Eight LoRA adapters (rank 4 on q_proj and v_proj, random weights, full precision: see
-tests/helpers.py ``random_adapter``) are built on the bundled base and registered for the
-bench's organization straight through Django, their folders uploaded as a job's would be.
+Eight LoRA adapters (random weights, full precision; Loft's default shape, rank 16 on every
+linear layer, or with ``--adapter-shape small`` rank 4 on q_proj and v_proj, as tests/helpers.py
+``random_adapter``) are built on the bundled base and registered for the bench's organization
+straight through Django, their folders uploaded as a job's would be.
 
 Each round runs both modes, in alternating order (so that neither always runs first):
 
@@ -262,7 +263,7 @@ class Stack:
 # --- the adapters ---------------------------------------------------------------------------
 
 
-def build_adapters(home: Path, count: int, shape: str = "small") -> tuple[list[str], float]:
+def build_adapters(home: Path, count: int, shape: str = "default") -> tuple[list[str], float]:
     """``count`` random LoRA adapters of the bundled base for the organization "bench" (made by
     create_api_key), registered and uploaded as a finished job's would be; their ids, and the
     seconds it took. ``shape`` "small": rank 4 on q/v (tests/helpers.py random_adapter);
@@ -556,7 +557,7 @@ def main() -> int:
     parser.add_argument(
         "--adapter-shape",
         choices=["small", "default"],
-        default="small",
+        default="default",
         help="small: rank 4 on q/v; default: Loft's default shape, rank 16 on every linear layer",
     )
     parser.add_argument(
