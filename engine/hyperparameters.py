@@ -213,6 +213,14 @@ class TrainConfig:
         label="Learning-rate schedule",
         form="choice",
     )
+    # Continual jobs only (a parent adapter). 0.25: see bench/continual.py's results.
+    replay_fraction: float = hyperparameter(
+        0.25,
+        "For a job with a parent adapter: the share of its training rows drawn from the "
+        "ancestors' training data (0 to 1), so that it keeps what they learned.",
+        rule=fraction(),
+        label="Replay fraction",
+    )
     checkpoint_every: int = hyperparameter(
         50, "Steps between checkpoints.", rule=between(1, 10_000_000)
     )
@@ -318,7 +326,7 @@ def from_request(requested: dict) -> dict:
 
 
 # What a job stored before a field existed ran with, where that is not the field's default.
-BEFORE_THE_FIELD = {"lr_scheduler": "cosine"}
+BEFORE_THE_FIELD = {"lr_scheduler": "cosine", "replay_fraction": 0.0}
 
 
 def as_stored(config: dict) -> dict:

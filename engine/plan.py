@@ -128,6 +128,16 @@ def training_examples(stats: DataStats, config: TrainConfig, has_validation_file
     return train_rows(stats, config.validation_fraction, has_validation_file)
 
 
+def replayed_rows(new_rows: int, config: TrainConfig, available: int) -> int:
+    """How many of its ancestors' rows a job with a parent adapter trains on beside its
+    ``new_rows``: so many that they make ``replay_fraction`` of the rows, at most ``available``
+    (worker/training.py draws them)."""
+    if not 0 < config.replay_fraction < 1:
+        return 0
+    wanted = round(new_rows * config.replay_fraction / (1 - config.replay_fraction))
+    return min(wanted, available)
+
+
 def train_rows(stats: DataStats, validation_fraction: float, has_validation_file: bool) -> int:
     """Rows left for training once a share is held out (train.split_validation's rule)."""
     if has_validation_file or validation_fraction <= 0 or stats.rows < 2:

@@ -20,6 +20,7 @@ from django.conf import settings
 from engine import data
 from engine.chat_tokenizer import ChatTokenizer
 from engine.model_cache import BaseModelSpec, cache_path
+from jobs import traffic
 from jobs.models import BaseModel, File
 from loft import storage
 
@@ -89,9 +90,12 @@ def validate_stored_file(file: File) -> None:
     """Validate a file that was stored before validation (large uploads, in a worker).
 
     An unusable file keeps its row, with status ``error`` and the reason, so the person who
-    uploaded it can read why; its bytes are deleted, as nothing can use them.
+    uploaded it can read why; its bytes are deleted, as nothing can use them. A file made of
+    traffic (jobs/traffic.py) has its bytes built first, and keeps its selection's summary.
     """
     try:
+        if traffic.is_pending(file):
+            traffic.build(file)
         report = validate_object(
             file.s3_key,
             file.filename,
@@ -102,4 +106,6 @@ def validate_stored_file(file: File) -> None:
         storage.delete_object(file.s3_key)
         file.mark_error(error.message, rejection_details(error))
         return
+    if "traffic" in file.report:
+        report["traffic"] = file.report["traffic"]
     file.mark_processed(report)

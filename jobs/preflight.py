@@ -91,19 +91,28 @@ def files_measured(training_file: File, validation_file: File | None) -> bool:
 
 
 def plan(
-    config: TrainConfig, base_model: BaseModel, training_file: File, validation_file: File | None
+    config: TrainConfig,
+    base_model: BaseModel,
+    training_file: File,
+    validation_file: File | None,
+    parent_adapter=None,
 ) -> planning.Plan | None:
     """The run's estimate on the training queue's worker class; None while a file is still
-    being validated (there is nothing to count yet)."""
+    being validated (there is nothing to count yet). A job with a parent adapter also trains
+    on the rows it replays of its ancestors' data (worker/training.py ``replay_rows``)."""
     if not files_measured(training_file, validation_file):
         return None
     stats = data_stats(training_file)
+    examples = planning.training_examples(stats, config, validation_file is not None)
+    if parent_adapter is not None:
+        available = sum(
+            file.rows or 0
+            for ancestor in parent_adapter.lineage()
+            if (file := ancestor.training_file()) is not None
+        )
+        examples += planning.replayed_rows(examples, config, available)
     return planning.estimate(
-        model_shape(base_model),
-        stats,
-        worker_class(),
-        config,
-        training_examples=planning.training_examples(stats, config, validation_file is not None),
+        model_shape(base_model), stats, worker_class(), config, training_examples=examples
     )
 
 

@@ -34,6 +34,21 @@ urlpatterns = [
         "deployments/<str:name>/promote", deployments.deployment_promote, name="deployment-promote"
     ),
     path(
+        "deployments/<str:name>/traffic",
+        deployments.deployment_traffic,
+        name="deployment-traffic",
+    ),
+    path(
+        "deployments/<str:name>/traffic/training-file",
+        deployments.deployment_training_file,
+        name="deployment-training-file",
+    ),
+    path(
+        "deployments/<str:name>/traffic/<str:completion_id>/feedback",
+        deployments.deployment_feedback,
+        name="deployment-feedback",
+    ),
+    path(
         "deployments/<str:name>/rollback",
         deployments.deployment_rollback,
         name="deployment-rollback",

@@ -175,6 +175,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 3600.0,
         "options": _maintenance,
     },
+    "expire-stored-completions": {
+        "task": "worker.tasks.expire_stored_completions",
+        "schedule": 3600.0,
+        "options": _maintenance,
+    },
     "forget-unused-base-scores": {
         "task": "worker.tasks.forget_unused_base_scores",
         "schedule": 24 * 3600.0,
@@ -247,6 +252,9 @@ LOFT_INFERENCE_TOKENS_PER_MINUTE_PER_ORG = env.integer(
 )
 LOFT_INFERENCE_RATE_WINDOW_SECONDS = env.integer("LOFT_INFERENCE_RATE_WINDOW_SECONDS", 60)
 LOFT_INFERENCE_MAX_TOKENS = env.integer("LOFT_INFERENCE_MAX_TOKENS", 1024)
+# Days a chat completion asked with store: true is kept (then deleted by beat); 0 stores none.
+# An organization's Quota row may set its own.
+LOFT_STORED_COMPLETION_DAYS = env.integer("LOFT_STORED_COMPLETION_DAYS", 30)
 
 # --- Aliases: a candidate adapter moves an alias only on evidence (jobs/promotion.py): a gain on
 # some pinned eval file whose paired-bootstrap 95 % interval (this many resamples, fixed seed)

@@ -153,3 +153,13 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture
+def inference_worker(settings, tmp_path, transactional_db):
+    """A real inference worker (Celery, the batched engine) on a queue of its own."""
+    settings.LOFT_INFERENCE_QUEUE = f"inference-{time.monotonic_ns()}"
+    settings.LOFT_INFERENCE_CONCURRENT_PER_ORG = 8
+    worker = WorkerProcess(tmp_path, name="inference", queue=settings.LOFT_INFERENCE_QUEUE).start()
+    yield worker
+    worker.stop()

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from rest_framework.test import APIClient
 from engine import artifacts
 from engine.base_models import load_base_model
 from engine.model_cache import BUNDLED_BASE_MODEL, BaseModelSpec
-from jobs.models import Adapter, BaseModel, File, FineTuneJob
+from jobs.models import Adapter, BaseModel, File, FineTuneJob, StoredCompletion
 from loft import storage
 from loft.models import ApiKey, Organization
 
@@ -243,6 +244,29 @@ def random_adapter(cache: Path, folder: Path):
     model = get_peft_model(load_base_model(SMOLLM2, cache, "none", "cpu"), config).eval()
     model.save_pretrained(folder)
     return model
+
+
+def stored_completion(org, alias: str = "", adapter=None, **fields) -> StoredCompletion:
+    """A chat completion kept as ``store: true`` keeps one (without a worker: the answer is
+    given here)."""
+    answer = {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "model": fields.pop("model", alias or (adapter.name if adapter else "base")),
+        "choices": [
+            {"message": {"content": fields.pop("content", "Hello!")}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3},
+    }
+    return StoredCompletion.keep(
+        org,
+        answer,
+        messages=fields.pop("messages", [{"role": "user", "content": "Say hello."}]),
+        sampling={"temperature": 0, "max_tokens": 16},
+        alias=alias,
+        adapter_id=adapter.id if adapter else "",
+        base_model=BaseModel.default().name,
+        metadata=fields.pop("metadata", {}),
+    )
 
 
 # --- the admin and the routes ---------------------------------------------------------------

@@ -20,7 +20,6 @@ from loft import storage
 from loft.models import ApiKey
 from tests.helpers import (
     SMOLLM2,
-    WorkerProcess,
     chat_rows,
     jsonl,
     stored_adapter,
@@ -134,15 +133,6 @@ def real_adapter(tenant, cache, folder, seed: int, name: str) -> Adapter:
     adapter.size_bytes = adapter.manifest["total_bytes"]
     adapter.save()
     return adapter
-
-
-@pytest.fixture
-def inference_worker(settings, tmp_path, transactional_db):
-    settings.LOFT_INFERENCE_QUEUE = f"inference-{time.monotonic_ns()}"
-    settings.LOFT_INFERENCE_CONCURRENT_PER_ORG = 8
-    worker = WorkerProcess(tmp_path, name="inference", queue=settings.LOFT_INFERENCE_QUEUE).start()
-    yield worker
-    worker.stop()
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from tests.helpers import (
     routes,
     signed_in,
     stored_adapter,
+    stored_completion,
     upload,
 )
 
@@ -298,7 +299,11 @@ def test_mass_assignment_never_sets_what_the_server_owns(api_a, tenant_a, tenant
         ("post", "/v1/aliases/{name}/promote"): {"adapter": adapter.id},
         ("post", "/v1/aliases/{name}/rollback"): {},
         ("post", "/v1/files"): None,  # multipart: below
+        ("post", "/v1/files/from_completions"): {"alias": alias.name},
+        ("post", "/v1/chat/completions/{completion_id}"): {"metadata": {"ticket": "T-1"}},
+        ("post", "/v1/chat/completions/{completion_id}/feedback"): {"rating": 1},
     }
+    completion = stored_completion(tenant_a.org, alias=alias.name, adapter=adapter)
     schema = api_a.get("/v1/openapi.json").json()
     writable = {
         (method, path)
@@ -317,6 +322,8 @@ def test_mass_assignment_never_sets_what_the_server_owns(api_a, tenant_a, tenant
             return path.format(name=alias.name)
         if path.startswith("/v1/adapters/"):
             return path.format(id=adapter.id)
+        if path.startswith("/v1/chat/completions/"):
+            return path.format(completion_id=completion.id)
         # A fresh job each time: a cancelled job cannot be cancelled again.
         created = api_a.post("/v1/fine_tuning/jobs", job, format="json").json()["id"]
         return path.format(id=created)

@@ -19,11 +19,28 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
-from jobs.models import Adapter, Alias, BaseModel, Evaluation, File, FineTuneJob
+from jobs.models import (
+    Adapter,
+    Alias,
+    BaseModel,
+    Evaluation,
+    File,
+    FineTuneJob,
+    StoredCompletion,
+)
 from jobs.views.wizard import PRESETS
 from jobs.views.wizard import SESSION_KEY as WIZARD_SESSION_KEY
 from loft.models import Invitation, Membership, WebhookEndpoint
-from tests.helpers import PASSWORD, api_client_for, chat_rows, jsonl, routes, signed_in, upload
+from tests.helpers import (
+    PASSWORD,
+    api_client_for,
+    chat_rows,
+    jsonl,
+    routes,
+    signed_in,
+    stored_completion,
+    upload,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -51,6 +68,7 @@ OBJECT_OF_PARAM = {
     "token": "invitation_token",
     "model": "model_name",
     "name": "alias_name",
+    "completion_id": "stored_completion",
 }
 OBJECT_OF_API_ROUTE = {
     "fine-tuning-job": "job",
@@ -113,7 +131,9 @@ def objects_of_b(tenant_b, django_user_model) -> dict:
     membership = Membership.objects.create(org=org, user=other_member)
     endpoint = WebhookEndpoint.objects.create(org=org, url="https://example.com/hook")
     invitation = org.invite("b-invitee", invited_by=tenant_b.user)
+    completion = stored_completion(org, alias.name, adapter, metadata={"team": "b"})
     return {
+        "stored_completion": completion.id,
         "job": job.id,
         "file": file.id,
         "eval_file": eval_file.id,
@@ -189,6 +209,7 @@ def test_every_object_route_answers_404_to_another_tenants_ids(tenant_a, objects
     # The matrix covers the routes it should; a route left out by mistake would show here.
     assert {"api:file-content", "api:adapter-download", "job-cancel", "playground"} <= set(checked)
     assert {"api:alias-promote", "api:alias-rollback", "deployment-promote"} <= set(checked)
+    assert {"api:stored-completion", "api:stored-completion-feedback"} <= set(checked)
     assert len(checked) >= 25, checked
     # And nothing of B's changed on the way.
     job = FineTuneJob.objects.get(pk=objects_of_b["job"])
@@ -198,6 +219,8 @@ def test_every_object_route_answers_404_to_another_tenants_ids(tenant_a, objects
     assert Invitation.objects.get(pk=objects_of_b["invitation"]).status == "pending"
     assert Alias.objects.get(name=objects_of_b["alias_name"]).adapter_id == objects_of_b["adapter"]
     assert Adapter.objects.filter(pk=objects_of_b["adapter"]).exists()
+    completion = StoredCompletion.objects.get(pk=objects_of_b["stored_completion"])
+    assert (completion.rating, completion.metadata) == (None, {"team": "b"})
 
 
 def test_no_list_or_page_shows_another_tenants_ids(tenant_a, tenant_b, objects_of_b):
@@ -282,6 +305,7 @@ def test_another_tenants_ids_in_a_body_read_like_missing_ones_and_create_nothing
         ("/v1/aliases", {**alias, "adapter": b["adapter"]}, b["adapter"]),
         ("/v1/aliases", {**alias, "adapter": b["model_name"]}, b["model_name"]),
         ("/v1/aliases", {**alias, "eval_files": [b["eval_file"]]}, b["eval_file"]),
+        ("/v1/files/from_completions", {"alias": b["alias_name"]}, b["alias_name"]),
     ]
     # The bodies are right but for B's id: with A's own ids, the same job plans.
     planned = api_a.post("/v1/fine_tuning/jobs", job, format="json")
@@ -304,6 +328,7 @@ def test_another_tenants_ids_in_a_body_read_like_missing_ones_and_create_nothing
         ("/v1/evaluations", b["evaluation"]),
         ("/v1/api_keys", b["api_key"]),
         ("/v1/webhook_endpoints", b["webhook_endpoint"]),
+        ("/v1/chat/completions", b["stored_completion"]),
     ):
         with_theirs = api_a.get(path, {"after": theirs})
         missing = missing_like(theirs)

@@ -6,7 +6,7 @@ from celery import shared_task
 from django.conf import settings
 
 from jobs.datasets import validate_stored_file
-from jobs.models import File, FineTuneJob
+from jobs.models import File, FineTuneJob, StoredCompletion
 from loft import webhooks
 from loft.models import WebhookDelivery
 from loft.observability import log_fields
@@ -131,6 +131,12 @@ def forget_unused_base_scores() -> int:
 def roll_up_usage() -> int:
     """Periodic (beat): the per-month usage lines operators bill from."""
     return maintenance.roll_up_usage()
+
+
+@shared_task
+def expire_stored_completions() -> int:
+    """Periodic (beat): stored chat completions past their organization's retention go."""
+    return StoredCompletion.expire()
 
 
 @shared_task

@@ -7,6 +7,7 @@ the job's fenced methods (jobs/models/jobs.py), so an attempt that lost its leas
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import tempfile
 import threading
@@ -20,6 +21,7 @@ from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from engine import artifacts, data, evaluate, train
+from engine import plan as planning
 from engine.base_models import load_base_model, training_device, warm_base_models
 from engine.hyperparameters import ConfigError, TrainConfig, as_stored
 from jobs.models import Adapter, Evaluation, File, FineTuneJob
@@ -301,7 +303,37 @@ def _prepare_data(job: FineTuneJob, attempt: int, config: TrainConfig, tokenizer
             "no_valid_rows", "No row of the training file has an assistant turn to learn from."
         )
     held_out, _ = train.truncate([r for _, r in held_pairs], config.max_seq_length)
-    return tokenized, held_out, [e for e, _ in held_pairs]
+    replayed = replay_rows(job, config, tokenizer, len(tokenized))
+    if replayed:
+        job.add_event(
+            "info",
+            f"Replaying {len(replayed)} rows of the parent's and its ancestors' training data "
+            f"beside the {len(tokenized)} new ones (replay_fraction {config.replay_fraction:g}).",
+            attempt=attempt,
+        )
+    return tokenized + replayed, held_out, [e for e, _ in held_pairs]
+
+
+def replay_rows(job: FineTuneJob, config: TrainConfig, tokenizer, new_rows: int) -> list:
+    """For a job with a parent adapter: a seeded sample of the rows its ancestors trained on
+    (their held-out rows left out, split again as their jobs split them), so many that they
+    make ``replay_fraction`` of the rows trained. Without it a child learns its new task and
+    forgets the parent's (bench/continual.py measures both)."""
+    if job.parent_adapter is None or planning.replayed_rows(new_rows, config, 1) == 0:
+        return []
+    pool = []
+    for ancestor in job.parent_adapter.lineage():
+        trained_on = ancestor.training_file()
+        if trained_on is None:  # deleted since: nothing to replay of it
+            continue
+        examples, _ = read_examples(trained_on)
+        rendered = tokenized_cache.rendered_rows(trained_on, examples, tokenizer, job.base_model)
+        if ancestor.job.validation_file_id is None:
+            theirs = TrainConfig(**as_stored(ancestor.job.hyperparameters))
+            rendered, _ = train.split_validation(rendered, theirs.validation_fraction, theirs.seed)
+        pool.extend(train.truncate(rendered, config.max_seq_length)[0])
+    count = planning.replayed_rows(new_rows, config, len(pool))
+    return random.Random(config.seed).sample(pool, count)
 
 
 def latest_usable_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None, int, list[int]]:

@@ -12,18 +12,22 @@ row at its next decode step.
 
 Of OpenAI's parameters Loft takes ``messages`` (text content), ``max_tokens`` /
 ``max_completion_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` (1 only),
-``stream``, ``stream_options`` and ``user``; any other is refused by name, so a client never
-believes a setting took effect that did not.
+``stream``, ``stream_options``, ``user``, ``store`` and ``metadata``; any other is refused by
+name, so a client never believes a setting took effect that did not. ``store: true`` keeps the
+request and its answer (jobs/api/completions.py lists, reads and deletes them, and takes their
+feedback).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Generator, Iterator
 
 from django.conf import settings
+from django.db import transaction
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers, status
@@ -31,9 +35,13 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from jobs import inference, playground
+from jobs.api.completions import MetadataField, StoredCompletionListMixin
 from jobs.api.serializers import StrictSerializer
+from jobs.models import StoredCompletion
 from loft.api.errors import LoftAPIError
 from loft.tenancy import current_org
+
+log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
 
@@ -101,6 +109,8 @@ class ChatCompletionSerializer(StrictSerializer):
     stream = serializers.BooleanField(required=False, allow_null=True, default=False)
     stream_options = StreamOptionsSerializer(required=False, allow_null=True)
     user = serializers.CharField(required=False, allow_blank=True, max_length=256)
+    store = serializers.BooleanField(required=False, allow_null=True, default=False)
+    metadata = MetadataField(required=False, allow_null=True)
 
     def validate_n(self, value):
         if value not in (None, 1):
@@ -128,7 +138,7 @@ class ChatCompletionSerializer(StrictSerializer):
         return attrs
 
 
-class ChatCompletionsView(APIView):
+class ChatCompletionsView(StoredCompletionListMixin, APIView):
     @extend_schema(
         operation_id="chat_completions_create",
         request=ChatCompletionSerializer,
@@ -162,7 +172,36 @@ class ChatCompletionsView(APIView):
             "seed": values.get("seed"),
         }
         include_usage = bool((values.get("stream_options") or {}).get("include_usage"))
-        return answer(org.id, target, generation, bool(values.get("stream")), include_usage)
+        keep = None
+        if values.get("store"):
+            keep = Keeping(org, messages, generation, values.get("metadata") or {})
+        return answer(
+            org.id, target, generation, bool(values.get("stream")), include_usage, keep=keep
+        )
+
+
+class Keeping:
+    """What a request asking ``store: true`` keeps beside its answer (StoredCompletion)."""
+
+    def __init__(self, org, messages: list[dict], generation: dict, metadata: dict):
+        self.org, self.messages, self.metadata = org, messages, metadata
+        self.sampling = {
+            name: generation[name]
+            for name in ("temperature", "top_p", "max_tokens", "seed", "stop")
+            if generation.get(name) not in (None, [])
+        }
+
+    def keep(self, target: playground.Target, answer: dict) -> None:
+        StoredCompletion.keep(
+            self.org,
+            answer,
+            messages=self.messages,
+            sampling=self.sampling,
+            alias=target.alias or "",
+            adapter_id=target.adapter.id if target.adapter else "",
+            base_model=target.base_model.name,
+            metadata=self.metadata,
+        )
 
 
 def answer(
@@ -171,9 +210,11 @@ def answer(
     generation: dict,
     stream: bool,
     include_usage: bool = True,
+    keep: Keeping | None = None,
 ) -> Response | StreamingHttpResponse:
     """Queue ``generation`` (messages and sampling; ``max_tokens`` None: as much as the context
-    leaves, up to LOFT_INFERENCE_MAX_TOKENS) for ``target`` and answer as OpenAI does."""
+    leaves, up to LOFT_INFERENCE_MAX_TOKENS) for ``target`` and answer as OpenAI does; the
+    finished answer is stored when ``keep`` says so."""
     try:
         prompt_tokens = inference.prompt_tokens(target.base_model, generation["messages"])
         if generation["max_tokens"] is None:
@@ -187,7 +228,7 @@ def answer(
     except inference.PromptRefused as error:
         raise LoftAPIError(str(error), param="messages", code="invalid_messages") from None
     slot = api_admission(org_id, prompt_tokens + generation["max_tokens"])
-    completion = Completion(target)
+    completion = Completion(target, keep)
     try:
         answer_by = playground.answer_deadline()
         completion.request_id = playground.start_generation(org_id, target, generation, answer_by)
@@ -214,7 +255,9 @@ def answer(
             result = playground.collect(events)
     except playground.GenerationFailed as error:
         raise _api_error({"code": error.code, "message": str(error)}) from error
-    return Response(completion.whole(result))
+    whole = completion.whole(result)
+    completion.kept(whole)
+    return Response(whole)
 
 
 def api_admission(org_id: str, tokens: int) -> inference.Slot:
@@ -262,8 +305,9 @@ def _api_error(event: dict) -> LoftAPIError:
 class Completion:
     """One answer in OpenAI's shapes: whole, or as the chunks of a stream."""
 
-    def __init__(self, target: playground.Target):
+    def __init__(self, target: playground.Target, keep: Keeping | None = None):
         self.target = target
+        self.keep = keep
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.request_id = ""
@@ -290,6 +334,17 @@ class Completion:
         }
         return {**self._envelope("chat.completion"), "choices": [choice], "usage": result["usage"]}
 
+    def kept(self, whole: dict) -> None:
+        """Store the finished answer if its request asked to (``store: true``). An answer
+        already given is not failed for its storage: a failure is logged."""
+        if self.keep is None:
+            return
+        try:
+            with transaction.atomic():
+                self.keep.keep(self.target, whole)
+        except Exception:
+            log.exception("storing chat completion %s failed", self.id)
+
     def chunks(self, events: Generator[dict], include_usage: bool) -> Iterator[str]:
         """The server-sent events of a stream. When the client goes away, the web server closes
         this generator at its next write: the worker is told to stop generating."""
@@ -308,16 +363,19 @@ class Completion:
                 body["usage"] = None
             return f"data: {json.dumps(body)}\n\n"
 
+        pieces = []
         try:
             yield chunk({"role": "assistant", "content": ""})
             for event in events:
                 if event["type"] == "delta":
+                    pieces.append(event["text"])
                     yield chunk({"content": event["text"]})
                 elif event["type"] == "done":
                     finished = True
                     yield chunk({}, event["finish_reason"])
                     if include_usage:
                         yield chunk(None, usage=event["usage"])
+                    self.kept(self.whole({**event, "text": "".join(pieces)}))
                 else:
                     finished = True
                     error = {

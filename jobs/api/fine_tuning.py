@@ -257,7 +257,11 @@ def dry_run(prepared: PreparedJob) -> dict:
             code="file_not_ready",
         )
     plan = preflight.plan(
-        prepared.config, prepared.base_model, training_file, prepared.validation_file
+        prepared.config,
+        prepared.base_model,
+        training_file,
+        prepared.validation_file,
+        prepared.parent,
     )
     if not plan.fits:
         raise _too_large(plan)

@@ -5,6 +5,11 @@ from rest_framework.routers import SimpleRouter
 
 from jobs.api.aliases import AliasViewSet
 from jobs.api.chat import ChatCompletionsView
+from jobs.api.completions import (
+    StoredCompletionFeedbackView,
+    StoredCompletionMessagesView,
+    StoredCompletionView,
+)
 from jobs.api.evaluations import EvaluationViewSet
 from jobs.api.fine_tuning import AdapterViewSet, FineTuningJobViewSet, UsageView
 from jobs.api.views import FileViewSet, ModelDetailView, ModelListView
@@ -19,6 +24,21 @@ router.register("aliases", AliasViewSet, basename="alias")
 
 urlpatterns = [
     path("chat/completions", ChatCompletionsView.as_view(), name="chat-completions"),
+    path(
+        "chat/completions/<str:completion_id>",
+        StoredCompletionView.as_view(),
+        name="stored-completion",
+    ),
+    path(
+        "chat/completions/<str:completion_id>/messages",
+        StoredCompletionMessagesView.as_view(),
+        name="stored-completion-messages",
+    ),
+    path(
+        "chat/completions/<str:completion_id>/feedback",
+        StoredCompletionFeedbackView.as_view(),
+        name="stored-completion-feedback",
+    ),
     path("models", ModelListView.as_view(), name="model-list"),
     path("models/<path:model>", ModelDetailView.as_view(), name="model-detail"),
     path("usage", UsageView.as_view(), name="usage"),

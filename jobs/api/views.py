@@ -10,12 +10,12 @@ from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status
 from rest_framework.authentication import get_authorization_header
 from rest_framework.decorators import action
-from rest_framework.parsers import MultiPartParser
+from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from engine.data import DatasetError, OutOfTime
-from jobs import tasks
+from jobs import tasks, traffic
 from jobs.api.fine_tuning import delete_adapter, quota_error
 from jobs.api.serializers import (
     FileListSerializer,
@@ -23,6 +23,7 @@ from jobs.api.serializers import (
     FileUploadSerializer,
     FineTunedModelSerializer,
     ModelSerializer,
+    StrictSerializer,
 )
 from jobs.datasets import check_object_head, rejection_details, validate_object
 from jobs.models import (
@@ -37,7 +38,7 @@ from jobs.models import (
 )
 from jobs.uploads import S3StreamingUploadHandler, StoredUpload
 from loft import storage
-from loft.api.base import TenantScopedViewSet, is_id_like
+from loft.api.base import TenantScopedViewSet, UnixTimeField, is_id_like
 from loft.api.errors import LoftAPIError
 from loft.models import Organization
 from loft.tenancy import current_org
@@ -178,6 +179,16 @@ class ModelDetailView(APIView):
         return adapter
 
 
+class TrafficFileSerializer(StrictSerializer):
+    alias = serializers.CharField(required=False, max_length=64)
+    model = serializers.CharField(required=False, max_length=300)
+    created_after = UnixTimeField(required=False)
+    created_before = UnixTimeField(required=False)
+    select = serializers.ListField(
+        child=serializers.ChoiceField(choices=traffic.SELECTIONS), required=False, min_length=1
+    )
+
+
 class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedViewSet):
     """``/v1/files``: upload (streamed to S3 and validated), list, retrieve, delete, content."""
 
@@ -239,6 +250,29 @@ class FileViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScoped
                 str(error), status_code=409, param="id", code="file_in_use"
             ) from None
         return Response({"id": pk, "object": "file", "deleted": True})
+
+    @extend_schema(request=TrafficFileSerializer, responses={200: FileSerializer})
+    @action(
+        detail=False, methods=["post"], url_path="from_completions", parser_classes=[JSONParser]
+    )
+    def from_completions(self, request):
+        """A training file made of an alias's (or a model's) stored completions rated up or
+        corrected (jobs/traffic.py): created at once, built and validated by a worker."""
+        body = TrafficFileSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        values = body.validated_data
+        try:
+            file = traffic.request_training_file(
+                self.org,
+                alias=values.get("alias"),
+                model=values.get("model"),
+                created_after=values.get("created_after"),
+                created_before=values.get("created_before"),
+                select=tuple(values.get("select") or traffic.SELECTIONS),
+            )
+        except traffic.TrafficError as error:
+            raise LoftAPIError(str(error), param=error.param, code="invalid_selection") from None
+        return Response(FileSerializer(file).data, status=status.HTTP_200_OK)
 
     @action(detail=True, methods=["get"])
     def content(self, request, pk=None):

@@ -7,6 +7,7 @@
 - base_scores: BaseScores, a base model's evaluation results kept for the next job;
 - usage: Quota and the usage ledger;
 - aliases: Alias, a named deployment, and AliasMove, the record of its moves;
+- completions: StoredCompletion, a chat completion kept with its feedback;
 - workers: WorkerHeartbeat.
 """
 
@@ -20,6 +21,7 @@ from jobs.models.adapters import (
 from jobs.models.aliases import Alias, AliasMove, new_alias_id
 from jobs.models.base_scores import BaseScores
 from jobs.models.catalogue import BaseModel
+from jobs.models.completions import StoredCompletion
 from jobs.models.files import File, FileInUse, new_file_id
 from jobs.models.jobs import (
     Checkpoint,
@@ -60,6 +62,7 @@ __all__ = [
     "MonthlyUsage",
     "Quota",
     "QuotaExceeded",
+    "StoredCompletion",
     "UsageRecord",
     "WorkerHeartbeat",
     "concurrent_work",

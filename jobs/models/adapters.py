@@ -77,6 +77,25 @@ class Adapter(TenantOwnedModel):
         recorded were always served on the full-precision base, and still are."""
         return ((self.manifest or {}).get("base") or {}).get("quantization", "none")
 
+    def lineage(self) -> list[Adapter]:
+        """This adapter, its parent, the parent's parent, ...: the chain it was trained along,
+        each with its job."""
+        chain, seen, adapter = [], set(), self
+        while adapter is not None and adapter.pk not in seen:
+            seen.add(adapter.pk)
+            chain.append(adapter)
+            parent = adapter.parent_id
+            adapter = Adapter.objects.select_related("job").filter(pk=parent).first()
+        return chain
+
+    def training_file(self) -> File | None:
+        """The file its job trained on, while that file is there and usable."""
+        if self.job is None:
+            return None
+        return File.objects.filter(
+            pk=self.job.training_file_id, status=File.Status.PROCESSED
+        ).first()
+
     @property
     def merged_prefix(self) -> str:
         return f"{self.s3_prefix}merged/"

@@ -177,7 +177,9 @@ class FineTuneJob(TenantOwnedModel):
             for file in (training_file, validation_file):
                 if file is not None:
                     file.refresh_from_db()
-            plan = preflight.plan(config, base_model, training_file, validation_file)
+            plan = preflight.plan(
+                config, base_model, training_file, validation_file, parent_adapter
+            )
             if plan is not None:
                 preflight.refuse_if_too_large(plan)
             Quota.for_org(org).check_new_job(plan)
@@ -243,7 +245,13 @@ class FineTuneJob(TenantOwnedModel):
         except ConfigError as error:
             self._fail_before_start("invalid_hyperparameters", str(error), "hyperparameters")
             return
-        plan = preflight.plan(config, self.base_model, self.training_file, self.validation_file)
+        plan = preflight.plan(
+            config,
+            self.base_model,
+            self.training_file,
+            self.validation_file,
+            self.parent_adapter,
+        )
         if not plan.fits:
             message = preflight.too_large_message(plan)
             self._fail_before_start("job_too_large", message, "hyperparameters")

@@ -64,6 +64,11 @@ class Quota(models.Model):
         blank=True,
         help_text="Prompt and completion tokens (max_tokens, reserved) per minute.",
     )
+    stored_completion_days = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Days a stored chat completion (store: true) is kept; 0 stores none.",
+    )
 
     def __str__(self) -> str:
         return f"quota of {self.org_id}"
@@ -93,6 +98,12 @@ class Quota(models.Model):
             name: own[name] if own[name] is not None else (defaults[name] or None)
             for name in defaults
         }
+
+    def completion_retention_days(self) -> int:
+        """Days this organization's stored completions are kept (0: none is stored)."""
+        if self.stored_completion_days is not None:
+            return self.stored_completion_days
+        return settings.LOFT_STORED_COMPLETION_DAYS
 
     def check_new_job(self, plan, starting: FineTuneJob | None = None) -> None:
         """Raise QuotaExceeded if a new job (or ``starting``, a job leaving validating_files)
@@ -157,9 +168,11 @@ def concurrent_work(org) -> int:
 
 
 def storage_bytes(org) -> int:
-    """What the organization keeps in object storage, all of which counts against its quota:
-    files, adapters, their merged weights, and the checkpoints jobs keep (a few per job)."""
+    """What the organization keeps, all of which counts against its quota: in object storage
+    its files, adapters, their merged weights and the checkpoints jobs keep (a few per job); in
+    the database its stored chat completions."""
     from jobs.models.adapters import Adapter  # that module imports this one
+    from jobs.models.completions import StoredCompletion
     from jobs.models.jobs import Checkpoint
 
     def total(queryset, *fields: str) -> int:
@@ -170,6 +183,7 @@ def storage_bytes(org) -> int:
         total(File.objects.filter(org=org).exclude(status=File.Status.ERROR), "bytes")
         + total(Adapter.objects.filter(org=org), "size_bytes", "merged_size_bytes")
         + total(Checkpoint.objects.filter(job__org=org), "size_bytes")
+        + total(StoredCompletion.objects.filter(org=org), "size_bytes")
     )
 
 

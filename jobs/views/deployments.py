@@ -1,5 +1,6 @@
 """The Deployments page: the organization's aliases, each with its adapter, pinned eval files
-and the history of its moves with their evidence; promote and roll back by form.
+and the history of its moves with their evidence; promote and roll back by form. And each
+alias's traffic: its stored completions (``store: true``), rated and corrected by form.
 
 The moves themselves are ``Alias.promote`` and ``Alias.roll_back`` (jobs/models/aliases.py),
 the very calls the API makes; each form posts, then comes back here with a sentence.
@@ -13,12 +14,15 @@ from django.db.models import Prefetch
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from jobs import traffic
 from jobs.api.aliases import ONLY_OWNERS_FORCE, may_force
-from jobs.models import Adapter, File, QuotaExceeded
+from jobs.models import Adapter, File, QuotaExceeded, StoredCompletion
 from jobs.models.aliases import Alias, AliasError, AliasMove
+from jobs.models.completions import CORRECTION_LENGTH
 from loft.tenancy import org_or_404
 
 MOVES_SHOWN = 20
+COMPLETIONS_SHOWN = 50
 
 
 @login_required
@@ -36,8 +40,10 @@ def deployments(request):
     adapters = list(
         Adapter.objects.for_org(org).only("id", "name", "base_model_id").order_by("-created_at")
     )
+    stored = StoredCompletion.objects.for_org(org)
     for alias in aliases:
         alias.history = alias.moves.all()[:MOVES_SHOWN]
+        alias.stored = stored.filter(alias=alias.name).count()
         alias.candidates = [
             a
             for a in adapters
@@ -104,3 +110,67 @@ def deployment_rollback(request, name: str):
     else:
         messages.success(request, f"{alias.name} is back on {move.to_adapter}.")
     return redirect("deployments")
+
+
+@login_required
+def deployment_traffic(request, name: str):
+    """The alias's stored completions, newest first, each with its rating and correction."""
+    alias = _alias(request, name)
+    stored = StoredCompletion.objects.for_org(alias.org).filter(alias=alias.name)
+    completions = list(stored.order_by("-created_at", "-id")[:COMPLETIONS_SHOWN])
+    for completion in completions:
+        completion.question = next(
+            (m["content"] for m in reversed(completion.messages) if m["role"] == "user"), ""
+        )
+    counts = {
+        "stored": stored.count(),
+        "rated_up": stored.filter(rating=1).count(),
+        "rated_down": stored.filter(rating=-1).count(),
+        "corrected": stored.exclude(correction="").count(),
+    }
+    return render(
+        request,
+        "jobs/deployment_traffic.html",
+        {"alias": alias, "completions": completions, "counts": counts},
+    )
+
+
+@login_required
+@require_POST
+def deployment_feedback(request, name: str, completion_id: str):
+    """A rating (the thumbs) or a correction (the edit box) of one stored completion."""
+    alias = _alias(request, name)
+    completion = get_object_or_404(
+        StoredCompletion.objects.for_org(alias.org).filter(alias=alias.name), pk=completion_id
+    )
+    rating = request.POST.get("rating")
+    correction = request.POST.get("correction")
+    if rating not in (None, "1", "-1", "0"):
+        messages.error(request, "A rating is a thumb up or down.")
+    elif correction is not None and len(correction) > CORRECTION_LENGTH:
+        messages.error(request, f"A correction is at most {CORRECTION_LENGTH:,} characters.")
+    else:
+        completion.give_feedback(
+            int(rating) if rating is not None else None,
+            correction.strip() if correction is not None else None,
+        )
+        messages.success(request, "Feedback saved.")
+    return redirect("deployment-traffic", name=alias.name)
+
+
+@login_required
+@require_POST
+def deployment_training_file(request, name: str):
+    """A training file of the alias's rated-up and corrected completions (jobs/traffic.py)."""
+    alias = _alias(request, name)
+    try:
+        file = traffic.request_training_file(alias.org, alias=alias.name)
+    except traffic.TrafficError as error:
+        messages.error(request, str(error))
+        return redirect("deployment-traffic", name=alias.name)
+    messages.success(
+        request,
+        "The training file is being built from the rated and corrected answers; it is checked "
+        "like any upload.",
+    )
+    return redirect("dataset-detail", file_id=file.id)

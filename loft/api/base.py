@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from django.db.models import BigIntegerField, Func, Q
 from django.utils.functional import cached_property
 from drf_spectacular.types import OpenApiTypes
@@ -39,6 +41,21 @@ class UnixTimestampField(serializers.ReadOnlyField):
         return int(value.timestamp()) if value is not None else None
 
 
+class UnixTimeField(serializers.Field):
+    """A time a request gives as whole seconds since the epoch, as OpenAI's parameters do."""
+
+    def to_internal_value(self, value):
+        try:
+            return datetime.fromtimestamp(int(value), tz=UTC)
+        except (TypeError, ValueError, OverflowError, OSError):
+            raise serializers.ValidationError(
+                f"A time in seconds since 1970, not {value!r}."
+            ) from None
+
+    def to_representation(self, value):
+        return int(value.timestamp())
+
+
 class UnixSeconds(Func):
     """A timestamp column as OpenAI shows it, whole seconds since the epoch, computed by
     PostgreSQL (as UnixTimestampField does in Python, for rows read as values)."""
@@ -50,16 +67,25 @@ class UnixSeconds(Func):
 class AfterLimitPagination(BasePagination):
     """OpenAI's cursor pagination: newest first, ``?after=<id>&limit=<n>``, ``has_more``.
 
-    The cursor is an object id; the page holds the objects older than it. Ordering is
-    (created_at, id) descending so that objects created in the same microsecond stay in order.
+    The cursor is an object id; the page holds the objects after it in the list's order.
+    Ordering is (created_at, id) so that objects created in the same microsecond stay in order.
+    A subclass with ``orderable`` also takes ``?order=asc|desc`` (from ``default_order``).
     """
 
     default_limit = 20
     max_limit = 100
+    default_order = "desc"
+    orderable = False
 
     def paginate_queryset(self, queryset, request, view=None):
         limit = self._limit(request)
-        queryset = queryset.order_by("-created_at", "-pk")
+        order = request.query_params.get("order", self.default_order) if self.orderable else None
+        if order not in (None, "asc", "desc"):
+            raise LoftAPIError(f"order must be 'asc' or 'desc', not {order!r}.", param="order")
+        ascending = (order or self.default_order) == "asc"
+        queryset = queryset.order_by(
+            *(("created_at", "pk") if ascending else ("-created_at", "-pk"))
+        )
         after = request.query_params.get("after")
         if after:
             anchor = (
@@ -69,9 +95,10 @@ class AfterLimitPagination(BasePagination):
             )
             if anchor is None:
                 raise LoftAPIError(f"No such object to page after: {after}", param="after")
+            beyond = "gt" if ascending else "lt"
             queryset = queryset.filter(
-                Q(created_at__lt=anchor["created_at"])
-                | Q(created_at=anchor["created_at"], pk__lt=anchor["pk"])
+                Q(**{f"created_at__{beyond}": anchor["created_at"]})
+                | Q(created_at=anchor["created_at"], **{f"pk__{beyond}": anchor["pk"]})
             )
         rows = list(queryset[: limit + 1])
         self.has_more = len(rows) > limit
@@ -112,10 +139,14 @@ class AfterLimitPagination(BasePagination):
         }
 
     def get_schema_operation_parameters(self, view):
-        return [
+        parameters = [
             {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
             {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer"}},
         ]
+        if self.orderable:
+            order = {"type": "string", "enum": ["asc", "desc"], "default": self.default_order}
+            parameters.append({"name": "order", "in": "query", "required": False, "schema": order})
+        return parameters
 
 
 class TenantScopedViewSet(viewsets.GenericViewSet):
