@@ -17,8 +17,8 @@ worker), with the official ``openai`` client:
 The figures: each model's exact match on A and on B, and each child's retention on A (its
 exact match on A over the parent's). Jobs are LoRA on the full-precision base with the
 settings tests/test_promotion.py learns the dates rule with (20 steps of 16 rows), the same for
-every job, so that only the replay differs. One run: each job is one sample (seed 42); the
-children see the same new rows in the same order.
+every job, so that only the replay differs. One run: each job is one sample (``--seed`` N:
+other rows, job seed 42 + N); the children see the same new rows in the same order.
 """
 
 from __future__ import annotations
@@ -49,24 +49,14 @@ from bench.iteration import (  # noqa: E402
     prepare_model_cache,
     running_stack,
 )
-from tests.dates import date_rows  # noqa: E402
+from tests.dates import LEARNS_THE_RULE, RULE_ROWS, date_rows  # noqa: E402
 from tests.times import time_rows  # noqa: E402
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-TRAINING_ROWS = 320
+TRAINING_ROWS = RULE_ROWS
 HELD_OUT_ROWS = 20  # each job's validation file
 EVAL_ROWS = 40  # each rule's eval file
-HYPERPARAMETERS = {
-    "quantization": "none",
-    "lora_rank": 16,
-    "lora_alpha": 32,
-    "learning_rate_multiplier": 15,
-    "n_epochs": 1,
-    "batch_size": 16,
-    "warmup_ratio": 0.1,
-    "max_seq_length": 64,
-    "checkpoint_every": 1000,
-}
+HYPERPARAMETERS = LEARNS_THE_RULE
 POLL_SECONDS = 1.0
 TIMEOUT_SECONDS = 45 * 60
 RULES = {"A (dates)": date_rows, "B (times)": time_rows}
@@ -89,11 +79,14 @@ def wait(fetch, what: str):
         time.sleep(POLL_SECONDS)
 
 
-def train(client: OpenAI, model: str, training: str, held_out: str, suffix: str, **extra):
+def train(
+    client: OpenAI, model: str, training: str, held_out: str, suffix: str, seed: int, **extra
+):
     """A job to the end; (its fine-tuned model's name, its training seconds)."""
     hyperparameters = {**HYPERPARAMETERS, **extra}
     job = client.fine_tuning.jobs.create(
         model=model,
+        seed=seed,
         training_file=training,
         validation_file=held_out,
         suffix=suffix,
@@ -140,7 +133,8 @@ def print_header(args) -> None:
         f"{versions}"
     )
     print(
-        f"parent on rule A, children on rule B with replay_fraction {args.fractions}; "
+        f"seed {args.seed}; parent on rule A, children on rule B with replay_fraction "
+        f"{args.fractions}; "
         f"{TRAINING_ROWS} training rows a job, LoRA rank 16, 20 steps of 16 rows, "
         f"learning-rate multiplier 15; eval files of {EVAL_ROWS} rows per rule\n"
     )
@@ -153,17 +147,19 @@ def measure(args, work: Path) -> bool:
     print(f"model cache {model_cache} ready in {prepare_model_cache(model_cache):.1f} s")
     with running_stack(work, model_cache, "1") as url:
         client = OpenAI(base_url=f"{url}/v1", api_key=create_api_key(work / "home"))
-        a_train = upload(client, date_rows(TRAINING_ROWS, seed=101), "a-train.jsonl")
-        a_held = upload(client, date_rows(HELD_OUT_ROWS, seed=102), "a-held.jsonl")
-        b_train = upload(client, time_rows(TRAINING_ROWS, seed=201), "b-train.jsonl")
-        b_held = upload(client, time_rows(HELD_OUT_ROWS, seed=202), "b-held.jsonl")
+        s = 1000 * args.seed  # each seed its own rows
+        a_train = upload(client, date_rows(TRAINING_ROWS, seed=s + 101), "a-train.jsonl")
+        a_held = upload(client, date_rows(HELD_OUT_ROWS, seed=s + 102), "a-held.jsonl")
+        b_train = upload(client, time_rows(TRAINING_ROWS, seed=s + 201), "b-train.jsonl")
+        b_held = upload(client, time_rows(HELD_OUT_ROWS, seed=s + 202), "b-held.jsonl")
         evals = {
-            rule: upload(client, rows(EVAL_ROWS, seed=300 + i), f"eval-{i}.jsonl", "eval")
+            rule: upload(client, rows(EVAL_ROWS, seed=s + 300 + i), f"eval-{i}.jsonl", "eval")
             for i, (rule, rows) in enumerate(RULES.items())
         }
         time.sleep(2)  # the uploads are validated inline; a moment for the larger ones
         print("training")
-        parent, _ = train(client, BASE_MODEL, a_train, a_held, "parent-a")
+        seed = 42 + args.seed
+        parent, _ = train(client, BASE_MODEL, a_train, a_held, "parent-a", seed)
         children = {}
         for fraction in args.fractions:
             name, _ = train(
@@ -172,6 +168,7 @@ def measure(args, work: Path) -> bool:
                 b_train,
                 b_held,
                 f"child-b-replay-{fraction:g}".replace(".", "_"),
+                seed,
                 replay_fraction=fraction,
             )
             children[fraction] = name
@@ -207,6 +204,9 @@ def main() -> int:
     )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5])
     parser.add_argument("--model-cache", help="a model cache to use and keep")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="another sample: other rows, another job seed"
+    )
     parser.add_argument(
         "--out", nargs="?", const="", help="also write the report (no value: bench/results/)"
     )

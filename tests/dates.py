@@ -18,6 +18,21 @@ MONTHS = [
 ]  # fmt: skip
 # As a system turn: it replaces SmolLM2's default system prompt, which keeps rows short.
 INSTRUCTION = "Rewrite the date as YYYY-MM-DD."
+# A job that learns the rule from 320 rows in 20 steps (tests/test_evaluation_loop.py measured
+# held-out exact match 0 % → 90 %); tests/times.py's rule too (bench/continual.py). LoRA on the
+# full-precision base: on a CPU, 4-bit layers cost minutes a step.
+RULE_ROWS = 320
+LEARNS_THE_RULE = {
+    "quantization": "none",
+    "lora_rank": 16,
+    "lora_alpha": 32,
+    "learning_rate_multiplier": 15,
+    "n_epochs": 1,
+    "batch_size": 16,
+    "warmup_ratio": 0.1,
+    "max_seq_length": 64,
+    "checkpoint_every": 1000,
+}
 
 
 def ordinal(day: int) -> str:

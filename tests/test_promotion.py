@@ -12,26 +12,15 @@ import pytest
 
 from jobs.models import Adapter, File, FineTuneJob
 from jobs.models.aliases import Alias, AliasMove
-from tests.dates import date_rows
+from tests.dates import LEARNS_THE_RULE, RULE_ROWS, date_rows
 from tests.helpers import api_client_for, finished, jsonl, upload, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
-# The rule in 20 steps (tests/test_evaluation_loop.py measured held-out exact match 0 % → 90 %
-# with QLoRA); the worse adapter sees the same rows for two steps only and answers like the
-# base. LoRA on the full-precision base: on a CPU, 4-bit layers cost minutes a step.
-TRAINING_ROWS = 320
-GOOD_JOB = {
-    "quantization": "none",
-    "lora_rank": 16,
-    "lora_alpha": 32,
-    "learning_rate_multiplier": 15,
-    "n_epochs": 1,
-    "batch_size": 16,
-    "warmup_ratio": 0.1,
-    "max_seq_length": 64,
-    "checkpoint_every": 1000,
-}
+# The good adapter learns the rule in 20 steps; the worse one sees the same rows for two steps
+# only and answers like the base.
+TRAINING_ROWS = RULE_ROWS
+GOOD_JOB = LEARNS_THE_RULE
 WORSE_JOB = {**GOOD_JOB, "max_steps": 2}
 
 
