@@ -16,9 +16,10 @@ worker), with the official ``openai`` client:
 
 The figures: each model's exact match on A and on B, and each child's retention on A (its
 exact match on A over the parent's). Jobs are LoRA on the full-precision base with the
-settings tests/test_promotion.py learns the dates rule with (20 steps of 16 rows), the same for
-every job, so that only the replay differs. One run: each job is one sample (``--seed`` N:
-other rows, job seed 42 + N); the children see the same new rows in the same order.
+settings tests/test_continual_loop.py learns the dates rule with (20 steps of 16 rows), the
+same for every job (``--child`` changes the children's), so that only the replay differs.
+One run: each job is one sample (``--seed`` N: other rows, job seed 42 + N); the children see
+the same new rows in the same order.
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ def print_header(args) -> None:
         f"seed {args.seed}; parent on rule A, children on rule B with replay_fraction "
         f"{args.fractions}; "
         f"{TRAINING_ROWS} training rows a job, LoRA rank 16, 20 steps of 16 rows, "
-        f"learning-rate multiplier 15; eval files of {EVAL_ROWS} rows per rule\n"
+        f"learning-rate multiplier 15; eval files of {EVAL_ROWS} rows per rule"
     )
+    print(f"the children's hyperparameters over the parent's: {args.child}\n")
 
 
 def measure(args, work: Path) -> bool:
@@ -169,7 +171,7 @@ def measure(args, work: Path) -> bool:
                 b_held,
                 f"child-b-replay-{fraction:g}".replace(".", "_"),
                 seed,
-                replay_fraction=fraction,
+                **{**args.child, "replay_fraction": fraction},
             )
             children[fraction] = name
         models = [BASE_MODEL, parent, *children.values()]
@@ -204,6 +206,12 @@ def main() -> int:
     )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.25, 0.5])
     parser.add_argument("--model-cache", help="a model cache to use and keep")
+    parser.add_argument(
+        "--child",
+        type=json.loads,
+        default={},
+        help="the children's hyperparameters over the parent's, as JSON: '{\"batch_size\": 8}'",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="another sample: other rows, another job seed"
     )
