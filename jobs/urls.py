@@ -23,6 +23,7 @@ urlpatterns = [
     path("adapters", adapters.adapter_list, name="adapter-list"),
     path("adapters/<str:adapter_id>", adapters.adapter_detail, name="adapter-detail"),
     path("adapters/<str:adapter_id>/merge", adapters.adapter_merge, name="adapter-merge"),
+    path("adapters/<str:adapter_id>/lineage", adapters.adapter_lineage, name="adapter-lineage"),
     path(
         "adapters/<str:adapter_id>/merged.zip",
         adapters.adapter_merged_download,
@@ -37,6 +38,11 @@ urlpatterns = [
         "deployments/<str:name>/traffic",
         deployments.deployment_traffic,
         name="deployment-traffic",
+    ),
+    path(
+        "deployments/<str:name>/traffic/policy",
+        deployments.deployment_policy,
+        name="deployment-policy",
     ),
     path(
         "deployments/<str:name>/traffic/training-file",

@@ -254,8 +254,11 @@ class Invitation(TenantOwnedModel):
 # --- Webhooks -------------------------------------------------------------------------------
 
 WEBHOOK_SECRET_PREFIX = "whsec_"
-# The events a tenant can subscribe to: OpenAI's names for a fine-tuning job's end.
+# The events a tenant can subscribe to: OpenAI's names for a fine-tuning job's end, and Loft's
+# for an alias's promotion, or its refusal, by a person or a continual policy.
 JOB_EVENTS = ("fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled")
+ALIAS_EVENTS = ("alias.promoted", "alias.promotion_refused")
+EVENTS = JOB_EVENTS + ALIAS_EVENTS
 
 
 def new_webhook_endpoint_id() -> str:
@@ -271,19 +274,25 @@ def new_webhook_secret() -> str:
     return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
+def all_events() -> list[str]:
+    return list(EVENTS)
+
+
 def all_job_events() -> list[str]:
+    """The default of loft/migrations/0002 (a migration names it for good)."""
     return list(JOB_EVENTS)
 
 
 class WebhookEndpoint(TenantOwnedModel):
-    """A URL a tenant registered to hear about its jobs; deliveries are signed with ``secret``."""
+    """A URL a tenant registered to hear about its jobs and aliases; deliveries are signed
+    with ``secret``."""
 
     id = models.CharField(
         primary_key=True, max_length=40, default=new_webhook_endpoint_id, editable=False
     )
     url = models.URLField(max_length=2000)
     name = models.CharField(max_length=200, blank=True)
-    event_types = models.JSONField(default=all_job_events)
+    event_types = models.JSONField(default=all_events)
     # Kept in the clear, unlike API keys: signing needs the key itself, not a hash of it.
     secret = models.CharField(max_length=100, default=new_webhook_secret, editable=False)
     enabled = models.BooleanField(default=True)

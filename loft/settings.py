@@ -143,6 +143,9 @@ LOFT_REAPER_EVERY_SECONDS = env.number("LOFT_REAPER_EVERY_SECONDS", 30.0)
 # the broker no longer holds gets it again (worker/maintenance.py, resend_lost_hints).
 LOFT_RESEND_EVERY_SECONDS = env.number("LOFT_RESEND_EVERY_SECONDS", 60.0)
 LOFT_RESEND_GRACE_SECONDS = env.integer("LOFT_RESEND_GRACE_SECONDS", 60)
+# Continual policies (jobs/continual.py) are looked at this often: due runs start, running
+# ones move on.
+LOFT_CONTINUAL_EVERY_SECONDS = env.number("LOFT_CONTINUAL_EVERY_SECONDS", 60.0)
 _maintenance = {"queue": LOFT_MAINTENANCE_QUEUE, "expires": 600}
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-jobs": {
@@ -179,6 +182,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "worker.tasks.expire_stored_completions",
         "schedule": 3600.0,
         "options": _maintenance,
+    },
+    "advance-continual-policies": {
+        "task": "worker.tasks.advance_continual_policies",
+        "schedule": LOFT_CONTINUAL_EVERY_SECONDS,
+        "options": {**_maintenance, "expires": max(LOFT_CONTINUAL_EVERY_SECONDS, 5)},
     },
     "forget-unused-base-scores": {
         "task": "worker.tasks.forget_unused_base_scores",

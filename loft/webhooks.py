@@ -41,9 +41,9 @@ from kombu.exceptions import OperationalError
 
 from loft.celery import app as celery_app
 from loft.ids import make_id
-from loft.models import JOB_EVENTS, WEBHOOK_SECRET_PREFIX, WebhookDelivery, WebhookEndpoint
+from loft.models import EVENTS, WEBHOOK_SECRET_PREFIX, WebhookDelivery, WebhookEndpoint
 
-__all__ = ["JOB_EVENTS", "announce", "attempt_delivery", "check_url", "sign"]
+__all__ = ["EVENTS", "announce", "attempt_delivery", "check_url", "sign"]
 
 logger = logging.getLogger(__name__)
 
@@ -320,8 +320,8 @@ def announce(org_id: str, event_type: str, data: dict) -> None:
     Call this inside the transaction that changed the job: workers hear of the deliveries only
     once it commits, and nothing is sent for a change that was rolled back.
     """
-    if event_type not in JOB_EVENTS:
-        raise ValueError(f"Unknown webhook event type {event_type!r}; known: {JOB_EVENTS}.")
+    if event_type not in EVENTS:
+        raise ValueError(f"Unknown webhook event type {event_type!r}; known: {EVENTS}.")
     event = {
         "id": make_id("evt"),
         "object": "event",

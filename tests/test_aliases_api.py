@@ -1,7 +1,7 @@
 """``/v1/aliases``, deleting models and adapters, and the Deployments page, without a worker:
 finished evaluations are written as rows, as worker/evaluations.py leaves them, so each test
 says what the gate saw (the gate's own statistics: tests/test_promotion_gate.py; the whole
-loop with real training: tests/test_promotion.py)."""
+loop with real training: tests/test_continual_loop.py)."""
 
 from pathlib import Path
 
@@ -496,3 +496,23 @@ def test_the_deployments_page_shows_each_alias_and_its_forms_move_it(
     response = browser.post("/deployments/support/rollback", follow=True)
     assert response.status_code == 200 and "no promotion to roll back" in response.content.decode()
     assert signed_in(tenant_b).post("/deployments/support/rollback").status_code == 404
+
+
+def test_the_pinned_eval_files_are_replaced_and_the_change_recorded(api_a, tenant_a, cast):
+    current, _, file = cast
+    second = eval_file(tenant_a, "times.jsonl")
+    response = api_a.post(
+        "/v1/aliases/support/eval_files", {"eval_files": [file.id, second.id]}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["eval_files"] == sorted([file.id, second.id]) and body["adapter"] == current.id
+    move = body["move"]
+    assert move["kind"] == "pinned" and move["evidence"]["before"] == [file.id]
+    missing = api_a.post(
+        "/v1/aliases/support/eval_files", {"eval_files": ["file-nope"]}, format="json"
+    )
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "eval_files"
+    assert sorted(Alias.objects.get(name="support").eval_files.values_list("id", flat=True)) == (
+        sorted([file.id, second.id])
+    )

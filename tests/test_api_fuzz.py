@@ -3,7 +3,7 @@ every /v1 operation (valid and invalid values, and every query parameter any ope
 sent to every other one), and hypothesis against every browser page (ids, queries and form
 fields of its own choosing, signed in).
 
-``make test`` runs a short form (``LOFT_FUZZ_EXAMPLES``, 15 examples per operation);
+``make test`` runs a short form (``LOFT_FUZZ_EXAMPLES``, 10 examples per operation);
 ``make fuzz`` the long form (200 unless LOFT_FUZZ_EXAMPLES says otherwise)."""
 
 import json
@@ -21,7 +21,7 @@ from engine.hyperparameters import API_NAMES
 from jobs.models import BaseModel
 from tests.helpers import api_client_for, chat_rows, jsonl, routes, signed_in, upload
 
-EXAMPLES = int(os.environ.get("LOFT_FUZZ_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("LOFT_FUZZ_EXAMPLES", "10"))
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 

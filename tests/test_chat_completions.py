@@ -143,7 +143,7 @@ def test_the_openai_client_chats_with_a_base_a_fine_tuned_model_and_an_alias(
     first = real_adapter(tenant_a, cache, tmp_path / "first", seed=1, name="first")
     second = real_adapter(tenant_a, cache, tmp_path / "second", seed=2, name="second")
     # A key with the owners' powers: forcing a promotion past the gate is theirs alone (the
-    # gate itself is tests/test_promotion.py's).
+    # gate itself is tests/test_continual_loop.py's).
     _, secret = ApiKey.issue(tenant_a.org, "owner", tenant_a.user, scope=ApiKey.Scope.MANAGE_KEYS)
     client = openai.OpenAI(api_key=secret, base_url=f"{live_server.url}/v1", max_retries=0)
     outsider = openai.OpenAI(

@@ -298,6 +298,8 @@ def test_mass_assignment_never_sets_what_the_server_owns(api_a, tenant_a, tenant
         ("post", "/v1/aliases"): {"name": "fresh", "adapter": adapter.id, "eval_files": [file_id]},
         ("post", "/v1/aliases/{name}/promote"): {"adapter": adapter.id},
         ("post", "/v1/aliases/{name}/rollback"): {},
+        ("post", "/v1/aliases/{name}/eval_files"): {"eval_files": [file_id]},
+        ("post", "/v1/aliases/{name}/policy"): {"every_completions": 10},
         ("post", "/v1/files"): None,  # multipart: below
         ("post", "/v1/files/from_completions"): {"alias": alias.name},
         ("post", "/v1/chat/completions/{completion_id}"): {"metadata": {"ticket": "T-1"}},

@@ -27,6 +27,7 @@ from tests.helpers import (
     WorkerProcess,
     banana_file,
     finished,
+    signed_in,
     submit,
     wait_for,
 )
@@ -159,6 +160,21 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
     kept = BaseScores.objects.filter(base_model=job.base_model)
     assert sorted(kept.values_list("kind", "uses")) == [("held_out", 1), ("probes", 1)]
     assert second.evaluations.get().results["base"] == base_scores
+    # Measured against its parent too: the parent on the same held-out rows, and, on the
+    # parent's own held-out rows (its task), the parent and the child (retention). Same rows,
+    # base and truncation as the first job's evaluation: the parent scores what it scored then.
+    continual = second.evaluations.get()
+    parent = continual.results["parent"]
+    assert parent["adapter"] == adapter.id and parent["held_out"]["generations"] > 0
+    assert parent["held_out"]["loss"] == pytest.approx(adapter_scores["loss"], rel=0.02)
+    assert [m["adapter"] for m in continual.scores_by_model()] == [None, child.id, adapter.id]
+    [task] = continual.retention()
+    assert task["adapter"] == adapter.id and task["rows"] > 0
+    assert task["child"]["generations"] == task["parent"]["generations"] > 0
+    assert task["parent"]["loss"] == pytest.approx(adapter_scores["loss"], rel=0.02)
+    assert task["child"]["loss"] != task["parent"]["loss"]
+    page = signed_in(tenant_a).get(f"/jobs/{second.id}").content.decode()
+    assert "What it kept of the earlier tasks" in page and adapter.name in page
     assert storage.list_keys(f"{job.training_file.s3_prefix}tokenized/") == tokenized
 
 

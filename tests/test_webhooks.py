@@ -20,7 +20,7 @@ import yaml
 from django.db import connection, transaction
 from django.utils import timezone
 
-from loft.models import JOB_EVENTS, WebhookDelivery, WebhookEndpoint
+from loft.models import EVENTS, JOB_EVENTS, WebhookDelivery, WebhookEndpoint
 from loft.webhooks import announce, attempt_delivery, check_url, send_overdue
 from tests.helpers import WorkerProcess, wait_for
 from worker.tasks import deliver_webhook
@@ -148,7 +148,7 @@ def test_creating_an_endpoint_shows_its_signing_secret_once(api_a, receiver):
     created = register(api_a, receiver.url, name="ci")
     secret = created["signing_secret"]
     assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 32
-    assert created["object"] == "webhook_endpoint" and created["event_types"] == list(JOB_EVENTS)
+    assert created["object"] == "webhook_endpoint" and created["event_types"] == list(EVENTS)
     assert created["signing_secret_hint"] == f"whsec_…{secret[-4:]}"
 
     shown = api_a.get(f"/v1/webhook_endpoints/{created['id']}").json()

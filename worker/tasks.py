@@ -5,6 +5,7 @@ The domain sends them by name (jobs/tasks.py) and never imports this module."""
 from celery import shared_task
 from django.conf import settings
 
+from jobs import continual
 from jobs.datasets import validate_stored_file
 from jobs.models import File, FineTuneJob, StoredCompletion
 from loft import webhooks
@@ -137,6 +138,13 @@ def roll_up_usage() -> int:
 def expire_stored_completions() -> int:
     """Periodic (beat): stored chat completions past their organization's retention go."""
     return StoredCompletion.expire()
+
+
+@shared_task
+def advance_continual_policies() -> dict:
+    """Periodic (beat): start the continual policies' runs that are due, move the running ones
+    on (jobs/continual.py)."""
+    return continual.advance_all()
 
 
 @shared_task

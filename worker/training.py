@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -38,6 +39,9 @@ Status = FineTuneJob.Status
 # out damaged. Older ones are deleted once a newer one is recorded; a checkpoint every step
 # would otherwise fill the bucket (and the tenant's storage quota) without end.
 CHECKPOINTS_KEPT = 2
+# peft's names, in the evaluation, of the adapter just trained and of its parent beside it.
+CHILD = "default"
+PARENT = "parent"
 KEPT_WORDS = {evaluate.HELD_OUT: "held-out rows", evaluate.PROBES: "probes"}
 
 
@@ -316,24 +320,40 @@ def _prepare_data(job: FineTuneJob, attempt: int, config: TrainConfig, tokenizer
 
 def replay_rows(job: FineTuneJob, config: TrainConfig, tokenizer, new_rows: int) -> list:
     """For a job with a parent adapter: a seeded sample of the rows its ancestors trained on
-    (their held-out rows left out, split again as their jobs split them), so many that they
-    make ``replay_fraction`` of the rows trained. Without it a child learns its new task and
-    forgets the parent's (bench/continual.py measures both)."""
+    (their held-out rows left out), so many that they make ``replay_fraction`` of the rows
+    trained. Without it a child learns its new task and forgets the parent's
+    (bench/continual.py measures both)."""
     if job.parent_adapter is None or planning.replayed_rows(new_rows, config, 1) == 0:
         return []
     pool = []
     for ancestor in job.parent_adapter.lineage():
-        trained_on = ancestor.training_file()
-        if trained_on is None:  # deleted since: nothing to replay of it
-            continue
-        examples, _ = read_examples(trained_on)
-        rendered = tokenized_cache.rendered_rows(trained_on, examples, tokenizer, job.base_model)
-        if ancestor.job.validation_file_id is None:
-            theirs = TrainConfig(**as_stored(ancestor.job.hyperparameters))
-            rendered, _ = train.split_validation(rendered, theirs.validation_fraction, theirs.seed)
-        pool.extend(train.truncate(rendered, config.max_seq_length)[0])
+        trained, _ = ancestor_rows(ancestor, tokenizer, job.base_model)
+        pool.extend(train.truncate([r for _, r in trained], config.max_seq_length)[0])
     count = planning.replayed_rows(new_rows, config, len(pool))
     return random.Random(config.seed).sample(pool, count)
+
+
+def ancestor_rows(ancestor: Adapter, tokenizer, base_model) -> tuple[list, list]:
+    """An ancestor's (example, rendered) pairs, as its job split them: those it trained on, and
+    those it held out (its validation file's, or the share of its training file its own
+    ``validation_fraction`` and ``seed`` split off). Empty where its files are gone."""
+    trained_on = ancestor.training_file()
+    if trained_on is None:
+        return [], []
+
+    def pairs(file: File) -> list:
+        examples, _ = read_examples(file)
+        rendered = tokenized_cache.rendered_rows(file, examples, tokenizer, base_model)
+        return list(zip(examples, rendered, strict=True))
+
+    trained = pairs(trained_on)
+    if ancestor.job.validation_file_id is None:
+        theirs = TrainConfig(**as_stored(ancestor.job.hyperparameters))
+        return train.split_validation(trained, theirs.validation_fraction, theirs.seed)
+    held = File.objects.filter(
+        pk=ancestor.job.validation_file_id, status=File.Status.PROCESSED
+    ).first()
+    return trained, pairs(held) if held is not None else []
 
 
 def latest_usable_checkpoint(job: FineTuneJob, work: Path) -> tuple[Path | None, int, list[int]]:
@@ -497,12 +517,65 @@ class JobRun:
                 f"The base's results kept by earlier jobs: {kept}.",
                 {"seconds": result.seconds, "base_results_kept": sorted(remember.kinds_read)},
             )
+            if self.parent_folder is not None:
+                comparison["parent"] = self.against_parent(model)
         finally:
             warm_base_models.give_back(model.unload())
         comparison["base_precision"] = evaluate.base_precision(
             self.config.quantization, comparison["adapter"], self.on_full_precision(folder)
         )
         return folder, comparison
+
+    def against_parent(self, model) -> dict:
+        """A continual job's measure against where it started: the parent's scores on this
+        job's held-out rows, and, on every ancestor's held-out rows (the tasks it learned
+        before), the child's and the parent's (retention). The parent is loaded beside the
+        child on the same base, and deleted after."""
+        job, options = self.job, self.scoring_options
+        self.event("Scoring the parent adapter, and the ancestors' tasks (retention).")
+        artifacts.refuse_unsafe_adapter(self.parent_folder)  # before peft reads anything in it
+        model.load_adapter(str(self.parent_folder), adapter_name=PARENT)
+        try:
+
+            def scored(adapter: str, examples: list, tokenized: list) -> dict:
+                model.set_adapter(adapter)
+                chat = evaluate.answerable(examples, options["max_generations"])
+                scores, _ = evaluate.score(
+                    model,
+                    self.tokenizer,
+                    chat,
+                    tokenized,
+                    row_tokens=options["row_tokens"],
+                    device=options["device"],
+                    max_new_tokens=options["max_new_tokens"],
+                )
+                return asdict(scores)
+
+            result = {
+                "adapter": job.parent_adapter.id,
+                "model": job.parent_adapter.name,
+                "held_out": scored(PARENT, self.held_examples, self.held_out),
+                "retention": [],
+            }
+            for ancestor in job.parent_adapter.lineage():
+                _, held = ancestor_rows(ancestor, self.tokenizer, job.base_model)
+                if not held:
+                    continue
+                examples = [e for e, _ in held]
+                tokenized, _ = train.truncate([r for _, r in held], self.config.max_seq_length)
+                result["retention"].append(
+                    {
+                        "adapter": ancestor.id,
+                        "model": ancestor.name,
+                        "rows": len(examples),
+                        "child": scored(CHILD, examples, tokenized),
+                        "parent": scored(PARENT, examples, tokenized),
+                    }
+                )
+        finally:
+            model.set_adapter(CHILD)
+            model.delete_adapter(PARENT)
+        return result
 
     def on_full_precision(self, folder: Path) -> evaluate.Scores | None:
         """A QLoRA adapter is served on its 4-bit base, but a user who downloads it may load

@@ -15,16 +15,18 @@ from rest_framework import serializers, status
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
+from engine.hyperparameters import ConfigError, TrainConfig, from_request
+from jobs import continual
 from jobs.api.fine_tuning import NumberedCursorPagination, quota_error
 from jobs.api.serializers import StrictSerializer
 from jobs.models import Adapter, File, QuotaExceeded
-from jobs.models.aliases import Alias, AliasError, AliasMove, Promotion
+from jobs.models.aliases import MOVE_ID_PREFIX, Alias, AliasError, Promotion
+from jobs.models.policies import ContinualPolicy, PolicyRun
 from loft.api.base import TenantScopedViewSet, is_id_like
 from loft.api.errors import LoftAPIError, error_body
 from loft.auth import ApiKeyPrincipal
 from loft.models import ApiKey
 
-MOVE_ID_PREFIX = "aliasmove-"
 ONLY_OWNERS_FORCE = (
     "Only owners of the organization, and API keys created with the manage_keys scope, can "
     "force a promotion past the gate."
@@ -63,17 +65,36 @@ def alias_object(alias: Alias) -> dict:
     }
 
 
-def move_object(move: AliasMove) -> dict:
+def policy_object(policy: ContinualPolicy) -> dict:
     return {
-        "object": "alias.move",
-        "id": f"{MOVE_ID_PREFIX}{move.pk}",
-        "alias": move.alias_id,
-        "kind": move.kind,
-        "from_adapter": move.from_adapter or None,
-        "to_adapter": move.to_adapter or None,
-        "actor": move.actor,
-        "created_at": int(move.created_at.timestamp()),
-        "evidence": move.evidence,
+        "object": "alias.policy",
+        "alias": policy.alias.name,
+        "enabled": policy.enabled,
+        "every_completions": policy.every_completions,
+        "every_seconds": policy.every_seconds,
+        "hyperparameters": policy.hyperparameters,
+        "counting_since": int(policy.counting_since.timestamp()),
+        "new_feedback": continual.new_feedback(policy).count(),
+        "created_at": int(policy.created_at.timestamp()),
+        "updated_at": int(policy.updated_at.timestamp()),
+    }
+
+
+def run_object(run: PolicyRun) -> dict:
+    return {
+        "object": "alias.policy_run",
+        "id": run.id,
+        "alias": run.alias.name,
+        "status": run.status,
+        "trigger": run.trigger,
+        "parent_adapter": run.parent_adapter,
+        "training_file": run.training_file_id,
+        "job": run.job_id,
+        "child_adapter": run.child_adapter or None,
+        "move": f"{MOVE_ID_PREFIX}{run.move_id}" if run.move_id else None,
+        "reason": run.reason,
+        "created_at": int(run.created_at.timestamp()),
+        "finished_at": int(run.finished_at.timestamp()) if run.finished_at else None,
     }
 
 
@@ -132,11 +153,57 @@ class AliasCreateSerializer(StrictSerializer):
     )
 
 
+class PinSerializer(StrictSerializer):
+    eval_files = serializers.ListField(
+        child=serializers.CharField(max_length=100),
+        min_length=1,
+        max_length=10,
+        help_text="The files every later candidate is measured on, replacing the pinned ones.",
+    )
+
+
 class PromoteSerializer(StrictSerializer):
     adapter = serializers.CharField(max_length=300, help_text="An adapter id or ft: model name.")
     force = serializers.BooleanField(
         required=False, default=False, help_text="Owners: move it whatever the gate says."
     )
+
+
+class PolicySerializer(StrictSerializer):
+    enabled = serializers.BooleanField(required=False, default=True)
+    every_completions = serializers.IntegerField(
+        min_value=1,
+        max_value=10_000_000,
+        required=False,
+        allow_null=True,
+        help_text="Train a child after this many new rated-up or corrected stored completions.",
+    )
+    every_seconds = serializers.IntegerField(
+        min_value=60,
+        max_value=366 * 24 * 3600,
+        required=False,
+        allow_null=True,
+        help_text="Or this long after the last run, when there is at least one new one.",
+    )
+    hyperparameters = serializers.DictField(
+        required=False,
+        default=dict,
+        help_text="The child job's, as POST /v1/fine_tuning/jobs takes them (auto when left out).",
+    )
+
+    def validate_hyperparameters(self, requested: dict) -> dict:
+        try:
+            TrainConfig(**from_request(requested))
+        except ConfigError as error:
+            raise serializers.ValidationError(str(error)) from None
+        return requested
+
+    def validate(self, values: dict) -> dict:
+        if not values.get("every_completions") and not values.get("every_seconds"):
+            raise serializers.ValidationError(
+                {"every_completions": ["Say when: every_completions, every_seconds, or both."]}
+            )
+        return values
 
 
 class MovePagination(NumberedCursorPagination):
@@ -172,7 +239,11 @@ class AliasViewSet(TenantScopedViewSet):
 
     def get_serializer_class(self):
         """The request body of the action (OPTIONS describes it; the actions build their own)."""
-        return PromoteSerializer if self.action == "promote" else AliasCreateSerializer
+        return {
+            "promote": PromoteSerializer,
+            "policy": PolicySerializer,
+            "eval_files": PinSerializer,
+        }.get(self.action, AliasCreateSerializer)
 
     @extend_schema(responses={200: AliasObject})
     def list(self, request):
@@ -214,7 +285,7 @@ class AliasViewSet(TenantScopedViewSet):
     def moves(self, request, name=None):
         alias = self.get_object()
         page = self.paginate_queryset(alias.moves.all())
-        return self.get_paginated_response([move_object(move) for move in page])
+        return self.get_paginated_response([move.as_object() for move in page])
 
     @extend_schema(
         request=PromoteSerializer,
@@ -253,7 +324,67 @@ class AliasViewSet(TenantScopedViewSet):
             move = alias.roll_back(actor=actor, user=user)
         except AliasError as error:
             raise alias_error(error) from None
-        return Response({**alias_object(self._fresh(alias)), "move": move_object(move)})
+        return Response({**alias_object(self._fresh(alias)), "move": move.as_object()})
+
+    @extend_schema(
+        request=PinSerializer,
+        responses={200: AliasObject},
+        description="Replace the pinned eval files, e.g. to add the file of a new task the alias "
+        "serves (recorded as a move of kind pinned).",
+    )
+    @action(detail=True, methods=["post"])
+    def eval_files(self, request, name=None):
+        alias = self.get_object()
+        body = PinSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        files = find_eval_files(self.org, body.validated_data["eval_files"])
+        actor, user = actor_of(request)
+        move = alias.pin(files, actor=actor, user=user)
+        return Response({**alias_object(self._fresh(alias)), "move": move.as_object()})
+
+    @extend_schema(
+        request=PolicySerializer,
+        responses={200: dict},
+        description="The alias's continual policy: GET it, POST to set (or replace) it, DELETE "
+        "to stop it. When due, a run builds a training file from the alias's rated-up and "
+        "corrected stored completions, trains a child of the alias's adapter (with replay of "
+        "its ancestors' rows) and promotes it through the alias's gate.",
+    )
+    @action(detail=True, methods=["get", "post", "delete"])
+    def policy(self, request, name=None):
+        alias = self.get_object()
+        policy = ContinualPolicy.objects.filter(alias=alias).first()
+        if request.method == "POST":
+            body = PolicySerializer(data=request.data)
+            body.is_valid(raise_exception=True)
+            values = body.validated_data
+            policy = ContinualPolicy.set_for(
+                alias,
+                every_completions=values.get("every_completions"),
+                every_seconds=values.get("every_seconds"),
+                enabled=values["enabled"],
+                hyperparameters=values["hyperparameters"],
+            )
+            return Response(policy_object(policy))
+        if policy is None:
+            raise LoftAPIError(
+                f"The alias {alias.name} has no continual policy; POST one to set it.",
+                status_code=status.HTTP_404_NOT_FOUND,
+                code="policy_not_found",
+            )
+        if request.method == "DELETE":
+            policy.delete()
+            return Response({"object": "alias.policy", "alias": alias.name, "deleted": True})
+        return Response(policy_object(policy))
+
+    @extend_schema(request=None, responses={200: dict})
+    @action(detail=True, methods=["get"], url_path="policy/runs", url_name="policy-runs")
+    def policy_runs(self, request, name=None):
+        """The policy's runs, newest first: what started each, where it stands, and why it
+        ended as it did."""
+        alias = self.get_object()
+        runs = alias.policy_runs.select_related("alias")[:100]
+        return Response({"object": "list", "data": [run_object(run) for run in runs]})
 
     def _fresh(self, alias: Alias) -> Alias:
         return self.get_queryset().get(pk=alias.pk)
@@ -274,7 +405,7 @@ def promotion_response(alias: Alias, outcome: Promotion) -> Response:
         )
     if outcome.moved:
         fresh = Alias.objects.select_related("adapter__base_model").get(pk=alias.pk)
-        return Response({**alias_object(fresh), "move": move_object(outcome.move)})
+        return Response({**alias_object(fresh), "move": outcome.move.as_object()})
     reasons = " ".join(outcome.report["reasons"])
     if outcome.status == "failed":
         message = f"The promotion cannot be decided: {reasons} Promote again to evaluate anew."

@@ -39,6 +39,7 @@ class EvaluationSerializer(serializers.ModelSerializer):
     models = serializers.SerializerMethodField()
     samples = serializers.SerializerMethodField()
     forgetting = serializers.SerializerMethodField()
+    retention = serializers.SerializerMethodField()
 
     class Meta:
         model = Evaluation
@@ -54,6 +55,7 @@ class EvaluationSerializer(serializers.ModelSerializer):
             "models",
             "verdict",
             "forgetting",
+            "retention",
             "samples",
             "options",
             "error",
@@ -71,6 +73,11 @@ class EvaluationSerializer(serializers.ModelSerializer):
 
     def get_forgetting(self, evaluation) -> dict | None:
         return evaluation.results.get("forgetting")
+
+    def get_retention(self, evaluation) -> list[dict]:
+        """A continual job's: on each ancestor's held-out rows, the child's and the parent's
+        scores."""
+        return evaluation.retention()
 
 
 class EvaluationViewSet(

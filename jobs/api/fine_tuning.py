@@ -17,7 +17,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from engine.hyperparameters import ConfigError, TrainConfig, public
-from jobs import preflight
+from jobs import lineage, preflight
 from jobs.api.serializers import (
     CHECKPOINT_ID_PREFIX,
     COMPUTED_COLUMNS,
@@ -367,6 +367,13 @@ class AdapterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantSco
         adapter = self.get_object()
         delete_adapter(adapter)
         return Response({"id": pk, "object": "adapter", "deleted": True})
+
+    @extend_schema(responses={200: serializers.DictField()})
+    @action(detail=True, methods=["get"])
+    def lineage(self, request, pk=None):
+        """The versions the adapter was trained along, oldest first, each with its data, its
+        scores on every task of the chain and the alias moves to it (jobs/lineage.py)."""
+        return Response(lineage.lineage(self.get_object()))
 
     @extend_schema(
         responses={(200, "application/zip"): bytes},

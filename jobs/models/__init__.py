@@ -8,6 +8,7 @@
 - usage: Quota and the usage ledger;
 - aliases: Alias, a named deployment, and AliasMove, the record of its moves;
 - completions: StoredCompletion, a chat completion kept with its feedback;
+- policies: ContinualPolicy, an alias's rule for training on its traffic, and PolicyRun;
 - workers: WorkerHeartbeat.
 """
 
@@ -31,6 +32,7 @@ from jobs.models.jobs import (
     JobEvent,
     new_job_id,
 )
+from jobs.models.policies import ContinualPolicy, PolicyRun
 from jobs.models.usage import (
     InferenceUsage,
     MonthlyUsage,
@@ -51,6 +53,7 @@ __all__ = [
     "BaseModel",
     "BaseScores",
     "Checkpoint",
+    "ContinualPolicy",
     "Evaluation",
     "File",
     "FileInUse",
@@ -60,6 +63,7 @@ __all__ = [
     "JobAttempt",
     "JobEvent",
     "MonthlyUsage",
+    "PolicyRun",
     "Quota",
     "QuotaExceeded",
     "StoredCompletion",

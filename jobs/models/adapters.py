@@ -284,10 +284,21 @@ class Evaluation(TenantOwnedModel):
                 ]
         else:  # nothing yet while queued or running
             stored = self.results.get("models") or [None] * len(candidates)
-        return [
+        models = [
             {**candidate, **(scores or {})}
             for candidate, scores in zip(candidates, stored, strict=True)
         ]
+        parent = self.results.get("parent") if self.kind == self.Kind.JOB else None
+        if parent:  # a continual job's parent, on the same held-out rows
+            models.append(
+                {"model": parent["model"], "adapter": parent["adapter"], **parent["held_out"]}
+            )
+        return models
+
+    def retention(self) -> list[dict]:
+        """A continual job's scores on its ancestors' held-out rows: per ancestor, the child's
+        and the parent's (empty for any other evaluation)."""
+        return (self.results.get("parent") or {}).get("retention", [])
 
     def summary(self) -> dict:
         """What the job and adapter objects show; the samples are in the full evaluation."""

@@ -23,10 +23,13 @@ from jobs import promotion
 from jobs.models.adapters import Adapter, Evaluation
 from jobs.models.catalogue import BaseModel
 from jobs.models.files import File
+from loft import webhooks
 from loft.ids import make_id
 from loft.models import Organization
 from loft.tenancy import TenantOwnedModel
 
+# An alias move's id in the API: its row number behind a prefix.
+MOVE_ID_PREFIX = "aliasmove-"
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 # Names an alias cannot take: they already mean a model (adapter ids; ft: names and base
 # models' names are checked apart).
@@ -141,6 +144,7 @@ class Alias(TenantOwnedModel):
             )
             if force and not (report and report["passed"]):
                 move = alias._move(AliasMove.Kind.FORCED, candidate, actor, user, report or {})
+                alias._announce(move)
                 return Promotion("forced", move=move, report=report)
             failed = [evaluation for state, evaluation in found if state == "failed"]
             if failed:
@@ -166,10 +170,12 @@ class Alias(TenantOwnedModel):
                 return Promotion("evaluating", evaluations=waiting)
             if report["passed"]:
                 move = alias._move(AliasMove.Kind.PROMOTED, candidate, actor, user, report)
+                alias._announce(move)
                 return Promotion("promoted", move=move, report=report, evaluations=ready)
             move = alias._record(
                 AliasMove.Kind.REFUSED, current.id, candidate.id, actor, user, report
             )
+            alias._announce(move)
             return Promotion("refused", move=move, report=report, evaluations=ready)
 
     def roll_back(self, *, actor: str, user=None) -> AliasMove:
@@ -205,6 +211,18 @@ class Alias(TenantOwnedModel):
                 )
             return alias._move(
                 AliasMove.Kind.ROLLED_BACK, previous, actor, user, {"undoes": target.id}
+            )
+
+    def pin(self, eval_files: list[File], *, actor: str, user=None) -> AliasMove:
+        """Replace the pinned eval files (a task the alias now serves gets its own), recorded
+        as a move: the gate measures every later candidate on these."""
+        with transaction.atomic():
+            alias = Alias.objects.select_for_update().get(pk=self.pk)
+            before = sorted(alias.eval_files.values_list("id", flat=True))
+            alias.eval_files.set(eval_files)
+            evidence = {"eval_files": sorted(f.id for f in eval_files), "before": before}
+            return alias._record(
+                AliasMove.Kind.PINNED, alias.adapter_id, alias.adapter_id, actor, user, evidence
             )
 
     # --- helpers ----------------------------------------------------------------------------
@@ -243,6 +261,13 @@ class Alias(TenantOwnedModel):
             user=user if getattr(user, "pk", None) else None,
             evidence=evidence or {},
         )
+
+    def _announce(self, move: AliasMove) -> None:
+        """The organization's webhooks hear of a promotion (forced or not) or a refusal once
+        the move commits: ``alias.promoted`` / ``alias.promotion_refused``, with the move."""
+        refused = move.kind == AliasMove.Kind.REFUSED
+        event = "alias.promotion_refused" if refused else "alias.promoted"
+        webhooks.announce(self.org_id, event, {**move.as_object(), "alias_name": self.name})
 
     def _evaluation_on(
         self, file: File, current: Adapter, candidate: Adapter, *, with_probes: bool
@@ -371,6 +396,7 @@ class AliasMove(TenantOwnedModel):
         FORCED = "forced"  # promoted by an owner over the gate's refusal
         REFUSED = "refused"  # a promotion the gate refused: the alias did not move
         ROLLED_BACK = "rolled_back"
+        PINNED = "pinned"  # the eval files changed; the alias did not move
 
     alias = models.ForeignKey(Alias, on_delete=models.CASCADE, related_name="moves")
     kind = models.CharField(max_length=12, choices=Kind.choices)
@@ -388,3 +414,17 @@ class AliasMove(TenantOwnedModel):
 
     def __str__(self) -> str:
         return f"{self.alias_id} {self.kind} {self.from_adapter} → {self.to_adapter}"
+
+    def as_object(self) -> dict:
+        """The move as the API and the webhook events show it."""
+        return {
+            "object": "alias.move",
+            "id": f"{MOVE_ID_PREFIX}{self.pk}",
+            "alias": self.alias_id,
+            "kind": self.kind,
+            "from_adapter": self.from_adapter or None,
+            "to_adapter": self.to_adapter or None,
+            "actor": self.actor,
+            "created_at": int(self.created_at.timestamp()),
+            "evidence": self.evidence,
+        }

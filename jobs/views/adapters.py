@@ -14,8 +14,9 @@ from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from jobs import lineage
 from jobs.api.fine_tuning import zip_folder
-from jobs.models import Adapter, Evaluation, QuotaExceeded
+from jobs.models import Adapter, AliasMove, Evaluation, QuotaExceeded
 from loft.tenancy import org_or_404
 
 # The headline score of an evaluation, the first that both models have: (label, key, percent).
@@ -74,7 +75,93 @@ def adapter_list(request):
 def adapter_detail(request, adapter_id: str):
     adapter = _with_headline(get_object_or_404(_adapters(request), pk=adapter_id))
     files = sorted(adapter.manifest.get("files", {}).items())
-    return render(request, "jobs/adapter_detail.html", {"adapter": adapter, "files": files})
+    # A candidate an alias's gate refused (a continual policy's child, most often) is flagged
+    # with the gate's reasons; a later promotion to it lifts the flag.
+    moves = AliasMove.objects.for_org(adapter.org_id).filter(to_adapter=adapter.id)
+    refusals = [
+        move
+        for move in moves.filter(kind=AliasMove.Kind.REFUSED).select_related("alias")
+        if not moves.filter(
+            alias=move.alias, kind__in=PROMOTIONS, created_at__gt=move.created_at
+        ).exists()
+    ]
+    return render(
+        request,
+        "jobs/adapter_detail.html",
+        {"adapter": adapter, "files": files, "refusals": refusals},
+    )
+
+
+PROMOTIONS = (AliasMove.Kind.PROMOTED, AliasMove.Kind.FORCED)
+
+
+@login_required
+def adapter_lineage(request, adapter_id: str):
+    """The versions the adapter was trained along, with each one's score on every task of the
+    chain: a table and a chart (jobs/lineage.py)."""
+    adapter = get_object_or_404(_adapters(request), pk=adapter_id)
+    report = lineage.lineage(adapter)
+    versions = report["versions"]
+    names = {version["id"]: version["name"] for version in versions}
+    tasks = []
+    for number, task in enumerate(report["tasks"], start=1):
+        scores = [version["scores"][task] for version in versions]
+        metric = lineage.task_metric(scores)
+        values = [(s or {}).get(metric) for s in scores]
+        tasks.append(
+            {
+                "number": number,
+                "adapter": task,
+                "name": names[task],
+                "label": "exact match" if metric == "normalized_exact_match" else "ROUGE-L",
+                "values": values,
+            }
+        )
+    for index, version in enumerate(versions):
+        version["cells"] = [task["values"][index] for task in tasks]
+    return render(
+        request,
+        "jobs/adapter_lineage.html",
+        {
+            "adapter": adapter,
+            "versions": versions,
+            "tasks": tasks,
+            "chart": lineage_chart(tasks, len(versions)),
+            "children": report["children"],
+        },
+    )
+
+
+LINEAGE_CHART = {"width": 480, "height": 180, "margin": 24}
+
+
+def lineage_chart(tasks: list[dict], versions: int) -> dict:
+    """Each task's score (0 to 1) across the versions, as SVG polylines."""
+    width, height, margin = (LINEAGE_CHART[k] for k in ("width", "height", "margin"))
+
+    def x(index: int) -> float:
+        return round(margin + (width - 2 * margin) * index / max(versions - 1, 1), 1)
+
+    def y(value: float) -> float:
+        return round(margin + (height - 2 * margin) * (1 - value), 1)
+
+    lines = [
+        {
+            "number": task["number"],
+            "points": " ".join(
+                f"{x(i)},{y(v)}" for i, v in enumerate(task["values"]) if v is not None
+            ),
+        }
+        for task in tasks
+    ]
+    return {
+        **LINEAGE_CHART,
+        "lines": lines,
+        "xs": [x(i) for i in range(versions)],
+        "top": y(1),
+        "bottom": y(0),
+        "right": width - margin,
+    }
 
 
 @login_required

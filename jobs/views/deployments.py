@@ -1,6 +1,7 @@
 """The Deployments page: the organization's aliases, each with its adapter, pinned eval files
 and the history of its moves with their evidence; promote and roll back by form. And each
-alias's traffic: its stored completions (``store: true``), rated and corrected by form.
+alias's traffic: its stored completions (``store: true``), rated and corrected by form, and its
+continual policy (jobs/continual.py) with its runs.
 
 The moves themselves are ``Alias.promote`` and ``Alias.roll_back`` (jobs/models/aliases.py),
 the very calls the API makes; each form posts, then comes back here with a sentence.
@@ -14,15 +15,17 @@ from django.db.models import Prefetch
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from jobs import traffic
+from jobs import continual, traffic
 from jobs.api.aliases import ONLY_OWNERS_FORCE, may_force
 from jobs.models import Adapter, File, QuotaExceeded, StoredCompletion
 from jobs.models.aliases import Alias, AliasError, AliasMove
 from jobs.models.completions import CORRECTION_LENGTH
+from jobs.models.policies import ContinualPolicy
 from loft.tenancy import org_or_404
 
 MOVES_SHOWN = 20
 COMPLETIONS_SHOWN = 50
+RUNS_SHOWN = 10
 
 
 @login_required
@@ -128,11 +131,52 @@ def deployment_traffic(request, name: str):
         "rated_down": stored.filter(rating=-1).count(),
         "corrected": stored.exclude(correction="").count(),
     }
+    policy = ContinualPolicy.objects.filter(alias=alias).first()
     return render(
         request,
         "jobs/deployment_traffic.html",
-        {"alias": alias, "completions": completions, "counts": counts},
+        {
+            "alias": alias,
+            "completions": completions,
+            "counts": counts,
+            "policy": policy,
+            "new_feedback": continual.new_feedback(policy).count() if policy else 0,
+            "runs": alias.policy_runs.all()[:RUNS_SHOWN],
+        },
     )
+
+
+@login_required
+@require_POST
+def deployment_policy(request, name: str):
+    """The alias's continual policy set, changed or stopped by form (the API's rules)."""
+    alias = _alias(request, name)
+    if request.POST.get("stop"):
+        ContinualPolicy.objects.filter(alias=alias).delete()
+        messages.success(request, f"{alias.name} no longer trains on its traffic by itself.")
+        return redirect("deployment-traffic", name=alias.name)
+    try:
+        every_completions = int(request.POST.get("every_completions") or 0) or None
+        hours = float(request.POST.get("every_hours") or 0)
+    except ValueError:
+        every_completions, hours = -1, 0
+    every_seconds = round(hours * 3600) or None
+    if (every_completions or 0) < 0 or hours < 0 or not (every_completions or every_seconds):
+        messages.error(
+            request, "Say when to train: after a number of new answers, every few hours, or both."
+        )
+    elif every_seconds is not None and every_seconds < 60:
+        messages.error(request, "Train at most once a minute.")
+    else:
+        ContinualPolicy.set_for(
+            alias, every_completions=every_completions, every_seconds=every_seconds
+        )
+        messages.success(
+            request,
+            f"{alias.name} trains a child on its rated and corrected answers when due, and "
+            "moves to it only if it passes the promotion gate.",
+        )
+    return redirect("deployment-traffic", name=alias.name)
 
 
 @login_required

@@ -83,6 +83,7 @@ def _live_context(job: FineTuneJob) -> dict:
         "chart": loss_chart(losses, validation, progress.get("total_steps") or 0),
         "evaluation": evaluation,
         "models": evaluation.scores_by_model() if evaluation else [],
+        "retention": evaluation.retention() if evaluation else [],
         "metrics": METRIC_COLUMNS,
         "adapter": getattr(job, "adapter", None),
         "timings": time_spent(job.timings or {}),

@@ -16,14 +16,14 @@ from rest_framework.response import Response
 
 from loft.api.base import ObjectTypeField, TenantScopedViewSet, UnixTimestampField
 from loft.api.errors import LoftAPIError
-from loft.models import JOB_EVENTS, Organization, WebhookDelivery, WebhookEndpoint
+from loft.models import EVENTS, Organization, WebhookDelivery, WebhookEndpoint
 from loft.webhooks import UnsafeWebhookURL, check_url
 
 
 class WebhookEndpointSerializer(serializers.ModelSerializer):
     object = ObjectTypeField("webhook_endpoint")
     event_types = serializers.ListField(
-        child=serializers.ChoiceField(choices=JOB_EVENTS),
+        child=serializers.ChoiceField(choices=EVENTS),
         allow_empty=False,
         required=False,
         help_text="The events to send; all of them when left out.",
