@@ -21,7 +21,7 @@ A run, step by step:
    the alias). Both send the alias's webhook event. A failed file, job or evaluation ends the
    run as ``failed``, with the reason.
 
-One run per policy at a time (a partial unique index, and row locks taken with skip_locked),
+One run per alias at a time (a partial unique index, and row locks taken with skip_locked),
 so two beat processes, or a slow tick overlapping the next, cannot start two.
 """
 
@@ -31,7 +31,6 @@ import logging
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from engine.hyperparameters import ConfigError
@@ -65,7 +64,7 @@ def advance_all(now: datetime | None = None) -> dict:
 def new_feedback(policy: ContinualPolicy):
     """The alias's stored completions rated up or corrected since the policy last counted."""
     return StoredCompletion.objects.for_org(policy.org_id).filter(
-        Q(rating=1) | ~Q(correction=""),
+        traffic.learnable(),
         alias=policy.alias.name,
         feedback_at__gt=policy.counting_since,
     )

@@ -102,12 +102,18 @@ def selected(org, spec: dict):
         rows = rows.filter(created_at__gte=datetime.fromisoformat(spec["created_after"]))
     if spec["created_before"]:
         rows = rows.filter(created_at__lt=datetime.fromisoformat(spec["created_before"]))
+    return rows.filter(learnable(spec["select"])).order_by("created_at", "id")
+
+
+def learnable(select=SELECTIONS) -> Q:
+    """The stored completions a training file takes: rated up, corrected, or (the default)
+    either. Continual policies count the same ones (jobs/continual.py)."""
     wanted = Q()
-    if "rated_up" in spec["select"]:
+    if "rated_up" in select:
         wanted |= Q(rating=1)
-    if "corrected" in spec["select"]:
+    if "corrected" in select:
         wanted |= ~Q(correction="")
-    return rows.filter(wanted).order_by("created_at", "id")
+    return wanted
 
 
 def is_pending(file: File) -> bool:
