@@ -24,6 +24,7 @@ BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1.0
 METHODS = {"nf4": "qlora", "none": "lora"}  # the API's quantization → the engine's method
 # How the learning rate falls after warmup (transformers' get_*_schedule_with_warmup).
 SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = (AUTO, "bf16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -194,6 +195,17 @@ class TrainConfig:
         form="number",
     )
     packing: bool = hyperparameter(True, "Pack examples into rows (no padding).")
+    # auto: bf16 autocast where the worker's hardware computes in bf16 (engine/base_models.py
+    # resolve_precision, measured there), fp32 elsewhere; the job records what ran.
+    mixed_precision: str = hyperparameter(
+        AUTO,
+        "What the forward passes compute in: auto (bf16 where the worker's hardware computes "
+        "in it, else fp32), bf16 or fp32. The adapter's weights are fp32 either way.",
+        rule=Rule(lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
+        choices=PRECISIONS,
+        label="Precision",
+        form="choice",
+    )
     # 0: with 0.03, a short run's first step had a learning rate of 0 (a wasted step); measured
     # on bench/quality.py it made no difference beyond the noise of the random draws.
     warmup_ratio: float = hyperparameter(
@@ -330,7 +342,7 @@ def from_request(requested: dict) -> dict:
 
 
 # What a job stored before a field existed ran with, where that is not the field's default.
-BEFORE_THE_FIELD = {"lr_scheduler": "cosine", "replay_fraction": 0.0}
+BEFORE_THE_FIELD = {"lr_scheduler": "cosine", "replay_fraction": 0.0, "mixed_precision": "fp32"}
 
 
 def as_stored(config: dict) -> dict:

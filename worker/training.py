@@ -7,6 +7,7 @@ the job's fenced methods (jobs/models/jobs.py), so an attempt that lost its leas
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 import tempfile
@@ -39,6 +40,8 @@ Status = FineTuneJob.Status
 # out damaged. Older ones are deleted once a newer one is recorded; a checkpoint every step
 # would otherwise fill the bucket (and the tenant's storage quota) without end.
 CHECKPOINTS_KEPT = 2
+# A running job's progress is written at most this often (and at its checkpoints and end).
+PROGRESS_EVERY_SECONDS = 1.0
 # peft's names, in the evaluation, of the adapter just trained and of its parent beside it.
 CHILD = "default"
 PARENT = "parent"
@@ -398,6 +401,8 @@ class JobRun:
         self.config = TrainConfig(**as_stored(job.hyperparameters))
         self.device = training_device()
         self.latest: dict = {}  # the last step's figures, stored with each checkpoint
+        self.unreported: train.Progress | None = None  # a step's figures not written yet
+        self.reported_at = -math.inf
 
     def event(self, message: str, data: dict | None = None) -> None:
         self.job.add_event("info", message, data, attempt=self.attempt)
@@ -432,7 +437,17 @@ class JobRun:
         )
 
     def on_progress(self, progress: train.Progress) -> None:
+        """The step's figures, written at most once a second (a step can take milliseconds on a
+        GPU; each report is two database writes), and always for the last step and before a
+        checkpoint (on_checkpoint)."""
         self.latest.update(train_loss=progress.loss, learning_rate=progress.learning_rate)
+        self.unreported = progress
+        due = time.monotonic() - self.reported_at >= PROGRESS_EVERY_SECONDS
+        if due or progress.step == progress.total_steps:
+            self.report(progress)
+
+    def report(self, progress: train.Progress) -> None:
+        self.unreported, self.reported_at = None, time.monotonic()
         trained = self.tokens_before_resume + progress.trained_tokens
         if not self.job.record_progress(
             self.attempt, {**progress.__dict__, "trained_tokens": trained}, trained
@@ -453,6 +468,8 @@ class JobRun:
         while this attempt still holds the job: a stale attempt's upload never lands on the
         current attempt's files, and is deleted again once refused. The checkpoints the job
         no longer keeps are deleted after the new one is recorded."""
+        if self.unreported is not None:  # the checkpoint's step is on the chart
+            self.report(self.unreported)
         prefix = f"{self.job.s3_prefix}checkpoints/attempt-{self.attempt}/step-{step}/"
         manifest = artifacts.build_manifest(folder)
         storage.upload_folder(folder, prefix, manifest)
@@ -630,6 +647,7 @@ class JobRun:
             "resumed_from_step": result.resumed_from_step,
             "trained_tokens": result.trained_tokens,
             "seconds": round(result.seconds, 2),
+            "precision": result.precision,
         }
         name = job.fine_tuned_model_name
         artifacts.write_json(folder / "training_config.json", job.hyperparameters)
