@@ -47,10 +47,24 @@ def load_tokenizer(spec: BaseModelSpec, cache_dir: Path):
 
 
 def training_device() -> str:
-    """CUDA when the worker has a GPU, else the CPU; chosen when a job runs, not at install."""
+    """The device this worker process trains and serves on, chosen when it runs, not at
+    install: ``LOFT_DEVICE`` when set (``make run`` and compose start one worker per GPU, each
+    given its own: ``worker_devices``), else the first GPU when there is one, else the CPU."""
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = os.environ.get("LOFT_DEVICE", "").strip()
+    if chosen:
+        return chosen
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def worker_devices(gpus: int) -> list[str]:
+    """The devices of a host's training workers, one process each: every visible GPU its own
+    (two processes on one GPU would share its memory, and neither plans for the other), or the
+    CPU on a host without any."""
+    return [f"cuda:{index}" for index in range(gpus)] or ["cpu"]
 
 
 def computes_bf16_natively(device: str) -> bool:
@@ -80,7 +94,7 @@ def compute_dtype(device: str):
     """bf16 where the hardware computes in it, else fp32 (CPU fp16/bf16 matmuls are slow here)."""
     import torch
 
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
 

@@ -15,6 +15,7 @@ Standard library only: the web imports this module, and it must not import torch
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -25,6 +26,7 @@ METHODS = {"nf4": "qlora", "none": "lora"}  # the API's quantization → the eng
 # How the learning rate falls after warmup (transformers' get_*_schedule_with_warmup).
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = (AUTO, "bf16", "fp32")
+ALL_LINEAR, ATTENTION = "all-linear", "attention"  # target_modules' named choices
 
 
 class ConfigError(ValueError):
@@ -237,13 +239,49 @@ class TrainConfig:
         rule=fraction(),
         label="Replay fraction",
     )
+    # Off by default: a held-out pass costs a share of a step per held-out row, and the job's
+    # evaluation measures the held-out loss after training anyway.
+    eval_every: int | None = hyperparameter(
+        None,
+        "Measure the held-out loss every this many steps, and keep the adapter of the step "
+        "where it was lowest; empty to measure it once, after training.",
+        rule=between(1, 10_000_000),
+        label="Evaluate every (steps)",
+        form="number",
+    )
+    early_stopping_patience: int | None = hyperparameter(
+        None,
+        "With eval_every: stop when the held-out loss has not improved for this many "
+        "measurements; empty to train every step.",
+        rule=between(1, 10_000),
+        label="Early stopping patience",
+        form="number",
+    )
     checkpoint_every: int = hyperparameter(
         50, "Steps between checkpoints.", rule=between(1, 10_000_000)
     )
     validation_fraction: float = hyperparameter(
         0.1, "Share of the rows held out when no validation file is given.", rule=fraction()
     )
-    target_modules: str = hyperparameter("all-linear", "peft target modules.", api=False)
+    target_modules: str = hyperparameter(
+        ALL_LINEAR,
+        "Which layers get the adapter: all-linear (every linear layer of every block), "
+        "attention (the attention projections), or module names separated by commas "
+        "(q_proj,v_proj).",
+        rule=Rule(
+            lambda v: v in (ALL_LINEAR, ATTENTION) or re.fullmatch(r"\w+(,\w+)*", v) is not None,
+            "all-linear, attention, or module names separated by commas",
+        ),
+        label="Target modules",
+    )
+    # peft's LoRA variants. DoRA splits each update into a direction and a magnitude (learns a
+    # little more per rank, costs more a step, and is served in batches of its own:
+    # engine/batching.py); rsLoRA scales the update by alpha/sqrt(rank) instead of alpha/rank,
+    # which keeps high ranks learning.
+    use_dora: bool = hyperparameter(False, "DoRA (weight-decomposed LoRA).", label="DoRA")
+    use_rslora: bool = hyperparameter(
+        False, "rsLoRA: scale the update by alpha/sqrt(rank).", label="rsLoRA"
+    )
     weight_decay: float = hyperparameter(0.0, "AdamW weight decay.", rule=at_least(0), api=False)
     max_grad_norm: float = hyperparameter(1.0, "Gradient clipping.", rule=POSITIVE, api=False)
     # The job's top-level ``seed`` (OpenAI's), not one of its hyperparameters.
@@ -390,6 +428,10 @@ def _checked(api_field: ApiField, value):
         return value
     if kind is float:
         return _number(value, name)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {str(value)[:40]}")
+        return value
     if kind is bool:
         ok = isinstance(value, bool)
     else:  # a whole number: 2 or 2.0, never true

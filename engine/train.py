@@ -32,9 +32,10 @@ from safetensors.torch import load_file, save_file
 
 from engine import artifacts, data
 from engine.base_models import resolve_precision
-from engine.hyperparameters import TrainConfig
+from engine.hyperparameters import ALL_LINEAR, ATTENTION, TrainConfig
 
 IGNORE = -100
+BEST_WEIGHTS = "best_adapter_model.safetensors"  # in a checkpoint: the best adapter so far
 
 
 class TrainingCancelled(Exception):
@@ -321,10 +322,49 @@ def epoch_order(examples: int, seed: int, epoch: int) -> tuple[int, ...]:
 # --- checkpoints: safetensors and JSON, never pickles ---------------------------------------
 
 
+@dataclass
+class Validation:
+    """Held-out loss during training (``eval_every``): the best measurement so far, the
+    adapter's weights at it, and how many measurements since have not improved on it. Saved in
+    every checkpoint, so a resumed run keeps the best adapter it had found."""
+
+    best_step: int | None = None
+    best_loss: float | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+    since_best: int = 0
+    stopped_early: bool = False
+
+    def record(self, step: int, loss: float, model) -> bool:
+        """A measurement; True when it is the best so far (its weights are then kept)."""
+        if self.best_loss is not None and loss >= self.best_loss:
+            self.since_best += 1
+            return False
+        weights = {key: value.clone() for key, value in adapter_weights(model).items()}
+        self.best_step, self.best_loss, self.best_weights, self.since_best = step, loss, weights, 0
+        return True
+
+    def state(self) -> dict:
+        return {
+            "best_step": self.best_step,
+            "best_loss": self.best_loss,
+            "since_best": self.since_best,
+            "stopped_early": self.stopped_early,
+        }
+
+
 def save_checkpoint(
-    folder: Path, model, optimizer, scheduler, step: int, config: TrainConfig
+    folder: Path,
+    model,
+    optimizer,
+    scheduler,
+    step: int,
+    config: TrainConfig,
+    validation: Validation | None = None,
 ) -> None:
     save_adapter(model, folder)
+    validation = validation or Validation()
+    if validation.best_weights is not None:
+        save_file(validation.best_weights, folder / BEST_WEIGHTS)
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
@@ -347,13 +387,15 @@ def save_checkpoint(
                 "optimizer_scalars": scalars,
                 "scheduler": scheduler.state_dict(),
                 "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
+                "validation": validation.state(),
             }
         )
     )
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
-    """Restore a checkpoint into the run; returns the number of steps it had completed."""
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, Validation]:
+    """Restore a checkpoint into the run; returns the number of steps it had completed, and
+    where its held-out measurements stood."""
     load_adapter_weights(model, load_file(folder / "adapter_model.safetensors"))
     meta = json.loads((folder / "trainer_state.json").read_text())
     tensors = load_file(folder / "optimizer.safetensors")
@@ -370,7 +412,10 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     version, internal, gauss = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    return int(meta["step"])
+    validation = Validation(**meta.get("validation", {}))  # none before eval_every existed
+    if (folder / BEST_WEIGHTS).exists():
+        validation.best_weights = load_file(folder / BEST_WEIGHTS)
+    return int(meta["step"]), validation
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -398,6 +443,8 @@ class Callbacks:
     out_of_time: Callable[[], bool] = lambda: False
     # Called as the first step is about to start: setup (LoRA attached, checkpoint loaded) is over.
     on_loop_start: Callable[[], None] = lambda: None
+    # Called with each held-out measurement (eval_every): its step, its loss, the best step.
+    on_validation: Callable[[int, float, int], None] = lambda step, loss, best: None
 
 
 @dataclass
@@ -414,6 +461,8 @@ class TrainResult:
     # in a job's timings (worker/training.py); Callbacks.on_loop_start marks its start.
     last_step_ended: float
     precision: str  # what the forward passes computed in: "bf16" (autocast) or "fp32"
+    best_step: int | None = None  # with eval_every: the step whose adapter is returned
+    stopped_early_at: int | None = None  # with early_stopping_patience: the last step run
 
     @property
     def packing_efficiency(self) -> float:
@@ -434,7 +483,9 @@ def attach_lora(base, config: TrainConfig, parent_adapter: Path | None):
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules,
+            target_modules=peft_target_modules(config.target_modules),
+            use_dora=config.use_dora,
+            use_rslora=config.use_rslora,
             task_type="CAUSAL_LM",
         )
     if config.quantization == "nf4":
@@ -445,6 +496,17 @@ def attach_lora(base, config: TrainConfig, parent_adapter: Path | None):
     if parent_adapter is not None:
         load_adapter_weights(model, load_file(parent_adapter / "adapter_model.safetensors"))
     return model
+
+
+def peft_target_modules(target_modules: str) -> str | list[str]:
+    """The hyperparameter as peft takes it: "all-linear" as is, "attention" as a pattern over
+    the attention blocks' linear layers (self_attn in Llama, Qwen, Mistral and SmolLM;
+    attention or attn elsewhere), module names as a list."""
+    if target_modules == ALL_LINEAR:
+        return ALL_LINEAR
+    if target_modules == ATTENTION:
+        return r".*\.(self_attn|attention|attn)\.[^.]+"
+    return target_modules.split(",")
 
 
 # peft's own state-dict helpers call model.state_dict(), which on a 4-bit model rewrites the
@@ -530,7 +592,10 @@ def train(
     )
     steps = total_steps(config, len(train_examples))
     scheduler = learning_rate_schedule(optimizer, config, steps)
-    first_step = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else 0
+    first_step, validation = 0, Validation()
+    if resume_from:
+        first_step, validation = load_checkpoint(resume_from, model, optimizer, scheduler)
+    measuring = bool(config.eval_every and validation_examples)
 
     # --- train (on any failure or cancel, the base is handed back without this run's layers)
     hooks = keep_adapter_sums_in_fp32(model) if precision == "bf16" else []
@@ -542,13 +607,13 @@ def train(
         loop_started = last_step_ended = time.monotonic()
         per_epoch = steps_per_epoch(len(train_examples), config.batch_size)
         last_checkpoint = first_step
-        for step in range(first_step, steps):
+        for step in range(first_step, first_step if validation.stopped_early else steps):
             if callbacks.should_stop():
                 raise TrainingCancelled(f"cancelled before step {step + 1}")
             if callbacks.out_of_time():
                 if step > last_checkpoint:
                     folder = work_dir / "checkpoints" / f"step-{step}"
-                    save_checkpoint(folder, model, optimizer, scheduler, step, config)
+                    save_checkpoint(folder, model, optimizer, scheduler, step, config, validation)
                     callbacks.on_checkpoint(folder, step)
                 raise TimeLimitReached(step)
             batch = examples_for_step(train_examples, config, step)
@@ -587,14 +652,28 @@ def train(
                 )
             )
             last_step_ended = time.monotonic()
-            if done % config.checkpoint_every == 0 or done == steps:
+            if measuring and (done % config.eval_every == 0 or done == steps):
+                loss = held_out_loss(model, validation_examples, config.max_seq_length, device)
+                validation.record(done, loss, model)
+                callbacks.on_validation(done, loss, validation.best_step)
+                patience = config.early_stopping_patience
+                validation.stopped_early = bool(patience and validation.since_best >= patience)
+            if done % config.checkpoint_every == 0 or done == steps or validation.stopped_early:
                 folder = work_dir / "checkpoints" / f"step-{done}"
-                save_checkpoint(folder, model, optimizer, scheduler, done, config)
+                save_checkpoint(folder, model, optimizer, scheduler, done, config, validation)
                 callbacks.on_checkpoint(folder, done)
                 last_checkpoint = done
+            if validation.stopped_early:
+                break
 
-        # --- evaluate on the held-out examples
-        validation_loss = held_out_loss(model, validation_examples, config.max_seq_length, device)
+        # --- keep the best adapter, and evaluate on the held-out examples
+        if validation.best_weights is not None:
+            load_adapter_weights(model, validation.best_weights)
+            validation_loss = validation.best_loss
+        else:
+            validation_loss = held_out_loss(
+                model, validation_examples, config.max_seq_length, device
+            )
     except BaseException:
         model.unload()
         raise
@@ -613,4 +692,6 @@ def train(
         seconds_to_first_step=(first_step_done_at or time.monotonic()) - started,
         last_step_ended=last_step_ended,
         precision=precision,
+        best_step=validation.best_step,
+        stopped_early_at=last_checkpoint if validation.stopped_early else None,
     )

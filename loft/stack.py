@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from engine.base_models import worker_devices
 from loft.embedded import BIN_DIR, Child, EmbeddedStack, StackError, wait_until
 from loft.env import loft_home
 
@@ -67,6 +68,29 @@ def worker_child(env: dict[str, str], name: str = "worker", queue: str = "defaul
         ],
         env={**env, "LOFT_SERVICE": name},
     )
+
+
+def visible_gpus() -> int:
+    """The NVIDIA GPUs this host shows (``nvidia-smi --list-gpus``), without importing torch."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    listed = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True)
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
+
+
+def training_workers(env: dict[str, str], gpus: int | None = None) -> list[Child]:
+    """One training worker per visible GPU, each pinned to its own (``LOFT_DEVICE``), or one
+    on the CPU."""
+    devices = worker_devices(visible_gpus() if gpus is None else gpus)
+    if devices == ["cpu"]:
+        return [worker_child(env)]
+    return [
+        worker_child({**env, "LOFT_DEVICE": device}, f"worker{index}")
+        for index, device in enumerate(devices)
+    ]
 
 
 def beat_child(env: dict[str, str], home: Path) -> Child:
@@ -204,7 +228,7 @@ def run() -> int:
         # Training, the playground and webhook deliveries in separate workers: an answer never
         # waits for a job, and a slow webhook receiver holds up neither.
         apps = [
-            worker_child(env),
+            *training_workers(env),
             worker_child(env, "inference", env.get("LOFT_INFERENCE_QUEUE", "inference")),
             worker_child(env, "webhooks", env.get("LOFT_WEBHOOK_QUEUE", "webhooks")),
             beat_child(env, home),

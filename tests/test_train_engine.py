@@ -1,16 +1,21 @@
 """The training engine on its own (engine/train.py): packing, loss, checkpoints, resume."""
 
+import datetime
 import json
 from dataclasses import asdict
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file
 
 from engine import data
 from engine import train as T
-from engine.base_models import resolve_precision
+from engine.base_models import load_base_model, resolve_precision
+from engine.generate import AdapterCache
 from engine.hyperparameters import ConfigError, TrainConfig, as_stored, from_request, public
 from tests.dates import LEARNS_THE_RULE, date_rows
+from tests.helpers import SMOLLM2
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +173,92 @@ def test_bf16_autocast_trains_to_the_loss_of_fp32_with_its_matmuls_in_bf16(
     assert outputs == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
     assert losses["fp32"] < 1.0, losses  # it learned: the base starts near 2
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02), losses
+
+
+@pytest.mark.slow  # ~20 s: two variants, two steps each, loaded back three ways
+@pytest.mark.parametrize(
+    "variant",
+    [{"use_dora": True}, {"use_rslora": True, "target_modules": "attention"}],
+    ids=["dora", "rslora-attention"],
+)
+def test_dora_and_rslora_adapters_train_and_load_back_in_plain_peft_and_the_inference_cache(
+    variant, base, cache, examples, tmp_path
+):
+    config = TrainConfig(
+        lora_rank=4, max_steps=2, batch_size=4, learning_rate=3e-3, max_seq_length=256, **variant
+    )
+    model, _ = T.train(config, examples, [], base, device="cpu", work_dir=tmp_path)
+    folder = tmp_path / "adapter"
+    T.save_adapter(model, folder)
+    ids = torch.tensor([examples[3].input_ids])
+    with torch.no_grad():
+        trained = model.eval()(input_ids=ids).logits
+    base = model.unload()
+    with torch.no_grad():
+        untouched = base(input_ids=ids).logits
+    assert not torch.allclose(trained, untouched, atol=1e-3)  # the two steps changed something
+
+    saved = LoraConfig.from_pretrained(str(folder))
+    assert saved.use_dora is variant.get("use_dora", False)
+    assert saved.use_rslora is variant.get("use_rslora", False)
+    targets = {name.split(".")[-1] for name, _ in base.named_modules() if "self_attn." in name}
+    if variant.get("target_modules") == "attention":
+        assert set(saved.target_modules) <= targets or isinstance(saved.target_modules, str)
+        assert not any("mlp" in key for key in load_file(folder / "adapter_model.safetensors"))
+
+    plain = PeftModel.from_pretrained(base, str(folder))  # the standard way users load it
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(input_ids=ids).logits, trained, atol=1e-4)
+    plain.unload()
+    served = AdapterCache(lambda: load_base_model(SMOLLM2, cache, "none", "cpu"), capacity=1)
+    with served.use("ftad-variant", lambda: folder) as model, torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, trained, atol=1e-4)
+
+
+@pytest.mark.slow  # ~30 s: a few steps of batches of 4 short rows, a held-out pass after each
+def test_early_stopping_stops_and_the_adapter_is_the_best_step_s(base, tokenizer, tmp_path):
+    """Trained toward ISO dates, held out on the same kind of questions answered day first
+    (31/12/1999): the held-out loss soon rises, so training stops ``patience`` measurements
+    after its lowest point, and the adapter returned is that step's."""
+    rows = date_rows(40)
+    for row in rows[32:]:
+        answer = row["messages"][2]
+        answer["content"] = datetime.date.fromisoformat(answer["content"]).strftime("%d/%m/%Y")
+    examples = [data.example_from_row(row, i + 1, None) for i, row in enumerate(rows)]
+    tokenized, _ = T.tokenize(examples, tokenizer, 64)
+    wanted = {**LEARNS_THE_RULE, "batch_size": 4, "max_steps": 12, "checkpoint_every": 1}
+    config = TrainConfig(**from_request(wanted), eval_every=1, early_stopping_patience=2)
+    measured: list[tuple[int, float]] = []
+    model, result = T.train(
+        config,
+        tokenized[:32],
+        tokenized[32:],
+        base,
+        device="cpu",
+        work_dir=tmp_path,
+        callbacks=T.Callbacks(on_validation=lambda step, loss, best: measured.append((step, loss))),
+    )
+    kept = {key: value.clone() for key, value in T.adapter_weights(model).items()}
+    base = model.unload()
+    best_step, best_loss = min(measured, key=lambda measurement: measurement[1])
+    assert result.best_step == best_step and result.validation_loss == best_loss
+    assert result.stopped_early_at == best_step + 2 < 12, measured
+    assert [step for step, _ in measured] == list(range(1, best_step + 3))
+    at_best = load_file(
+        tmp_path / "checkpoints" / f"step-{best_step}" / "adapter_model.safetensors"
+    )
+    assert kept.keys() == at_best.keys()
+    assert all(torch.equal(kept[key], at_best[key]) for key in kept)
+
+    # Resumed from its last checkpoint, the run stays stopped and keeps the same adapter.
+    last = tmp_path / "checkpoints" / f"step-{result.stopped_early_at}"
+    model, again = T.train(
+        config, tokenized[:32], tokenized[32:], base, device="cpu", work_dir=tmp_path / "again",
+        resume_from=last,
+    )  # fmt: skip
+    assert (again.best_step, again.stopped_early_at) == (best_step, result.stopped_early_at)
+    assert all(torch.equal(T.adapter_weights(model)[key], kept[key]) for key in kept)
+    model.unload()
 
 
 def test_auto_precision_is_bf16_where_the_hardware_computes_in_it():

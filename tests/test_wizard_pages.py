@@ -146,6 +146,15 @@ def test_the_loss_chart_scales_training_and_held_out_loss_into_the_box():
     assert loss_chart([], None, 0) == {}
 
 
+def test_held_out_loss_measured_during_training_is_drawn_where_it_was_measured():
+    chart = loss_chart([(1, 2.0), (2, 1.0), (4, 0.5)], 0.7, steps=4, measured=[(2, 1.2), (4, 0.7)])
+    measured = [tuple(map(float, p.split(","))) for p in chart["validation_points"].split()]
+    trained = [tuple(map(float, p.split(","))) for p in chart["points"].split()]
+    assert [x for x, _ in measured] == [trained[1][0], trained[2][0]]  # steps 2 and 4
+    assert measured[0][1] < trained[1][1]  # 1.2 is drawn above 1.0
+    assert chart["validation_y"] is None  # no flat line once there are measurements
+
+
 def test_a_long_jobs_live_fragment_reads_its_newest_events_and_a_sample_of_its_losses(
     browser_a, api_a, tenant_a
 ):

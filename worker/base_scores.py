@@ -27,10 +27,10 @@ LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
 
 def device_name(device: str) -> str:
     """The device as far as numbers go: GPUs of two kinds may round differently."""
-    if device == "cuda":
+    if device.startswith("cuda"):
         import torch
 
-        return f"cuda ({torch.cuda.get_device_name()})"
+        return f"cuda ({torch.cuda.get_device_name(device)})"
     return device
 
 

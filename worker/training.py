@@ -463,6 +463,15 @@ class JobRun:
             },
         )
 
+    def on_validation(self, step: int, loss: float, best_step: int) -> None:
+        """A held-out measurement during training: an event the job's chart draws."""
+        self.latest["validation_loss"] = loss
+        best = "the best so far" if best_step == step else f"the best is step {best_step}'s"
+        self.event(
+            f"Step {step}: held-out loss {loss:.4f} ({best}).",
+            {"step": step, "validation_loss": loss, "best_step": best_step},
+        )
+
     def on_checkpoint(self, folder: Path, step: int) -> None:
         """Upload the checkpoint under this attempt's own prefix, manifest last, and record it
         while this attempt still holds the job: a stale attempt's upload never lands on the
@@ -491,7 +500,9 @@ class JobRun:
         return train.train(
             self.config,
             self.train_rows,
-            [],  # the held-out loss is the evaluation's (the same rows, packed the same way)
+            # Measured during training only with eval_every; else the held-out loss is the
+            # evaluation's (the same rows, packed the same way).
+            self.held_out if self.config.eval_every else [],
             self.base,
             device=self.device,
             work_dir=self.work,
@@ -501,6 +512,7 @@ class JobRun:
                 self.on_checkpoint,
                 out_of_time=self.out_of_time,
                 on_loop_start=lambda: self.clock.enter("training"),
+                on_validation=self.on_validation,
             ),
             resume_from=self.resume_from,
             parent_adapter=self.parent_folder,
@@ -649,6 +661,10 @@ class JobRun:
             "seconds": round(result.seconds, 2),
             "precision": result.precision,
         }
+        if result.best_step is not None:  # the adapter is that step's, not the last one's
+            metrics["best_step"] = result.best_step
+        if result.stopped_early_at is not None:
+            metrics["stopped_early_at_step"] = result.stopped_early_at
         name = job.fine_tuned_model_name
         artifacts.write_json(folder / "training_config.json", job.hyperparameters)
         (folder / "README.md").write_text(

@@ -309,6 +309,7 @@ def _documented(hyperparameter: ApiField) -> serializers.Field:
         int: serializers.IntegerField,
         float: serializers.FloatField,
         bool: serializers.BooleanField,
+        str: serializers.CharField,
     }
     return field[hyperparameter.kind](allow_null=hyperparameter.nullable, **options)
 

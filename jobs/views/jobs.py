@@ -70,6 +70,7 @@ def job_cancel(request, job_id: str):
 def _live_context(job: FineTuneJob) -> dict:
     events = list(job.events.order_by("-pk")[:SHOWN_EVENTS])
     losses = sampled_losses(job, CHART_POINTS)
+    measured = sampled_losses(job, CHART_POINTS, "validation_loss")
     validation = (job.metrics or {}).get("validation_loss")
     progress = job.progress or {}
     evaluation = max(job.evaluations.all(), key=lambda e: e.created_at, default=None)
@@ -80,7 +81,7 @@ def _live_context(job: FineTuneJob) -> dict:
         "checkpoints": job.checkpoints.order_by("step"),
         "percent": _percent(progress),
         "progress": progress,
-        "chart": loss_chart(losses, validation, progress.get("total_steps") or 0),
+        "chart": loss_chart(losses, validation, progress.get("total_steps") or 0, measured),
         "evaluation": evaluation,
         "models": evaluation.scores_by_model() if evaluation else [],
         "retention": evaluation.retention() if evaluation else [],
@@ -115,11 +116,14 @@ def time_spent(timings: dict) -> list[dict]:
     ]
 
 
-def sampled_losses(job: FineTuneJob, most: int) -> list[tuple[int, float]]:
-    """(step, training loss) of the job's step events in order: all of them up to ``most``,
+def sampled_losses(
+    job: FineTuneJob, most: int, kind: str = "train_loss"
+) -> list[tuple[int, float]]:
+    """(step, loss) of the job's events that carry ``kind`` (the training loss of its steps,
+    or the held-out loss measured during training), in order: all of them up to ``most``,
     else ``most`` taken at even intervals, the first and the latest among them. Picked by the
     database, which numbers the rows; only the chosen ones are read."""
-    with_loss = job.events.filter(data__has_key="train_loss")
+    with_loss = job.events.filter(data__has_key=kind)
     count = with_loss.count()
     if count <= most:
         wanted = range(1, count + 1)
@@ -128,7 +132,7 @@ def sampled_losses(job: FineTuneJob, most: int) -> list[tuple[int, float]]:
         wanted = sorted({1 + math.floor(i * stride) for i in range(most - 1)} | {count})
     numbered = with_loss.annotate(number=Window(RowNumber(), order_by=F("pk").asc()))
     rows = numbered.filter(number__in=list(wanted)).order_by("pk")
-    return list(rows.values_list("data__step", "data__train_loss"))
+    return list(rows.values_list("data__step", f"data__{kind}"))
 
 
 def _percent(progress: dict) -> int:
@@ -136,12 +140,19 @@ def _percent(progress: dict) -> int:
     return int(100 * progress.get("step", 0) / total) if total else 0
 
 
-def loss_chart(losses: list[tuple[int, float]], validation: float | None, steps: int) -> dict:
-    """Training loss per step as an SVG polyline, and the held-out loss as a dashed line at
-    the end: coordinates for templates/jobs/_loss_chart.html (no charting library needed)."""
+def loss_chart(
+    losses: list[tuple[int, float]],
+    validation: float | None,
+    steps: int,
+    measured: list[tuple[int, float]] = (),
+) -> dict:
+    """Training loss per step as an SVG polyline, and the held-out loss dashed: as measured
+    during training (eval_every) where it was, else as a line at its value after training.
+    Coordinates for templates/jobs/_job_live.html (no charting library needed)."""
     if not losses:
         return {}
-    values = [loss for _, loss in losses] + ([validation] if validation is not None else [])
+    values = [loss for _, loss in [*losses, *measured]]
+    values += [validation] if validation is not None else []
     top, bottom = max(values), min(min(values), 0.0)
     span = (top - bottom) or 1.0
     last_step = max(steps, losses[-1][0], 1)
@@ -157,7 +168,8 @@ def loss_chart(losses: list[tuple[int, float]], validation: float | None, steps:
         "width": CHART_WIDTH,
         "height": CHART_HEIGHT,
         "points": " ".join(f"{x(step)},{y(loss)}" for step, loss in losses),
-        "validation_y": y(validation) if validation is not None else None,
+        "validation_y": y(validation) if validation is not None and not measured else None,
+        "validation_points": " ".join(f"{x(step)},{y(loss)}" for step, loss in measured),
         "left": CHART_MARGIN,
         "right": CHART_WIDTH - CHART_MARGIN,
         "top": CHART_MARGIN,
