@@ -13,6 +13,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_config.json")  # what peft loads an adapter from
 # Files that torch or pickle would unpickle: loading one runs whatever code it carries.
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 

@@ -177,6 +177,18 @@ def get_bytes(key: str) -> bytes:
         raise _fail(f"read {key}", error) from error
 
 
+def copy_object(source_key: str, key: str) -> None:
+    """A copy made by the storage itself: the bytes never pass through this process."""
+    try:
+        client().copy_object(
+            Bucket=settings.S3_BUCKET,
+            Key=key,
+            CopySource={"Bucket": settings.S3_BUCKET, "Key": source_key},
+        )
+    except BOTO_ERRORS as error:
+        raise _fail(f"copy {source_key}", error) from error
+
+
 def delete_prefix(prefix: str) -> int:
     """Delete every object under a prefix; returns how many were deleted."""
     deleted = 0

@@ -1,10 +1,15 @@
 """The whole flow with the official openai package against a live server and a real Celery
-worker: upload, fine-tune, follow, read events and checkpoints, find the model; cancel."""
+worker: upload, fine-tune, follow, read events and checkpoints, find the model; cancel; continue
+from a checkpoint."""
+
+import json
 
 import openai
 import pytest
 
-from jobs.models import BaseModel
+from engine.artifacts import ADAPTER_WEIGHTS
+from jobs.models import BaseModel, Checkpoint, FineTuneJob
+from loft import storage
 from loft.models import ApiKey, Organization
 from tests.helpers import banana_jsonl, wait_for
 
@@ -88,3 +93,27 @@ def test_the_openai_client_fine_tunes_follows_and_cancels_unchanged(
 
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-missing")
+
+    # A checkpoint named as the model: the new job continues from its weights.
+    step_2 = checkpoints[1].fine_tuned_model_checkpoint
+    continued = client.fine_tuning.jobs.create(
+        model=step_2,
+        training_file=file.id,
+        hyperparameters={"batch_size": 4, "max_steps": 1, "max_seq_length": 128},
+    )
+    continued = wait_for(
+        lambda: client.fine_tuning.jobs.retrieve(continued.id),
+        lambda j: j.status in ("succeeded", "failed", "cancelled"),
+        timeout=600,
+        interval=1,
+        what="the job continued from a checkpoint",
+    )
+    assert continued.status == "succeeded", continued.error
+    start = FineTuneJob.objects.get(pk=continued.id).parent_adapter
+    assert start.name == step_2 and start.metrics["step"] == 2
+    checkpoint = Checkpoint.objects.get(job_id=job.id, step=2)
+    theirs = json.loads(storage.get_bytes(f"{checkpoint.s3_prefix}manifest.json"))
+    assert start.manifest["files"][ADAPTER_WEIGHTS] == theirs["files"][ADAPTER_WEIGHTS]
+    assert storage.list_keys(start.s3_prefix)  # copied: pruning the job's checkpoints spares it
+    with pytest.raises(openai.BadRequestError, match="model_not_found"):  # no checkpoint there
+        client.fine_tuning.jobs.create(model=step_2.replace("-2", "-1"), training_file=file.id)

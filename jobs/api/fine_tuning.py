@@ -33,6 +33,7 @@ from jobs.api.serializers import (
 from jobs.models import (
     Adapter,
     BaseModel,
+    Checkpoint,
     File,
     FineTuneJob,
     IdempotencyKeyReused,
@@ -280,8 +281,10 @@ def _base_model_and_parent(org, values) -> tuple[BaseModel, Adapter | None]:
     parent = None
     if name.startswith("ft:") or parent_ref:
         ref = parent_ref or name
-        parent = Adapter.objects.for_org(org).filter(pk=ref).first() or (
-            Adapter.objects.for_org(org).filter(name=ref).first()
+        parent = (
+            Adapter.objects.for_org(org).filter(pk=ref).first()
+            or Adapter.objects.for_org(org).filter(name=ref).first()
+            or _checkpoint_as_adapter(org, ref)
         )
         if parent is None:
             param = "hyperparameters.parent_adapter" if parent_ref else "model"
@@ -303,6 +306,14 @@ def _base_model_and_parent(org, values) -> tuple[BaseModel, Adapter | None]:
             code="model_not_found",
         )
     return base_model, None
+
+
+def _checkpoint_as_adapter(org, name: str) -> Adapter | None:
+    """A checkpoint named as a model (``ft:…:ckpt-step-N``, OpenAI's
+    fine_tuned_model_checkpoint): the job continues from its weights, made into an adapter
+    of their own the first time (object storage failing is a 503, as everywhere)."""
+    checkpoint = Checkpoint.named(org, name)
+    return checkpoint.as_adapter() if checkpoint is not None else None
 
 
 def _file(org, file_id: str, param: str) -> File:

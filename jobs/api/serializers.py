@@ -477,7 +477,7 @@ class CheckpointSerializer(serializers.ModelSerializer):
         return f"{CHECKPOINT_ID_PREFIX}{checkpoint.pk}"
 
     def get_fine_tuned_model_checkpoint(self, checkpoint) -> str:
-        return f"{checkpoint.job.fine_tuned_model_name}:ckpt-step-{checkpoint.step}"
+        return checkpoint.model_name
 
     def get_metrics(self, checkpoint) -> dict:
         return {"step": checkpoint.step, **checkpoint.metrics}

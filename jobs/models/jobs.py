@@ -3,6 +3,8 @@ and checkpoints. worker/training.py runs a claimed job."""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -10,13 +12,14 @@ from django.db import models, transaction
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from engine.hyperparameters import ConfigError, TrainConfig
+from engine import artifacts
+from engine.hyperparameters import ConfigError, TrainConfig, as_stored
 from jobs import preflight, tasks
 from jobs.models.adapters import Adapter
 from jobs.models.catalogue import BaseModel
 from jobs.models.files import File
 from jobs.models.usage import Quota, QuotaExceeded, UsageRecord
-from loft import webhooks
+from loft import storage, webhooks
 from loft.ids import make_id
 from loft.models import Organization
 from loft.tenancy import TenantOwnedModel
@@ -597,6 +600,10 @@ class JobAttempt(models.Model):
         )
 
 
+# A checkpoint's model name: ft:<base>:<org>:<suffix>:<job id>:ckpt-step-<step>.
+CHECKPOINT_NAME = re.compile(r"ft:.+:(ftjob-[^:]+):ckpt-step-(\d+)")
+
+
 class Checkpoint(models.Model):
     """A complete checkpoint in S3: recorded only after its manifest.json was written, under
     a prefix of its own attempt (``checkpoints/attempt-<n>/step-<step>/``), so that an attempt
@@ -620,6 +627,60 @@ class Checkpoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id} step {self.step}"
+
+    @property
+    def model_name(self) -> str:
+        """OpenAI's fine_tuned_model_checkpoint: the job's model name and the step."""
+        return f"{self.job.fine_tuned_model_name}:ckpt-step-{self.step}"
+
+    @classmethod
+    def named(cls, org, name: str) -> Checkpoint | None:
+        """The organization's checkpoint of that model name, if it is one."""
+        match = CHECKPOINT_NAME.fullmatch(name)
+        if match is None:
+            return None
+        job_id, step = match.groups()
+        found = cls.objects.filter(job__org=org, job_id=job_id, step=int(step)).first()
+        return found if found is not None and found.model_name == name else None
+
+    def as_adapter(self) -> Adapter:
+        """The checkpoint as a model of its own, to continue training from (or to serve): its
+        adapter files copied by the storage under an adapter's prefix, manifest last, so that
+        it outlives the job's pruning of its checkpoints. Made once; named again, the same.
+        Raises StorageError."""
+        job = self.job
+        made = Adapter.objects.filter(org_id=job.org_id, name=self.model_name).first()
+        if made is not None:
+            return made
+        theirs = json.loads(storage.get_bytes(f"{self.s3_prefix}{artifacts.MANIFEST}"))
+        files = {name: theirs["files"][name] for name in artifacts.ADAPTER_FILES}
+        config = TrainConfig(**as_stored(job.hyperparameters))
+        manifest = {
+            "files": files,
+            "total_bytes": sum(entry["bytes"] for entry in files.values()),
+            "base": artifacts.base_record(
+                job.base_model.name, job.base_model.revision, config.quantization
+            ),
+        }
+        adapter = Adapter(
+            org_id=job.org_id,
+            name=self.model_name,
+            base_model=job.base_model,
+            parent=job.parent_adapter,
+            manifest=manifest,
+            size_bytes=manifest["total_bytes"],
+            metrics={**self.metrics, "checkpoint_of": job.id, "step": self.step},
+        )
+        adapter.s3_prefix = f"orgs/{job.org_id}/adapters/{adapter.id}/"
+        for name in files:
+            storage.copy_object(f"{self.s3_prefix}{name}", f"{adapter.s3_prefix}{name}")
+        storage.put_bytes(
+            f"{adapter.s3_prefix}{artifacts.MANIFEST}",
+            json.dumps(manifest, indent=2).encode(),
+            "application/json",
+        )
+        adapter.save()
+        return adapter
 
 
 class IdempotencyKeyReused(Exception):
