@@ -67,6 +67,12 @@ def test_the_openai_client_fine_tunes_follows_and_cancels_unchanged(
     assert messages[-1] == "Job created and queued."
     assert any(m.startswith("Step 3/3: training loss") for m in messages)
 
+    [result_file] = job.result_files  # the metrics by step, as OpenAI's clients read them
+    assert client.files.retrieve(result_file).purpose == "fine-tune-results"
+    lines = client.files.content(result_file).text.splitlines()
+    assert lines[0] == "step,train_loss,valid_loss,learning_rate"
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3]
+
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
     assert [c.step_number for c in checkpoints] == [3, 2]
     assert checkpoints[0].fine_tuned_model_checkpoint.endswith(":ckpt-step-3")

@@ -6,6 +6,9 @@ the job's fenced methods (jobs/models/jobs.py), so an attempt that lost its leas
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import logging
 import math
 import random
@@ -134,7 +137,7 @@ def run_job(job_id: str, worker: str) -> None:
         clock.enter("evaluation", result.last_step_ended)
         folder, comparison = run.evaluate(model)
         clock.enter("upload")
-        run.finish(run.save(folder, comparison, result), comparison)
+        run.finish(run.save(folder, comparison, result), comparison, run.results_file())
     except storage.StorageError as error:
         # Passing, most likely: the job waits and resumes rather than failing on a blip. The
         # tenant reads a sentence; the endpoint, bucket and key are for the operators' log.
@@ -697,19 +700,41 @@ class JobRun:
         storage.upload_folder(folder, adapter.s3_prefix, adapter.manifest)
         return adapter
 
-    def finish(self, adapter: Adapter, comparison: dict) -> None:
-        """The adapter row and the job's success commit together, and only while this attempt
-        still holds the job (its row locked, so the reaper cannot take it in between)."""
+    def results_file(self) -> File:
+        """The job's metrics by step as a CSV in the tenant's files (OpenAI's result_files),
+        uploaded; its row is not saved yet."""
+        job = self.job
+        content = step_metrics_csv(job)
+        file = File(
+            org=job.org,
+            filename=f"{job.id}-step_metrics.csv",
+            purpose=File.Purpose.RESULTS,
+            bytes=len(content),
+            sha256=hashlib.sha256(content).hexdigest(),
+            status=File.Status.PROCESSED,
+            file_type="csv",
+            rows=content.count(b"\n") - 1,
+        )
+        file.s3_key = File.object_key(job.org_id, file.id)
+        storage.put_bytes(file.s3_key, content, "text/csv")
+        return file
+
+    def finish(self, adapter: Adapter, comparison: dict, results: File) -> None:
+        """The adapter row, the results file and the job's success commit together, and only
+        while this attempt still holds the job (its row locked, so the reaper cannot take it
+        in between)."""
         job = self.job
         with transaction.atomic():
             if job.fenced(self.attempt).select_for_update().exists():
                 adapter.save()
+                results.save()
                 Evaluation.record_for_job(job, adapter, comparison)
                 job.finish(
                     self.attempt,
                     Status.SUCCEEDED,
                     f"Job succeeded: {adapter.name}.",
                     metrics=adapter.metrics,
+                    result_file=results,
                     trained_tokens=train.scheduled_tokens(self.train_rows, self.config),
                     compute_seconds=_compute_seconds(job, self.started),
                     timings=self.clock.timings(),
@@ -717,3 +742,28 @@ class JobRun:
                 return
         _refused(job, self.attempt, f"its adapter {adapter.id}, deleted again")
         storage.delete_prefix(adapter.s3_prefix)
+        storage.delete_object(results.s3_key)
+
+
+# The result file's columns: OpenAI's (step, train_loss, valid_loss) and the learning rate.
+RESULT_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate")
+
+
+def step_metrics_csv(job: FineTuneJob) -> bytes:
+    """The job's metrics by step from its events, every attempt's; where a resumed attempt ran
+    a step again, its figures. A step whose progress was not written (at most one report a
+    second: on fast hardware, not every step) has no row."""
+    by_step: dict[int, dict] = {}
+    events = job.events.filter(data__has_key="step").order_by("pk")
+    for figures in events.values_list("data", flat=True):
+        row = by_step.setdefault(figures["step"], {})
+        if "train_loss" in figures:
+            row.update(train_loss=figures["train_loss"], learning_rate=figures["learning_rate"])
+        if "validation_loss" in figures:
+            row["valid_loss"] = figures["validation_loss"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(RESULT_COLUMNS)
+    for step, row in sorted(by_step.items()):
+        writer.writerow([step, *("" if row.get(c) is None else row[c] for c in RESULT_COLUMNS[1:])])
+    return out.getvalue().encode()

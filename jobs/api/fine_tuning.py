@@ -327,6 +327,12 @@ def _file(org, file_id: str, param: str) -> File:
             param=param,
             code="invalid_file",
         )
+    if file.purpose == File.Purpose.RESULTS:
+        raise LoftAPIError(
+            f"The file {file_id} holds a job's results, not training rows.",
+            param=param,
+            code="invalid_file",
+        )
     if param == "training_file" and file.purpose != File.Purpose.FINE_TUNE:
         raise LoftAPIError(
             f"The file {file_id} was uploaded with purpose '{file.purpose}'; "

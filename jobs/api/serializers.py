@@ -87,7 +87,7 @@ class FileListSerializer(FileSerializer):
 
 
 class FileUploadSerializer(serializers.Serializer):
-    purpose = serializers.ChoiceField(choices=File.Purpose.values)
+    purpose = serializers.ChoiceField(choices=[purpose.value for purpose in File.UPLOADABLE])
     format = serializers.ChoiceField(choices=FORMATS, required=False, allow_blank=True)
     model = serializers.CharField(
         required=False, allow_blank=True, help_text="Base model whose tokenizer counts."
@@ -118,6 +118,7 @@ JOB_COLUMNS = (
     "training_file_id",
     "validation_file_id",
     "parent_adapter_id",
+    "result_file_id",
     "hyperparameters",
     "seed",
     "suffix",
@@ -266,7 +267,9 @@ class JobSerializer(serializers.ModelSerializer):
         }
 
     def get_result_files(self, job: dict) -> list[str]:
-        return []
+        """The job's metrics by step as a CSV file (``GET /v1/files/{id}/content``), once it
+        has succeeded."""
+        return [job["result_file_id"]] if job["result_file_id"] else []
 
     def get_estimated_finish(self, job: dict) -> int | None:
         """From the live ETA while running, from the plan while waiting."""

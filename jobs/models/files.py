@@ -22,6 +22,8 @@ class File(TenantOwnedModel):
     class Purpose(models.TextChoices):
         FINE_TUNE = "fine-tune", "Training data (fine-tune)"
         EVAL = "eval", "Evaluation set (eval)"
+        # Written by Loft, never uploaded: a job's metrics by step (OpenAI's result_files).
+        RESULTS = "fine-tune-results", "A job's results (fine-tune-results)"
 
     class Status(models.TextChoices):
         UPLOADED = "uploaded"  # stored, validation running in the background
@@ -59,6 +61,8 @@ class File(TenantOwnedModel):
 
     def __str__(self) -> str:
         return f"{self.id} ({self.filename})"
+
+    UPLOADABLE = (Purpose.FINE_TUNE, Purpose.EVAL)
 
     @staticmethod
     def object_key(org_id: str, file_id: str) -> str:

@@ -68,6 +68,14 @@ class FineTuneJob(TenantOwnedModel):
     parent_adapter = models.ForeignKey(
         "Adapter", null=True, blank=True, on_delete=models.PROTECT, related_name="children_jobs"
     )
+    result_file = models.ForeignKey(
+        File,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Its metrics by step, as a CSV (OpenAI's result_files); written as it succeeds.",
+    )
     method = models.CharField(max_length=10, default="qlora")
     requested_hyperparameters = models.JSONField(
         default=dict, blank=True, help_text="As the client sent them, 'auto' included."

@@ -45,7 +45,9 @@ def dataset_list(request):
     # The list shows no report, which can hold 100 row errors and a preview per file.
     files = File.objects.for_org(org).defer("report").order_by("-created_at")[:200]
     return render(
-        request, "jobs/dataset_list.html", {"files": files, "purposes": File.Purpose.choices}
+        request,
+        "jobs/dataset_list.html",
+        {"files": files, "purposes": [(p.value, p.label) for p in File.UPLOADABLE]},
     )
 
 
