@@ -134,7 +134,7 @@ def token_metrics(
     was_training = model.training
     model.eval()
     loss_total, correct, count = 0.0, 0, 0
-    for row in train.pack(examples, train.forward_tokens(device, row_tokens)) if examples else []:
+    for row in train.pack(examples, train.forward_tokens(row_tokens)) if examples else []:
         logits, targets = train.labelled_logits(model, row.to(device))
         loss_total += float(F.cross_entropy(logits, targets, reduction="sum"))
         correct += int((logits.argmax(-1) == targets).sum())

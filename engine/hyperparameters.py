@@ -197,6 +197,16 @@ class TrainConfig:
         form="number",
     )
     packing: bool = hyperparameter(True, "Pack examples into rows (no padding).")
+    # auto: on only when the plan finds that the job would not fit its worker without it
+    # (engine/plan.py): each block's activations are recomputed in the backward pass instead
+    # of kept, a third more compute for a fraction of the activation memory.
+    gradient_checkpointing: bool = hyperparameter(
+        False,
+        "Recompute activations in the backward pass instead of keeping them: less memory, "
+        "slower steps; auto turns it on when the job would not fit otherwise.",
+        auto=True,
+        label="Gradient checkpointing",
+    )
     # auto: bf16 autocast where the worker's hardware computes in bf16 (engine/base_models.py
     # resolve_precision, measured there), fp32 elsewhere; the job records what ran.
     mixed_precision: str = hyperparameter(

@@ -33,6 +33,14 @@ MEMORY_MARGIN = 0.2
 # load: bench/quality.py) and, on a CPU, trains faster; QLoRA is for bases that do not fit.
 LORA_MEMORY_SHARE = 0.75
 GIB = 2**30
+# A step's short examples are packed into forwards of at least this many tokens
+# (engine/train.py), because a forward of 50 tokens costs nearly what one of 500 does. Measured
+# on a 2-core EPYC CPU (SmolLM2-135M, LoRA r16 on all linear layers, a step of 16 date rows of
+# ~50 tokens at max_seq_length 64): rows of 64 tokens 8.7 s a step, of 256 5.3 s, of 512
+# 5.0 s, of 1024 5.9 s; with examples of ~180 tokens at max_seq_length 512: rows of 512 195
+# tokens/s, of 1024 170, of 2048 121 (the attention mask grows with the square of a row). On
+# a GPU, unverified; kept as small so that what a forward holds stays what the plan counts.
+FORWARD_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -188,23 +196,36 @@ def resolve_auto(
         )["total"]
         quantization = auto_quantization(lora_peak, worker)
         config["method"] = settled["method"] = METHODS[quantization]
+    quantization = QUANTIZATION.from_config(settled["method"])
+
+    def fits(length: int, checkpointing: bool) -> bool:
+        batch = micro_batch(
+            packing=settled["packing"],
+            batch_size=config["batch_size"],
+            max_seq_length=length,
+            max_row_tokens=stats.max_row_tokens,
+        )
+        return fits_in_memory(
+            shape,
+            worker,
+            quantization=quantization,
+            lora_rank=settled["lora_rank"],
+            batch=batch,
+            gradient_checkpointing=checkpointing,
+        )
+
+    if "gradient_checkpointing" not in config:
+        # On where the rows the data asks for fit only with it: slower steps rather than
+        # truncated rows.
+        length = config.get("max_seq_length") or auto_max_seq_length(
+            stats.max_row_tokens, context_length
+        )
+        config["gradient_checkpointing"] = not fits(length, False) and fits(length, True)
     if "max_seq_length" not in config:
-        quantization = QUANTIZATION.from_config(settled["method"])
         config["max_seq_length"] = auto_max_seq_length(
             stats.max_row_tokens,
             context_length,
-            fits=lambda length: fits_in_memory(
-                shape,
-                worker,
-                quantization=quantization,
-                lora_rank=settled["lora_rank"],
-                batch=micro_batch(
-                    packing=settled["packing"],
-                    batch_size=config["batch_size"],
-                    max_seq_length=length,
-                    max_row_tokens=stats.max_row_tokens,
-                ),
-            ),
+            fits=lambda length: fits(length, config["gradient_checkpointing"]),
         )
     return config
 
@@ -242,8 +263,11 @@ def peak_memory(
     lora_rank: int,
     batch: MicroBatch,
     bytes_per_activation: int,
+    gradient_checkpointing: bool = False,
 ) -> dict:
-    """Bytes by part for training on one micro-batch, with a margin."""
+    """Bytes by part for training on one micro-batch, with a margin. With gradient
+    checkpointing, only each block's input is kept for the backward pass, and one block's
+    activations at a time are recomputed (derived from the same coefficients, not measured)."""
     if quantization == "nf4":  # 4-bit blocks + their scales; embeddings stay in float32
         quantized = max(shape.parameters - shape.embedding_parameters, 0)
         weights = quantized * 0.55 + shape.embedding_parameters * 4
@@ -254,6 +278,10 @@ def peak_memory(
     # norm, activation and LoRA dropout, in the activation dtype. The coefficients are fitted
     # to peak RSS measured on SmolLM2-135M on a CPU (bench/plan_memory.py): ~4 MiB a token.
     per_token = shape.num_layers * (30 * shape.hidden_size + 8 * shape.intermediate_size)
+    layers_kept = shape.num_layers
+    if gradient_checkpointing:
+        per_token = per_token // shape.num_layers + shape.num_layers * shape.hidden_size
+        layers_kept = 1
     parts = {
         "weights": int(weights),
         # fp32 LoRA weights, their gradients and AdamW's two moments.
@@ -261,7 +289,7 @@ def peak_memory(
         "activations": batch.tokens * per_token * bytes_per_activation,
         # Attention probabilities where the kernel materialises them (the CPU's math path):
         # heads × length² per sequence and layer; a packed row is one sequence to the mask.
-        "attention": shape.num_layers * shape.heads * batch.tokens * batch.sequence_length * 4,
+        "attention": layers_kept * shape.heads * batch.tokens * batch.sequence_length * 4,
         # Logits, their float32 log-softmax and its gradient for the trained positions (every
         # one, at worst).
         "logits": batch.tokens * shape.vocab_size * 4 * 3,
@@ -274,7 +302,13 @@ def peak_memory(
 
 
 def fits_in_memory(
-    shape: ModelShape, worker: WorkerClass, *, quantization: str, lora_rank: int, batch: MicroBatch
+    shape: ModelShape,
+    worker: WorkerClass,
+    *,
+    quantization: str,
+    lora_rank: int,
+    batch: MicroBatch,
+    gradient_checkpointing: bool = False,
 ) -> bool:
     total = peak_memory(
         shape,
@@ -282,6 +316,7 @@ def fits_in_memory(
         lora_rank=lora_rank,
         batch=batch,
         bytes_per_activation=worker.bytes_per_activation,
+        gradient_checkpointing=gradient_checkpointing,
     )["total"]
     return total <= worker.memory_bytes
 
@@ -298,9 +333,11 @@ def micro_batch(
     *, packing: bool, batch_size: int, max_seq_length: int, max_row_tokens: int
 ) -> MicroBatch:
     """Packed: one row of max_seq_length tokens at a time (train.py backs each row off on its
-    own). Padded: the whole batch at once, padded to its longest example."""
+    own), or of FORWARD_TOKENS where rows are shorter. Padded: the whole batch at once, padded
+    to its longest example."""
     if packing:
-        return MicroBatch(max_seq_length, max_seq_length)
+        row = max(max_seq_length, FORWARD_TOKENS)
+        return MicroBatch(row, row)
     length = min(max_seq_length, max_row_tokens)
     return MicroBatch(batch_size * length, length)
 
@@ -333,6 +370,7 @@ def estimate(
         lora_rank=config.lora_rank,
         batch=batch,
         bytes_per_activation=worker.bytes_per_activation,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
     seconds = STARTUP_SECONDS + trained_tokens / worker.tokens_per_second(shape.parameters)
     fits = memory["total"] <= worker.memory_bytes
@@ -343,6 +381,7 @@ def estimate(
             lora_rank=config.lora_rank,
             batch=batch,
             bytes_per_activation=worker.bytes_per_activation,
+            gradient_checkpointing=config.gradient_checkpointing,
         )["total"]
         for quantization in ("none", "nf4")
     }
@@ -362,18 +401,7 @@ def estimate(
         memory_breakdown=memory,
         worker_memory_bytes=worker.memory_bytes,
         fits=fits,
-        suggestion=None
-        if fits
-        else _suggestion(
-            shape,
-            stats,
-            worker,
-            config.quantization,
-            config.lora_rank,
-            config.batch_size,
-            config.max_seq_length,
-            config.packing,
-        ),
+        suggestion=None if fits else _suggestion(shape, stats, worker, config),
     )
 
 
@@ -410,12 +438,13 @@ def method_reason(worker: WorkerClass, quantization: str, peaks: dict) -> str:
     )
 
 
-def _suggestion(
-    shape, stats, worker, quantization, lora_rank, batch_size, max_seq_length, packing
-) -> str:
-    """The nearest settings that fit, in words: turn packing on, then halve what drives memory."""
+def _suggestion(shape, stats, worker, config: TrainConfig) -> str:
+    """The nearest settings that fit, in words: turn packing on, then gradient checkpointing,
+    then halve what drives memory."""
+    quantization, packing = config.quantization, config.packing
+    batch_size, max_seq_length = config.batch_size, config.max_seq_length
 
-    def fits(**changes) -> bool:
+    def fits(checkpointing: bool = config.gradient_checkpointing, **changes) -> bool:
         settings = {
             "packing": packing,
             "batch_size": batch_size,
@@ -426,12 +455,18 @@ def _suggestion(
             shape,
             worker,
             quantization=quantization,
-            lora_rank=lora_rank,
+            lora_rank=config.lora_rank,
             batch=micro_batch(max_row_tokens=stats.max_row_tokens, **settings),
+            gradient_checkpointing=checkpointing,
         )
 
     if not packing and fits(packing=True):
         return "Set packing to true: packed rows are trained one at a time."
+    if not config.gradient_checkpointing and fits(checkpointing=True):
+        return (
+            "Set gradient_checkpointing to true: activations are then recomputed in the "
+            "backward pass instead of kept (steps take about a third longer)."
+        )
     if not packing:
         size = batch_size
         while size > 1 and not fits(batch_size=size):

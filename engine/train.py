@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from engine import artifacts, data
 from engine.base_models import resolve_precision
 from engine.hyperparameters import ALL_LINEAR, ATTENTION, TrainConfig
+from engine.plan import FORWARD_TOKENS
 
 IGNORE = -100
 BEST_WEIGHTS = "best_adapter_model.safetensors"  # in a checkpoint: the best adapter so far
@@ -184,21 +185,11 @@ def pad(examples: list[Tokenized], pad_id: int) -> list[Row]:
     return [Row(ids, labels, attention_mask=mask)]
 
 
-# How many tokens go through the model in one forward pass, at most: a step's examples are
-# packed into rows of this many tokens (each example whole, kept apart by its position ids),
-# however short max_seq_length is, because a forward of 50 tokens costs nearly what one of 500
-# does. Measured on a 2-core EPYC CPU (SmolLM2-135M, LoRA r16 on all linear layers, a step of
-# 16 date rows of ~50 tokens at max_seq_length 64): rows of 64 tokens 8.7 s a step, of 256
-# 5.3 s, of 512 5.0 s, of 1024 5.9 s; with examples of ~180 tokens at max_seq_length 512: rows
-# of 512 195 tokens/s, of 1024 170, of 2048 121 (the attention mask grows with the square of a
-# row). On CUDA a forward has more room before it pays that: unverified, bench/gpu.sh
-# measures it.
-FORWARD_TOKENS = {"cpu": 512, "cuda": 8192}
-
-
-def forward_tokens(device: str, max_seq_length: int) -> int:
-    """The tokens of one forward pass on ``device``: at least one whole example's."""
-    return max(max_seq_length, FORWARD_TOKENS["cuda" if device.startswith("cuda") else "cpu"])
+def forward_tokens(max_seq_length: int) -> int:
+    """The tokens of one forward pass: a step's examples are packed into rows of this many
+    (each example whole, kept apart by its position ids), however short max_seq_length is
+    (engine/plan.py FORWARD_TOKENS says why)."""
+    return max(max_seq_length, FORWARD_TOKENS)
 
 
 def autocast(precision: str, device: str):
@@ -266,7 +257,7 @@ def held_out_loss(model, examples: list[Tokenized], row_tokens: int, device: str
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for row in pack(examples, forward_tokens(device, row_tokens)):
+    for row in pack(examples, forward_tokens(row_tokens)):
         summed, n = loss_sum(model, row.to(device))
         total += float(summed)
         count += n
@@ -488,10 +479,18 @@ def attach_lora(base, config: TrainConfig, parent_adapter: Path | None):
             use_rslora=config.use_rslora,
             task_type="CAUSAL_LM",
         )
+    # Non-reentrant checkpointing: it needs no inputs that require grad, and it stops at the
+    # blocks, so the LoRA layers inside are recomputed with their own weights.
+    checkpointing = {"use_reentrant": False}
     if config.quantization == "nf4":
-        # Norms in fp32 and gradients through the 4-bit layers to the adapters; gradient
-        # checkpointing stays off: these models are small, and speed matters more.
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        # Norms in fp32 and gradients through the 4-bit layers to the adapters.
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing,
+        )
+    elif config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     model = get_peft_model(base, lora)
     if parent_adapter is not None:
         load_adapter_weights(model, load_file(parent_adapter / "adapter_model.safetensors"))
@@ -581,7 +580,7 @@ def train(
     precision = resolve_precision(config.mixed_precision, device)
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for what stays in fp32
-    row_tokens = forward_tokens(device, config.max_seq_length)
+    row_tokens = forward_tokens(config.max_seq_length)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = attach_lora(base, config, parent_adapter)
@@ -680,6 +679,8 @@ def train(
     finally:
         for hook in hooks:
             hook.remove()
+        if config.gradient_checkpointing:  # the warm base serves the next job as it came
+            base.gradient_checkpointing_disable()
 
     return model, TrainResult(
         steps=steps,

@@ -99,3 +99,36 @@ def test_auto_quantization_keeps_the_full_precision_base_while_it_leaves_room():
         {"method": "lora"}, stats, SMOLLM2, crowded, context_length=8192, has_validation_file=False
     )
     assert given["method"] == "lora"
+
+
+def test_gradient_checkpointing_is_turned_on_only_for_a_job_that_would_not_fit_without_it():
+    stats = plan.DataStats(rows=100, tokens=100 * 6000, max_row_tokens=8000)
+    kept = estimate(stats=stats, max_seq_length=8192)
+    recomputed = estimate(stats=stats, max_seq_length=8192, gradient_checkpointing=True)
+    assert recomputed.memory_breakdown["activations"] * 10 < kept.memory_breakdown["activations"]
+    assert recomputed.memory_breakdown["weights"] == kept.memory_breakdown["weights"]
+    # A worker between the two: without it the job would not fit; the plan says what would.
+    between = plan.WorkerClass(
+        "mid", (kept.estimated_peak_memory_bytes + recomputed.estimated_peak_memory_bytes) // 2, 150
+    )
+    resolved = plan.resolve_auto(
+        {"method": "qlora"}, stats, SMOLLM2, between, context_length=8192, has_validation_file=True
+    )
+    assert resolved["gradient_checkpointing"] is True and resolved["max_seq_length"] == 8192
+    small_rows = plan.DataStats(rows=100, tokens=30_000, max_row_tokens=900)
+    assert not plan.resolve_auto(
+        {"method": "qlora"},
+        small_rows,
+        SMOLLM2,
+        between,
+        context_length=8192,
+        has_validation_file=True,
+    )["gradient_checkpointing"]
+    off = plan.estimate(
+        SMOLLM2,
+        stats,
+        between,
+        TrainConfig(method="qlora", max_seq_length=8192),
+        training_examples=90,
+    )
+    assert not off.fits and off.suggestion.startswith("Set gradient_checkpointing to true")

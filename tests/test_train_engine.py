@@ -261,6 +261,50 @@ def test_early_stopping_stops_and_the_adapter_is_the_best_step_s(base, tokenizer
     model.unload()
 
 
+@pytest.mark.slow  # ~15 s: three steps twice
+def test_gradient_checkpointing_recomputes_each_block_and_changes_no_loss(base, examples, tmp_path):
+    losses: dict[bool, list[float]] = {}
+    block_runs: dict[bool, int] = {}
+    # A module inside the first block, its forward counted (module hooks do not fire when the
+    # backward pass recomputes it).
+    mlp = base.get_decoder().layers[0].mlp
+    for checkpointing in (False, True):
+        config = TrainConfig(
+            lora_rank=4,
+            max_steps=3,
+            batch_size=4,
+            learning_rate=1e-3,
+            max_seq_length=256,
+            mixed_precision="fp32",
+            gradient_checkpointing=checkpointing,
+        )
+        runs, forward = [], mlp.forward
+        mlp.forward = lambda *a, runs=runs, forward=forward, **kw: (
+            runs.append(1) or forward(*a, **kw)
+        )
+        try:
+            model, _ = T.train(
+                config,
+                examples,
+                [],
+                base,
+                device="cpu",
+                work_dir=tmp_path / str(checkpointing),
+                callbacks=T.Callbacks(
+                    on_progress=lambda p, key=checkpointing: losses.setdefault(key, []).append(
+                        p.loss
+                    )
+                ),
+            )
+        finally:
+            del mlp.forward  # the class's again
+        base = model.unload()
+        block_runs[checkpointing] = len(runs)
+    assert block_runs[True] == 2 * block_runs[False]  # each forward again in the backward pass
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert not base.is_gradient_checkpointing  # the base goes back as it came
+
+
 def test_auto_precision_is_bf16_where_the_hardware_computes_in_it():
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")

@@ -304,7 +304,7 @@ def _documented(hyperparameter: ApiField) -> serializers.Field:
         auto = [AUTO] if hyperparameter.auto else []
         return serializers.ChoiceField(choices=auto + list(hyperparameter.choices), **options)
     if hyperparameter.auto or hyperparameter.openai:  # OpenAI's take "auto"
-        wanted = "An integer" if hyperparameter.kind is int else "A number"
+        wanted = {int: "An integer", bool: "true, false"}.get(hyperparameter.kind, "A number")
         return serializers.JSONField(
             **{**options, "help_text": f'{wanted} or "auto". ' + options["help_text"]}
         )
