@@ -43,13 +43,21 @@ class TrainingCancelled(Exception):
     """The job was cancelled; raised at a step boundary."""
 
 
-class TimeLimitReached(Exception):
-    """The run used up its time; raised at a step boundary, after a checkpoint of the steps
-    done, so that a retry loses nothing."""
+class StoppedAtCheckpoint(Exception):
+    """The run stopped at a step boundary, after a checkpoint of the steps done, so that a
+    later run from it loses nothing."""
 
     def __init__(self, step: int):
-        super().__init__(f"time limit reached after step {step}")
+        super().__init__(f"{type(self).__name__} after step {step}")
         self.step = step
+
+
+class TimeLimitReached(StoppedAtCheckpoint):
+    """The run used up its time."""
+
+
+class TrainingPaused(StoppedAtCheckpoint):
+    """The job was paused: it waits, and goes on from this checkpoint once resumed."""
 
 
 # --- examples → tokens → rows ---------------------------------------------------------------
@@ -432,6 +440,8 @@ class Callbacks:
     on_checkpoint: Callable[[Path, int], None] = lambda folder, step: None
     # True once the run must end for lack of time (the job's time limit).
     out_of_time: Callable[[], bool] = lambda: False
+    # True once the job was asked to pause (a checkpoint, then the run ends).
+    should_pause: Callable[[], bool] = lambda: False
     # Called as the first step is about to start: setup (LoRA attached, checkpoint loaded) is over.
     on_loop_start: Callable[[], None] = lambda: None
     # Called with each held-out measurement (eval_every): its step, its loss, the best step.
@@ -609,12 +619,19 @@ def train(
         for step in range(first_step, first_step if validation.stopped_early else steps):
             if callbacks.should_stop():
                 raise TrainingCancelled(f"cancelled before step {step + 1}")
-            if callbacks.out_of_time():
+            stop = (
+                TimeLimitReached
+                if callbacks.out_of_time()
+                else TrainingPaused
+                if callbacks.should_pause()
+                else None
+            )
+            if stop is not None:
                 if step > last_checkpoint:
                     folder = work_dir / "checkpoints" / f"step-{step}"
                     save_checkpoint(folder, model, optimizer, scheduler, step, config, validation)
                     callbacks.on_checkpoint(folder, step)
-                raise TimeLimitReached(step)
+                raise stop(step)
             batch = examples_for_step(train_examples, config, step)
             rows = pack(batch, row_tokens) if config.packing else pad(batch, pad_id)
             label_count = sum(int((row.labels[:, 1:] != IGNORE).sum()) for row in rows)

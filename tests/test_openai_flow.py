@@ -100,21 +100,45 @@ def test_the_openai_client_fine_tunes_follows_and_cancels_unchanged(
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-missing")
 
-    # A checkpoint named as the model: the new job continues from its weights.
+    # A checkpoint named as the model: the new job continues from its weights; paused once
+    # running, it writes a checkpoint and waits; resumed, it goes on from there.
     step_2 = checkpoints[1].fine_tuned_model_checkpoint
     continued = client.fine_tuning.jobs.create(
         model=step_2,
         training_file=file.id,
-        hyperparameters={"batch_size": 4, "max_steps": 1, "max_seq_length": 128},
+        hyperparameters={"batch_size": 4, "max_steps": 8, "max_seq_length": 128},
     )
+    wait_for(
+        lambda: FineTuneJob.objects.get(pk=continued.id),
+        lambda j: (j.progress or {}).get("step", 0) >= 1,
+        timeout=600,
+        interval=0.2,
+        what="the continued job's first step",
+    )
+    assert client.fine_tuning.jobs.pause(continued.id).id == continued.id
+    paused = wait_for(
+        lambda: client.fine_tuning.jobs.retrieve(continued.id),
+        lambda j: j.status != "running",
+        timeout=120,
+        interval=0.5,
+        what="the job to pause",
+    )
+    assert paused.status == "paused"
+    [kept] = client.fine_tuning.jobs.checkpoints.list(continued.id)
+    assert 1 <= kept.step_number < 8
+    with pytest.raises(openai.BadRequestError, match="job_not_paused"):
+        client.fine_tuning.jobs.resume(job.id)
+    assert client.fine_tuning.jobs.resume(continued.id).status == "queued"
     continued = wait_for(
         lambda: client.fine_tuning.jobs.retrieve(continued.id),
         lambda j: j.status in ("succeeded", "failed", "cancelled"),
         timeout=600,
         interval=1,
-        what="the job continued from a checkpoint",
+        what="the resumed job",
     )
     assert continued.status == "succeeded", continued.error
+    resumed = [e.message for e in client.fine_tuning.jobs.list_events(continued.id, limit=100)]
+    assert f"Resuming from the checkpoint at step {kept.step_number}." in resumed
     start = FineTuneJob.objects.get(pk=continued.id).parent_adapter
     assert start.name == step_2 and start.metrics["step"] == 2
     checkpoint = Checkpoint.objects.get(job_id=job.id, step=2)

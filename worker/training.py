@@ -167,6 +167,14 @@ def run_job(job_id: str, worker: str) -> None:
             f"{settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS} s, the most a worker allows. {kept}",
             clock,
         )
+    except train.TrainingPaused as paused:
+        if not job.pause(
+            attempt,
+            paused.step,
+            compute_seconds=_compute_seconds(job, started),
+            timings=clock.timings(),
+        ):
+            _refused(job, attempt, "its pause")
     except train.TrainingCancelled:  # asked to, or its lease was lost (then this is refused)
         _end(job, attempt, Status.CANCELLED, "Job cancelled.", clock)
     except (data.DatasetError, ConfigError) as error:
@@ -514,6 +522,7 @@ class JobRun:
                 lambda: self.job.should_stop(self.attempt),
                 self.on_checkpoint,
                 out_of_time=self.out_of_time,
+                should_pause=lambda: self.job.should_pause(self.attempt),
                 on_loop_start=lambda: self.clock.enter("training"),
                 on_validation=self.on_validation,
             ),

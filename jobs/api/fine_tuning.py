@@ -139,6 +139,34 @@ class FineTuningJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Ten
         job.request_cancel()
         return Response(self.job_object(job.pk))
 
+    @extend_schema(request=None, responses={200: JobSerializer})
+    @action(detail=True, methods=["post"])
+    def pause(self, request, pk=None):
+        """OpenAI's jobs.pause: a running job stops at its next step after a checkpoint, a
+        queued one at once; it waits, paused, for ``resume``."""
+        job = self.get_object()
+        if not job.request_pause():
+            raise LoftAPIError(
+                f"The job {job.id} is {job.status}; only a queued or running job can pause.",
+                param="id",
+                code="job_not_running",
+            )
+        return Response(self.job_object(job.pk))
+
+    @extend_schema(request=None, responses={200: JobSerializer})
+    @action(detail=True, methods=["post"])
+    def resume(self, request, pk=None):
+        """OpenAI's jobs.resume: a paused job is queued again and goes on from its last
+        checkpoint."""
+        job = self.get_object()
+        if not job.request_resume():
+            raise LoftAPIError(
+                f"The job {job.id} is {job.status}, not paused; there is nothing to resume.",
+                param="id",
+                code="job_not_paused",
+            )
+        return Response(self.job_object(job.pk))
+
     def list(self, request):
         page = self.paginate_queryset(job_rows(self.get_queryset()))
         return self.get_paginated_response(JobSerializer(page, many=True).data)

@@ -46,6 +46,7 @@ class FineTuneJob(TenantOwnedModel):
         SUCCEEDED = "succeeded"
         FAILED = "failed"
         CANCELLED = "cancelled"
+        PAUSED = "paused"  # OpenAI's jobs.pause: a checkpoint, then waiting for jobs.resume
 
     FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
@@ -85,6 +86,7 @@ class FineTuneJob(TenantOwnedModel):
     suffix = models.CharField(max_length=64, blank=True)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
     cancel_requested = models.BooleanField(default=False)
+    pause_requested = models.BooleanField(default=False)
     attempt = models.PositiveIntegerField(default=0, help_text="Claims so far; the fencing token.")
     attempts_before_retry = models.PositiveIntegerField(
         default=0, help_text="``attempt`` when an operator last retried the job (0: never)."
@@ -114,7 +116,8 @@ class FineTuneJob(TenantOwnedModel):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
-    ACTIVE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING)
+    # Unfinished: their files stay, and they count against the organization's concurrent jobs.
+    ACTIVE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING, Status.PAUSED)
     # The phases of ``timings``, in order (worker/training.py PhaseClock measures them).
     PHASES = ("queue", "setup", "training", "evaluation", "upload")
 
@@ -306,7 +309,7 @@ class FineTuneJob(TenantOwnedModel):
         The row is locked first, so that a cancel and a worker's move of the job (give_way
         re-queueing it, the reaper) happen one after the other: a cancel is never lost
         between a running job's re-queueing and its next claim."""
-        waiting = (self.Status.VALIDATING_FILES, self.Status.QUEUED)
+        waiting = (self.Status.VALIDATING_FILES, self.Status.QUEUED, self.Status.PAUSED)
         with transaction.atomic():
             row = FineTuneJob.objects.select_for_update().filter(pk=self.pk)
             status = row.values_list("status", flat=True).first()
@@ -319,6 +322,50 @@ class FineTuneJob(TenantOwnedModel):
             elif status == self.Status.RUNNING:
                 row.update(cancel_requested=True)
         self.refresh_from_db()
+
+    def request_pause(self) -> bool:
+        """Queued: paused at once. Running: the training loop writes a checkpoint at its next
+        step and the worker parks the job (``pause``). False for a job in another state."""
+        with transaction.atomic():
+            row = FineTuneJob.objects.select_for_update().filter(pk=self.pk)
+            status = row.values_list("status", flat=True).first()
+            if status == self.Status.QUEUED:
+                row.update(status=self.Status.PAUSED, worker="")
+                self.add_event("info", "Job paused before it started; resume it to queue it.")
+            elif status == self.Status.RUNNING:
+                row.update(pause_requested=True)
+            else:
+                return False
+        self.refresh_from_db()
+        return True
+
+    def request_resume(self) -> bool:
+        """Paused → queued again: a worker resumes it from its last checkpoint. False for a
+        job that is not paused (a running job asked to pause is not paused yet)."""
+        with transaction.atomic():
+            resumed = FineTuneJob.objects.filter(pk=self.pk, status=self.Status.PAUSED).update(
+                status=self.Status.QUEUED, pause_requested=False
+            )
+            if resumed:
+                latest = self.checkpoints.first()
+                where = f"the checkpoint at step {latest.step}" if latest else "the start"
+                self.add_event("info", f"Job resumed; it goes on from {where}.")
+                self.enqueue()
+        self.refresh_from_db()
+        return bool(resumed)
+
+    def pause(self, attempt: int, step: int, **fields) -> bool:
+        """The worker's side of a pause: this attempt ends with the job parked, its checkpoint
+        at ``step`` written. False if the attempt was fenced off meanwhile."""
+        with transaction.atomic():
+            if not self.fenced(attempt).update(
+                status=self.Status.PAUSED, pause_requested=False, worker="", **fields
+            ):
+                return False
+            self.refresh_from_db()
+            JobAttempt.close(self, attempt, self.Status.PAUSED)
+            self.add_event("info", f"Job paused after step {step}; resume it to go on from there.")
+        return True
 
     def retry(self, by: str) -> bool:
         """An operator's second chance for a failed job that ran: queued again, it resumes
@@ -379,6 +426,10 @@ class FineTuneJob(TenantOwnedModel):
     def heartbeat(self, attempt: int) -> bool:
         """Renew the lease; False when it was lost (reaped, or finished elsewhere)."""
         return bool(self.fenced(attempt).update(heartbeat_at=timezone.now()))
+
+    def should_pause(self, attempt: int) -> bool:
+        row = self.fenced(attempt).values("pause_requested").first()
+        return row is not None and row["pause_requested"]
 
     def should_stop(self, attempt: int) -> bool:
         """Cancel requested, or the lease lost: either way this attempt must stop."""
@@ -589,7 +640,8 @@ class JobAttempt(models.Model):
     outcome = models.CharField(
         max_length=20,
         blank=True,
-        help_text="succeeded, failed, cancelled, lost or storage_unavailable; empty: running",
+        help_text="succeeded, failed, cancelled, paused, lost or storage_unavailable; empty: "
+        "running",
     )
 
     class Meta:
