@@ -9,6 +9,7 @@ never set: a model that needs it is not allowed.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 
@@ -128,6 +129,10 @@ def load_base_model(spec: BaseModelSpec, cache_dir: Path, quantization: str, dev
 
     dtype = compute_dtype(device)
     options: dict = {"dtype": dtype, "device_map": {"": device}}
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        # Packed rows then attend per example without a mask over the row (variable-length
+        # attention from the position ids); sdpa, with its mask, everywhere else.
+        options["attn_implementation"] = "flash_attention_2"
     if quantization == "nf4":
         options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
