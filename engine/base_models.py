@@ -49,8 +49,8 @@ def load_tokenizer(spec: BaseModelSpec, cache_dir: Path):
 
 def training_device() -> str:
     """The device this worker process trains and serves on, chosen when it runs, not at
-    install: ``LOFT_DEVICE`` when set (``make run`` and compose start one worker per GPU, each
-    given its own: ``worker_devices``), else the first GPU when there is one, else the CPU."""
+    install: ``LOFT_DEVICE`` when set (``make run`` starts one worker per GPU, each given its
+    own: loft/stack.py ``worker_devices``), else the first GPU when there is one, else the CPU."""
     import os
 
     import torch
@@ -59,13 +59,6 @@ def training_device() -> str:
     if chosen:
         return chosen
     return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
-def worker_devices(gpus: int) -> list[str]:
-    """The devices of a host's training workers, one process each: every visible GPU its own
-    (two processes on one GPU would share its memory, and neither plans for the other), or the
-    CPU on a host without any."""
-    return [f"cuda:{index}" for index in range(gpus)] or ["cpu"]
 
 
 def computes_bf16_natively(device: str) -> bool:

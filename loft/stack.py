@@ -25,7 +25,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from engine.base_models import worker_devices
 from loft.embedded import BIN_DIR, Child, EmbeddedStack, StackError, wait_until
 from loft.env import loft_home
 
@@ -79,6 +78,14 @@ def visible_gpus() -> int:
         return 0
     listed = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True)
     return sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
+
+
+def worker_devices(gpus: int) -> list[str]:
+    """The devices of a host's training workers, one process each: every visible GPU its own
+    (two processes on one GPU would share its memory, and neither plans for the other), or the
+    CPU on a host without any. Each worker reads its own as LOFT_DEVICE
+    (engine/base_models.py ``training_device``)."""
+    return [f"cuda:{index}" for index in range(gpus)] or ["cpu"]
 
 
 def training_workers(env: dict[str, str], gpus: int | None = None) -> list[Child]:

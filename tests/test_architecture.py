@@ -107,6 +107,9 @@ OWN_CONTROLS = {
     "packing": WIZARD,
     "quantization": WIZARD | {"templates/jobs/wizard_review.html"},
 }
+# Names that are also peft's own (LoraConfig's fields), read from a saved adapter's config where
+# the batching engine decides whether adapters can share a batch.
+PEFTS_OWN = {"use_dora": {"engine/batching.py"}}
 # Names that are also ordinary words elsewhere (an evaluation's batches of generations, the
 # plan's epochs, a run's steps, the 4-bit loading of a base): for these the check is that no
 # surface that reads or shows hyperparameters (the API, the pages, pre-flight) spells them out.
@@ -135,7 +138,7 @@ def test_each_hyperparameter_is_declared_once_and_named_only_where_it_is_used():
         pattern = re.compile(rf"\b{name}\b")
         naming = {path for path, text in modules.items() if pattern.search(text)}
         assert SCHEMA in naming, name
-        naming -= OWN_CONTROLS.get(name, set())
+        naming -= OWN_CONTROLS.get(name, set()) | PEFTS_OWN.get(name, set())
         if name in COMMON_WORDS:
             assert not {p for p in naming if p.startswith(SURFACES)}, name
             continue

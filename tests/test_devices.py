@@ -1,6 +1,6 @@
 """Each training worker process owns one device: never every process on the first GPU."""
 
-from engine.base_models import training_device, worker_devices
+from engine.base_models import training_device
 from loft import stack
 
 
@@ -12,7 +12,7 @@ def test_a_host_starts_one_training_worker_per_gpu_each_pinned_to_its_own(monkey
     assert len(set(hostnames)) == len(set(devices)) == 3
 
     [cpu_worker] = stack.training_workers({"LOFT_HOME": "/tmp/x"}, gpus=0)
-    assert "LOFT_DEVICE" not in cpu_worker.env and worker_devices(0) == ["cpu"]
+    assert "LOFT_DEVICE" not in cpu_worker.env and stack.worker_devices(0) == ["cpu"]
 
 
 def test_a_worker_trains_on_the_device_it_was_given(monkeypatch):

@@ -288,6 +288,8 @@ def test_mass_assignment_never_sets_what_the_server_owns(api_a, tenant_a, tenant
     bodies = {
         ("post", "/v1/fine_tuning/jobs"): job,
         ("post", "/v1/fine_tuning/jobs/{id}/cancel"): {},
+        ("post", "/v1/fine_tuning/jobs/{id}/pause"): {},
+        ("post", "/v1/fine_tuning/jobs/{id}/resume"): {},
         ("post", "/v1/api_keys"): {"name": "k"},
         ("post", "/v1/webhook_endpoints"): {"url": "http://127.0.0.1:9/hook"},
         ("post", "/v1/evaluations"): {"file": file_id, "models": [model]},
@@ -326,8 +328,15 @@ def test_mass_assignment_never_sets_what_the_server_owns(api_a, tenant_a, tenant
             return path.format(id=adapter.id)
         if path.startswith("/v1/chat/completions/"):
             return path.format(completion_id=completion.id)
-        # A fresh job each time: a cancelled job cannot be cancelled again.
-        created = api_a.post("/v1/fine_tuning/jobs", job, format="json").json()["id"]
+        # A fresh job each time: a cancelled job cannot be cancelled again; one to resume is
+        # paused first. The ones made before are cancelled: an organization runs 4 at once.
+        for earlier in FineTuneJob.objects.filter(org=tenant_a.org, status__in=FineTuneJob.ACTIVE):
+            earlier.request_cancel()
+        made = api_a.post("/v1/fine_tuning/jobs", job, format="json")
+        assert made.status_code == 200, made.content
+        created = made.json()["id"]
+        if path.endswith("/resume"):
+            assert api_a.post(f"/v1/fine_tuning/jobs/{created}/pause").status_code == 200
         return path.format(id=created)
 
     for (method, path), body in bodies.items():

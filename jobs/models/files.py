@@ -102,7 +102,7 @@ class File(TenantOwnedModel):
 
             active = FineTuneJob.objects.filter(
                 models.Q(training_file=self) | models.Q(validation_file=self),
-                status__in=FineTuneJob.ACTIVE,
+                status__in=FineTuneJob.UNFINISHED,
             ).first()
             if active is not None:
                 raise FileInUse(

@@ -116,8 +116,10 @@ class FineTuneJob(TenantOwnedModel):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
-    # Unfinished: their files stay, and they count against the organization's concurrent jobs.
-    ACTIVE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING, Status.PAUSED)
+    # Waiting for a worker or on one: they count against the organization's concurrent jobs.
+    ACTIVE = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING)
+    # Not finished: their files must stay.
+    UNFINISHED = (*ACTIVE, Status.PAUSED)
     # The phases of ``timings``, in order (worker/training.py PhaseClock measures them).
     PHASES = ("queue", "setup", "training", "evaluation", "upload")
 

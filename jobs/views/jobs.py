@@ -147,7 +147,7 @@ def loss_chart(
     measured: list[tuple[int, float]] = (),
 ) -> dict:
     """Training loss per step as an SVG polyline, and the held-out loss dashed: as measured
-    during training (eval_every) where it was, else as a line at its value after training.
+    during training where it was, else as a line at its value after training.
     Coordinates for templates/jobs/_job_live.html (no charting library needed)."""
     if not losses:
         return {}
