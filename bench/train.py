@@ -644,19 +644,24 @@ def median_of(runs: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+# Each run's figures, of which the medians over the repeats are shown and saved.
+FIGURES = (
+    "label_tokens_per_s",
+    "tokens_per_s",
+    "packing_efficiency",
+    "held_out_loss",
+    "peak_rss_mb",
+    "first_step_s",
+    "peak_gpu_mb",
+)
+
+
+def medians(runs: list[dict]) -> dict:
+    return {key: median_of(runs, key) for key in FIGURES}
+
+
 def table_row(name: str, runs: list[dict], gpu: bool) -> str:
-    m = {
-        key: median_of(runs, key)
-        for key in (
-            "label_tokens_per_s",
-            "tokens_per_s",
-            "packing_efficiency",
-            "held_out_loss",
-            "peak_rss_mb",
-            "first_step_s",
-            "peak_gpu_mb",
-        )
-    }
+    m = medians(runs)
     row = (
         f"{name:<22}{m['label_tokens_per_s']:>12.1f}{m['tokens_per_s']:>12.1f}"
         f"{m['packing_efficiency']:>10.3f}{m['held_out_loss']:>11.4f}{m['peak_rss_mb']:>10.0f}"
@@ -902,20 +907,7 @@ def main() -> int:
             },
             "order": [name for _ in range(args.repeats) for name in contenders],
             "runs": runs,
-            "medians": {
-                name: {
-                    key: median_of(runs[name], key)
-                    for key in (
-                        "label_tokens_per_s",
-                        "tokens_per_s",
-                        "packing_efficiency",
-                        "held_out_loss",
-                        "peak_rss_mb",
-                        "first_step_s",
-                    )
-                }
-                for name in contenders
-            },
+            "medians": {name: medians(runs[name]) for name in contenders},
             "ratios": ratios,
             "held_out_loss_diff_vs_trl": loss_diff,
             "qlora": qlora,
