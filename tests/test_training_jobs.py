@@ -68,7 +68,11 @@ def test_a_qlora_job_trains_an_adapter_that_changes_the_base_models_answers(
     kept_bytes = sum(c.size_bytes for c in checkpoints)
     assert all(c.size_bytes > 0 for c in checkpoints)
     adapter_bytes = Adapter.objects.get(job=job).size_bytes
-    assert storage_bytes(tenant_a.org) == job.training_file.bytes + adapter_bytes + kept_bytes
+    results = job.result_file  # its metrics by step, a file of the tenant's like any other
+    assert results.purpose == "fine-tune-results" and results.rows == 3
+    assert storage_bytes(tenant_a.org) == (
+        job.training_file.bytes + adapter_bytes + kept_bytes + results.bytes
+    )
 
     adapter = Adapter.objects.get(job=job)
     assert adapter.name == f"ft:{job.base_model.name}:{tenant_a.org.slug}:test:{job.id}"
