@@ -120,6 +120,8 @@ def load_base_model(spec: BaseModelSpec, cache_dir: Path, quantization: str, dev
     precision ("none", LoRA). Never with remote code."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from engine import attention
+
     dtype = compute_dtype(device)
     options: dict = {"dtype": dtype, "device_map": {"": device}}
     if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
@@ -140,6 +142,7 @@ def load_base_model(spec: BaseModelSpec, cache_dir: Path, quantization: str, dev
     )
     if quantization == "nf4" and device == "cpu":
         keep_4bit_weights_in_training_layout(model)
+    attention.use_per_document_attention(model)
     # Packed rows need a block-causal mask from position_ids, which transformers builds only when
     # no KV cache exists; a cache in training would let packed rows attend to each other.
     model.config.use_cache = False

@@ -33,14 +33,16 @@ MEMORY_MARGIN = 0.2
 # load: bench/quality.py) and, on a CPU, trains faster; QLoRA is for bases that do not fit.
 LORA_MEMORY_SHARE = 0.75
 GIB = 2**30
-# A step's short examples are packed into forwards of at least this many tokens
-# (engine/train.py), because a forward of 50 tokens costs nearly what one of 500 does. Measured
-# on a 2-core EPYC CPU (SmolLM2-135M, LoRA r16 on all linear layers, a step of 16 date rows of
-# ~50 tokens at max_seq_length 64): rows of 64 tokens 8.7 s a step, of 256 5.3 s, of 512
-# 5.0 s, of 1024 5.9 s; with examples of ~180 tokens at max_seq_length 512: rows of 512 195
-# tokens/s, of 1024 170, of 2048 121 (the attention mask grows with the square of a row). On
-# a GPU, unverified; kept as small so that what a forward holds stays what the plan counts.
-FORWARD_TOKENS = 512
+# A step's examples are packed into forwards of at least this many tokens (engine/train.py),
+# each example attending only to itself (engine/attention.py), because one big forward costs
+# less than several small ones: fewer passes over the weights, bigger matmuls. Measured on a
+# 2-core EPYC CPU (SmolLM2-135M, LoRA r16 on all linear layers, bf16, steps of 8 examples of
+# 68-301 tokens): forwards of 512 tokens 174 label tokens/s, 1024 192, 2048 220 (the whole
+# step). 2048 would double what a forward holds against 1024 for every job whose rows are
+# shorter, and the plan would send more jobs to QLoRA or gradient checkpointing for it; the
+# plan choosing the size per job is the next step. (Before attention was per example, its
+# mask grew with the square of the row and 512 was the best size.) On a GPU, unverified.
+FORWARD_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,7 @@ def peak_memory(
         "lora_and_optimizer": lora * 16,
         "activations": batch.tokens * per_token * bytes_per_activation,
         # Attention probabilities where the kernel materialises them (the CPU's math path):
-        # heads × length² per sequence and layer; a packed row is one sequence to the mask.
+        # heads × length² per sequence and layer (each packed example is its own sequence).
         "attention": layers_kept * shape.heads * batch.tokens * batch.sequence_length * 4,
         # Logits, their float32 log-softmax and its gradient for the trained positions (every
         # one, at worst).
@@ -333,11 +335,11 @@ def micro_batch(
     *, packing: bool, batch_size: int, max_seq_length: int, max_row_tokens: int
 ) -> MicroBatch:
     """Packed: one row of max_seq_length tokens at a time (train.py backs each row off on its
-    own), or of FORWARD_TOKENS where rows are shorter. Padded: the whole batch at once, padded
-    to its longest example."""
+    own), or of FORWARD_TOKENS where rows are shorter; its examples attend each to itself, so
+    none is longer than max_seq_length. Padded: the whole batch at once, padded to its longest
+    example."""
     if packing:
-        row = max(max_seq_length, FORWARD_TOKENS)
-        return MicroBatch(row, row)
+        return MicroBatch(max(max_seq_length, FORWARD_TOKENS), max_seq_length)
     length = min(max_seq_length, max_row_tokens)
     return MicroBatch(batch_size * length, length)
 

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 
-from engine import data
+from engine import attention, data
 from engine import train as T
 from engine.base_models import load_base_model, resolve_precision
 from engine.generate import AdapterCache
@@ -57,6 +57,34 @@ def test_the_packed_loss_equals_the_sum_of_separate_losses(base, examples):
         separate = [T.loss_sum(base, T.pack([e], 4096)[0]) for e in examples[:5]]
     assert packed_count == sum(n for _, n in separate)
     assert float(packed) == pytest.approx(sum(float(s) for s, _ in separate), rel=1e-4)
+
+
+def test_packed_examples_attend_each_to_itself_as_the_masked_row_did(base, examples, monkeypatch):
+    """engine/attention.py: one causal attention per example, no mask over the row; the same
+    loss as transformers' sdpa with its block-causal mask, in fp32 and under bf16 autocast."""
+    row = T.pack(examples[:5], row_tokens=4096)[0]
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, **kw: calls.append(a[0].shape[2]) or sdpa(*a, **kw),
+    )
+    layers = base.config.num_hidden_layers
+    losses = {}
+    for implementation in (attention.PER_DOCUMENT, "sdpa"):
+        monkeypatch.setattr(base.config, "_attn_implementation", implementation)
+        for precision in ("fp32", "bf16"):
+            calls.clear()
+            with torch.no_grad(), T.autocast(precision, "cpu"):
+                losses[implementation, precision] = float(T.loss_sum(base, row)[0])
+            if implementation == "sdpa":
+                assert calls == [row.input_ids.shape[1]] * layers  # the whole row, masked
+            else:  # each example's tokens alone
+                lengths = [len(e.input_ids) for e in examples[:5]]
+                assert sorted(calls) == sorted(lengths * layers)
+    assert losses[attention.PER_DOCUMENT, "fp32"] == pytest.approx(losses["sdpa", "fp32"], rel=1e-5)
+    assert losses[attention.PER_DOCUMENT, "bf16"] == pytest.approx(losses["sdpa", "bf16"], rel=1e-2)
 
 
 def test_packing_fills_rows_without_padding_and_restarts_positions(examples):
