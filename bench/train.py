@@ -23,15 +23,16 @@ over ``--repeats`` rounds (A B C D A B C D …) so that a slow spell of the mach
   run's same examples, batched with others of like length.
 - ``trainer``: the same Trainer, each step's examples in Loft's order, padded.
 
-All train the same bundled SmolLM2-135M-Instruct with the same LoRA (r 16, alpha 32, dropout
-0.05, all linear layers, the same initial weights), on the same generated chat examples of
-strongly varying length, ``--steps`` optimizer steps of ``--batch-size`` examples: the same
-examples in each step (engine.train.examples_for_step) except for the grouped Trainer, which
-takes the same examples in its own batches. The same learning rate and schedule (2e-4, cosine,
-10 % warmup), AdamW, clipping at 1.0 and seed; the same precision: Loft's ``mixed_precision``
-"auto" (bf16 autocast where the CPU computes in bf16, else fp32; ``--precision`` overrides it),
-passed to the others as ``bf16=``. The base model is converted from GGUF once, before any run
-(the first time takes ~25 s, then it is cached under $LOFT_HOME/models).
+All train the same bundled SmolLM2-135M-Instruct with the same LoRA (r 16, alpha 32, Loft's
+default dropout of 0, which peft skips; all linear layers; the same initial weights), on the
+same generated chat examples of strongly varying length, ``--steps`` optimizer steps of
+``--batch-size`` examples: the same examples in each step (engine.train.examples_for_step)
+except for the grouped Trainer, which takes the same examples in its own batches. The same
+learning rate and schedule (2e-4, cosine, 10 % warmup), AdamW, clipping at 1.0 and seed; the
+same precision: Loft's ``mixed_precision`` "auto" (bf16 autocast where the CPU computes in
+bf16, else fp32; ``--precision`` overrides it), passed to the others as ``bf16=``. The base
+model is converted from GGUF once, before any run (the first time takes ~25 s, then it is
+cached under $LOFT_HOME/models).
 
 Printed per contender (the median over the repeats):
 
@@ -166,7 +167,6 @@ def config_for(args, method: str) -> TrainConfig:
         method=method,
         lora_rank=16,
         lora_alpha=32,
-        lora_dropout=0.05,
         learning_rate=2e-4,
         lr_scheduler="cosine",
         max_steps=args.steps,
