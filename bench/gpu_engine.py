@@ -55,7 +55,7 @@ sys.path.insert(0, str(PROJECT_DIR))
 
 import torch  # noqa: E402
 
-from engine import plan, train  # noqa: E402
+from engine import attention, plan, train  # noqa: E402
 from engine.base_models import compute_dtype, load_base_model  # noqa: E402
 from engine.hyperparameters import TrainConfig  # noqa: E402
 from engine.model_cache import BaseModelSpec  # noqa: E402
@@ -117,7 +117,7 @@ MFU_FORMULA = (
     "MFU = 4 × (non-embedding parameters × tokens/s + vocab × hidden × labelled tokens/s) "
     "/ peak bf16 FLOP/s. 4 = 2 forward + 2 backward to the activations (the base gets no "
     "weight gradients under LoRA); the vocabulary projection runs only where a label is "
-    "(engine.train.labelled_logits) and the embedding lookup costs none. LoRA's own and "
+    "(engine.train.labelled_hidden) and the embedding lookup costs none. LoRA's own and "
     "attention's FLOPs are left out. mfu_naive = 4 × parameters × tokens/s / peak."
 )
 
@@ -198,6 +198,7 @@ def build_random_model(llama_arguments: dict, device: str):
             model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     # Packed rows are kept apart by their position_ids only without a KV cache.
     model.config.use_cache = False
+    attention.use_per_document_attention(model)
     return model
 
 

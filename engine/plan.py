@@ -43,6 +43,8 @@ GIB = 2**30
 # plan choosing the size per job is the next step. (Before attention was per example, its
 # mask grew with the square of the row and 512 was the best size.) On a GPU, unverified.
 FORWARD_TOKENS = 1024
+# The trained positions whose logits exist at once (engine/train.py LinearCrossEntropy).
+LOSS_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -292,9 +294,9 @@ def peak_memory(
         # Attention probabilities where the kernel materialises them (the CPU's math path):
         # heads × length² per sequence and layer (each packed example is its own sequence).
         "attention": layers_kept * shape.heads * batch.tokens * batch.sequence_length * 4,
-        # Logits, their float32 log-softmax and its gradient for the trained positions (every
-        # one, at worst).
-        "logits": batch.tokens * shape.vocab_size * 4 * 3,
+        # The float32 logits of LOSS_CHUNK trained positions and their softmax (the loss
+        # computes the head's gradient a chunk at a time).
+        "logits": min(batch.tokens, LOSS_CHUNK) * shape.vocab_size * 4 * 2,
         # The framework itself: torch, the tokenizer, allocator slack (~1 GiB measured).
         "overhead": GIB,
     }

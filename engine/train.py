@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from engine import artifacts, attention, data
 from engine.base_models import resolve_precision
 from engine.hyperparameters import ALL_LINEAR, ATTENTION, TrainConfig
-from engine.plan import FORWARD_TOKENS
+from engine.plan import FORWARD_TOKENS, LOSS_CHUNK
 
 IGNORE = -100
 BEST_WEIGHTS = "best_adapter_model.safetensors"  # in a checkpoint: the best adapter so far
@@ -148,8 +148,8 @@ def pack(examples: list[Tokenized], row_tokens: int) -> list[Row]:
     Each example's position_ids start at 0, which is how the attention knows where one ends
     (engine/attention.py; flash attention's varlen path; or transformers' block-causal mask,
     built only without a KV cache, see base_models.load_base_model), so no example attends to
-    another. The first label of each example is ignored so no example
-    learns to predict from its neighbour's last token. No padding: each row is its own batch.
+    another. The first label of each example is ignored so no example learns to predict from
+    its neighbour's last token. No padding: each row is its own batch.
     """
     bins: list[list[Tokenized]] = []
     room: list[int] = []
@@ -235,13 +235,14 @@ def keep_adapter_sums_in_fp32(model) -> list:
 # --- loss ------------------------------------------------------------------------------------
 
 
-def labelled_logits(model, row: Row) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float logits and their targets at the positions that carry a label.
+def labelled_hidden(model, row: Row) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """The decoder's last hidden states at the positions that carry a label, their targets,
+    and the vocabulary projection (the head).
 
     The decoder runs on the row without a KV cache, each packed example attending only to
     itself (engine/attention.py; flash attention's own variable-length path on a GPU); the
-    vocabulary projection (49k × 576 for SmolLM2, a fifth of the model's work) runs only on
-    the positions that have a label, not on every token as a plain forward pass would.
+    head (49k × 576 for SmolLM2, a fifth of the model's work) then runs only on the positions
+    that have a label, not on every token as a plain forward pass would.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = causal_lm.get_decoder()
@@ -259,20 +260,70 @@ def labelled_logits(model, row: Row) -> tuple[torch.Tensor, torch.Tensor]:
     ).last_hidden_state
     targets = row.labels[:, 1:]
     keep = targets != IGNORE
-    head, trained = causal_lm.get_output_embeddings(), hidden[:, :-1][keep]
+    return hidden[:, :-1][keep], targets[keep], causal_lm.get_output_embeddings()
+
+
+def labelled_logits(model, row: Row) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float logits and their targets at the positions that carry a label (all at once: for
+    measures that need every logit, such as token accuracy)."""
+    trained, targets, head = labelled_hidden(model, row)
+    return float_logits(head, trained), targets
+
+
+def float_logits(head: torch.nn.Module, trained: torch.Tensor) -> torch.Tensor:
+    """The head's logits in fp32: computed in fp32 (under bf16 autocast too) where its weight
+    is, else in its weight's dtype and then widened."""
     if head.weight.dtype == torch.float32:
-        # Logits in fp32 under bf16 autocast too, like the loss they feed. (The 30 % gap once
-        # seen between bf16 and fp32 held-out losses came from the adapter sums, not from
-        # here: keep_adapter_sums_in_fp32.)
         with torch.autocast(trained.device.type, enabled=False):
-            return head(trained.float()), targets[keep]
-    return head(trained).float(), targets[keep]
+            return head(trained.float())
+    return head(trained).float()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of ``hidden @ weight.T`` against ``targets``, computed
+    LOSS_CHUNK positions at a time, the gradient for the hidden states computed as it goes (as
+    Liger's fused linear cross-entropy does): the logits of a forward, positions × vocabulary
+    × 4 bytes and again for their softmax (a third of a GiB for 1024 positions of SmolLM2's
+    49k, 1.5 GiB of Llama 3's 128k), never exist at once. The weight is frozen (a LoRA never
+    trains the head here). Logits and softmax in fp32; the matmuls in the weight's dtype, so a
+    bf16 base computes as it did in one piece."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        wanted = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden, dtype=torch.float32) if wanted else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], LOSS_CHUNK):
+                part = hidden[start : start + LOSS_CHUNK].to(weight.dtype)
+                logits = (part @ weight.t()).float()
+                chosen = targets[start : start + LOSS_CHUNK]
+                picked = logits.gather(1, chosen[:, None]).squeeze(1)
+                normalizer = torch.logsumexp(logits, dim=1)
+                total += (normalizer - picked).sum()
+                if wanted:  # d loss / d logits = softmax - one-hot, then back through the head
+                    softmax = logits.sub_(normalizer[:, None]).exp_()
+                    softmax[torch.arange(len(chosen), device=chosen.device), chosen] -= 1
+                    grad[start : start + LOSS_CHUNK] = (softmax.to(weight.dtype) @ weight).float()
+        ctx.save_for_backward(grad if wanted else None)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output).to(ctx.hidden_dtype), None, None
 
 
 def loss_sum(model, row: Row) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over trained tokens, and their count."""
-    logits, targets = labelled_logits(model, row)
-    return F.cross_entropy(logits, targets, reduction="sum"), targets.numel()
+    """Summed cross-entropy over trained tokens, and their count; in fp32 under bf16 autocast
+    too, like the loss it is. (The 30 % gap once seen between bf16 and fp32 held-out losses
+    came from the adapter sums, not from here: keep_adapter_sums_in_fp32.)"""
+    trained, targets, head = labelled_hidden(model, row)
+    if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None:
+        return LinearCrossEntropy.apply(trained, head.weight, targets), targets.numel()
+    # A head with gradients (a model outside a LoRA run) or a bias: in one piece.
+    return F.cross_entropy(float_logits(head, trained), targets, reduction="sum"), targets.numel()
 
 
 @torch.no_grad()

@@ -6,10 +6,11 @@ from dataclasses import asdict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 
-from engine import attention, data
+from engine import attention, data, plan
 from engine import train as T
 from engine.base_models import load_base_model, resolve_precision
 from engine.generate import AdapterCache
@@ -61,7 +62,7 @@ def test_the_packed_loss_equals_the_sum_of_separate_losses(base, examples):
 
 def test_packed_examples_attend_each_to_itself_as_the_masked_row_did(base, examples, monkeypatch):
     """engine/attention.py: one causal attention per example, no mask over the row; the same
-    loss as transformers' sdpa with its block-causal mask, in fp32 and under bf16 autocast."""
+    loss as transformers' sdpa with its block-causal mask in fp32, and as near it under bf16."""
     row = T.pack(examples[:5], row_tokens=4096)[0]
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -84,7 +85,29 @@ def test_packed_examples_attend_each_to_itself_as_the_masked_row_did(base, examp
                 lengths = [len(e.input_ids) for e in examples[:5]]
                 assert sorted(calls) == sorted(lengths * layers)
     assert losses[attention.PER_DOCUMENT, "fp32"] == pytest.approx(losses["sdpa", "fp32"], rel=1e-5)
-    assert losses[attention.PER_DOCUMENT, "bf16"] == pytest.approx(losses["sdpa", "bf16"], rel=1e-2)
+    # Under bf16 as near fp32 as the masked path is, or nearer (measured: 0.27 % against 0.7 %).
+    fp32 = losses["sdpa", "fp32"]
+    per_document_gap = abs(losses[attention.PER_DOCUMENT, "bf16"] - fp32) / fp32
+    assert per_document_gap <= max(abs(losses["sdpa", "bf16"] - fp32) / fp32, 0.005), losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_loss_and_its_gradient_equal_the_plain_cross_entropy(dtype):
+    """A pure unit test of engine.train.LinearCrossEntropy: more positions than one chunk."""
+    torch.manual_seed(0)
+    positions = plan.LOSS_CHUNK * 2 + 37
+    weight = (torch.randn(1000, 64) * 0.2).to(dtype)
+    targets = torch.randint(0, 1000, (positions,))
+    hidden = torch.randn(positions, 64, requires_grad=True)
+    chunked = T.LinearCrossEntropy.apply(hidden, weight, targets)
+    (chunked * 3).backward()
+    chunked_grad, hidden.grad = hidden.grad, None
+    plain = F.cross_entropy((hidden.to(dtype) @ weight.t()).float(), targets, reduction="sum")
+    (plain * 3).backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float(chunked) == pytest.approx(float(plain), rel=tolerance)
+    largest = float(hidden.grad.abs().max())  # bf16 rounds the two ways' products apart
+    assert float((chunked_grad - hidden.grad).abs().max()) <= tolerance * largest
 
 
 def test_packing_fills_rows_without_padding_and_restarts_positions(examples):
