@@ -422,3 +422,38 @@ def test_the_usage_page_shows_the_months_inference_and_its_limits(tenant_a, tena
 def test_an_organization_without_inference_reads_so(tenant_b):
     html = signed_in(tenant_b).get("/account/usage").content.decode()
     assert "No chat completions answered this month yet." in html
+
+
+@pytest.mark.usefixtures("private_queue")
+def test_a_job_pauses_and_resumes_from_its_page_and_another_tenants_job_is_not_found(
+    tenant_a, tenant_b, api_a
+):
+    file_id = upload(api_a, jsonl(chat_rows(30)), name="paused.jsonl").json()["id"]
+    job = FineTuneJob.submit(
+        org=tenant_a.org,
+        training_file=File.objects.get(pk=file_id),
+        hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
+    )
+    browser = signed_in(tenant_a)
+    assert f'action="/jobs/{job.id}/pause"' in browser.get(f"/jobs/{job.id}").content.decode()
+
+    page = browser.post(f"/jobs/{job.id}/pause", follow=True).content.decode()
+    job.refresh_from_db()
+    assert job.status == FineTuneJob.Status.PAUSED
+    assert "Paused before it started" in page and f'action="/jobs/{job.id}/resume"' in page
+    assert (
+        "only a queued or running job pauses"
+        in browser.post(f"/jobs/{job.id}/pause", follow=True).content.decode()
+    )
+
+    assert signed_in(tenant_b).post(f"/jobs/{job.id}/resume").status_code == 404
+    job.refresh_from_db()
+    assert job.status == FineTuneJob.Status.PAUSED
+
+    page = browser.post(f"/jobs/{job.id}/resume", follow=True).content.decode()
+    job.refresh_from_db()
+    assert job.status == FineTuneJob.Status.QUEUED
+    assert "Resumed: the job is queued" in page
+    assert (
+        "nothing to resume" in browser.post(f"/jobs/{job.id}/resume", follow=True).content.decode()
+    )

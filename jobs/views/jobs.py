@@ -67,6 +67,31 @@ def job_cancel(request, job_id: str):
     return redirect("job-detail", job_id=job.id)
 
 
+@login_required
+@require_POST
+def job_pause(request, job_id: str):
+    job = _job(request, job_id)
+    if job.request_pause():
+        if job.status == FineTuneJob.Status.PAUSED:
+            messages.success(request, "Paused before it started. Resume it to queue it again.")
+        else:
+            messages.success(request, "Pause requested: the job saves a checkpoint and waits.")
+    else:
+        messages.error(request, f"The job is {job.status}; only a queued or running job pauses.")
+    return redirect("job-detail", job_id=job.id)
+
+
+@login_required
+@require_POST
+def job_resume(request, job_id: str):
+    job = _job(request, job_id)
+    if job.request_resume():
+        messages.success(request, "Resumed: the job is queued and goes on from its checkpoint.")
+    else:
+        messages.error(request, f"The job is {job.status}, not paused; there is nothing to resume.")
+    return redirect("job-detail", job_id=job.id)
+
+
 def _live_context(job: FineTuneJob) -> dict:
     events = list(job.events.order_by("-pk")[:SHOWN_EVENTS])
     losses = sampled_losses(job, CHART_POINTS)
