@@ -7,10 +7,10 @@ each example's queries attend to its own keys, causally, one ``scaled_dot_produc
 call per example, and no mask is built at all (as flash-attention's variable-length kernel does
 on a GPU, which base_models uses instead where flash-attn is installed).
 
-Measured on a 2-core EPYC (SmolLM2-135M, LoRA r16 all-linear, bf16, steps of 8 examples of
-68-301 tokens): 174 label tokens/s in forwards of 512 tokens against ~150 through the masked
-sdpa path, and 192 in forwards of 1024, which the mask's square made slower than 512 before
-(engine/plan.py FORWARD_TOKENS).
+Measured on a 2-core Xeon with AMX (SmolLM2-135M, LoRA r16 all-linear, bf16, steps of 8
+examples of 68-301 tokens): 174 label tokens/s in forwards of 512 tokens against ~150 through
+the masked sdpa path, and 192 in forwards of 1024, which the mask's square made slower than 512
+before (engine/plan.py FORWARD_TOKENS).
 """
 
 from __future__ import annotations

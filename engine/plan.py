@@ -36,12 +36,12 @@ GIB = 2**30
 # A step's examples are packed into forwards of at least this many tokens (engine/train.py),
 # each example attending only to itself (engine/attention.py), because one big forward costs
 # less than several small ones: fewer passes over the weights, bigger matmuls. Measured on a
-# 2-core EPYC CPU (SmolLM2-135M, LoRA r16 on all linear layers, bf16, steps of 8 examples of
-# 68-301 tokens): forwards of 512 tokens 174 label tokens/s, 1024 192, 2048 220 (the whole
-# step). 2048 would double what a forward holds against 1024 for every job whose rows are
-# shorter, and the plan would send more jobs to QLoRA or gradient checkpointing for it; the
-# plan choosing the size per job is the next step. (Before attention was per example, its
-# mask grew with the square of the row and 512 was the best size.) On a GPU, unverified.
+# 2-core Xeon CPU with AMX (SmolLM2-135M, LoRA r16 on all linear layers, bf16, steps of 8
+# examples of 68-301 tokens): forwards of 512 tokens 174 label tokens/s, 1024 192, 2048 220
+# (the whole step). 2048 would double what a forward holds against 1024 for every job whose
+# rows are shorter, and the plan would send more jobs to QLoRA or gradient checkpointing for
+# it; the plan choosing the size per job is the next step. (Before attention was per example,
+# its mask grew with the square of the row and 512 was the best size.) On a GPU, unverified.
 FORWARD_TOKENS = 1024
 # The trained positions whose logits exist at once (engine/train.py LinearCrossEntropy).
 LOSS_CHUNK = 256
