@@ -306,6 +306,16 @@ def test_another_organizations_membership_is_not_found(tenant_a, tenant_b):
 # --- a member of the organization, beside its owner -----------------------------------------
 
 
+def queued_job(api, tenant, filename: str) -> FineTuneJob:
+    """A one-step job on a fresh file, queued (on the test's private queue: no worker takes it)."""
+    file_id = upload(api, jsonl(chat_rows(30)), name=filename).json()["id"]
+    return FineTuneJob.submit(
+        org=tenant.org,
+        training_file=File.objects.get(pk=file_id),
+        hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
+    )
+
+
 def ids(response) -> list[str]:
     assert response.status_code == 200, response.content
     return [item["id"] for item in response.json()["data"]]
@@ -315,12 +325,8 @@ def ids(response) -> list[str]:
 def test_a_member_sees_the_organizations_files_jobs_keys_and_members_as_the_owner_does(
     tenant_a, member_a, api_a
 ):
-    file_id = upload(api_a, jsonl(chat_rows(30)), name="shared.jsonl").json()["id"]
-    job = FineTuneJob.submit(
-        org=tenant_a.org,
-        training_file=File.objects.get(pk=file_id),
-        hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
-    )
+    job = queued_job(api_a, tenant_a, "shared.jsonl")
+    file_id = job.training_file_id
     owner, member = signed_in(tenant_a), signed_in(member_a)
     # The API, by the member's own key and by the member's session: the owner's answers.
     for path, expected in (("/v1/files", [file_id]), ("/v1/fine_tuning/jobs", [job.id])):
@@ -428,12 +434,7 @@ def test_an_organization_without_inference_reads_so(tenant_b):
 def test_a_job_pauses_and_resumes_from_its_page_and_another_tenants_job_is_not_found(
     tenant_a, tenant_b, api_a
 ):
-    file_id = upload(api_a, jsonl(chat_rows(30)), name="paused.jsonl").json()["id"]
-    job = FineTuneJob.submit(
-        org=tenant_a.org,
-        training_file=File.objects.get(pk=file_id),
-        hyperparameters={"max_steps": 1, "batch_size": 2, "max_seq_length": 128},
-    )
+    job = queued_job(api_a, tenant_a, "paused.jsonl")
     browser = signed_in(tenant_a)
     assert f'action="/jobs/{job.id}/pause"' in browser.get(f"/jobs/{job.id}").content.decode()
 
