@@ -47,9 +47,8 @@ def per_document_attention(
         )
     device = query.device.type
     if torch.is_autocast_enabled(device):
-        # The LoRA sums are kept in fp32 (train.keep_adapter_sums_in_fp32), so q, k and v
-        # arrive in fp32; attention itself runs in the autocast dtype, as CUDA's autocast
-        # runs sdpa.
+        # q and k arrive in fp32 (the rotary embedding's cos and sin are fp32), v in bf16;
+        # attention itself runs in the autocast dtype, as CUDA's autocast runs sdpa.
         dtype = torch.get_autocast_dtype(device)
         query, key, value = (t.to(dtype) for t in (query, key, value))
     grouped = query.shape[1] != key.shape[1]
