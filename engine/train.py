@@ -194,11 +194,11 @@ def pad(examples: list[Tokenized], pad_id: int) -> list[Row]:
     return [Row(ids, labels, attention_mask=mask)]
 
 
-def forward_tokens(max_seq_length: int) -> int:
+def forward_tokens(max_seq_length: int, planned: int = FORWARD_TOKENS) -> int:
     """The tokens of one forward pass: a step's examples are packed into rows of this many
     (each example whole, kept apart by its position ids), however short max_seq_length is
     (engine/plan.py FORWARD_TOKENS says why)."""
-    return max(max_seq_length, FORWARD_TOKENS)
+    return max(max_seq_length, planned)
 
 
 def autocast(precision: str, device: str):
@@ -230,6 +230,52 @@ def keep_adapter_sums_in_fp32(model) -> list:
         and hasattr(module, "lora_A")
         and name.rsplit(".", 1)[-1] not in ATTENTION_INPUTS
     ]
+
+
+class FrozenWeightsInBf16:
+    """A bf16 copy of the frozen base weights of the LoRA layers, put in place for the training
+    steps of a bf16 run (``with frozen.in_bf16():``) and the fp32 originals back around them.
+    Autocast casts a weight to bf16 at every matmul unless it is a leaf that requires grad; the
+    base's are frozen, so every forward re-cast every weight (16 % of a step in a profile). The
+    copy gives the same numbers (autocast would have rounded the same way) for the memory of
+    the weights in bf16 (engine/plan.py counts it); the originals stay fp32 for the held-out
+    loss, the evaluation and the warm base's next job. A 4-bit base's layers are left alone."""
+
+    def __init__(self, model):
+        self.layers = [
+            module.base_layer
+            for module in model.modules()
+            if hasattr(module, "lora_A")
+            and type(getattr(module, "base_layer", None)) is torch.nn.Linear
+            and module.base_layer.weight.dtype == torch.float32
+            and not module.base_layer.weight.requires_grad
+        ]
+        self.originals = [self._tensors(layer) for layer in self.layers]
+        self.copies = [
+            {name: tensor.to(torch.bfloat16) for name, tensor in tensors.items()}
+            for tensors in self.originals
+        ]
+
+    @staticmethod
+    def _tensors(layer) -> dict:
+        return {
+            name: parameter.data
+            for name, parameter in (("weight", layer.weight), ("bias", layer.bias))
+            if parameter is not None
+        }
+
+    def _put(self, tensors_by_layer: list[dict]) -> None:
+        for layer, tensors in zip(self.layers, tensors_by_layer, strict=True):
+            for name, tensor in tensors.items():
+                getattr(layer, name).data = tensor
+
+    @contextlib.contextmanager
+    def in_bf16(self):
+        self._put(self.copies)
+        try:
+            yield
+        finally:
+            self._put(self.originals)
 
 
 # --- loss ------------------------------------------------------------------------------------
@@ -569,11 +615,26 @@ def attach_lora(base, config: TrainConfig, parent_adapter: Path | None):
             gradient_checkpointing_kwargs=checkpointing,
         )
     elif config.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        checkpoint_activations(base, checkpointing)
     model = get_peft_model(base, lora)
     if parent_adapter is not None:
         load_adapter_weights(model, load_file(parent_adapter / "adapter_model.safetensors"))
     return model
+
+
+def checkpoint_activations(model, kwargs: dict | None) -> None:
+    """Gradient checkpointing on (with torch.utils.checkpoint's ``kwargs``) or off (None).
+    transformers 5.2x calls it activation checkpointing and warns at the old names, which the
+    5.x releases before it (bench/gpu.sh runs on whatever a GPU machine has) only know."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if kwargs is None:
+            model.activation_checkpointing_disable()
+        else:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif kwargs is None:
+        model.gradient_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def peft_target_modules(target_modules: str) -> str | list[str]:
@@ -649,9 +710,12 @@ def train(
     resume_from: Path | None = None,
     parent_adapter: Path | None = None,
     pad_id: int = 0,
+    tokens_per_forward: int | None = None,
 ):
     """Train and return (the peft model, TrainResult). The caller saves the adapter, then
-    ``unload()`` gives back the untouched base for the next run."""
+    ``unload()`` gives back the untouched base for the next run. ``tokens_per_forward``: the
+    plan's size of a packed forward (engine/plan.py forward_tokens), FORWARD_TOKENS if not
+    given; the loss is the same either way, only speed and memory differ."""
     callbacks = callbacks or Callbacks()
     started = time.monotonic()
 
@@ -659,7 +723,7 @@ def train(
     precision = resolve_precision(config.mixed_precision, device)
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 for what stays in fp32
-    row_tokens = forward_tokens(config.max_seq_length)
+    row_tokens = forward_tokens(config.max_seq_length, tokens_per_forward or FORWARD_TOKENS)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = attach_lora(base, config, parent_adapter)
@@ -677,6 +741,7 @@ def train(
 
     # --- train (on any failure or cancel, the base is handed back without this run's layers)
     hooks = keep_adapter_sums_in_fp32(model) if precision == "bf16" else []
+    frozen = FrozenWeightsInBf16(model) if precision == "bf16" else None
     try:
         trained_tokens = processed_tokens = 0
         recent_loss: float | None = None
@@ -705,15 +770,16 @@ def train(
             rows = pack(batch, row_tokens) if config.packing else pad(batch, pad_id)
             label_count = sum(int((row.labels[:, 1:] != IGNORE).sum()) for row in rows)
             step_loss = 0.0
-            for row in rows:
-                with autocast(precision, device):
-                    summed, _ = loss_sum(model, row.to(device))
-                # Normalize by the step's trained tokens, so every token weighs the same however
-                # the examples were split into rows.
-                (summed / label_count).backward()
-                step_loss += float(summed.detach())
-                trained_tokens += row.real_tokens
-                processed_tokens += row.input_ids.numel()
+            with frozen.in_bf16() if frozen else contextlib.nullcontext():
+                for row in rows:
+                    with autocast(precision, device):
+                        summed, _ = loss_sum(model, row.to(device))
+                    # Normalize by the step's trained tokens, so every token weighs the same
+                    # however the examples were split into rows.
+                    (summed / label_count).backward()
+                    step_loss += float(summed.detach())
+                    trained_tokens += row.real_tokens
+                    processed_tokens += row.input_ids.numel()
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -766,7 +832,7 @@ def train(
         for hook in hooks:
             hook.remove()
         if config.gradient_checkpointing:  # the warm base serves the next job as it came
-            base.gradient_checkpointing_disable()
+            checkpoint_activations(base, None)
 
     return model, TrainResult(
         steps=steps,

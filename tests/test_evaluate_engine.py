@@ -118,6 +118,7 @@ def test_the_gate_scores_generations_by_rouge_l_when_nothing_matches_exactly():
 # --- with the bundled SmolLM2 -------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~30 s on 2 cores with its fixture: it trains an adapter first
 def test_token_metrics_measure_the_tokens_training_learns(base, tokenized):
     metrics = E.token_metrics(base, tokenized, 256, "cpu")
     assert metrics.loss == pytest.approx(T.held_out_loss(base, tokenized, 256, "cpu"), rel=1e-5)

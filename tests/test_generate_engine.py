@@ -142,6 +142,7 @@ def test_a_failed_load_leaves_the_base_and_the_cache_as_they_were(
     assert adapter_cache.base_loads == 1
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: a second base, quantized to 4 bits, for one test
 def test_adapters_served_on_a_4bit_base_leave_the_base_as_it_was(cache, adapters, ids):
     """A QLoRA adapter is served on its 4-bit base. peft's state-dict loaders would rewrite a
     4-bit model's quantization state on the CPU (engine/train.py); the cache copies weights by

@@ -132,3 +132,33 @@ def test_gradient_checkpointing_is_turned_on_only_for_a_job_that_would_not_fit_w
         training_examples=90,
     )
     assert not off.fits and off.suggestion.startswith("Set gradient_checkpointing to true")
+
+
+def test_packed_forwards_grow_only_where_the_worker_keeps_its_room():
+    config = TrainConfig(method="qlora", lora_rank=16, batch_size=8, max_seq_length=256)
+    stats = plan.DataStats(rows=100, tokens=100 * 200, max_row_tokens=250)
+
+    def peak(forward_tokens: int) -> int:
+        return plan.peak_memory(
+            SMOLLM2,
+            quantization="nf4",
+            lora_rank=16,
+            batch=plan.MicroBatch(forward_tokens, 256),
+            bytes_per_activation=4,
+        )["total"]
+
+    # 16 GiB: forwards of 2048 take 10.4 of them, less than LORA_MEMORY_SHARE (12 GiB would not).
+    big = plan.WorkerClass("big", 16 * plan.GIB, 150)
+    roomy = plan.estimate(SMOLLM2, stats, big, config, training_examples=90)
+    assert roomy.forward_tokens == plan.FORWARD_TOKENS_WITH_ROOM == 2048
+    assert roomy.estimated_peak_memory_bytes == peak(2048)  # the plan counts what runs
+    # A worker where forwards of 2048 would take more than the share "auto" leaves LoRA.
+    tight = plan.WorkerClass("tight", int(peak(2048) / plan.LORA_MEMORY_SHARE) - 1, 150)
+    assert plan.estimate(SMOLLM2, stats, CPU, config, training_examples=90).forward_tokens == 1024
+    kept = plan.estimate(SMOLLM2, stats, tight, config, training_examples=90)
+    assert kept.forward_tokens == plan.FORWARD_TOKENS and kept.fits
+    assert kept.estimated_peak_memory_bytes == peak(1024)
+    # Rows longer than either: one row a forward.
+    long_rows = TrainConfig(method="qlora", batch_size=8, max_seq_length=4096)
+    long_plan = plan.estimate(SMOLLM2, stats, CPU, long_rows, training_examples=90)
+    assert long_plan.forward_tokens == 4096

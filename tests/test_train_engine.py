@@ -226,6 +226,45 @@ def test_bf16_autocast_trains_to_the_loss_of_fp32_with_its_matmuls_in_bf16(
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02), losses
 
 
+@pytest.mark.slow  # two bf16 runs: a few s where bf16 is native, ~95 s where it is emulated
+def test_a_bf16_run_trains_on_a_bf16_copy_of_the_frozen_weights_to_the_same_numbers(
+    base, examples, tmp_path, monkeypatch
+):
+    """The copy only saves autocast its per-forward casts: the run's losses and adapter are
+    the same without it, and the warm base is fp32 again after it, for its next job."""
+    config = TrainConfig(
+        method="lora", lora_rank=4, max_steps=2, batch_size=4, learning_rate=1e-3,
+        max_seq_length=256, mixed_precision="bf16",
+    )  # fmt: skip
+    seen_dtypes: set = set()
+    copy_made = T.FrozenWeightsInBf16
+
+    def watched(model):
+        frozen = copy_made(model)
+        assert frozen.layers, "no LoRA base layer was copied"
+        seen_dtypes.update(layer.weight.dtype for layer in frozen.layers)
+        return frozen
+
+    runs = {}
+    for name, make_copy in (("copy", watched), ("autocast alone", lambda model: None)):
+        monkeypatch.setattr(T, "FrozenWeightsInBf16", make_copy)
+        losses: list[float] = []
+        model, _ = T.train(
+            config, examples, [], base, device="cpu", work_dir=tmp_path / name,
+            callbacks=T.Callbacks(on_progress=lambda p, losses=losses: losses.append(p.loss)),
+        )  # fmt: skip
+        adapter = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+        base = model.unload()
+        runs[name] = (losses, adapter)
+        weights = {p.dtype for n, p in base.named_parameters() if n.endswith("proj.weight")}
+        assert weights == {torch.float32}  # the base is handed back as it came
+    assert seen_dtypes == {torch.float32}  # the originals, seen before the steps
+    (copy_losses, copy_adapter), (plain_losses, plain_adapter) = runs.values()
+    assert copy_losses == plain_losses
+    for key, value in copy_adapter.items():
+        torch.testing.assert_close(value, plain_adapter[key], rtol=0, atol=0)
+
+
 @pytest.mark.slow  # ~20 s: two variants, two steps each, loaded back three ways
 @pytest.mark.parametrize(
     "variant",
@@ -353,7 +392,7 @@ def test_gradient_checkpointing_recomputes_each_block_and_changes_no_loss(base, 
         block_runs[checkpointing] = len(runs)
     assert block_runs[True] == 2 * block_runs[False]  # each forward again in the backward pass
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
-    assert not base.is_gradient_checkpointing  # the base goes back as it came
+    assert not base.is_activation_checkpointing  # the base goes back as it came
 
 
 def test_auto_precision_is_bf16_where_the_hardware_computes_in_it():

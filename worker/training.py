@@ -528,6 +528,7 @@ class JobRun:
             ),
             resume_from=self.resume_from,
             parent_adapter=self.parent_folder,
+            tokens_per_forward=self.job.plan.get("forward_tokens"),
             pad_id=self.tokenizer.pad_token_id or 0,
         )
 
