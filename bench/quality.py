@@ -135,11 +135,7 @@ def train_loft(job: dict) -> dict:
     requested = {"n_epochs": job["epochs"], "batch_size": job["batch_size"], **job["overrides"]}
     config = from_request(requested)
     tokenized, _ = train.tokenize(examples, tokenizer, 4096)
-    stats = planning.DataStats(
-        rows=len(examples),
-        tokens=sum(len(t.input_ids) for t in tokenized),
-        max_row_tokens=max(len(t.input_ids) for t in tokenized),
-    )
+    stats = planning.DataStats.of_lengths([len(t.input_ids) for t in tokenized])
     shape = planning.ModelShape(
         parameters=BUNDLED_BASE_MODEL["parameters"], **BUNDLED_BASE_MODEL["architecture"]
     )

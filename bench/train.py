@@ -223,11 +223,7 @@ def planned_forward_tokens(prepared: Prepared, config: TrainConfig) -> int:
     """The size of a packed forward the plan gives such a job on Loft's default worker class
     (loft/settings.py: a CPU worker of 12 GiB), as the worker passes it to train.train."""
     examples = prepared.train_examples + prepared.validation
-    stats = planning.DataStats(
-        rows=len(examples),
-        tokens=sum(len(example.input_ids) for example in examples),
-        max_row_tokens=max(len(example.input_ids) for example in examples),
-    )
+    stats = planning.DataStats.of_lengths([len(example.input_ids) for example in examples])
     shape = planning.ModelShape(
         parameters=BUNDLED_BASE_MODEL["parameters"], **BUNDLED_BASE_MODEL["architecture"]
     )

@@ -94,6 +94,11 @@ class DataStats:
     tokens: int
     max_row_tokens: int
 
+    @classmethod
+    def of_lengths(cls, lengths: list[int]) -> DataStats:
+        """From each row's token count (a script's tokenized rows; the API has a report)."""
+        return cls(rows=len(lengths), tokens=sum(lengths), max_row_tokens=max(lengths, default=0))
+
 
 @dataclass(frozen=True)
 class WorkerClass:
@@ -374,38 +379,13 @@ def estimate(
         steps = min(steps, config.max_steps)
     examples_seen = min(config.n_epochs * training_examples, steps * config.batch_size)
     trained_tokens = int(examples_seen * per_example)
-    batch = micro_batch(
-        packing=config.packing,
-        batch_size=config.batch_size,
-        max_seq_length=config.max_seq_length,
-        max_row_tokens=stats.max_row_tokens,
-    )
     forward = forward_tokens(shape, stats, worker, config)
-    memory = peak_memory(
-        shape,
-        quantization=config.quantization,
-        lora_rank=config.lora_rank,
-        batch=micro_batch(
-            packing=config.packing,
-            batch_size=config.batch_size,
-            max_seq_length=config.max_seq_length,
-            max_row_tokens=stats.max_row_tokens,
-            forward_tokens=forward,
-        ),
-        bytes_per_activation=worker.bytes_per_activation,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )
+    memory = job_peak_memory(shape, stats, worker, config, forward_tokens=forward)
     seconds = STARTUP_SECONDS + trained_tokens / worker.tokens_per_second(shape.parameters)
     fits = memory["total"] <= worker.memory_bytes
+    # Both methods as "auto" weighs them: at the forward size the method is chosen for.
     both = {
-        quantization: peak_memory(
-            shape,
-            quantization=quantization,
-            lora_rank=config.lora_rank,
-            batch=batch,
-            bytes_per_activation=worker.bytes_per_activation,
-            gradient_checkpointing=config.gradient_checkpointing,
-        )["total"]
+        quantization: job_peak_memory(shape, stats, worker, config, quantization)["total"]
         for quantization in ("none", "nf4")
     }
     return Plan(
@@ -429,6 +409,33 @@ def estimate(
     )
 
 
+def job_peak_memory(
+    shape: ModelShape,
+    stats: DataStats,
+    worker: WorkerClass,
+    config: TrainConfig,
+    quantization: str | None = None,
+    *,
+    forward_tokens: int = FORWARD_TOKENS,
+) -> dict:
+    """peak_memory for a job's settings on the worker (with another ``quantization`` if
+    given), its packed forwards of ``forward_tokens``."""
+    return peak_memory(
+        shape,
+        quantization=quantization or config.quantization,
+        lora_rank=config.lora_rank,
+        batch=micro_batch(
+            packing=config.packing,
+            batch_size=config.batch_size,
+            max_seq_length=config.max_seq_length,
+            max_row_tokens=stats.max_row_tokens,
+            forward_tokens=forward_tokens,
+        ),
+        bytes_per_activation=worker.bytes_per_activation,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+
+
 def forward_tokens(
     shape: ModelShape, stats: DataStats, worker: WorkerClass, config: TrainConfig
 ) -> int:
@@ -437,20 +444,9 @@ def forward_tokens(
     method and gradient checkpointing were chosen for); max_seq_length where it is longer."""
     if not config.packing or config.max_seq_length >= FORWARD_TOKENS_WITH_ROOM:
         return max(config.max_seq_length, FORWARD_TOKENS)
-    roomy = peak_memory(
-        shape,
-        quantization=config.quantization,
-        lora_rank=config.lora_rank,
-        batch=micro_batch(
-            packing=True,
-            batch_size=config.batch_size,
-            max_seq_length=config.max_seq_length,
-            max_row_tokens=stats.max_row_tokens,
-            forward_tokens=FORWARD_TOKENS_WITH_ROOM,
-        ),
-        bytes_per_activation=worker.bytes_per_activation,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )["total"]
+    roomy = job_peak_memory(shape, stats, worker, config, forward_tokens=FORWARD_TOKENS_WITH_ROOM)[
+        "total"
+    ]
     if roomy <= LORA_MEMORY_SHARE * worker.memory_bytes:
         return FORWARD_TOKENS_WITH_ROOM
     return max(config.max_seq_length, FORWARD_TOKENS)

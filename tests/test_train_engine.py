@@ -85,10 +85,12 @@ def test_packed_examples_attend_each_to_itself_as_the_masked_row_did(base, examp
                 lengths = [len(e.input_ids) for e in examples[:5]]
                 assert sorted(calls) == sorted(lengths * layers)
     assert losses[attention.PER_DOCUMENT, "fp32"] == pytest.approx(losses["sdpa", "fp32"], rel=1e-5)
-    # Under bf16 as near fp32 as the masked path is, or nearer (measured: 0.27 % against 0.7 %).
+    # Under bf16 as near fp32 as the masked path is, or within bf16's rounding: which path
+    # lands nearer depends on the CPU's kernels (per example 0.27 % against the masked 0.7 % on
+    # a Xeon with AMX; 0.64 % against 0.42 % on an EPYC that emulates bf16).
     fp32 = losses["sdpa", "fp32"]
     per_document_gap = abs(losses[attention.PER_DOCUMENT, "bf16"] - fp32) / fp32
-    assert per_document_gap <= max(abs(losses["sdpa", "bf16"] - fp32) / fp32, 0.005), losses
+    assert per_document_gap <= max(abs(losses["sdpa", "bf16"] - fp32) / fp32, 0.01), losses
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
