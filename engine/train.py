@@ -239,13 +239,15 @@ class FrozenWeightsInBf16:
     base's are frozen, so every forward re-cast every weight (16 % of a step in a profile). The
     copy gives the same numbers (autocast would have rounded the same way) for the memory of
     the weights in bf16 (engine/plan.py counts it); the originals stay fp32 for the held-out
-    loss, the evaluation and the warm base's next job. A 4-bit base's layers are left alone."""
+    loss, the evaluation and the warm base's next job. A 4-bit base's layers are left alone,
+    and so are DoRA's, whose weight norm reads the base weight outside the matmul (in fp32)."""
 
     def __init__(self, model):
         self.layers = [
             module.base_layer
             for module in model.modules()
             if hasattr(module, "lora_A")
+            and not any(getattr(module, "use_dora", {}).values())
             and type(getattr(module, "base_layer", None)) is torch.nn.Linear
             and module.base_layer.weight.dtype == torch.float32
             and not module.base_layer.weight.requires_grad
