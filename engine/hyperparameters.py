@@ -292,6 +292,25 @@ class TrainConfig:
     use_rslora: bool = hyperparameter(
         False, "rsLoRA: scale the update by alpha/sqrt(rank).", label="rsLoRA"
     )
+    # Where the job runs (engine/plan.py route): the cheapest worker class that fits it unless
+    # one is named, and on how many of that class's devices at once (data parallel, one process
+    # per device: worker/training.py).
+    worker_class: str | None = hyperparameter(
+        None,
+        "Run on this worker class (its name) rather than on the cheapest class the job fits.",
+        rule=Rule(
+            lambda v: re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", v) is not None,
+            "a worker class's name (lower-case letters, digits, - and _)",
+        ),
+        label="Worker class",
+    )
+    gpus: int = hyperparameter(
+        1,
+        "Devices the job trains on at once, each taking a share of every step's rows; the job "
+        "runs on a worker class with at least this many.",
+        rule=between(1, 64),
+        label="GPUs",
+    )
     weight_decay: float = hyperparameter(0.0, "AdamW weight decay.", rule=at_least(0), api=False)
     max_grad_norm: float = hyperparameter(1.0, "Gradient clipping.", rule=POSITIVE, api=False)
     # The job's top-level ``seed`` (OpenAI's), not one of its hyperparameters.

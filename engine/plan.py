@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
-from engine.hyperparameters import METHODS, QUANTIZATION, TrainConfig
+from engine.hyperparameters import METHODS, QUANTIZATION, ConfigError, TrainConfig
 
 # OpenAI's published defaults for "auto" epochs: aim at 3 epochs, but see at least 100 and at
 # most 25,000 examples in total.
@@ -102,16 +102,33 @@ class DataStats:
 
 @dataclass(frozen=True)
 class WorkerClass:
-    """The machines a queue's workers run on. Throughput is measured for a 135M-parameter
-    model (bench/train.py) and scaled by parameter count for others."""
+    """The machines one training queue's workers run on (``train.<name>``): each worker
+    declares its class and publishes it with its heartbeat. Memory is per device; throughput
+    is measured for a 135M-parameter model on one device (bench/train.py) and scaled by
+    parameter count for others. ``cost_per_hour`` is what an hour of one worker of the class
+    costs, in whatever unit the operator prices in: a job goes to the class where it costs
+    least (``route``)."""
 
     name: str
     memory_bytes: int
     tokens_per_second_135m: float
     bytes_per_activation: int = 4  # float32 on CPU; 2 on a GPU with bf16
+    device_kind: str = "cpu"  # cpu | cuda
+    devices: int = 1
+    cost_per_hour: float = 1.0
 
     def tokens_per_second(self, parameters: int) -> float:
         return self.tokens_per_second_135m * 135e6 / max(parameters, 1)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, declared: dict) -> WorkerClass:
+        """A class as a worker published it or an operator declared it; unknown keys (from a
+        newer worker) are left out, missing optional ones take their defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in declared.items() if key in known})
 
 
 # --- "auto" ----------------------------------------------------------------------------------
@@ -263,9 +280,23 @@ class Plan:
     worker_memory_bytes: int
     fits: bool
     suggestion: str | None
+    gpus: int = 1  # devices the job trains on at once, all of its worker class's kind
+    estimated_cost: float = 0.0  # the class's cost_per_hour times the estimated hours
+    # Every class the job was planned on when it was routed (``route``): name, whether it
+    # fits, estimated seconds and cost; the chosen one is ``worker_class``.
+    classes_considered: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"object": "fine_tuning.job.plan", **asdict(self)}
+
+    @property
+    def class_name(self) -> str:
+        return self.worker_class
+
+    @staticmethod
+    def class_name_of(stored: dict | None) -> str | None:
+        """The worker class a stored plan (``as_dict``) routed its job to; None for no plan."""
+        return (stored or {}).get("worker_class")
 
 
 def peak_memory(
@@ -381,8 +412,11 @@ def estimate(
     trained_tokens = int(examples_seen * per_example)
     forward = forward_tokens(shape, stats, worker, config)
     memory = job_peak_memory(shape, stats, worker, config, forward_tokens=forward)
-    seconds = STARTUP_SECONDS + trained_tokens / worker.tokens_per_second(shape.parameters)
-    fits = memory["total"] <= worker.memory_bytes
+    # Data parallel: each device takes a share of every step's rows (engine/train.py).
+    throughput = worker.tokens_per_second(shape.parameters) * config.gpus
+    seconds = STARTUP_SECONDS + trained_tokens / throughput
+    enough_devices = config.gpus <= worker.devices
+    fits = memory["total"] <= worker.memory_bytes and enough_devices
     # Both methods as "auto" weighs them: at the forward size the method is chosen for.
     both = {
         quantization: job_peak_memory(shape, stats, worker, config, quantization)["total"]
@@ -405,7 +439,69 @@ def estimate(
         memory_breakdown=memory,
         worker_memory_bytes=worker.memory_bytes,
         fits=fits,
-        suggestion=None if fits else _suggestion(shape, stats, worker, config),
+        suggestion=(
+            None
+            if fits
+            else _suggestion(shape, stats, worker, config)
+            if enough_devices
+            else f"A {worker.name} worker has {worker.devices} device(s); ask for at most "
+            f"that many gpus, or for a worker class with more."
+        ),
+        gpus=config.gpus,
+        estimated_cost=round(worker.cost_per_hour * seconds / 3600, 6),
+    )
+
+
+# --- routing: which worker class a job runs on ---------------------------------------------------
+
+
+def route(
+    requested: dict,
+    classes: list[WorkerClass],
+    plan_on: Callable[[dict, WorkerClass], tuple[dict, Plan]],
+) -> tuple[dict, Plan]:
+    """The job's settings and plan on the class it goes to: the class its settings name, or
+    else the one where it costs least among those it fits (its estimated hours times the
+    class's cost per hour; the smaller memory on a tie). ``plan_on(settings, class)`` gives the
+    settings with "auto" resolved for that class and the job's plan there, since what fits
+    depends on the class (a method, a gradient-checkpointing choice). None fits: the plan on
+    the class with the most devices and memory, whose suggestion says what would. The settings
+    returned name the chosen class, so the job is planned on it again later
+    (``class_named``)."""
+    named = requested.get("worker_class")
+    if named is not None:
+        classes = [class_named(classes, named)]
+    options = [(worker, *plan_on(requested, worker)) for worker in classes]
+    fitting = [option for option in options if option[2].fits]
+    if fitting:
+        worker, settings, plan = min(
+            fitting, key=lambda o: (o[2].estimated_cost, o[0].memory_bytes)
+        )
+    else:
+        worker, settings, plan = max(options, key=lambda o: (o[0].devices, o[0].memory_bytes))
+    plan.classes_considered = [
+        {
+            "name": other.name,
+            "fits": other_plan.fits,
+            "estimated_seconds": other_plan.estimated_seconds,
+            "estimated_cost": other_plan.estimated_cost,
+        }
+        for other, _, other_plan in options
+    ]
+    return {**settings, "worker_class": worker.name}, plan
+
+
+def class_named(classes: list[WorkerClass], name: str | None) -> WorkerClass:
+    """The known class of that name (``classes[0]`` when a job names none, as jobs stored
+    before classes do); a name no worker declared is refused with the names that are."""
+    if name is None:
+        return classes[0]
+    for worker in classes:
+        if worker.name == name:
+            return worker
+    known = ", ".join(worker.name for worker in classes)
+    raise ConfigError(
+        f"worker_class must be one of the known worker classes ({known}), got {name!r}"
     )
 
 

@@ -18,6 +18,8 @@ from django.conf import settings
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
+from engine import plan as planning
+from jobs import preflight, tasks
 from jobs.models import (
     Adapter,
     File,
@@ -27,6 +29,7 @@ from jobs.models import (
     WorkerHeartbeat,
     month_start,
 )
+from jobs.models.jobs import no_worker_sentence
 from loft.models import Organization
 
 RECENT = timedelta(hours=24)
@@ -36,15 +39,59 @@ LATEST_FAILURES = 10
 
 
 def queues() -> list[str]:
-    """Every queue Loft sends to; one name may serve several purposes."""
+    """Every queue Loft sends to: each known worker class's training queue, the queues online
+    workers consume (an inference queue per base, say), and the shared ones; one name may
+    serve several purposes."""
     names = {
         settings.CELERY_TASK_DEFAULT_QUEUE,
-        settings.LOFT_TRAINING_QUEUE,
         settings.LOFT_INFERENCE_QUEUE,
         settings.LOFT_WEBHOOK_QUEUE,
         settings.LOFT_MAINTENANCE_QUEUE,
+        *(tasks.training_queue(worker.name) for worker in preflight.known_classes()),
     }
+    for consumed in WorkerHeartbeat.online().values_list("queues", flat=True):
+        names.update(consumed)
     return sorted(names)
+
+
+@dataclass
+class ClassView:
+    """One worker class as operators see it: what it declares, its queue, its workers online
+    and the jobs waiting for it (with a sentence when none of its workers is online)."""
+
+    spec: planning.WorkerClass
+    queue: str
+    workers_online: int
+    jobs_queued: int
+    jobs_running: int
+
+    @property
+    def waiting(self) -> str | None:
+        if self.jobs_queued and not self.workers_online:
+            return no_worker_sentence(self.spec.name)
+        return None
+
+
+def class_views() -> list[ClassView]:
+    """Every known class (pre-flight's), with its workers and jobs."""
+    online = WorkerHeartbeat.online_by_class()
+    by_class: dict[tuple[str, str], int] = {}
+    unfinished = FineTuneJob.objects.filter(
+        status__in=(FineTuneJob.Status.QUEUED, FineTuneJob.Status.RUNNING)
+    )
+    for status, plan in unfinished.values_list("status", "plan"):
+        name = planning.Plan.class_name_of(plan) or settings.LOFT_WORKER_CLASS
+        by_class[name, status] = by_class.get((name, status), 0) + 1
+    return [
+        ClassView(
+            spec=worker,
+            queue=tasks.training_queue(worker.name),
+            workers_online=online.get(worker.name, 0),
+            jobs_queued=by_class.get((worker.name, FineTuneJob.Status.QUEUED), 0),
+            jobs_running=by_class.get((worker.name, FineTuneJob.Status.RUNNING), 0),
+        )
+        for worker in preflight.known_classes()
+    ]
 
 
 def queue_depths() -> dict[str, int | None]:
@@ -263,6 +310,7 @@ def snapshot() -> dict:
         "queues": queue_depths(),
         "workers": [(worker, worker.hostname in online) for worker in workers],
         "workers_online": len(online),
+        "classes": class_views(),
         "by_status": [(status, by_status.get(status, 0)) for status in FineTuneJob.Status.values],
         "running": FineTuneJob.objects.filter(status=FineTuneJob.Status.RUNNING).count(),
         "wait": spread(wait_seconds(since)),

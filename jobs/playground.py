@@ -104,7 +104,8 @@ def start_generation(org_id: str, target: Target, request: dict, answer_by: floa
         "quantization": target.quantization,
         "answer_by": answer_by,
     }
-    tasks.generate(request_id, org_id, task)
+    queue = tasks.inference_queue(target.base_model.name, target.quantization)
+    tasks.generate(request_id, org_id, task, queue)
     return request_id
 
 

@@ -9,6 +9,8 @@ claims its row with a conditional UPDATE.
 
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
 from django.db import transaction
 
@@ -30,21 +32,56 @@ def validate_file(file_id: str) -> None:
     send_after_commit("validate_file", file_id, queue=settings.CELERY_TASK_DEFAULT_QUEUE)
 
 
-def run_fine_tune(job_id: str, countdown: float | None = None) -> None:
+def training_queue(class_name: str) -> str:
+    """The queue a worker class's training workers consume (``train.<class>``)."""
+    return f"{settings.LOFT_TRAINING_QUEUE}.{class_name}"
+
+
+def run_fine_tune(job_id: str, class_name: str, countdown: float | None = None) -> None:
     send_after_commit(
-        "run_fine_tune", job_id, queue=settings.LOFT_TRAINING_QUEUE, countdown=countdown
+        "run_fine_tune", job_id, queue=training_queue(class_name), countdown=countdown
     )
 
 
 def run_evaluation(evaluation_id: str) -> None:
-    send_after_commit("run_evaluation", evaluation_id, queue=settings.LOFT_TRAINING_QUEUE)
+    send_after_commit("run_evaluation", evaluation_id, queue=training_queue(class_for_work()))
 
 
 def merge_adapter(adapter_id: str) -> None:
-    send_after_commit("merge_adapter", adapter_id, queue=settings.LOFT_TRAINING_QUEUE)
+    send_after_commit("merge_adapter", adapter_id, queue=training_queue(class_for_work()))
 
 
-def generate(request_id: str, org_id: str, request: dict) -> None:
+def class_for_work() -> str:
+    """Where a custom evaluation or a merge runs: like a job, on the cheapest known class,
+    preferring one with a worker online (they load one base, which any class holds)."""
+    from jobs.models.workers import WorkerHeartbeat  # noqa: PLC0415 - jobs.models imports this module
+    from jobs.preflight import known_classes  # noqa: PLC0415
+
+    online = WorkerHeartbeat.online_by_class()
+    classes = known_classes()
+    cheapest = min(classes, key=lambda worker: (not online.get(worker.name), worker.cost_per_hour))
+    return cheapest.name
+
+
+def inference_queue(base_model: str, quantization: str) -> str:
+    """Inference requests route by base model and precision: to ``inference.<base>.<nf4|none>``
+    where a worker consumes that queue (one that keeps that base loaded), else to the shared
+    inference queue, whose workers load any base."""
+    from jobs.models.workers import WorkerHeartbeat  # noqa: PLC0415
+
+    dedicated = f"{settings.LOFT_INFERENCE_QUEUE}.{slug(base_model)}.{quantization}"
+    for queues in WorkerHeartbeat.online().values_list("queues", flat=True):
+        if dedicated in queues:
+            return dedicated
+    return settings.LOFT_INFERENCE_QUEUE
+
+
+def slug(name: str) -> str:
+    """A base model's id as one queue-name word: HuggingFaceTB/SmolLM2 → huggingfacetb--smollm2."""
+    return re.sub(r"[^a-z0-9._-]+", "--", name.lower())
+
+
+def generate(request_id: str, org_id: str, request: dict, queue: str) -> None:
     """An inference request: sent at once (its client waits now), dropped when nobody took it
     in time, since its client has given up by then."""
     send(
@@ -52,6 +89,6 @@ def generate(request_id: str, org_id: str, request: dict) -> None:
         request_id,
         org_id,
         request,
-        queue=settings.LOFT_INFERENCE_QUEUE,
+        queue=queue,
         expires=settings.LOFT_INFERENCE_TIMEOUT_SECONDS,
     )

@@ -8,6 +8,7 @@ same stack as the first without exporting anything.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from pathlib import Path
 
@@ -105,6 +106,16 @@ class Env:
         if value is None:
             return default
         return [item.strip() for item in value.split(",") if item.strip()]
+
+    def json(self, name: str, default):
+        """A JSON value, e.g. ``[{"name": "gpu-small", "memory_bytes": 25769803776}]``."""
+        value = self.get(name)
+        if value is None:
+            return default
+        try:
+            return json.loads(value)
+        except ValueError as error:
+            raise ImproperlyConfigured(f"{name} is not valid JSON: {error}") from None
 
     def integers(self, name: str, default: list[int]) -> list[int]:
         """A comma-separated list of whole numbers, e.g. ``10,60,300``."""

@@ -204,8 +204,9 @@ LOFT_ORPHAN_GRACE_SECONDS = env.integer("LOFT_ORPHAN_GRACE_SECONDS", 24 * 3600)
 LOFT_BASE_SCORES_UNUSED_SECONDS = env.integer("LOFT_BASE_SCORES_UNUSED_SECONDS", 30 * 24 * 3600)
 
 # --- Jobs ------------------------------------------------------------------------------------
-# Workers of a GPU class consume that class's queue; the embedded stack has one worker on it.
-LOFT_TRAINING_QUEUE = env.string("LOFT_TRAINING_QUEUE", "default")
+# Training workers of a class consume that class's queue, ``<this>.<class>`` (jobs/tasks.py
+# training_queue): jobs, custom evaluations and merges are routed to a class by pre-flight.
+LOFT_TRAINING_QUEUE = env.string("LOFT_TRAINING_QUEUE", "train")
 # A training worker loads the base model the next job most likely wants as it starts
 # (worker/warm_start.py), so the first job after a start does not wait for it.
 LOFT_WORKER_PRELOAD = env.boolean("LOFT_WORKER_PRELOAD", True)
@@ -219,13 +220,26 @@ LOFT_MAX_ATTEMPTS = env.integer("LOFT_MAX_ATTEMPTS", 3)
 LOFT_STORAGE_RETRY_SECONDS = env.number("LOFT_STORAGE_RETRY_SECONDS", 30.0)
 LOFT_JOB_SOFT_TIME_LIMIT_SECONDS = env.integer("LOFT_JOB_SOFT_TIME_LIMIT_SECONDS", 12 * 3600)
 
-# The worker class of the training queue, for pre-flight (engine/plan.py): jobs whose estimated
-# peak memory is above its memory are refused at submission. Throughput is for a 135M model
-# (bench/train.py on 2 CPU cores: ~150 tokens/s); a GPU class sets its own figures.
+# This host's worker class (engine/plan.py WorkerClass), which its training workers publish
+# with their heartbeats and consume the queue of: memory per device, throughput on one device
+# for a 135M model (bench/train.py on 2 CPU cores: ~150 tokens/s), devices per worker (a job
+# with gpus > 1 runs on one worker of a class with that many), and the cost of an hour of one
+# worker in any unit: pre-flight sends a job to the class where it costs least among those it
+# fits. On a web host without LOFT_WORKER_CLASSES these figures are the embedded worker's.
 LOFT_WORKER_CLASS = env.string("LOFT_WORKER_CLASS", "cpu")
 LOFT_WORKER_MEMORY_BYTES = env.integer("LOFT_WORKER_MEMORY_BYTES", 12 * 2**30)
 LOFT_WORKER_TOKENS_PER_SECOND = env.integer("LOFT_WORKER_TOKENS_PER_SECOND", 150)
 LOFT_WORKER_BYTES_PER_ACTIVATION = env.integer("LOFT_WORKER_BYTES_PER_ACTIVATION", 4)
+LOFT_WORKER_DEVICE_KIND = env.string("LOFT_WORKER_DEVICE_KIND", "cpu")
+LOFT_WORKER_DEVICES = env.integer("LOFT_WORKER_DEVICES", 1)
+LOFT_WORKER_COST_PER_HOUR = env.number("LOFT_WORKER_COST_PER_HOUR", 1.0)
+# The classes pre-flight plans against before their workers have reported (a JSON list of
+# WorkerClass fields, e.g. docker-compose.yml's two); with it set, the figures above describe
+# only a worker's own class. Classes workers published are known for LOFT_WORKER_CLASS_MEMORY
+# seconds after their last heartbeat, so a job for a class whose workers are all down waits
+# for them rather than failing.
+LOFT_WORKER_CLASSES = env.json("LOFT_WORKER_CLASSES", [])
+LOFT_WORKER_CLASS_MEMORY_SECONDS = env.integer("LOFT_WORKER_CLASS_MEMORY_SECONDS", 7 * 24 * 3600)
 
 # Evaluation at the end of every job: greedy answers on up to this many held-out rows.
 LOFT_EVAL_MAX_GENERATIONS = env.integer("LOFT_EVAL_MAX_GENERATIONS", 50)

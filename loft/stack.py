@@ -88,14 +88,23 @@ def worker_devices(gpus: int) -> list[str]:
     return [f"cuda:{index}" for index in range(gpus)] or ["cpu"]
 
 
+def training_queue(env: dict[str, str]) -> str:
+    """The queue of this host's worker class, as jobs/tasks.py ``training_queue`` names it
+    (read from the environment here: this process does not load Django)."""
+    return f"{env.get('LOFT_TRAINING_QUEUE') or 'train'}.{env.get('LOFT_WORKER_CLASS') or 'cpu'}"
+
+
 def training_workers(env: dict[str, str], gpus: int | None = None) -> list[Child]:
     """One training worker per visible GPU, each pinned to its own (``LOFT_DEVICE``), or one
-    on the CPU."""
+    on the CPU; one for all of them where the class runs multi-device jobs
+    (``LOFT_WORKER_DEVICES`` > 1: its jobs' ranks take a device each). Each consumes the
+    default queue (uploads to validate) and its class's training queue."""
+    queues = f"default,{training_queue(env)}"
     devices = worker_devices(visible_gpus() if gpus is None else gpus)
-    if devices == ["cpu"]:
-        return [worker_child(env)]
+    if devices == ["cpu"] or int(env.get("LOFT_WORKER_DEVICES") or 1) > 1:
+        return [worker_child(env, queue=queues)]
     return [
-        worker_child({**env, "LOFT_DEVICE": device}, f"worker{index}")
+        worker_child({**env, "LOFT_DEVICE": device}, f"worker{index}", queues)
         for index, device in enumerate(devices)
     ]
 

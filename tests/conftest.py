@@ -22,6 +22,7 @@ from rest_framework.test import APIClient
 pytest.register_assert_rewrite("tests.helpers")
 
 from engine.base_models import load_base_model, load_tokenizer  # noqa: E402
+from jobs.tasks import training_queue  # noqa: E402
 from loft import storage  # noqa: E402
 from loft.models import Membership  # noqa: E402
 from tests.helpers import (  # noqa: E402
@@ -89,15 +90,17 @@ def api_b(tenant_b) -> APIClient:
 
 @pytest.fixture
 def private_queue(settings):
-    """Jobs of this test go to a queue only this test's workers consume (or none)."""
+    """Jobs of this test go to a queue only this test's workers consume (or none): the
+    training queue of the default worker class under a prefix of the test's own."""
     settings.LOFT_TRAINING_QUEUE = f"private-{time.monotonic_ns()}"
-    return settings.LOFT_TRAINING_QUEUE
+    return training_queue(settings.LOFT_WORKER_CLASS)
 
 
 @pytest.fixture(scope="session")
 def celery_worker(django_db_setup, django_db_blocker, tmp_path_factory):
     """One worker for the whole run (tests that kill workers start their own)."""
-    worker = WorkerProcess(tmp_path_factory.mktemp("worker")).start()
+    queues = f"default,{training_queue(settings.LOFT_WORKER_CLASS)}"
+    worker = WorkerProcess(tmp_path_factory.mktemp("worker"), queue=queues).start()
     try:
         yield worker
     finally:

@@ -111,9 +111,18 @@ OWN_CONTROLS = {
 # the batching engine decides whether adapters can share a batch.
 PEFTS_OWN = {"use_dora": {"engine/batching.py"}}
 # Names that are also ordinary words elsewhere (an evaluation's batches of generations, the
-# plan's epochs, a run's steps, the 4-bit loading of a base): for these the check is that no
-# surface that reads or shows hyperparameters (the API, the pages, pre-flight) spells them out.
-COMMON_WORDS = {"batch_size", "max_steps", "n_epochs", "max_seq_length", "quantization"}
+# plan's epochs, a run's steps, the 4-bit loading of a base, a host's count of GPUs, the plan's
+# record of the class a job was routed to): for these the check is that no surface that reads or
+# shows hyperparameters (the API, the pages, pre-flight) spells them out.
+COMMON_WORDS = {
+    "batch_size",
+    "max_steps",
+    "n_epochs",
+    "max_seq_length",
+    "quantization",
+    "gpus",
+    "worker_class",
+}
 SURFACES = ("jobs/api/", "jobs/views/", "jobs/preflight.py")
 # Not hyperparameters of the object but words of OpenAI's API: the job's top-level ``seed`` and
 # its ``method`` object.

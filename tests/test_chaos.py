@@ -60,7 +60,7 @@ def supervised(private_queue: str, **env) -> dict:
     """The environment of workers and beat in these tests: a private queue for everything,
     the reaper every second, a lease of three seconds."""
     return {
-        "LOFT_TRAINING_QUEUE": private_queue,
+        "LOFT_TRAINING_QUEUE": settings.LOFT_TRAINING_QUEUE,  # the private prefix
         "LOFT_MAINTENANCE_QUEUE": private_queue,
         "LOFT_REAPER_EVERY_SECONDS": "1",
         "LOFT_RESEND_EVERY_SECONDS": "1",

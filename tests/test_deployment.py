@@ -22,7 +22,8 @@ from django.test import Client
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-APP_SERVICES = ["migrate", "web", "worker", "inference", "webhooks", "beat"]
+TRAINING_WORKERS = ["worker-gpu-24g", "worker-gpu-80g-x2"]
+APP_SERVICES = ["migrate", "web", *TRAINING_WORKERS, "inference", "webhooks", "beat"]
 # Read by the process, not by settings: its name in the logs, and prometheus_client's folder.
 PROCESS_ENVIRONMENT = {"LOFT_SERVICE", "PROMETHEUS_MULTIPROC_DIR"}
 SETTINGS_SOURCE = (ROOT / "loft" / "settings.py").read_text()
@@ -76,16 +77,35 @@ def test_web_runs_the_wsgi_application_and_is_health_checked():
     assert "/healthz" in " ".join(SERVICES["web"]["healthcheck"]["test"])
 
 
-@pytest.mark.parametrize("service", ["worker", "inference", "webhooks", "beat"])
+@pytest.mark.parametrize("service", [*TRAINING_WORKERS, "inference", "webhooks", "beat"])
 def test_celery_services_use_the_loft_app(service):
     words = command_words(service)
     assert words[:3] == ["celery", "-A", "loft"]
     assert importlib.util.find_spec("loft.celery") is not None
 
 
-def test_the_worker_reserves_a_gpu():
-    devices = SERVICES["worker"]["deploy"]["resources"]["reservations"]["devices"]
+@pytest.mark.parametrize("service", TRAINING_WORKERS)
+def test_each_worker_class_reserves_its_gpus_consumes_its_queue_and_shares_no_home(service):
+    """A training worker declares its class, consumes that class's queue (train.<class>), asks
+    for as many GPUs as the class has, is declared alike to the web (LOFT_WORKER_CLASSES, what
+    pre-flight routes jobs by), and keeps its LOFT_HOME on a volume of its own: it shares
+    nothing with the web but PostgreSQL, the broker and S3."""
+    environment = SERVICES[service]["environment"]
+    name = environment["LOFT_WORKER_CLASS"]
+    assert f"train.{name}" in command_words(service)[command_words(service).index("--queues") + 1]
+    [declared] = [
+        spec
+        for spec in json.loads(COMPOSE["x-loft-env"]["LOFT_WORKER_CLASSES"])
+        if spec["name"] == name
+    ]
+    assert declared["memory_bytes"] == int(environment["LOFT_WORKER_MEMORY_BYTES"])
+    assert declared["devices"] == int(environment.get("LOFT_WORKER_DEVICES", 1))
+    assert declared["cost_per_hour"] == float(environment["LOFT_WORKER_COST_PER_HOUR"])
+    devices = SERVICES[service]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert devices[0]["count"] == declared["devices"]
+    homes = [volume.split(":")[0] for volume in SERVICES[service]["volumes"]]
+    assert "loft-home" not in homes and homes[0] in COMPOSE["volumes"]
 
 
 def test_migrate_runs_management_commands_that_exist():

@@ -20,3 +20,14 @@ def test_a_worker_trains_on_the_device_it_was_given(monkeypatch):
     assert training_device() == "cuda:1"
     monkeypatch.delenv("LOFT_DEVICE")
     assert training_device() == "cpu"  # this machine has no GPU
+
+
+def test_training_workers_consume_the_queue_of_their_class():
+    [cpu_worker] = stack.training_workers({"LOFT_WORKER_CLASS": "big-cpu"}, gpus=0)
+    queues = cpu_worker.argv[cpu_worker.argv.index("--queues") + 1].split(",")
+    assert queues == ["default", "train.big-cpu"]
+    # A class of two-device workers: one worker for both, its jobs' ranks take one each.
+    pair = {"LOFT_WORKER_CLASS": "pair", "LOFT_WORKER_DEVICES": "2"}
+    [worker] = stack.training_workers(pair, gpus=2)
+    assert "LOFT_DEVICE" not in worker.env
+    assert "train.pair" in worker.argv[worker.argv.index("--queues") + 1].split(",")

@@ -187,7 +187,10 @@ def test_a_worker_loads_the_base_model_as_it_starts(tenant_a, private_queue, tmp
     likely wants (on an empty install: the default base, at the default method's precision)
     before any job asks, so its first job finds it loaded."""
     worker = WorkerProcess(
-        tmp_path, queue=private_queue, LOFT_WORKER_PRELOAD="1", LOFT_TRAINING_QUEUE=private_queue
+        tmp_path,
+        queue=private_queue,
+        LOFT_WORKER_PRELOAD="1",
+        LOFT_TRAINING_QUEUE=settings.LOFT_TRAINING_QUEUE,
     ).start()
     try:
         wait_for(

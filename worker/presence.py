@@ -1,5 +1,6 @@
 """A worker's presence: every ``LOFT_WORKER_HEARTBEAT_SECONDS`` each Celery worker process
-writes a ``WorkerHeartbeat`` row with its host, pid, queues, device, memory and current job.
+writes a ``WorkerHeartbeat`` row with its host, pid, queues, device, memory and current job, and
+a training worker its class (LOFT_WORKER_CLASS and its figures), which pre-flight routes to.
 The ops dashboard and ``loft_workers_online`` read those rows; a worker that stops writing is
 shown as gone after three missed beats.
 
@@ -24,7 +25,9 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
+from jobs import preflight
 from jobs.models import FineTuneJob, WorkerHeartbeat
+from jobs.tasks import training_queue
 
 logger = logging.getLogger(__name__)
 MIB = 2**20
@@ -79,6 +82,15 @@ class Presence(threading.Thread):
         self.started = timezone.now()
         self.stopped = threading.Event()
 
+    def own_class(self) -> dict:
+        """The worker's class and its name, for a worker that consumes its class's training
+        queue (it publishes the class, which pre-flight then routes jobs to); nothing for the
+        others (inference, webhooks)."""
+        spec = preflight.own_class()
+        if training_queue(spec.name) not in self.queues:
+            return {"class_name": "", "class_spec": None}
+        return {"class_name": spec.name, "class_spec": spec.as_dict()}
+
     def beat(self, **extra) -> None:
         current = (
             FineTuneJob.objects.filter(worker=self.hostname, status=FineTuneJob.Status.RUNNING)
@@ -93,6 +105,7 @@ class Presence(threading.Thread):
                 "current_job": current or "",
                 "started_at": self.started,
                 "last_seen": timezone.now(),
+                **self.own_class(),
                 **measure(),
                 **extra,
             },

@@ -9,7 +9,7 @@ or the solo pool's worker (``worker_process_init``; a prefork parent must not to
 the threads pool's worker (``worker_ready``) — so the worker takes messages meanwhile; a job
 that arrives during the load waits for it rather than loading a second copy.
 
-Only workers that consume the training queue (LOFT_TRAINING_QUEUE) load anything;
+Only workers that consume their class's training queue (train.<class>) load anything;
 LOFT_WORKER_PRELOAD=0 turns it off.
 """
 
@@ -25,6 +25,7 @@ from django.db import connections
 from engine.base_models import training_device, warm_base_models
 from engine.hyperparameters import ConfigError, TrainConfig, as_stored
 from jobs.models import BaseModel, FineTuneJob
+from jobs.tasks import training_queue
 from worker.tokenizer import tokenizer_for
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 def runs_training(queues) -> bool:
     """Whether a worker consuming ``queues`` (None: Celery's default) runs training jobs."""
-    return queues is None or settings.LOFT_TRAINING_QUEUE in queues
+    return queues is None or training_queue(settings.LOFT_WORKER_CLASS) in queues
 
 
 def expected_base() -> tuple[BaseModel, str]:

@@ -6,6 +6,7 @@ from rest_framework import serializers
 
 from engine.data import FORMATS
 from engine.hyperparameters import API_FIELDS, AUTO, AUTO_RESOLVED, ApiField, public
+from engine.plan import Plan
 from jobs.models import (
     Adapter,
     BaseModel,
@@ -14,8 +15,10 @@ from jobs.models import (
     File,
     FineTuneJob,
     JobEvent,
+    WorkerHeartbeat,
     evaluation_summary,
 )
+from jobs.models.jobs import no_worker_sentence
 from loft.api.base import ObjectTypeField, UnixSeconds, UnixTimestampField
 
 EVENT_ID_PREFIX = "ftevent-"
@@ -176,6 +179,7 @@ class JobSerializer(serializers.ModelSerializer):
     adapter = serializers.SerializerMethodField()
     evaluation = serializers.SerializerMethodField()
     integrations = serializers.SerializerMethodField()
+    status_details = serializers.SerializerMethodField()
     timings = serializers.JSONField(
         help_text="Where the job's time went, in seconds: queue (submission to a worker's "
         "first claim), setup, training (first step's start to last step's end), evaluation, "
@@ -192,6 +196,7 @@ class JobSerializer(serializers.ModelSerializer):
             "fine_tuned_model",
             "organization_id",
             "status",
+            "status_details",
             "created_at",
             "finished_at",
             "trained_tokens",
@@ -225,6 +230,7 @@ class JobSerializer(serializers.ModelSerializer):
             "fine_tuned_model": self.get_fine_tuned_model(job),
             "organization_id": job["org_id"],
             "status": job["status"],
+            "status_details": self.get_status_details(job),
             "created_at": job["created_at_unix"],
             "finished_at": job["finished_at_unix"],
             "trained_tokens": job["trained_tokens"],
@@ -281,6 +287,18 @@ class JobSerializer(serializers.ModelSerializer):
             return int(now.timestamp() + eta)
         seconds = orjson.loads(job["plan_text"] or "{}").get("estimated_seconds")
         return int(now.timestamp() + seconds) if seconds else None
+
+    def get_status_details(self, job: dict) -> str | None:
+        """For a queued job whose worker class has no worker online, what it waits for (it
+        stays queued and runs when one starts); else null."""
+        if job["status"] != FineTuneJob.Status.QUEUED:
+            return None
+        class_name = Plan.class_name_of(orjson.loads(job["plan_text"] or "{}"))
+        if class_name is None:
+            return None
+        if not hasattr(self, "_classes_online"):  # once per page of jobs
+            self._classes_online = WorkerHeartbeat.online_by_class()
+        return None if self._classes_online.get(class_name) else no_worker_sentence(class_name)
 
     def get_suffix(self, job: dict) -> str | None:
         return job["suffix"] or None

@@ -8,17 +8,20 @@ import re
 from dataclasses import asdict
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import models, transaction
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from engine import artifacts
 from engine.hyperparameters import ConfigError, TrainConfig, as_stored
+from engine.plan import Plan
 from jobs import preflight, tasks
 from jobs.models.adapters import Adapter
 from jobs.models.catalogue import BaseModel
 from jobs.models.files import File
 from jobs.models.usage import Quota, QuotaExceeded, UsageRecord
+from jobs.models.workers import WorkerHeartbeat
 from loft import storage, webhooks
 from loft.ids import make_id
 from loft.models import Organization
@@ -27,6 +30,11 @@ from loft.tenancy import TenantOwnedModel
 
 def new_job_id() -> str:
     return make_id("ftjob")
+
+
+def no_worker_sentence(class_name: str) -> str:
+    """What a queued job whose worker class has no worker online waits for."""
+    return f"No {class_name} worker is running: the job waits in the queue until one starts."
 
 
 class FineTuneJob(TenantOwnedModel):
@@ -299,10 +307,26 @@ class FineTuneJob(TenantOwnedModel):
                 self._ended("error", message)
 
     def enqueue(self, countdown: float | None = None) -> None:
-        """Send the hint after the row is committed, so a worker always finds what it is told.
-        A hint that is lost all the same (a broker flushed) is sent again by the periodic
-        sweep (worker/maintenance.py, resend_lost_hints)."""
-        tasks.run_fine_tune(self.id, countdown=countdown)
+        """Send the hint to the queue of the job's worker class after the row is committed, so
+        a worker always finds what it is told. A hint that is lost all the same (a broker
+        flushed) is sent again by the periodic sweep (worker/maintenance.py,
+        resend_lost_hints). With no worker of its class online it waits there, and its
+        ``status_details`` say so (``waiting_reason``) until one starts."""
+        tasks.run_fine_tune(self.id, self.class_name, countdown=countdown)
+
+    @property
+    def class_name(self) -> str:
+        """The worker class pre-flight routed the job to (its plan says which)."""
+        return Plan.class_name_of(self.plan) or settings.LOFT_WORKER_CLASS
+
+    def waiting_reason(self) -> str | None:
+        """For a queued job whose class has no worker online: a sentence saying what it waits
+        for. It stays queued, never fails for that, and runs when one starts."""
+        if self.status != self.Status.QUEUED:
+            return None
+        if WorkerHeartbeat.online().filter(class_name=self.class_name).exists():
+            return None
+        return no_worker_sentence(self.class_name)
 
     def request_cancel(self) -> None:
         """Not started yet: cancelled at once. Running: the training loop stops at its next

@@ -25,6 +25,10 @@ class WorkerHeartbeat(models.Model):
     started_at = models.DateTimeField()
     last_seen = models.DateTimeField(db_index=True)
     stopped_at = models.DateTimeField(null=True, blank=True)
+    # A training worker's class (engine/plan.py WorkerClass, as a dict) and its name; empty for
+    # the other workers (inference, webhooks).
+    class_name = models.CharField(max_length=63, blank=True, db_index=True)
+    class_spec = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["hostname"]
@@ -37,3 +41,20 @@ class WorkerHeartbeat(models.Model):
         # Three missed beats and it is counted as gone.
         cutoff = timezone.now() - timedelta(seconds=3 * settings.LOFT_WORKER_HEARTBEAT_SECONDS)
         return cls.objects.filter(last_seen__gte=cutoff, stopped_at__isnull=True)
+
+    @classmethod
+    def classes_seen(cls) -> list[dict]:
+        """The classes training workers published lately (LOFT_WORKER_CLASS_MEMORY_SECONDS),
+        each as its most recent worker described it."""
+        cutoff = timezone.now() - timedelta(seconds=settings.LOFT_WORKER_CLASS_MEMORY_SECONDS)
+        latest: dict[str, dict] = {}
+        recent = cls.objects.filter(last_seen__gte=cutoff).exclude(class_name="")
+        for name, spec in recent.order_by("last_seen").values_list("class_name", "class_spec"):
+            latest[name] = spec
+        return list(latest.values())
+
+    @classmethod
+    def online_by_class(cls) -> dict[str, int]:
+        """Training workers online, by class name."""
+        counts = cls.online().exclude(class_name="").order_by().values("class_name")
+        return {row["class_name"]: row["n"] for row in counts.annotate(n=models.Count("pk"))}

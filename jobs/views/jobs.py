@@ -102,6 +102,7 @@ def _live_context(job: FineTuneJob) -> dict:
     return {
         "job": job,
         "finished": job.status in FineTuneJob.FINISHED,
+        "waiting": job.waiting_reason(),
         "events": events,
         "checkpoints": job.checkpoints.order_by("step"),
         "percent": _percent(progress),

@@ -51,6 +51,23 @@ class LoftCollector:
         workers.add_metric([], WorkerHeartbeat.online().count())
         yield workers
 
+        # By worker class: its training workers online, and its jobs waiting and running.
+        classes = ops.class_views()
+        class_workers = GaugeMetricFamily(
+            "loft_class_workers_online", "Training workers online, by class.", labels=["class"]
+        )
+        class_jobs = GaugeMetricFamily(
+            "loft_class_jobs",
+            "Queued and running jobs, by the worker class they are routed to.",
+            labels=["class", "status"],
+        )
+        for view in classes:
+            class_workers.add_metric([view.spec.name], view.workers_online)
+            class_jobs.add_metric([view.spec.name, "queued"], view.jobs_queued)
+            class_jobs.add_metric([view.spec.name, "running"], view.jobs_running)
+        yield class_workers
+        yield class_jobs
+
         durations = ops.run_seconds(timezone.now() - ops.RECENT)
         buckets = [
             (str(bound), sum(1 for d in durations if d <= bound)) for bound in DURATION_BUCKETS
