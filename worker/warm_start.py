@@ -11,6 +11,10 @@ that arrives during the load waits for it rather than loading a second copy.
 
 Only workers that consume their class's training queue (train.<class>) load anything;
 LOFT_WORKER_PRELOAD=0 turns it off.
+
+Every worker, as it starts, shares base models through object storage (jobs/shared_models.py):
+what it loads it fetches from there when another host converted it first, and what it converts
+it uploads for the others. Its own LOFT_HOME is only a cache.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from celery import current_app, signals
 from django.conf import settings
 from django.db import connections
 
+from engine import model_cache
 from engine.base_models import training_device, warm_base_models
 from engine.hyperparameters import ConfigError, TrainConfig, as_stored
 from jobs.models import BaseModel, FineTuneJob
+from jobs.shared_models import S3SharedModels
 from jobs.tasks import training_queue
 from worker.tokenizer import tokenizer_for
 
@@ -67,6 +73,12 @@ def start_preloading() -> None:
     if not settings.LOFT_WORKER_PRELOAD or not runs_training(current_app.amqp.queues.consume_from):
         return
     threading.Thread(target=preload, name="preload-base", daemon=True).start()
+
+
+@signals.worker_init.connect
+def share_base_models(**kwargs):
+    # In the worker's main process, before its pool starts: the pool's processes inherit it.
+    model_cache.share_models_through(S3SharedModels())
 
 
 @signals.worker_process_init.connect
