@@ -41,7 +41,7 @@ WORSE_JOB = {**GOOD_JOB, "max_steps": 2}
 # The policy's child: rule B needs more steps than A to be learned: its rows (and the replayed
 # ones, replay_fraction left at its default) go three times, in batches of 8 (bench/continual.py
 # --child measured one pass in batches of 8: B 0.70; two passes gave 0.52 to 0.96 on its
-# held-out rows, depending on the CPU's kernels — too close to this test's 0.6).
+# held-out rows, depending on the CPU's kernels — too close to the 0.8).
 CHILD_JOB = {**GOOD_JOB, "batch_size": 8, "n_epochs": 3}
 
 
@@ -231,9 +231,9 @@ def test_adapters_are_promoted_on_evidence_and_learn_from_corrected_traffic_with
     )
     assert a_kept["adapter"] == good.id and a_kept["rows"] == HELD_OUT_ROWS
     # The base answers none of B (0.00); the child's held-out rows are a tenth of the traffic
-    # file (~30 rows, 0.03 a row), and how far the passes take it varies with the CPU's kernels
-    # (with two passes: 0.96, 0.78 and 0.52 on three machines).
-    assert b_learned >= 0.6
+    # file (~30 rows, 0.03 a row). With two passes it read 0.96, 0.78 and 0.52 on three
+    # machines; with three, 1.00 here and on the gate's pinned file: the 80 %, on both.
+    assert b_learned >= 0.8 and b_gate["candidate"] >= 0.8
     assert a_child >= 0.9 * a_parent and a_parent >= 0.8
     assert b_gate["significant"] is True
     assert a_gate["candidate"] >= 0.9 * a_gate["current"]
