@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import artifacts, attention, data
 from engine.base_models import resolve_precision
+from engine.distributed import DataParallel
 from engine.hyperparameters import ALL_LINEAR, ATTENTION, TrainConfig
 from engine.plan import FORWARD_TOKENS, LOSS_CHUNK
 
@@ -587,6 +588,21 @@ class TrainResult:
         return self.trained_tokens / max(self.processed_tokens, 1)
 
 
+# What rank 0 decided at a step boundary, by its index (broadcast to the other ranks).
+STOPS = (None, TrainingCancelled, TimeLimitReached, TrainingPaused)
+
+
+def stop_before_step(callbacks: Callbacks) -> type[Exception] | None:
+    """Whether the run ends before its next step, and how: cancelled, out of time, paused."""
+    if callbacks.should_stop():
+        return TrainingCancelled
+    if callbacks.out_of_time():
+        return TimeLimitReached
+    if callbacks.should_pause():
+        return TrainingPaused
+    return None
+
+
 def attach_lora(base, config: TrainConfig, parent_adapter: Path | None):
     """The base with one trainable LoRA adapter: fresh, or starting from the parent adapter's
     weights and settings (continual fine-tuning). ``unload()`` gives the base back after."""
@@ -713,12 +729,17 @@ def train(
     parent_adapter: Path | None = None,
     pad_id: int = 0,
     tokens_per_forward: int | None = None,
+    parallel: DataParallel | None = None,
 ):
     """Train and return (the peft model, TrainResult). The caller saves the adapter, then
     ``unload()`` gives back the untouched base for the next run. ``tokens_per_forward``: the
     plan's size of a packed forward (engine/plan.py forward_tokens), FORWARD_TOKENS if not
-    given; the loss is the same either way, only speed and memory differ."""
-    callbacks = callbacks or Callbacks()
+    given; the loss is the same either way, only speed and memory differ. ``parallel``: this
+    process's rank of a data-parallel run (engine/distributed.py), one device if not given;
+    only rank 0 calls the callbacks and writes checkpoints, and only its model and result
+    carry the held-out loss."""
+    parallel = parallel or DataParallel()
+    callbacks = (callbacks or Callbacks()) if parallel.is_main else Callbacks()
     started = time.monotonic()
 
     # --- setup
@@ -753,35 +774,41 @@ def train(
         per_epoch = steps_per_epoch(len(train_examples), config.batch_size)
         last_checkpoint = first_step
         for step in range(first_step, first_step if validation.stopped_early else steps):
-            if callbacks.should_stop():
+            # Rank 0 decides (the others' callbacks say nothing), every rank stops alike.
+            stop = STOPS[parallel.from_main(STOPS.index(stop_before_step(callbacks)))]
+            if stop is TrainingCancelled:
                 raise TrainingCancelled(f"cancelled before step {step + 1}")
-            stop = (
-                TimeLimitReached
-                if callbacks.out_of_time()
-                else TrainingPaused
-                if callbacks.should_pause()
-                else None
-            )
             if stop is not None:
-                if step > last_checkpoint:
+                if step > last_checkpoint and parallel.is_main:
                     folder = work_dir / "checkpoints" / f"step-{step}"
                     save_checkpoint(folder, model, optimizer, scheduler, step, config, validation)
                     callbacks.on_checkpoint(folder, step)
                 raise stop(step)
-            batch = examples_for_step(train_examples, config, step)
-            rows = pack(batch, row_tokens) if config.packing else pad(batch, pad_id)
-            label_count = sum(int((row.labels[:, 1:] != IGNORE).sum()) for row in rows)
+            batch = parallel.share(examples_for_step(train_examples, config, step))
+            rows = (
+                (pack(batch, row_tokens) if config.packing else pad(batch, pad_id)) if batch else []
+            )
+            (label_count,) = parallel.summed(
+                sum(int((row.labels[:, 1:] != IGNORE).sum()) for row in rows)
+            )
             step_loss = 0.0
+            step_tokens = step_processed = 0
             with frozen.in_bf16() if frozen else contextlib.nullcontext():
                 for row in rows:
                     with autocast(precision, device):
                         summed, _ = loss_sum(model, row.to(device))
-                    # Normalize by the step's trained tokens, so every token weighs the same
-                    # however the examples were split into rows.
+                    # Normalize by the step's trained tokens (on every rank), so every token
+                    # weighs the same however the examples were split into rows and ranks.
                     (summed / label_count).backward()
                     step_loss += float(summed.detach())
-                    trained_tokens += row.real_tokens
-                    processed_tokens += row.input_ids.numel()
+                    step_tokens += row.real_tokens
+                    step_processed += row.input_ids.numel()
+            parallel.sum_gradients(trainable)
+            step_loss, step_tokens, step_processed = parallel.summed(
+                step_loss, step_tokens, step_processed
+            )
+            trained_tokens += int(step_tokens)
+            processed_tokens += int(step_processed)
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -806,15 +833,18 @@ def train(
             )
             last_step_ended = time.monotonic()
             if measuring and (done % config.eval_every == 0 or done == steps):
-                loss = held_out_loss(model, validation_examples, config.max_seq_length, device)
-                validation.record(done, loss, model)
-                callbacks.on_validation(done, loss, validation.best_step)
-                patience = config.early_stopping_patience
-                validation.stopped_early = bool(patience and validation.since_best >= patience)
+                if parallel.is_main:
+                    loss = held_out_loss(model, validation_examples, config.max_seq_length, device)
+                    validation.record(done, loss, model)
+                    callbacks.on_validation(done, loss, validation.best_step)
+                    patience = config.early_stopping_patience
+                    validation.stopped_early = bool(patience and validation.since_best >= patience)
+                validation.stopped_early = bool(parallel.from_main(validation.stopped_early))
             if done % config.checkpoint_every == 0 or done == steps or validation.stopped_early:
-                folder = work_dir / "checkpoints" / f"step-{done}"
-                save_checkpoint(folder, model, optimizer, scheduler, done, config, validation)
-                callbacks.on_checkpoint(folder, done)
+                if parallel.is_main:
+                    folder = work_dir / "checkpoints" / f"step-{done}"
+                    save_checkpoint(folder, model, optimizer, scheduler, done, config, validation)
+                    callbacks.on_checkpoint(folder, done)
                 last_checkpoint = done
             if validation.stopped_early:
                 break
@@ -823,6 +853,8 @@ def train(
         if validation.best_weights is not None:
             load_adapter_weights(model, validation.best_weights)
             validation_loss = validation.best_loss
+        elif not parallel.is_main:  # the other ranks' adapters are the same; not measured twice
+            validation_loss = None
         else:
             validation_loss = held_out_loss(
                 model, validation_examples, config.max_seq_length, device

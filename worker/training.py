@@ -25,7 +25,7 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
-from engine import artifacts, data, evaluate, train
+from engine import artifacts, data, distributed, evaluate, train
 from engine import plan as planning
 from engine.base_models import load_base_model, training_device, warm_base_models
 from engine.hyperparameters import ConfigError, TrainConfig, as_stored
@@ -507,13 +507,41 @@ class JobRun:
         return time.monotonic() - self.started > settings.LOFT_JOB_SOFT_TIME_LIMIT_SECONDS
 
     def train(self) -> tuple:
-        """The engine's loop (engine/train.py): the adapter model and the run's result."""
+        """The engine's loop (engine/train.py): the adapter model and the run's result. A job
+        on ``gpus`` devices runs it as rank 0 of a data-parallel run, its other ranks started
+        as processes of their own that write nothing (engine/distributed.py); this process
+        keeps the callbacks, so events, checkpoints, fencing and cancel work as on one."""
+        # Measured during training only with eval_every; else the held-out loss is the
+        # evaluation's (the same rows, packed the same way).
+        held_out = self.held_out if self.config.eval_every else []
+        if self.config.gpus == 1:
+            return self.loop(held_out)
+        inputs = distributed.RunInputs(
+            config=asdict(self.config),
+            base=asdict(self.job.base_model.spec),
+            cache_dir=str(settings.LOFT_HOME / "models"),
+            device=self.device,
+            world_size=self.config.gpus,
+            work_dir=str(self.work),
+            resume_from=str(self.resume_from) if self.resume_from else None,
+            parent_adapter=str(self.parent_folder) if self.parent_folder else None,
+            pad_id=self.pad_id,
+            tokens_per_forward=self.job.plan.get("forward_tokens"),
+        )
+        with distributed.ranks_started(
+            self.work / "ranks", inputs, self.train_rows, held_out
+        ) as parallel:
+            return self.loop(held_out, parallel)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    def loop(self, held_out: list, parallel: distributed.DataParallel | None = None) -> tuple:
         return train.train(
             self.config,
             self.train_rows,
-            # Measured during training only with eval_every; else the held-out loss is the
-            # evaluation's (the same rows, packed the same way).
-            self.held_out if self.config.eval_every else [],
+            held_out,
             self.base,
             device=self.device,
             work_dir=self.work,
@@ -529,7 +557,8 @@ class JobRun:
             resume_from=self.resume_from,
             parent_adapter=self.parent_folder,
             tokens_per_forward=self.job.plan.get("forward_tokens"),
-            pad_id=self.tokenizer.pad_token_id or 0,
+            pad_id=self.pad_id,
+            parallel=parallel,
         )
 
     def evaluate(self, model) -> tuple[Path, dict]:
