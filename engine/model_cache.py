@@ -77,10 +77,6 @@ def part_key(spec: BaseModelSpec, part: str) -> str:
     return f"{safe}/{spec.revision}/{part}"
 
 
-def cache_path(spec: BaseModelSpec, cache_dir: Path, part: str) -> Path:
-    return cache_dir / part_key(spec, part)
-
-
 class SharedModels(Protocol):
     """Parts of base models that hosts built, offered to the hosts that have not yet."""
 

@@ -128,7 +128,13 @@ class WorkerClass:
         """A class as a worker published it or an operator declared it; unknown keys (from a
         newer worker) are left out, missing optional ones take their defaults."""
         known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in declared.items() if key in known})
+        try:
+            return cls(**{key: value for key, value in declared.items() if key in known})
+        except (TypeError, AttributeError) as error:
+            raise ConfigError(
+                f"{declared!r} is not a worker class ({error}); each needs name, memory_bytes "
+                "and tokens_per_second_135m."
+            ) from None
 
 
 # --- "auto" ----------------------------------------------------------------------------------
@@ -465,15 +471,17 @@ def route(
     class's cost per hour; the smaller memory on a tie). ``plan_on(settings, class)`` gives the
     settings with "auto" resolved for that class and the job's plan there, since what fits
     depends on the class (a method, a gradient-checkpointing choice). None fits: the plan on
-    the class with the most devices and memory, whose suggestion says what would. The settings
-    returned name the chosen class, so the job is planned on it again later
-    (``class_named``)."""
+    the class with the most devices and memory, whose suggestion says what would. The job is
+    planned on every class either way (``classes_considered``), and the settings returned name
+    the chosen one, so that it is planned there again later."""
     named = requested.get("worker_class")
     if named is not None:
-        classes = [class_named(classes, named)]
+        class_named(classes, named)  # refused by name when no class has it
     options = [(worker, *plan_on(requested, worker)) for worker in classes]
     fitting = [option for option in options if option[2].fits]
-    if fitting:
+    if named is not None:
+        [(worker, settings, plan)] = [option for option in options if option[0].name == named]
+    elif fitting:
         worker, settings, plan = min(
             fitting, key=lambda o: (o[2].estimated_cost, o[0].memory_bytes)
         )
@@ -491,11 +499,15 @@ def route(
     return {**settings, "worker_class": worker.name}, plan
 
 
-def class_named(classes: list[WorkerClass], name: str | None) -> WorkerClass:
-    """The known class of that name (``classes[0]`` when a job names none, as jobs stored
-    before classes do); a name no worker declared is refused with the names that are."""
-    if name is None:
-        return classes[0]
+def refuse_unknown_class(requested: dict, classes: list[WorkerClass]) -> None:
+    """Settings that name a class no worker declares are refused (ConfigError) by name."""
+    if requested.get("worker_class") is not None:
+        class_named(classes, requested["worker_class"])
+
+
+def class_named(classes: list[WorkerClass], name: str) -> WorkerClass:
+    """The known class of that name; a name no worker declared is refused with the names that
+    are."""
     for worker in classes:
         if worker.name == name:
             return worker

@@ -29,7 +29,7 @@ from jobs.models import (
     WorkerHeartbeat,
     month_start,
 )
-from jobs.models.jobs import no_worker_sentence
+from jobs.models.jobs import no_worker_sentence, routed_class
 from loft.models import Organization
 
 RECENT = timedelta(hours=24)
@@ -75,12 +75,14 @@ class ClassView:
 def class_views() -> list[ClassView]:
     """Every known class (pre-flight's), with its workers and jobs."""
     online = WorkerHeartbeat.online_by_class()
+    classes = preflight.known_classes()
+    known = {worker.name for worker in classes}
     by_class: dict[tuple[str, str], int] = {}
     unfinished = FineTuneJob.objects.filter(
         status__in=(FineTuneJob.Status.QUEUED, FineTuneJob.Status.RUNNING)
     )
     for status, plan in unfinished.values_list("status", "plan"):
-        name = planning.Plan.class_name_of(plan) or settings.LOFT_WORKER_CLASS
+        name = routed_class(plan, known)
         by_class[name, status] = by_class.get((name, status), 0) + 1
     return [
         ClassView(
@@ -90,7 +92,7 @@ def class_views() -> list[ClassView]:
             jobs_queued=by_class.get((worker.name, FineTuneJob.Status.QUEUED), 0),
             jobs_running=by_class.get((worker.name, FineTuneJob.Status.RUNNING), 0),
         )
-        for worker in preflight.known_classes()
+        for worker in classes
     ]
 
 

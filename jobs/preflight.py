@@ -91,6 +91,7 @@ def resolve_hyperparameters(
     config = from_request(requested)
     if parent is not None:
         config.setdefault("method", METHODS[parent.base_quantization])
+    planning.refuse_unknown_class(config, known_classes())  # now, not once files are measured
     if files_measured(training_file, validation_file):
         stats, shape = data_stats(training_file), model_shape(base_model)
 
@@ -138,7 +139,8 @@ def plan(
     def plan_on(given: dict, worker: planning.WorkerClass) -> tuple[dict, planning.Plan]:
         return given, planning.estimate(shape, stats, worker, config, training_examples=examples)
 
-    # On the class the settings name (for a job stored before classes: the cheapest it fits).
+    # On the class the settings name, with what every other class would cost; a job stored
+    # before classes names none and goes to the cheapest it fits.
     _, routed = planning.route(asdict(config), classes, plan_on)
     return routed
 
@@ -163,6 +165,8 @@ def training_examples(
 
 def too_large_message(plan: planning.Plan) -> str:
     gib = 2**30
+    if plan.estimated_peak_memory_bytes <= plan.worker_memory_bytes:  # too many devices
+        return plan.suggestion
     return (
         f"This job would need about {plan.estimated_peak_memory_bytes / gib:.1f} GiB at its "
         f"peak, more than the {plan.worker_memory_bytes / gib:.1f} GiB of a "

@@ -44,21 +44,40 @@ def run_fine_tune(job_id: str, class_name: str, countdown: float | None = None) 
 
 
 def run_evaluation(evaluation_id: str) -> None:
-    send_after_commit("run_evaluation", evaluation_id, queue=training_queue(class_for_work()))
+    from jobs.models import Evaluation  # noqa: PLC0415 - jobs.models imports this module
+
+    candidates = Evaluation.objects.get(pk=evaluation_id).candidates
+    adapters = [candidate["adapter"] for candidate in candidates if candidate["adapter"]]
+    send_after_commit(
+        "run_evaluation", evaluation_id, queue=training_queue(class_for_work(adapters))
+    )
 
 
 def merge_adapter(adapter_id: str) -> None:
-    send_after_commit("merge_adapter", adapter_id, queue=training_queue(class_for_work()))
+    send_after_commit(
+        "merge_adapter", adapter_id, queue=training_queue(class_for_work([adapter_id]))
+    )
 
 
-def class_for_work() -> str:
-    """Where a custom evaluation or a merge runs: like a job, on the cheapest known class,
-    preferring one with a worker online (they load one base, which any class holds)."""
-    from jobs.models.workers import WorkerHeartbeat  # noqa: PLC0415 - jobs.models imports this module
+def class_for_work(adapter_ids: list[str] = ()) -> str:
+    """Where a custom evaluation or a merge runs: on the class that trained its adapters (it
+    held their base; of several, the one with the most memory), else on the cheapest known
+    class, preferring one with a worker online."""
+    from jobs.models import FineTuneJob, WorkerHeartbeat  # noqa: PLC0415
     from jobs.preflight import known_classes  # noqa: PLC0415
 
-    online = WorkerHeartbeat.online_by_class()
     classes = known_classes()
+    trained_on = {
+        routed
+        for plan in FineTuneJob.objects.filter(adapter__in=adapter_ids).values_list(
+            "plan", flat=True
+        )
+        if (routed := (plan or {}).get("worker_class"))
+    }
+    holding = [worker for worker in classes if worker.name in trained_on]
+    if holding:
+        return max(holding, key=lambda worker: worker.memory_bytes).name
+    online = WorkerHeartbeat.online_by_class()
     cheapest = min(classes, key=lambda worker: (not online.get(worker.name), worker.cost_per_hour))
     return cheapest.name
 

@@ -3,7 +3,10 @@
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
+from engine.hyperparameters import ConfigError
+from engine.plan import WorkerClass
 from loft.env import Env, loft_home
 
 env = Env()
@@ -239,6 +242,11 @@ LOFT_WORKER_COST_PER_HOUR = env.number("LOFT_WORKER_COST_PER_HOUR", 1.0)
 # seconds after their last heartbeat, so a job for a class whose workers are all down waits
 # for them rather than failing.
 LOFT_WORKER_CLASSES = env.json("LOFT_WORKER_CLASSES", [])
+for _declared in LOFT_WORKER_CLASSES:  # refused here, at start, rather than at every request
+    try:
+        WorkerClass.from_dict(_declared)
+    except ConfigError as _error:
+        raise ImproperlyConfigured(f"LOFT_WORKER_CLASSES: {_error}") from None
 LOFT_WORKER_CLASS_MEMORY_SECONDS = env.integer("LOFT_WORKER_CLASS_MEMORY_SECONDS", 7 * 24 * 3600)
 
 # Evaluation at the end of every job: greedy answers on up to this many held-out rows.

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from engine import data, distributed
 from engine import train as T
-from engine.hyperparameters import TrainConfig
+from engine.hyperparameters import ConfigError, TrainConfig
 from jobs.models import BaseModel, FineTuneJob
 from tests.helpers import SMOLLM2, banana_file
 from worker import training
@@ -288,8 +288,9 @@ def test_a_killed_two_rank_run_resumes_from_its_checkpoint_to_the_same_losses(
 
 @pytest.mark.slow  # ~30 s: the second rank loads the model, two steps
 def test_a_job_on_two_gpus_writes_through_rank_0_alone_and_a_cancel_stops_both_ranks(
-    tenant_a, tmp_path, monkeypatch
+    tenant_a, tmp_path, monkeypatch, settings
 ):
+    settings.LOFT_WORKER_DEVICES = 2  # a worker of a two-device class (its ranks share the CPU)
     job = FineTuneJob.objects.create(
         org=tenant_a.org,
         base_model=BaseModel.default(),
@@ -332,3 +333,13 @@ def test_a_job_on_two_gpus_writes_through_rank_0_alone_and_a_cancel_stops_both_r
         "train.safetensors",
         "validation.safetensors",
     }
+
+
+def test_a_job_on_more_devices_than_its_worker_has_fails_with_a_sentence():
+    """A class declared with more devices than its workers have: the job ends with that
+    sentence (worker/training.py fails a job on a ConfigError) rather than waiting on ranks
+    that cannot start."""
+    run = training.JobRun.__new__(training.JobRun)  # only what train() reads first
+    run.config, run.held_out = TrainConfig(gpus=2), []
+    with pytest.raises(ConfigError, match="trains on 2 devices at once; this cpu worker has 1"):
+        run.train()

@@ -55,9 +55,9 @@ def test_a_job_goes_to_the_cheapest_class_it_fits_or_to_the_one_it_names():
     assert settings["worker_class"] == plan.worker_class == "large" and plan.fits
     assert [c["fits"] for c in plan.classes_considered] == [False, True]
 
-    # Named: that class, even where another would be cheaper.
+    # Named: that class, even where another would be cheaper; every class is still planned.
     settings, plan = route({**FITS_BOTH, "worker_class": "large"}, CLASSES)
-    assert plan.worker_class == "large" and len(plan.classes_considered) == 1
+    assert plan.worker_class == "large" and len(plan.classes_considered) == 2
     with pytest.raises(ConfigError, match=r"known worker classes \(small, large\), got 'gpu'"):
         route({**FITS_BOTH, "worker_class": "gpu"}, CLASSES)
 
@@ -123,7 +123,8 @@ def test_jobs_run_on_their_class_s_workers_and_wait_for_one_when_none_runs(
         assert cheap.plan["worker_class"] == "small"
         big = submit(tenant_a, file, **FITS_ONLY_LARGE)
         assert big.plan["worker_class"] == "large"
-        assert [c["fits"] for c in big.plan["classes_considered"]] == [False, True]
+        fits = {c["name"]: c["fits"] for c in big.plan["classes_considered"]}
+        assert fits["small"] is False and fits["large"] is True
 
         # The job that fits the small class runs there; the other waits, saying why.
         wait_for(cheap, finished, 300)
@@ -150,8 +151,23 @@ def test_jobs_run_on_their_class_s_workers_and_wait_for_one_when_none_runs(
         WorkerHeartbeat.objects.filter(class_name__in=["small", "large"]).delete()
 
 
-def test_a_stored_job_without_a_class_is_planned_on_the_default_one(settings):
-    """Jobs stored before classes name none: they run on the first known class."""
-    workers = [planning.WorkerClass.from_dict(spec) for spec in CLASSES]
-    assert planning.class_named(workers, None).name == "small"
-    assert FineTuneJob(plan={}).class_name == settings.LOFT_WORKER_CLASS
+@pytest.mark.django_db
+def test_a_job_whose_class_no_worker_declares_goes_where_a_worker_is(settings):
+    """A job planned before classes on one no worker declares any more (an upgrade from the
+    single "cpu" class to docker-compose's GPU classes): it runs on the cheapest class with a
+    worker online rather than waiting on a queue nobody consumes."""
+    settings.LOFT_WORKER_CLASSES = CLASSES
+    stored = FineTuneJob(plan={"worker_class": "cpu"}, status=FineTuneJob.Status.QUEUED)
+    assert stored.class_name == "small"  # none online: the cheapest
+    assert FineTuneJob(plan={"worker_class": "large"}).class_name == "large"  # known: kept
+    assert stored.waiting_reason() == (
+        "No small worker is running: the job waits in the queue until one starts."
+    )
+
+
+def test_a_declared_class_without_its_figures_is_refused_by_name():
+    """loft/settings.py refuses LOFT_WORKER_CLASSES so as it starts (ImproperlyConfigured)."""
+    with pytest.raises(ConfigError, match="each needs name, memory_bytes and tokens_per_second"):
+        planning.WorkerClass.from_dict({"name": "gpu", "memory_bytes": 1})
+    with pytest.raises(ConfigError, match="not a worker class"):
+        planning.WorkerClass.from_dict("gpu")

@@ -516,6 +516,12 @@ class JobRun:
         held_out = self.held_out if self.config.eval_every else []
         if self.config.gpus == 1:
             return self.loop(held_out)
+        if self.config.gpus > settings.LOFT_WORKER_DEVICES:  # a class declared otherwise
+            raise ConfigError(
+                f"This job trains on {self.config.gpus} devices at once; this "
+                f"{settings.LOFT_WORKER_CLASS} worker has {settings.LOFT_WORKER_DEVICES} "
+                "(LOFT_WORKER_DEVICES)."
+            )
         inputs = distributed.RunInputs(
             config=asdict(self.config),
             base=asdict(self.job.base_model.spec),

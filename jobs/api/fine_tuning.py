@@ -260,6 +260,10 @@ def submit_job(
         )
     except preflight.JobTooLarge as error:
         raise _too_large(error.plan) from None
+    except ConfigError as error:  # a class named that a worker stopped declaring meanwhile
+        raise LoftAPIError(
+            str(error), param="hyperparameters", code="invalid_hyperparameters"
+        ) from None
     except File.DoesNotExist:
         raise LoftAPIError(
             f"No such File object: {values['training_file']}",

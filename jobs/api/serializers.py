@@ -6,7 +6,7 @@ from rest_framework import serializers
 
 from engine.data import FORMATS
 from engine.hyperparameters import API_FIELDS, AUTO, AUTO_RESOLVED, ApiField, public
-from engine.plan import Plan
+from jobs import preflight
 from jobs.models import (
     Adapter,
     BaseModel,
@@ -18,7 +18,7 @@ from jobs.models import (
     WorkerHeartbeat,
     evaluation_summary,
 )
-from jobs.models.jobs import no_worker_sentence
+from jobs.models.jobs import waiting_sentence
 from loft.api.base import ObjectTypeField, UnixSeconds, UnixTimestampField
 
 EVENT_ID_PREFIX = "ftevent-"
@@ -293,12 +293,10 @@ class JobSerializer(serializers.ModelSerializer):
         stays queued and runs when one starts); else null."""
         if job["status"] != FineTuneJob.Status.QUEUED:
             return None
-        class_name = Plan.class_name_of(orjson.loads(job["plan_text"] or "{}"))
-        if class_name is None:
-            return None
-        if not hasattr(self, "_classes_online"):  # once per page of jobs
-            self._classes_online = WorkerHeartbeat.online_by_class()
-        return None if self._classes_online.get(class_name) else no_worker_sentence(class_name)
+        if not hasattr(self, "_classes"):  # read once per page of jobs
+            known = {worker.name for worker in preflight.known_classes()}
+            self._classes = WorkerHeartbeat.online_by_class(), known
+        return waiting_sentence(orjson.loads(job["plan_text"] or "{}"), *self._classes)
 
     def get_suffix(self, job: dict) -> str | None:
         return job["suffix"] or None

@@ -8,7 +8,6 @@ import re
 from dataclasses import asdict
 from datetime import timedelta
 
-from django.conf import settings
 from django.db import models, transaction
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -35,6 +34,24 @@ def new_job_id() -> str:
 def no_worker_sentence(class_name: str) -> str:
     """What a queued job whose worker class has no worker online waits for."""
     return f"No {class_name} worker is running: the job waits in the queue until one starts."
+
+
+def routed_class(plan: dict | None, known: set[str] | None = None) -> str:
+    """The worker class a job runs on: the one its plan routed it to while that class is known
+    (``known``: the names of preflight.known_classes(), read when not given); else — a job
+    planned before classes on one no worker declares any more, or a class forgotten — the
+    cheapest class with a worker online, so that it never waits on a queue nobody consumes."""
+    named = Plan.class_name_of(plan)
+    if known is None:
+        known = {worker.name for worker in preflight.known_classes()}
+    return named if named in known else tasks.class_for_work()
+
+
+def waiting_sentence(plan: dict | None, online: dict[str, int], known: set[str]) -> str | None:
+    """For a queued job: what it waits for when its class has no worker online, else None.
+    ``online``: WorkerHeartbeat.online_by_class()."""
+    class_name = routed_class(plan, known)
+    return None if online.get(class_name) else no_worker_sentence(class_name)
 
 
 class FineTuneJob(TenantOwnedModel):
@@ -311,22 +328,21 @@ class FineTuneJob(TenantOwnedModel):
         a worker always finds what it is told. A hint that is lost all the same (a broker
         flushed) is sent again by the periodic sweep (worker/maintenance.py,
         resend_lost_hints). With no worker of its class online it waits there, and its
-        ``status_details`` say so (``waiting_reason``) until one starts."""
+        ``status_details`` and its page say so (``waiting_sentence``) until one starts."""
         tasks.run_fine_tune(self.id, self.class_name, countdown=countdown)
 
     @property
     def class_name(self) -> str:
-        """The worker class pre-flight routed the job to (its plan says which)."""
-        return Plan.class_name_of(self.plan) or settings.LOFT_WORKER_CLASS
+        """The worker class pre-flight routed the job to (``routed_class``)."""
+        return routed_class(self.plan)
 
     def waiting_reason(self) -> str | None:
         """For a queued job whose class has no worker online: a sentence saying what it waits
         for. It stays queued, never fails for that, and runs when one starts."""
         if self.status != self.Status.QUEUED:
             return None
-        if WorkerHeartbeat.online().filter(class_name=self.class_name).exists():
-            return None
-        return no_worker_sentence(self.class_name)
+        known = {worker.name for worker in preflight.known_classes()}
+        return waiting_sentence(self.plan, WorkerHeartbeat.online_by_class(), known)
 
     def request_cancel(self) -> None:
         """Not started yet: cancelled at once. Running: the training loop stops at its next
