@@ -7,8 +7,10 @@ all read data the same way. Formats (one per file):
 - ``prompt_completion``: ``{"prompt": …, "completion": …}``
 - ``alpaca``: ``{"instruction": …, "input": …(optional), "output": …}``
 - ``text``: ``{"text": …}`` — trained on every token, no chat template
+- ``preference``: OpenAI's preference (DPO) pairs, ``{"input": {"messages": […]},
+  "preferred_output": [{"role": "assistant", …}], "non_preferred_output": […]}``
 
-as JSONL, or as CSV with those column names (chat is JSONL only).
+as JSONL, or as CSV with those column names (chat and preference are JSONL only).
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ from dataclasses import dataclass, field
 
 from jinja2.exceptions import TemplateError
 
-FORMATS = ("chat", "prompt_completion", "alpaca", "text")
+FORMATS = ("chat", "prompt_completion", "alpaca", "text", "preference")
 FORMAT_NAMES = {
     "chat": "chat messages",
     "prompt_completion": "prompt/completion",
     "alpaca": "Alpaca instruction/input/output",
     "text": "plain text",
+    "preference": "preference pairs",
 }
+# A CSV cell holds no list of messages.
+JSONL_ONLY = ("chat", "preference")
+PREFERENCE_SIDES = ("preferred_output", "non_preferred_output")
 ROLES = ("system", "user", "assistant", "tool")
 MAX_LISTED_ERRORS = 100
 # 2 MB of text is ~500k tokens, far past any base model's context: such a line is a mistake.
@@ -86,18 +92,37 @@ class Message:
 
 @dataclass
 class Example:
-    """One row in the one conversation form: a chat, or (format ``text``) a plain text."""
+    """One row in the one conversation form: a chat, or (format ``text``) a plain text.
+
+    A preference pair (format ``preference``) is two chats that share their input: ``messages``
+    ends with the preferred answer, ``rejected`` with the non-preferred one; in each, only that
+    answer is marked trained (the tokens whose likelihood DPO raises, or lowers). Supervised
+    training reads ``messages`` alone.
+    """
 
     line: int
     format: str
     messages: list[Message] = field(default_factory=list)
     text: str | None = None
+    rejected: list[Message] | None = None
+
+    def sides(self) -> list[Example]:
+        """The conversations to render: this example, or a pair's preferred and non-preferred."""
+        if self.rejected is None:
+            return [self]
+        return [
+            Example(self.line, self.format, self.messages),
+            Example(self.line, self.format, self.rejected),
+        ]
 
     def fingerprint(self) -> bytes:
         if self.text is not None:
             payload = self.text
         else:
-            payload = json.dumps([[m.role, m.content] for m in self.messages])
+            sides = [self.messages] + ([self.rejected] if self.rejected is not None else [])
+            turns = [[[m.role, m.content] for m in side] for side in sides]
+            # A supervised row keeps the fingerprint it had before pairs existed.
+            payload = json.dumps(turns if self.rejected is not None else turns[0])
         return hashlib.blake2b(payload.encode(), digest_size=16).digest()
 
 
@@ -181,6 +206,9 @@ def decode_line(raw: bytes) -> str:
 
 
 def detect_format(row: dict) -> str | None:
+    # Either side alone names the format, so a row missing the other hears which one it lacks.
+    if any(side in row for side in PREFERENCE_SIDES):
+        return "preference"
     if "messages" in row:
         return "chat"
     if "prompt" in row and "completion" in row:
@@ -249,27 +277,36 @@ def _content_text(message: dict, where: str) -> str:
     raise RowProblem(f"{where}.content must be a string, got {_json_type(content)}")
 
 
-def chat_from_row(row: dict) -> list[Message]:
-    messages = row.get("messages")
+def _message_list(messages, name: str) -> list:
+    """A row's list of messages, checked for its shape; ``name`` is how errors call it."""
     if not isinstance(messages, list):
-        raise RowProblem(f'"messages" must be a list, got {_json_type(messages)}')
+        raise RowProblem(f"{name} must be a list, got {_json_type(messages)}")
     if not messages:
-        raise RowProblem('"messages" is empty')
+        raise RowProblem(f"{name} is empty")
     if len(messages) > MAX_MESSAGES_PER_ROW:
         raise RowProblem(
-            f'"messages" has {len(messages)} messages; a row holds at most '
+            f"{name} has {len(messages)} messages; a row holds at most "
             f"{MAX_MESSAGES_PER_ROW}, so split the conversation"
         )
+    return messages
+
+
+def _role_and_content(message, where: str) -> tuple[str, str]:
+    if not isinstance(message, dict):
+        raise RowProblem(f"{where} must be an object, got {_json_type(message)}")
+    role = message.get("role")
+    if role not in ROLES:
+        shown = _quoted(role) if role is not None else "missing"
+        raise RowProblem(f"{where}.role {shown} is not one of {', '.join(ROLES)}")
+    return role, _content_text(message, where)
+
+
+def chat_from_row(row: dict) -> list[Message]:
+    messages = _message_list(row.get("messages"), '"messages"')
     result = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise RowProblem(f"{where} must be an object, got {_json_type(message)}")
-        role = message.get("role")
-        if role not in ROLES:
-            shown = _quoted(role) if role is not None else "missing"
-            raise RowProblem(f"{where}.role {shown} is not one of {', '.join(ROLES)}")
-        content = _content_text(message, where)
+        role, content = _role_and_content(message, where)
         weight = message.get("weight", 1)
         if weight not in (0, 1) or isinstance(weight, bool):
             raise RowProblem(f"{where}.weight must be 0 or 1, got {_quoted(weight)}")
@@ -291,16 +328,69 @@ def chat_from_row(row: dict) -> list[Message]:
     return result
 
 
+def preference_from_row(row: dict) -> tuple[list[Message], list[Message]]:
+    """A preference pair as (input + preferred answer, input + non-preferred answer); only the
+    answers are trained. Keys beyond OpenAI's (``input.tools``, ``metadata``…) are ignored, as
+    the chat format ignores them."""
+    if row.get("input") is None:
+        raise RowProblem('missing "input"')
+    if not isinstance(row["input"], dict):
+        raise RowProblem(f'"input" must be an object, got {_json_type(row["input"])}')
+    messages = _message_list(row["input"].get("messages"), "input.messages")
+    prompt = [
+        Message(*_role_and_content(message, f"input.messages[{index}]"))
+        for index, message in enumerate(messages)
+    ]
+    last = len(prompt) - 1
+    if prompt[last].role != "user":
+        raise RowProblem(f"input.messages must end with a user message, got {prompt[last].role}")
+    if not prompt[last].content.strip():
+        raise RowProblem(f"input.messages[{last}].content is empty; the answers need a prompt")
+    preferred, non_preferred = (_answer(row, side) for side in PREFERENCE_SIDES)
+    if preferred.content.strip() == non_preferred.content.strip():
+        raise RowProblem(
+            "preferred_output and non_preferred_output are identical, so neither is preferred"
+        )
+    return prompt + [preferred], prompt + [non_preferred]
+
+
+def _answer(row: dict, side: str) -> Message:
+    """One side of a pair: a list of exactly one assistant message with text."""
+    if row.get(side) is None:
+        raise RowProblem(f'missing "{side}"')
+    value = row[side]
+    if not isinstance(value, list):
+        raise RowProblem(
+            f'"{side}" must be a list of one assistant message, got {_json_type(value)}'
+        )
+    if len(value) != 1:
+        raise RowProblem(f"{side} must hold exactly one message, got {len(value)}")
+    where = f"{side}[0]"
+    if not isinstance(value[0], dict):
+        raise RowProblem(f"{where} must be an object, got {_json_type(value[0])}")
+    role = value[0].get("role")
+    if role != "assistant":
+        shown = _quoted(role) if role is not None else "missing"
+        raise RowProblem(f"{where}.role must be assistant, got {shown}")
+    content = _content_text(value[0], where)
+    if not content.strip():
+        raise RowProblem(f"{where}.content is empty; an answer needs text")
+    return Message("assistant", content, True)
+
+
 def example_from_row(row: dict, line: int, forced_format: str | None) -> Example:
     fmt = forced_format or detect_format(row)
     if fmt is None:
         keys = ", ".join(_cut(key) for key in sorted(row)[:8]) or "none"
         raise RowProblem(
             "no known format: expected messages, prompt + completion, instruction + output, "
-            f"or text; got keys {keys}"
+            f"text, or a preference pair; got keys {keys}"
         )
     if fmt == "chat":
         return Example(line, fmt, chat_from_row(row))
+    if fmt == "preference":
+        preferred, rejected = preference_from_row(row)
+        return Example(line, fmt, preferred, rejected=rejected)
     if fmt == "prompt_completion":
         prompt = _string(row, "prompt")
         completion = _string(row, "completion")
@@ -410,8 +500,11 @@ def _csv_rows(lines: Iterator[tuple[int, bytes | None]], forced_format: str | No
     fmt = forced_format or next(
         (name for name, needed in CSV_COLUMNS.items() if all(col in header for col in needed)), None
     )
-    if fmt == "chat":
-        raise DatasetError("missing_columns", "Chat messages are read from JSONL only, not CSV.")
+    if fmt in JSONL_ONLY:
+        raise DatasetError(
+            "missing_columns",
+            f"{FORMAT_NAMES[fmt].capitalize()} are read from JSONL only, not CSV.",
+        )
     needed = CSV_COLUMNS.get(fmt or "", ())
     if fmt is None or not all(col in header for col in needed):
         options = "; ".join(" + ".join(cols) for cols in CSV_COLUMNS.values())
@@ -733,9 +826,53 @@ class ValidationReport:
     rows_over_context: int
     context_length: int
     preview: list[dict]
+    # Format ``preference`` only: the pairs and their answers, as ``_PairTally.as_dict`` says.
+    preference: dict | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+# The log-probabilities of tokens both answers begin with are the same in each (same context,
+# same tokens), so they cancel in DPO's loss: a pair teaches nothing where its answers agree.
+# The first 4 tokens, about three words, are where an answer takes its line ("Sure, here is",
+# "I'm sorry, but"); a file whose pairs mostly agree on them only teaches what comes later.
+SAME_START_TOKENS = 4
+
+
+class _PairTally:
+    """The answers of a file's preference pairs: their tokens, and how many open alike."""
+
+    def __init__(self):
+        self.pairs = 0
+        self.totals = {"preferred": 0, "non_preferred": 0}
+        self.longest = {"preferred": 0, "non_preferred": 0}
+        self.same_start = 0
+
+    def count(self, preferred: list[int], non_preferred: list[int]) -> None:
+        self.pairs += 1
+        for side, ids in (("preferred", preferred), ("non_preferred", non_preferred)):
+            self.totals[side] += len(ids)
+            self.longest[side] = max(self.longest[side], len(ids))
+        if preferred[:SAME_START_TOKENS] == non_preferred[:SAME_START_TOKENS]:
+            self.same_start += 1
+
+    def as_dict(self) -> dict:
+        """Answer tokens are the answer's text alone, without the template around it."""
+        return {
+            "pairs": self.pairs,
+            **{
+                f"{side}_answer_tokens": {
+                    "total": total,
+                    "mean": round(total / self.pairs, 1),
+                    "max": self.longest[side],
+                }
+                for side, total in self.totals.items()
+            },
+            "same_start_tokens": SAME_START_TOKENS,
+            "same_start_pairs": self.same_start,
+            "same_start_share": round(self.same_start / self.pairs, 3),
+        }
 
 
 def _percentile(sorted_values: array, fraction: float) -> int:
@@ -756,26 +893,41 @@ def validate(
 ) -> ValidationReport:
     """Read, check and measure a dataset in one streaming pass.
 
+    A preference pair is one row of both its rendered sides (DPO reads both): its tokens are
+    their sum, and it is over the context when either side is.
+
     Raises DatasetError when the file has no usable row, or mixes formats; OutOfTime when
     ``time.monotonic()`` passes ``deadline`` (checked after each row and each batch of at most
-    ``batch_size`` rows or ``batch_chars`` characters tokenized together).
+    ``batch_size`` texts or ``batch_chars`` characters tokenized together).
     """
     tally = _RowTally()
     token_counts = array("I")
+    over_context = 0
+    pairs = _PairTally()
     fingerprints: set[bytes] = set()
     duplicates = 0
     roles: Counter[str] = Counter()
     preview: list[dict] = []
     batch: list[str] = []
+    batch_sides: list[int] = []  # how many of the batch's texts each row rendered
+    answers: list[str] = []  # each pair's preferred answer, then its non-preferred one
     batched_chars = 0
 
     def flush():
-        nonlocal batched_chars
+        nonlocal batched_chars, over_context
         if batch:
-            token_counts.extend(
-                len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]
-            )
+            lengths = (len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
+            for sides in batch_sides:
+                counts = [next(lengths) for _ in range(sides)]
+                token_counts.append(sum(counts))
+                over_context += max(counts) > context_length
+            if answers:
+                ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+                for preferred, non_preferred in zip(ids[::2], ids[1::2], strict=True):
+                    pairs.count(preferred, non_preferred)
             batch.clear()
+            batch_sides.clear()
+            answers.clear()
             batched_chars = 0
 
     def check_time():
@@ -787,7 +939,7 @@ def validate(
         check_time()
         if isinstance(item, Example):
             try:
-                text = render_text(item, tokenizer)
+                texts = [render_text(side, tokenizer) for side in item.sides()]
             except TemplateError as error:  # e.g. a template that wants roles to alternate
                 item = RowError(
                     item.line, f"the base model's chat template refuses it: {_cut(str(error))}"
@@ -808,8 +960,11 @@ def validate(
                     "segments": rendered.segments(offsets),
                 }
             )
-        batch.append(text)
-        batched_chars += len(batch[-1])
+        batch.extend(texts)
+        batch_sides.append(len(texts))
+        batched_chars += sum(len(text) for text in texts)
+        if item.rejected is not None:
+            answers.extend([item.messages[-1].content, item.rejected[-1].content])
         if len(batch) >= batch_size or batched_chars >= batch_chars:
             flush()
     flush()
@@ -832,9 +987,10 @@ def validate(
         },
         duplicate_rows=duplicates,
         role_counts=dict(roles),
-        rows_over_context=sum(1 for count in token_counts if count > context_length),
+        rows_over_context=over_context,
         context_length=context_length,
         preview=preview,
+        preference=pairs.as_dict() if pairs.pairs else None,
     )
 
 

@@ -517,3 +517,214 @@ def test_a_row_the_chat_template_refuses_is_a_row_error_by_its_line(models, tmp_
         "line 3: the base model's chat template refuses it: "
         "Conversation roles must alternate user/assistant"
     ]
+
+
+# --- preference pairs --------------------------------------------------------------------------
+
+
+def answer(content: str) -> list[dict]:
+    return [{"role": "assistant", "content": content}]
+
+
+def pair(prompt: str = "Name a prime.", preferred: str = "7", non_preferred: str = "8") -> dict:
+    return {
+        "input": {"messages": [{"role": "user", "content": prompt}]},
+        "preferred_output": answer(preferred),
+        "non_preferred_output": answer(non_preferred),
+    }
+
+
+def test_it_reads_a_preference_pair_as_its_input_followed_by_each_answer():
+    row = pair()
+    row["input"]["messages"].insert(0, {"role": "system", "content": "Be brief."})
+    example = example_of(row)
+    assert example.format == "preference"
+    prompt = [("system", "Be brief.", False), ("user", "Name a prime.", False)]
+    assert turns(example) == [*prompt, ("assistant", "7", True)]
+    assert [(m.role, m.content, m.trained) for m in example.rejected] == [
+        *prompt,
+        ("assistant", "8", True),
+    ]
+    assert [side.messages for side in example.sides()] == [example.messages, example.rejected]
+
+
+def test_it_ignores_keys_of_a_pair_beyond_openais_as_the_chat_format_does():
+    row = pair()
+    row["input"]["tools"] = [{"type": "function", "function": {"name": "f"}}]
+    row["metadata"] = {"source": "labelers"}
+    assert example_of(row).format == "preference"
+
+
+def test_a_pair_missing_a_side_is_still_read_as_a_pair_and_told_which_side():
+    row = pair()
+    del row["preferred_output"]
+    assert [str(item) for item in read(jsonl([row]))] == ['line 1: missing "preferred_output"']
+
+
+def test_a_forced_preference_format_reads_other_rows_as_pairs():
+    rows = [chat(("user", "q"), ("assistant", "a")), pair()]
+    first, second = read(jsonl(rows), forced_format="preference")
+    assert str(first) == 'line 1: missing "input"'
+    assert second.format == "preference"
+
+
+def with_input(messages: list[dict]) -> dict:
+    return {**pair(), "input": {"messages": messages}}
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            {k: v for k, v in pair().items() if k != "non_preferred_output"},
+            'missing "non_preferred_output"',
+        ),
+        (
+            pair(non_preferred="7 "),
+            "preferred_output and non_preferred_output are identical, so neither is preferred",
+        ),
+        (with_input([]), "input.messages is empty"),
+        ({k: v for k, v in pair().items() if k != "input"}, 'missing "input"'),
+        ({**pair(), "input": "Name a prime."}, '"input" must be an object, got a string'),
+        (
+            with_input([{"role": "user", "content": "q"}, answer("a")[0]]),
+            "input.messages must end with a user message, got assistant",
+        ),
+        (
+            with_input([{"role": "bot", "content": "q"}]),
+            'input.messages[0].role "bot" is not one of system, user, assistant, tool',
+        ),
+        (
+            with_input([{"role": "user", "content": 7}]),
+            "input.messages[0].content must be a string, got a number",
+        ),
+        (
+            with_input([{"role": "user", "content": " "}]),
+            "input.messages[0].content is empty; the answers need a prompt",
+        ),
+        (
+            {**pair(), "preferred_output": [{"role": "user", "content": "7"}]},
+            'preferred_output[0].role must be assistant, got "user"',
+        ),
+        (
+            {**pair(), "preferred_output": [{"content": "7"}]},
+            "preferred_output[0].role must be assistant, got missing",
+        ),
+        (
+            {**pair(), "preferred_output": answer("7")[0]},
+            '"preferred_output" must be a list of one assistant message, got an object',
+        ),
+        (
+            {**pair(), "non_preferred_output": []},
+            "non_preferred_output must hold exactly one message, got 0",
+        ),
+        (
+            {**pair(), "non_preferred_output": answer("8") * 2},
+            "non_preferred_output must hold exactly one message, got 2",
+        ),
+        (
+            {**pair(), "non_preferred_output": ["8"]},
+            "non_preferred_output[0] must be an object, got a string",
+        ),
+        (pair(non_preferred=""), "non_preferred_output[0].content is empty; an answer needs text"),
+    ],
+    ids=[
+        "missing-side",
+        "identical",
+        "input-empty",
+        "input-missing",
+        "input-not-object",
+        "ends-with-assistant",
+        "input-role",
+        "input-content",
+        "prompt-empty",
+        "answer-role",
+        "answer-role-missing",
+        "answer-not-list",
+        "no-answer",
+        "two-answers",
+        "answer-not-object",
+        "answer-empty",
+    ],
+)
+def test_each_malformed_pair_gets_its_own_message_with_its_line(row, message):
+    good, bad = read(jsonl([pair(), row]))
+    assert isinstance(good, data.Example)
+    assert str(bad) == f"line 2: {message}"
+
+
+def test_it_refuses_a_csv_forced_to_preference_with_a_sentence():
+    with pytest.raises(data.DatasetError) as raised:
+        read(b"prompt,completion\na,b\n", filename="pairs.csv", forced_format="preference")
+    assert raised.value.code == "missing_columns"
+    assert raised.value.message == "Preference pairs are read from JSONL only, not CSV."
+
+
+def test_it_refuses_pairs_mixed_with_chats(tokenizer):
+    content = jsonl([pair(), chat(("user", "q"), ("assistant", "a"))])
+    with pytest.raises(data.DatasetError) as raised:
+        data.validate(data.chunks_of(content), tokenizer)
+    assert raised.value.code == "mixed_formats"
+    assert "preference pairs (first on line 1, 1 rows) and chat messages" in raised.value.message
+
+
+def test_each_side_of_a_pair_trains_only_its_own_answer(tokenizer):
+    preferred, rejected = example_of(pair()).sides()
+    assert trained_runs(data.render(preferred, tokenizer)[0], tokenizer) == [f"7{END}"]
+    assert trained_runs(data.render(rejected, tokenizer)[0], tokenizer) == [f"8{END}"]
+
+
+def test_pairs_are_duplicates_only_when_both_answers_repeat():
+    first, twin, other = read(jsonl([pair(), pair(), pair(non_preferred="9")]))
+    assert first.fingerprint() == twin.fingerprint() != other.fingerprint()
+    as_chat = example_of(chat(("user", "Name a prime."), ("assistant", "7")))
+    assert as_chat.fingerprint() != first.fingerprint()
+
+
+def test_it_reports_pairs_answer_tokens_and_how_many_answers_open_alike(tokenizer):
+    rows = [
+        pair(
+            "Capital of Italy?", "The capital of Italy is Rome.", "The capital of Italy is Milan."
+        ),
+        pair("Say hello.", "Hello, nice to meet you.", "Go away."),
+        pair("Name a prime.", "7", "8"),
+        pair("Name a prime.", "7", "8"),
+    ]
+    report = data.validate(data.chunks_of(jsonl(rows)), tokenizer, context_length=40)
+    examples = read(jsonl(rows))
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    sides = [
+        [len(data.render(side, tokenizer)[0].input_ids) for side in e.sides()] for e in examples
+    ]
+    assert (report.format, report.rows, report.duplicate_rows) == ("preference", 4, 1)
+    assert report.tokens == sum(sum(counts) for counts in sides)
+    assert report.tokens_per_row["max"] == max(sum(counts) for counts in sides)
+    # Sides of 43 + 43, 42 + 38 and 37 + 37 tokens: a pair is over when either side is.
+    assert report.rows_over_context == sum(1 for counts in sides if max(counts) > 40) == 2
+    preferred = [len(ids(row["preferred_output"][0]["content"])) for row in rows]
+    non_preferred = [len(ids(row["non_preferred_output"][0]["content"])) for row in rows]
+    assert report.preference == {
+        "pairs": 4,
+        "preferred_answer_tokens": {
+            "total": sum(preferred),
+            "mean": round(sum(preferred) / 4, 1),
+            "max": max(preferred),
+        },
+        "non_preferred_answer_tokens": {
+            "total": sum(non_preferred),
+            "mean": round(sum(non_preferred) / 4, 1),
+            "max": max(non_preferred),
+        },
+        "same_start_tokens": 4,
+        "same_start_pairs": 1,  # Rome / Milan: "The capital of Italy" opens both
+        "same_start_share": 0.25,
+    }
+    assert report.role_counts == {"user": 4, "assistant": 4}
+
+
+def test_a_supervised_report_has_no_preference_section(tokenizer):
+    report = data.validate(data.chunks_of(jsonl([{"text": "a"}])), tokenizer)
+    assert report.preference is None

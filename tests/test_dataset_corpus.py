@@ -1,7 +1,8 @@
 """A corpus of malformed uploads: each gets its own sentence, and none leaves a row or an object.
 
 The files and what each must answer are in tests/data/malformed/ (cases.json); the 50 MB single
-line is made here rather than committed.
+line is made here rather than committed. tests/data/preference.jsonl is the well-formed
+preference file the malformed ones (preference_*) break.
 """
 
 import json
@@ -17,6 +18,7 @@ from tests.helpers import objects_of, upload
 
 CORPUS = Path(__file__).parent / "data" / "malformed"
 CASES = json.loads((CORPUS / "cases.json").read_text())
+PREFERENCE_PAIRS = Path(__file__).parent / "data" / "preference.jsonl"
 PICKLE_MARKER = Path("/tmp/loft-pickle-was-loaded")
 
 
@@ -77,3 +79,21 @@ def test_rejections_list_every_line_error_up_to_100_and_the_total(api_a, tenant_
 
 def test_the_corpus_is_large_enough():
     assert len(CASES) + 1 >= 25
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("fields", [{}, {"format": "preference"}], ids=["detected", "forced"])
+def test_a_well_formed_preference_file_is_taken_with_a_report_of_its_pairs(api_a, fields):
+    response = upload(api_a, PREFERENCE_PAIRS.read_bytes(), "pairs.jsonl", **fields)
+    body = response.json()
+    assert body["status"] == "processed", body
+    assert (body["format"], body["rows"], body["validation"]["error_count"]) == ("preference", 3, 0)
+    pairs = body["validation"]["preference"]
+    assert pairs["pairs"] == 3
+    preferred, non_preferred = (
+        pairs["preferred_answer_tokens"],
+        pairs["non_preferred_answer_tokens"],
+    )
+    assert preferred["total"] > non_preferred["total"] > 0
+    # Rome / Milan: "The capital of Italy is" opens both answers.
+    assert (pairs["same_start_pairs"], pairs["same_start_share"]) == (1, 0.333)
