@@ -32,6 +32,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -47,6 +48,7 @@ LOOPBACK = "127.0.0.1"
 # The longest a rank waits for the others at a collective: rank 0 uploads checkpoints and
 # measures held-out loss between steps while the others wait at the next step's first one.
 COLLECTIVE_TIMEOUT = timedelta(minutes=20)
+READY_POLL_SECONDS = 0.5
 # How long the ranks a launcher started may take to exit once its own run has ended well: they
 # end with the last step, so this is only the time to leave the process group and exit.
 EXIT_GRACE_SECONDS = 60
@@ -232,9 +234,10 @@ def stop_ranks(processes: list[subprocess.Popen], *, grace: float) -> None:
 @contextlib.contextmanager
 def rendezvous(
     folder: Path, inputs: RunInputs, train_examples: list, validation_examples: list
-) -> Iterator[RunInputs]:
+) -> Iterator[tuple[RunInputs, dist.TCPStore]]:
     """The run's inputs written to ``folder`` with the port of a rendezvous this process hosts
-    for as long as the block runs."""
+    for as long as the block runs; gives the inputs and the rendezvous's store (on which the
+    ranks say they are ready: ``wait_for_ranks``)."""
     folder.mkdir(parents=True, exist_ok=True)
     store = dist.TCPStore(
         LOOPBACK,
@@ -248,7 +251,31 @@ def rendezvous(
     write_examples(folder / "train.safetensors", train_examples)
     write_examples(folder / "validation.safetensors", validation_examples)
     (folder / RUN_FILE).write_text(json.dumps(asdict(inputs)))
-    yield inputs
+    yield inputs, store
+
+
+def say_ready(run: RunInputs, rank: int) -> None:
+    """Tell the launcher this rank has loaded its model and is about to join."""
+    client = dist.TCPStore(LOOPBACK, run.port, run.world_size, is_master=False)
+    client.set(f"ready/{rank}", "1")
+
+
+def wait_for_ranks(store, others: list[subprocess.Popen], ranks: range) -> None:
+    """Until every other rank said it is ready; a rank that exits first (no such device, out of
+    memory loading the base) fails the run now, naming it, rather than leaving rank 0 waiting
+    at the rendezvous for COLLECTIVE_TIMEOUT."""
+    keys = [f"ready/{rank}" for rank in ranks]
+    deadline = time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds()
+    while not store.check(keys):
+        for rank, process in zip(ranks, others, strict=True):
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"rank {rank} of the run exited (code {process.returncode}) before it "
+                    "joined; see the worker's log for its error"
+                )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ranks did not start within {COLLECTIVE_TIMEOUT}")
+        time.sleep(READY_POLL_SECONDS)
 
 
 @contextlib.contextmanager
@@ -258,10 +285,12 @@ def ranks_started(
     """This process as rank 0, ranks 1… as processes it starts; pass the DataParallel it gives
     to engine.train.train. The others are killed if the block fails (else they would wait out
     COLLECTIVE_TIMEOUT), and given EXIT_GRACE_SECONDS to end if it succeeds."""
-    with rendezvous(folder, inputs, train_examples, validation_examples) as run:
-        others = start_ranks(folder, range(1, run.world_size))
+    with rendezvous(folder, inputs, train_examples, validation_examples) as (run, store):
+        ranks = range(1, run.world_size)
+        others = start_ranks(folder, ranks)
         succeeded = False
         try:
+            wait_for_ranks(store, others, ranks)
             with joined(0, run.world_size, run.device, run.port) as parallel:
                 yield parallel
             succeeded = True
@@ -293,6 +322,7 @@ def run_rank(folder: Path, rank: int) -> None:
     base = load_base_model(
         BaseModelSpec(**run.base), Path(run.cache_dir), config.quantization, device
     )
+    say_ready(run, rank)
     say = lambda **line: print(json.dumps(line), flush=True)  # noqa: E731
     callbacks = train.Callbacks(
         on_progress=lambda progress: say(progress=asdict(progress)),

@@ -343,3 +343,18 @@ def test_a_job_on_more_devices_than_its_worker_has_fails_with_a_sentence():
     run.config, run.held_out = TrainConfig(gpus=2), []
     with pytest.raises(ConfigError, match="trains on 2 devices at once; this cpu worker has 1"):
         run.train()
+
+
+def test_a_rank_that_dies_before_it_joins_fails_the_run_at_once(tmp_path):
+    """Rank 0 does not wait out the rendezvous's timeout for a rank that could not start."""
+    inputs = distributed.RunInputs(
+        config={}, base={}, cache_dir="", device="cpu", world_size=2, work_dir=str(tmp_path)
+    )
+    with distributed.rendezvous(tmp_path, inputs, [], []) as (run, store):
+        dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"rank 1 of the run exited \(code 3\)"):
+            distributed.wait_for_ranks(store, [dead], range(1, 2))
+        assert time.monotonic() - started < 10
+        distributed.say_ready(run, 1)  # a rank that started says so, and is waited for no more
+        distributed.wait_for_ranks(store, [dead], range(1, 2))
