@@ -109,6 +109,26 @@ def chat_rows(count: int, start: int = 0) -> list[dict]:
     ]
 
 
+def counting_examples(tokenizer, max_seq_length: int) -> list:
+    """Sixteen short chats ("Count to i." answered "1 2 … i+1"), tokenized as training
+    tokenizes them (engine/train.py): the engine tests' rows."""
+    from engine import data, train  # torch: only the tests that train import it
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Count to {i}."},
+                {"role": "assistant", "content": " ".join(str(n) for n in range(1, i + 2))},
+            ]
+        }
+        for i in range(16)
+    ]
+    _, items = data.open_dataset(data.chunks_of(jsonl(rows)))
+    tokenized, dropped = train.tokenize(list(items), tokenizer, max_seq_length)
+    assert dropped == 0
+    return tokenized
+
+
 def jsonl(rows: Iterable[dict]) -> bytes:
     """JSON lines: one row a line, each line ending in a newline."""
     return b"".join(json.dumps(row).encode() + b"\n" for row in rows)

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import data, distributed
+from engine import distributed
 from engine import train as T
 from engine.hyperparameters import ConfigError, TrainConfig
 from jobs.models import BaseModel, FineTuneJob
-from tests.helpers import SMOLLM2, banana_file
+from tests.helpers import SMOLLM2, banana_file, counting_examples
 from worker import training
 
 # Four steps of four short rows, fp32 and no dropout: the ranks' sums differ from one device's
@@ -84,17 +84,7 @@ def examples_of(rows: list) -> list[tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def examples(tokenizer) -> list[T.Tokenized]:
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Count to {i}."},
-                {"role": "assistant", "content": " ".join(str(n) for n in range(1, i + 2))},
-            ]
-        }
-        for i in range(16)
-    ]
-    _, items = data.open_dataset(data.chunks_of("\n".join(json.dumps(r) for r in rows).encode()))
-    return T.tokenize(list(items), tokenizer, CONFIG.max_seq_length)[0]
+    return counting_examples(tokenizer, CONFIG.max_seq_length)
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,15 @@
 """Hosts that share nothing: a worker needs only PostgreSQL, the broker and object storage.
 
-Two real workers, each with a LOFT_HOME of its own, run as a user who cannot read the web's;
-the second cannot see the bundled model at all (an empty folder is mounted over its package in
-a mount namespace of its own), so it can only have the base from object storage, where the
-first one uploaded it. The first is SIGKILLed mid-job; the second resumes the job from the
-checkpoint in object storage, with nothing but what crossed through there.
+Two real workers, each with a LOFT_HOME of its own, run as a user who cannot read the web's: in
+a mount namespace of each worker's own, an empty folder is mounted over the web's home. The
+second cannot see the bundled model either (an empty folder over its package), so it can only
+have the base from object storage, where the first one uploaded it. The first is SIGKILLed
+mid-job; the second resumes the job from the checkpoint in object storage, with nothing but what
+crossed through there.
 """
 
-import contextlib
 import json
 import os
-import pwd
-import stat
 import subprocess
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from engine.model_cache import bundled_gguf, part_key
 from jobs.models import FineTuneJob, JobAttempt
 from jobs.shared_models import part_prefix
 from loft import storage
-from loft.embedded import POSTGRES_SYSTEM_USER
 from tests.helpers import (
     SMOLLM2,
     Isolation,
@@ -72,32 +69,16 @@ def uid_of(pid: int) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
 
 
-@contextlib.contextmanager
-def closed_to_other_users(home: Path):
-    """The embedded stack opens its home to every user, since its PostgreSQL runs as a user of
-    its own (loft/embedded.py); meanwhile only that user's group may enter it, besides root."""
-    before = home.stat()
-    try:
-        group = pwd.getpwnam(POSTGRES_SYSTEM_USER).pw_gid
-    except KeyError:  # PostgreSQL runs elsewhere: nobody else needs a way in
-        group = before.st_gid
-    os.chown(home, -1, group)
-    home.chmod(0o750)
-    try:
-        yield
-    finally:
-        os.chown(home, -1, before.st_gid)
-        home.chmod(stat.S_IMODE(before.st_mode))
-
-
 def test_a_job_resumes_on_a_host_that_shares_nothing_but_the_services(
     tenant_a, tmp_path, private_queue
 ):
     web_home = Path(os.environ["LOFT_HOME"])
     package = bundled_gguf(SMOLLM2.source).parent
     uid = NOBODY if AS_ROOT else None
-    first_host = Isolation.fresh(uid)
-    second_host = Isolation.fresh(uid, hidden=[package] if AS_ROOT else [])
+    # Mounting needs root; then neither host sees the web's home, and the second no model.
+    # (The web's home itself stays open: its PostgreSQL runs as a user of its own.)
+    first_host = Isolation.fresh(uid, hidden=[web_home] if AS_ROOT else [])
+    second_host = Isolation.fresh(uid, hidden=[web_home, package] if AS_ROOT else [])
     # The first host to need the base is to convert it: nothing is shared yet.
     storage.delete_prefix("models/")
     model_prefix = part_prefix(part_key(SMOLLM2, "model"))
@@ -105,13 +86,11 @@ def test_a_job_resumes_on_a_host_that_shares_nothing_but_the_services(
 
     first = WorkerProcess(tmp_path, "first", private_queue, first_host, **worker_env())
     second = WorkerProcess(tmp_path, "second", private_queue, second_host, **worker_env())
-    stack = contextlib.ExitStack()
     try:
-        if AS_ROOT:
-            stack.enter_context(closed_to_other_users(web_home))
-            denied = as_nobody("ls", str(web_home))
+        if AS_ROOT:  # the web's secrets are root's alone, wherever its home is seen
+            denied = as_nobody("cat", str(web_home / "env"))
             assert denied.returncode != 0 and "Permission denied" in denied.stderr
-        job, checkpoint = kill_the_first_mid_job(tenant_a, first, second, package)
+        job, checkpoint = kill_the_first_mid_job(tenant_a, first, second, package, web_home)
         job = wait_for(
             job,
             finished,
@@ -141,10 +120,21 @@ def test_a_job_resumes_on_a_host_that_shares_nothing_but_the_services(
         second.stop()
         first_host.remove()
         second_host.remove()
-        stack.close()
 
 
-def kill_the_first_mid_job(tenant, first: WorkerProcess, second: WorkerProcess, package: Path):
+def seen_inside(worker: WorkerProcess, folder: Path) -> str:
+    """What ``ls -A folder`` lists in the worker's mount namespace."""
+    return subprocess.run(
+        ["nsenter", "--target", str(worker.process.pid), "--mount", "ls", "-A", str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def kill_the_first_mid_job(
+    tenant, first: WorkerProcess, second: WorkerProcess, package: Path, web_home: Path
+):
     """Start the first host, give it a job, start the second beside it, and SIGKILL the
     first once a checkpoint of the job is in object storage; the reaper re-queues the job.
     Returns the job and that checkpoint."""
@@ -155,15 +145,11 @@ def kill_the_first_mid_job(tenant, first: WorkerProcess, second: WorkerProcess, 
     second.start()
     if AS_ROOT:
         assert uid_of(first.process.pid) == uid_of(second.process.pid) == NOBODY
-        inside = subprocess.run(
-            ["nsenter", "--target", str(second.process.pid), "--mount", "ls", "-A"]
-            + [str(package)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        assert inside.stdout == "", "the second host sees the bundled model"
-        assert any(package.iterdir()), "the first host sees it"
+        assert seen_inside(second, package) == "", "the second host sees the bundled model"
+        assert seen_inside(first, package) != "", "the first host sees it"
+        for host in (first, second):
+            assert seen_inside(host, web_home) == "", f"{host.name} sees the web's home"
+        assert any(web_home.iterdir())
     wait_for(
         job,
         lambda j: j.checkpoints.exists() or finished(j),

@@ -1,7 +1,6 @@
 """The training engine on its own (engine/train.py): packing, loss, checkpoints, resume."""
 
 import datetime
-import json
 from dataclasses import asdict
 
 import pytest
@@ -16,24 +15,12 @@ from engine.base_models import load_base_model, resolve_precision
 from engine.generate import AdapterCache
 from engine.hyperparameters import ConfigError, TrainConfig, as_stored, from_request, public
 from tests.dates import LEARNS_THE_RULE, date_rows
-from tests.helpers import SMOLLM2
+from tests.helpers import SMOLLM2, counting_examples
 
 
 @pytest.fixture(scope="module")
 def examples(tokenizer) -> list[T.Tokenized]:
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Count to {i}."},
-                {"role": "assistant", "content": " ".join(str(n) for n in range(1, i + 2))},
-            ]
-        }
-        for i in range(16)
-    ]
-    _, items = data.open_dataset(data.chunks_of("\n".join(json.dumps(r) for r in rows).encode()))
-    tokenized, dropped = T.tokenize(list(items), tokenizer, 256)
-    assert dropped == 0
-    return tokenized
+    return counting_examples(tokenizer, 256)
 
 
 def test_packed_rows_give_the_same_logits_as_separate_ones(base):
