@@ -297,6 +297,19 @@ class Scores:
     normalized_exact_match: float | None
     rouge_l: float | None
     generations: int
+    # On preference pairs (engine/data.py format "preference"): the share of pairs where the
+    # model gives the preferred answer a higher log-probability than the non-preferred one
+    # (each answer's tokens summed, as DPO's reward sums them), for any model, base included;
+    # and for an adapter measured against its DPO reference, the implicit reward
+    # beta * (log pi(y) - log ref(y)): the share of pairs where the preferred answer's is the
+    # higher (TRL's rewards/accuracies) and the mean margin between the two.
+    preference_accuracy: float | None = None
+    reward_accuracy: float | None = None
+    reward_margin: float | None = None
+    pairs: int = 0
+    # Pair by pair, 1.0 where the preferred answer was the likelier (a paired comparison of two
+    # models on the same pairs reads them: jobs/promotion.py); not part of a job's report.
+    preference_wins: list[float] | None = None
 
 
 @dataclass
@@ -333,13 +346,18 @@ class Comparison:
 
     def as_dict(self) -> dict:
         return {
-            "base": asdict(self.base),
-            "adapter": asdict(self.adapter),
+            "base": shown(self.base),
+            "adapter": shown(self.adapter),
             "verdict": self.verdict,
             "samples": [asdict(s) for s in self.samples],
             "worst": [asdict(s) for s in self.worst],
             "forgetting": self.forgetting,
         }
+
+
+def shown(scores: Scores) -> dict:
+    """A model's scores as a report shows them: without the pair-by-pair wins."""
+    return {k: v for k, v in asdict(scores).items() if k != "preference_wins"}
 
 
 GENERATION_METRICS = {
@@ -380,10 +398,16 @@ def verdict(base: Scores, adapter: Scores) -> dict:
     """The promotion gate: the adapter is flagged when it is worse than its base on held-out
     loss or on the generation score. The generation score is normalized exact match, or ROUGE-L
     when neither model matched a single reference (free-form answers rarely match exactly).
+    On preference pairs it is preference accuracy instead, and the loss is left out: DPO
+    trades the preferred answers' own likelihood for the gap between the two.
     ``better`` means worse on neither: an adapter equal to its base passes."""
     exact = (base.normalized_exact_match or 0) + (adapter.normalized_exact_match or 0)
     metric = "normalized_exact_match" if exact > 0 else "rouge_l"
     worse_on = []
+    if adapter.preference_accuracy is not None and base.preference_accuracy is not None:
+        if adapter.preference_accuracy < base.preference_accuracy:
+            worse_on.append("preference_accuracy")
+        return {"better": not worse_on, "worse_on": worse_on, "generation_metric": metric}
     if base.loss is not None and adapter.loss is not None and adapter.loss > base.loss:
         worse_on.append("loss")
     base_score, adapter_score = getattr(base, metric), getattr(adapter, metric)
@@ -401,15 +425,49 @@ def score(
     row_tokens: int,
     device: str,
     max_new_tokens: int,
+    reward_scale: float | None = None,
 ) -> tuple[Scores, list[str]]:
     """One model as it is now (adapter on or off) on evaluation rows: the teacher-forced
     metrics over ``tokenized`` and greedy answers to ``examples`` (rows with an answer), scored
-    against their references. Returns the scores and the answers."""
-    tokens = token_metrics(model, tokenized, row_tokens, device)
+    against their references. Returns the scores and the answers. Preference pairs are scored
+    on their preferred answers (a pair's reference is its preferred answer) and by how the
+    model ranks their two answers; with ``reward_scale`` (the job's DPO beta) by its implicit
+    reward against the reference each pair carries too."""
+    answers = [train.Tokenized(t.input_ids, t.labels) for t in tokenized]  # preferred side
+    tokens = token_metrics(model, answers, row_tokens, device)
     references = [prompt_and_reference(e)[1] for e in examples]
     budget = answer_budget(tokenizer, references, max_new_tokens)
     outputs = generate_answers(model, tokenizer, examples, budget, device)
-    return _scores(tokens, outputs, references), outputs
+    scores = _scores(tokens, outputs, references)
+    pairs = [t for t in tokenized if t.rejected is not None]
+    if pairs:
+        preference_scores(
+            scores, train.pair_logps(model, pairs, row_tokens, device), pairs, reward_scale
+        )
+    return scores, outputs
+
+
+def preference_scores(
+    scores: Scores,
+    logps: list[tuple[float, float]],
+    pairs: list[train.Tokenized],
+    reward_scale: float | None,
+) -> None:
+    """Fill in the preference measures (see Scores) from each pair's log-probabilities."""
+    wins = [float(preferred > rejected) for preferred, rejected in logps]
+    scores.pairs = len(pairs)
+    scores.preference_wins = wins
+    scores.preference_accuracy = sum(wins) / len(wins)
+    if reward_scale is None or any(pair.reference is None for pair in pairs):
+        return
+    margins = [
+        reward_scale * ((preferred - reference[0]) - (rejected - reference[1]))
+        for (preferred, rejected), reference in zip(
+            logps, (p.reference for p in pairs), strict=True
+        )
+    ]
+    scores.reward_accuracy = sum(margin > 0 for margin in margins) / len(margins)
+    scores.reward_margin = sum(margins) / len(margins)
 
 
 def answer_budget(tokenizer, references: list[str], max_new_tokens: int) -> int:
@@ -439,6 +497,7 @@ def compare(
     max_new_tokens: int = 64,
     probes: list[Probe] | None = None,
     remember: Remember = compute_now,
+    reward_scale: float | None = None,
 ) -> Comparison:
     """Score the base (adapter disabled) and the adapter on the same held-out rows, and on the
     forgetting probes when given. The base's results go through ``remember``: computed, or read
@@ -446,7 +505,8 @@ def compare(
 
     ``model`` is a peft model with its adapter active; ``held_out_tokenized`` are the held-out
     examples as training tokenized them, and generation answers the first ``max_generations``
-    chat rows of ``held_out_examples``.
+    chat rows of ``held_out_examples``. ``reward_scale``: a DPO job's beta, for the adapter's
+    implicit reward against the reference its held-out pairs carry.
     """
     started = time.monotonic()
     chat = answerable(held_out_examples, max_generations)
@@ -460,7 +520,9 @@ def compare(
     inputs = rows_inputs(chat, held_out_tokenized, **options)
     kept = remember(HELD_OUT, inputs, score_base)
     base, base_outputs = Scores(**kept["scores"]), kept["outputs"]
-    adapter, adapter_outputs = score(model, tokenizer, chat, held_out_tokenized, **options)
+    adapter, adapter_outputs = score(
+        model, tokenizer, chat, held_out_tokenized, **options, reward_scale=reward_scale
+    )
 
     samples = []
     for example, base_out, adapter_out in zip(chat, base_outputs, adapter_outputs, strict=True):
@@ -500,7 +562,9 @@ def rows_inputs(
         "chat": [
             [[m.role, m.content] for m in prompt] + [reference] for prompt, reference in pairs
         ],
-        "tokenized": [[t.input_ids, t.labels] for t in tokenized],
+        "tokenized": [
+            [side.input_ids, side.labels] for example in tokenized for side in example.sides()
+        ],
     }
     return {
         "rows": digest(rows),
@@ -553,7 +617,7 @@ def base_precision(trained_on: str, adapter: dict, on_full_precision: Scores | N
     full-precision base and the gap to its 4-bit ones (positive: worse on full precision)."""
     report = {"trained_on": trained_on, "served_on": trained_on, "adapter": {trained_on: adapter}}
     if on_full_precision is not None:
-        full = asdict(on_full_precision)
+        full = shown(on_full_precision)
         report["adapter"]["none"] = full
 
         def gap(metric: str) -> float | None:

@@ -27,6 +27,11 @@ METHODS = {"nf4": "qlora", "none": "lora"}  # the API's quantization → the eng
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = (AUTO, "bf16", "fp32")
 ALL_LINEAR, ATTENTION = "all-linear", "attention"  # target_modules' named choices
+# OpenAI's method.type: what a job learns from. Supervised reads one answer per row; DPO reads a
+# preference file's pairs (engine/data.py format "preference") and learns which answer is better.
+SUPERVISED, DPO = "supervised", "dpo"
+METHOD_TYPES = (SUPERVISED, DPO)
+PREFERENCE_FORMAT = "preference"  # engine/data.py's name for OpenAI's preference rows
 
 
 class ConfigError(ValueError):
@@ -97,6 +102,7 @@ def hyperparameter(
     label: str = "",
     form: str = "",
     choices: tuple[str, ...] = (),
+    only_for: str | None = None,
 ):
     """A TrainConfig field.
 
@@ -106,6 +112,8 @@ def hyperparameter(
     form: how the wizard shows it: "number" or "choice" (a list of ``choices``) under Advanced,
     or "" where the page has its own control (method, packing) or none.
     choices: the values a text field takes (the API refuses others by name).
+    only_for: the one method (OpenAI's method.type) the field belongs to, None for all; the
+    API shows it only for jobs of that method and refuses it for others.
     """
     return field(
         default=default,
@@ -118,6 +126,7 @@ def hyperparameter(
             "label": label,
             "form": form,
             "choices": choices,
+            "only_for": only_for,
         },
     )
 
@@ -292,6 +301,19 @@ class TrainConfig:
     use_rslora: bool = hyperparameter(
         False, "rsLoRA: scale the update by alpha/sqrt(rank).", label="rsLoRA"
     )
+    # DPO's beta, OpenAI's own: how strongly the adapter is held to the reference (the base, or
+    # the parent adapter it starts from). auto is 0.1, TRL's and the DPO paper's default.
+    beta: float = hyperparameter(
+        0.1,
+        "DPO only: how close the adapter is held to its reference model, or auto (0.1); lower "
+        "lets it move further from it toward the preferred answers.",
+        rule=Rule(lambda v: 0 < v <= 2, "in (0, 2]"),
+        openai=True,
+        auto=True,
+        label="Beta (DPO)",
+        form="number",
+        only_for=DPO,
+    )
     # Where the job runs (engine/plan.py route): the cheapest worker class that fits it unless
     # one is named, and on how many of that class's devices at once (data parallel, one process
     # per device: worker/training.py).
@@ -311,6 +333,15 @@ class TrainConfig:
         rule=between(1, 64),
         label="GPUs",
     )
+    # OpenAI's method.type, taken from the request's method object rather than its
+    # hyperparameters (from_request).
+    objective: str = hyperparameter(
+        SUPERVISED,
+        "supervised: learn the answer of each row; dpo: learn, from pairs of a preferred and a "
+        "non-preferred answer, to prefer the first (Direct Preference Optimization).",
+        rule=Rule(lambda v: v in METHOD_TYPES, " or ".join(METHOD_TYPES)),
+        api=False,
+    )
     weight_decay: float = hyperparameter(0.0, "AdamW weight decay.", rule=at_least(0), api=False)
     max_grad_norm: float = hyperparameter(1.0, "Gradient clipping.", rule=POSITIVE, api=False)
     # The job's top-level ``seed`` (OpenAI's), not one of its hyperparameters.
@@ -321,6 +352,13 @@ class TrainConfig:
             rule, value = spec.metadata["rule"], getattr(self, spec.name)
             if rule is not None and value is not None and not rule.holds(value):
                 raise ConfigError(f"{spec.name} must be {rule.text}, got {value!r}")
+        if self.objective == DPO and self.gpus > 1:
+            raise ConfigError("gpus must be 1 for a DPO job: DPO trains on one device for now.")
+
+    @property
+    def sides(self) -> int:
+        """Sequences per training example: 1, or a DPO pair's preferred and non-preferred."""
+        return 2 if self.objective == DPO else 1
 
     @property
     def quantization(self) -> str:
@@ -346,6 +384,7 @@ class ApiField:
     form: str
     choices: tuple[str, ...]
     convert: ApiName | None
+    only_for: str | None  # the only method (method.type) it applies to; None for every method
 
 
 def _api_fields() -> tuple[ApiField, ...]:
@@ -372,6 +411,7 @@ def _api_fields() -> tuple[ApiField, ...]:
                 form=spec.metadata["form"],
                 choices=convert.choices if convert else spec.metadata["choices"],
                 convert=convert,
+                only_for=spec.metadata["only_for"],
             )
         )
     return tuple(sorted(found, key=lambda f: not f.openai))  # OpenAI's first, as it lists them
@@ -383,19 +423,24 @@ AUTO_RESOLVED = tuple(f.name for f in API_FIELDS if f.auto)
 _BY_NAME = {f.name: f for f in API_FIELDS}
 
 
-def from_request(requested: dict) -> dict:
-    """TrainConfig's arguments from the API's hyperparameters: types checked, names and units
-    converted; "auto", null and absent left out (the plan resolves them). Raises ConfigError
-    naming the field."""
+def from_request(requested: dict, method_type: str = SUPERVISED) -> dict:
+    """TrainConfig's arguments from the API's hyperparameters for a job of ``method_type``
+    (OpenAI's method.type): types checked, names and units converted; "auto", null and absent
+    left out (the plan resolves them). Raises ConfigError naming the field."""
     if not isinstance(requested, dict):
         raise ConfigError("hyperparameters must be an object.")
+    if method_type not in METHOD_TYPES:
+        raise ConfigError(f"method.type must be {' or '.join(METHOD_TYPES)}, got {method_type!r}")
     unknown = sorted(set(requested) - set(API_NAMES))
     if unknown:
         raise ConfigError(
             f"Unknown hyperparameter {unknown[0]!r}; Loft takes {', '.join(API_NAMES)}."
         )
-    config = {}
+    config = {} if method_type == SUPERVISED else {"objective": method_type}
     for name, value in requested.items():
+        owner = _BY_NAME[name].only_for
+        if owner not in (None, method_type):
+            raise ConfigError(f"{name} applies to {owner} jobs only (method.type {owner!r}).")
         if value == AUTO or value is None:
             continue
         api_field = _BY_NAME[name]
@@ -420,13 +465,38 @@ def as_stored(config: dict) -> dict:
 
 
 def public(config: dict) -> dict:
-    """A stored TrainConfig as the API shows it: OpenAI's names first, then Loft's."""
+    """A stored TrainConfig as the API shows it: OpenAI's names first, then Loft's; those of
+    another method than the job's left out."""
     config = as_stored(config)
     shown = {}
     for f in API_FIELDS:
+        if f.only_for not in (None, config["objective"]):
+            continue
         value = config[f.config_name]
         shown[f.name] = f.convert.from_config(value) if f.convert else value
     return shown
+
+
+def method_type_of(config: dict) -> str:
+    """A stored TrainConfig's method (OpenAI's method.type)."""
+    return as_stored(config)["objective"]
+
+
+def method_object(config: dict, shown: dict) -> dict:
+    """OpenAI's ``method`` member of a job: its type, and the hyperparameters as shown."""
+    method_type = method_type_of(config)
+    return {"type": method_type, method_type: {"hyperparameters": shown}}
+
+
+def method_fits_file(method_type: str, file_format: str) -> str | None:
+    """None where a file of ``file_format`` (engine/data.py's name; empty while unmeasured)
+    can train a job of ``method_type``; else the sentence that says why not."""
+    if method_type == DPO and file_format not in ("", PREFERENCE_FORMAT):
+        return (
+            f"A DPO job needs a preference file (rows of input, preferred_output and "
+            f"non_preferred_output); this file is in the {file_format} format."
+        )
+    return None
 
 
 def api_defaults() -> dict:

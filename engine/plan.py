@@ -389,13 +389,15 @@ def micro_batch(
     max_seq_length: int,
     max_row_tokens: int,
     forward_tokens: int = FORWARD_TOKENS,
+    sides: int = 1,
 ) -> MicroBatch:
     """Packed: one row of max_seq_length tokens at a time (train.py backs each row off on its
     own), or of ``forward_tokens`` where rows are shorter; its examples attend each to itself,
-    so none is longer than max_seq_length. Padded: the whole batch at once, padded to its
-    longest example."""
+    so none is longer than max_seq_length. A DPO pair (``sides`` 2) is packed whole, so a row
+    holds up to twice that. Padded: the whole batch at once (``batch_size`` sequences), padded
+    to its longest sequence."""
     if packing:
-        return MicroBatch(max(max_seq_length, forward_tokens), max_seq_length)
+        return MicroBatch(max(max_seq_length * sides, forward_tokens), max_seq_length)
     length = min(max_seq_length, max_row_tokens)
     return MicroBatch(batch_size * length, length)
 
@@ -408,8 +410,8 @@ def estimate(
     *,
     training_examples: int,
 ) -> Plan:
-    mean_tokens = stats.tokens / max(stats.rows, 1)
-    per_example = min(mean_tokens, config.max_seq_length)
+    mean_tokens = stats.tokens / max(stats.rows, 1)  # a DPO pair's: both its answers' rows
+    per_example = min(mean_tokens, config.max_seq_length * config.sides)
     steps_per_epoch = math.ceil(training_examples / config.batch_size)
     steps = steps_per_epoch * config.n_epochs
     if config.max_steps:
@@ -421,6 +423,9 @@ def estimate(
     # Data parallel: each device takes a share of every step's rows (engine/train.py).
     throughput = worker.tokens_per_second(shape.parameters) * config.gpus
     seconds = STARTUP_SECONDS + trained_tokens / throughput
+    if config.sides == 2:  # DPO's reference: one forward pass over the pairs before training,
+        # about a third of a training step's work per token (a forward of forward + backward)
+        seconds += training_examples * per_example / throughput / 3
     enough_devices = config.gpus <= worker.devices
     fits = memory["total"] <= worker.memory_bytes and enough_devices
     # Both methods as "auto" weighs them: at the forward size the method is chosen for.
@@ -534,10 +539,11 @@ def job_peak_memory(
         lora_rank=config.lora_rank,
         batch=micro_batch(
             packing=config.packing,
-            batch_size=config.batch_size,
+            batch_size=config.batch_size * config.sides,
             max_seq_length=config.max_seq_length,
             max_row_tokens=stats.max_row_tokens,
             forward_tokens=forward_tokens,
+            sides=config.sides,
         ),
         bytes_per_activation=worker.bytes_per_activation,
         gradient_checkpointing=config.gradient_checkpointing,

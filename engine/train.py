@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,42 +69,80 @@ class TrainingPaused(StoppedAtCheckpoint):
 class Tokenized:
     input_ids: list[int]
     labels: list[int]  # IGNORE where the token is context, the token itself where it is learned
+    # A DPO pair: this is the preferred answer's sequence, ``rejected`` the non-preferred one's,
+    # and ``reference`` the two sequences' log-probabilities under the reference model (set
+    # before the first step: reference_logps).
+    rejected: Tokenized | None = None
+    reference: tuple[float, float] | None = None
 
     @property
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE)
 
+    @property
+    def length(self) -> int:
+        """Tokens of the example: both sequences of a pair."""
+        return sum(len(side.input_ids) for side in self.sides())
+
+    def sides(self) -> list[Tokenized]:
+        """The sequences a forward pass runs: this one, then a pair's non-preferred one."""
+        return [self] if self.rejected is None else [self, self.rejected]
+
 
 def tokenize(
-    examples: list[data.Example], tokenizer, max_seq_length: int
+    examples: list[data.Example], tokenizer, max_seq_length: int, *, pairs: bool = False
 ) -> tuple[list[Tokenized], int]:
     """Examples as training sees them (data.render: the chat template, trained spans); returns
-    them and how many were dropped because truncation left nothing to learn."""
-    return truncate([rendered_tokens(e, tokenizer) for e in examples], max_seq_length)
+    them and how many were dropped because truncation left nothing to learn. ``pairs``: a
+    preference file's rows as DPO pairs, else as their preferred answers alone."""
+    return truncate([rendered_tokens(e, tokenizer) for e in examples], max_seq_length, pairs=pairs)
 
 
-Rendered = tuple[list[int], list[bool]]  # an example's tokens, and which of them are trained
+class Rendered(NamedTuple):
+    """An example's tokens and which of them are trained; a pair's non-preferred side too."""
+
+    input_ids: list[int]
+    trained: list[bool]
+    rejected: Rendered | None = None
 
 
 def rendered_tokens(example: data.Example, tokenizer) -> Rendered:
     """The slow part of tokenizing (the chat template, the trained spans): a worker keeps it
     per file (worker/tokenized_cache.py), whatever length a job then truncates to."""
-    rendered, _ = data.render(example, tokenizer)
-    return rendered.input_ids, rendered.trained
+    preferred, *rejected = [data.render(side, tokenizer)[0] for side in example.sides()]
+    return Rendered(
+        preferred.input_ids,
+        preferred.trained,
+        Rendered(rejected[0].input_ids, rejected[0].trained) if rejected else None,
+    )
 
 
-def truncate(rendered: list[Rendered], max_seq_length: int) -> tuple[list[Tokenized], int]:
-    """Rendered examples cut to ``max_seq_length`` tokens, with labels; those left with nothing
-    to learn are dropped and counted."""
+def truncate(
+    rendered: list[Rendered], max_seq_length: int, *, pairs: bool = False
+) -> tuple[list[Tokenized], int]:
+    """Rendered examples cut to ``max_seq_length`` tokens (each side of a pair alone), with
+    labels; those left with nothing to learn (on either side of a pair) are dropped and
+    counted. Without ``pairs`` a pair is its preferred answer alone: what a supervised job on
+    a preference file trains on."""
     result, dropped = [], 0
-    for input_ids, trained in rendered:
-        ids = input_ids[:max_seq_length]
-        labels = [t if on else IGNORE for t, on in zip(ids, trained, strict=False)]
-        if all(label == IGNORE for label in labels[1:]):
+    for example in rendered:
+        sides = [example, example.rejected] if pairs and example.rejected else [example]
+        cut = [_cut(side.input_ids, side.trained, max_seq_length) for side in sides]
+        if any(side is None for side in cut):
             dropped += 1
             continue
-        result.append(Tokenized(ids, labels))
+        if len(cut) == 2:
+            cut[0].rejected = cut[1]
+        result.append(cut[0])
     return result, dropped
+
+
+def _cut(input_ids: list[int], trained: list[bool], max_seq_length: int) -> Tokenized | None:
+    ids = input_ids[:max_seq_length]
+    labels = [t if on else IGNORE for t, on in zip(ids, trained, strict=False)]
+    if all(label == IGNORE for label in labels[1:]):
+        return None
+    return Tokenized(ids, labels)
 
 
 def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -120,12 +159,16 @@ def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, 
 
 @dataclass
 class Row:
-    """One micro-batch: tensors shaped [rows, length]."""
+    """One micro-batch: tensors shaped [rows, length]. ``sequence_ids`` numbers each token's
+    sequence within the micro-batch (a pair's preferred answer, then its non-preferred one) and
+    ``examples`` lists the examples it holds, in that order: what DPO's per-sequence sums read."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    sequence_ids: torch.Tensor | None = None
+    examples: list[Tokenized] | None = None
 
     @property
     def real_tokens(self) -> int:
@@ -140,22 +183,25 @@ class Row:
             move(self.labels),
             move(self.position_ids),
             move(self.attention_mask),
+            move(self.sequence_ids),
+            self.examples,
         )
 
 
 def pack(examples: list[Tokenized], row_tokens: int) -> list[Row]:
-    """Pack examples into rows of at most ``row_tokens`` tokens, first-fit by decreasing length.
+    """Pack examples into rows of at most ``row_tokens`` tokens, first-fit by decreasing length
+    (a DPO pair whole: both its sequences in one row, so each row's loss is its own).
 
-    Each example's position_ids start at 0, which is how the attention knows where one ends
+    Each sequence's position_ids start at 0, which is how the attention knows where one ends
     (engine/attention.py; flash attention's varlen path; or transformers' block-causal mask,
-    built only without a KV cache, see base_models.load_base_model), so no example attends to
-    another. The first label of each example is ignored so no example learns to predict from
-    its neighbour's last token. No padding: each row is its own batch.
+    built only without a KV cache, see base_models.load_base_model), so no sequence attends to
+    another. The first label of each sequence is ignored so none learns to predict from its
+    neighbour's last token. No padding: each row is its own batch.
     """
     bins: list[list[Tokenized]] = []
     room: list[int] = []
-    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
-        size = len(example.input_ids)
+    for example in sorted(examples, key=lambda e: e.length, reverse=True):
+        size = example.length
         for index, space in enumerate(room):
             if size <= space:
                 bins[index].append(example)
@@ -166,33 +212,39 @@ def pack(examples: list[Tokenized], row_tokens: int) -> list[Row]:
             room.append(max(row_tokens, size) - size)
     rows = []
     for members in bins:
-        ids, labels, positions = [], [], []
-        for example in members:
-            ids += example.input_ids
-            labels += [IGNORE] + example.labels[1:]
-            positions += range(len(example.input_ids))
+        ids, labels, positions, sequences = [], [], [], []
+        for number, side in enumerate(side for example in members for side in example.sides()):
+            ids += side.input_ids
+            labels += [IGNORE] + side.labels[1:]
+            positions += range(len(side.input_ids))
+            sequences += [number] * len(side.input_ids)
         rows.append(
             Row(
                 torch.tensor([ids]),
                 torch.tensor([labels]),
                 position_ids=torch.tensor([positions]),
+                sequence_ids=torch.tensor([sequences]),
+                examples=members,
             )
         )
     return rows
 
 
 def pad(examples: list[Tokenized], pad_id: int) -> list[Row]:
-    """The examples as one padded batch (to the longest): the way without packing."""
-    length = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), length), pad_id)
-    labels = torch.full((len(examples), length), IGNORE)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
+    """The examples as one padded batch (to the longest; a pair's two sequences one row
+    each): the way without packing."""
+    sides = [side for example in examples for side in example.sides()]
+    length = max(len(side.input_ids) for side in sides)
+    ids = torch.full((len(sides), length), pad_id)
+    labels = torch.full((len(sides), length), IGNORE)
+    mask = torch.zeros((len(sides), length), dtype=torch.long)
+    for row, side in enumerate(sides):
+        n = len(side.input_ids)
+        ids[row, :n] = torch.tensor(side.input_ids)
+        labels[row, :n] = torch.tensor(side.labels)
         mask[row, :n] = 1
-    return [Row(ids, labels, attention_mask=mask)]
+    sequences = torch.arange(len(sides))[:, None].expand(-1, length)
+    return [Row(ids, labels, attention_mask=mask, sequence_ids=sequences, examples=examples)]
 
 
 def forward_tokens(max_seq_length: int, planned: int = FORWARD_TOKENS) -> int:
@@ -329,17 +381,19 @@ def float_logits(head: torch.nn.Module, trained: torch.Tensor) -> torch.Tensor:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """The summed cross-entropy of ``hidden @ weight.T`` against ``targets``, computed
+    """The cross-entropy at each position of ``hidden @ weight.T`` against ``targets``, computed
     LOSS_CHUNK positions at a time, the gradient for the hidden states computed as it goes (as
     Liger's fused linear cross-entropy does): the logits of a forward, positions × vocabulary
     × 4 bytes and again for their softmax (a third of a GiB for 1024 positions of SmolLM2's
-    49k, 1.5 GiB of Llama 3's 128k), never exist at once. The weight is frozen (a LoRA never
-    trains the head here). Logits and softmax in fp32; the matmuls in the weight's dtype, so a
-    bf16 base computes as it did in one piece."""
+    49k, 1.5 GiB of Llama 3's 128k), never exist at once. Each position's loss depends on its
+    own hidden state alone, so its gradient is kept per position and scaled by whatever weight
+    the caller's loss gives it (1 in a sum; DPO's per-pair factor). The weight is frozen (a LoRA
+    never trains the head here). Logits and softmax in fp32; the matmuls in the weight's dtype,
+    so a bf16 base computes as it did in one piece."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         wanted = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden, dtype=torch.float32) if wanted else None
         with torch.autocast(hidden.device.type, enabled=False):
@@ -349,30 +403,36 @@ class LinearCrossEntropy(torch.autograd.Function):
                 chosen = targets[start : start + LOSS_CHUNK]
                 picked = logits.gather(1, chosen[:, None]).squeeze(1)
                 normalizer = torch.logsumexp(logits, dim=1)
-                total += (normalizer - picked).sum()
+                losses[start : start + LOSS_CHUNK] = normalizer - picked
                 if wanted:  # d loss / d logits = softmax - one-hot, then back through the head
                     softmax = logits.sub_(normalizer[:, None]).exp_()
                     softmax[torch.arange(len(chosen), device=chosen.device), chosen] -= 1
                     grad[start : start + LOSS_CHUNK] = (softmax.to(weight.dtype) @ weight).float()
         ctx.save_for_backward(grad if wanted else None)
         ctx.hidden_dtype = hidden.dtype
-        return total
+        return losses
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output).to(ctx.hidden_dtype), None, None
+        return (grad * grad_output[:, None]).to(ctx.hidden_dtype), None, None
+
+
+def token_losses(model, row: Row) -> torch.Tensor:
+    """The cross-entropy of each trained token of the row, in order, in fp32 under bf16
+    autocast too, like the loss it is. (The 30 % gap once seen between bf16 and fp32 held-out
+    losses came from the adapter sums, not from here: keep_adapter_sums_in_fp32.)"""
+    trained, targets, head = labelled_hidden(model, row)
+    if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None:
+        return LinearCrossEntropy.apply(trained, head.weight, targets)
+    # A head with gradients (a model outside a LoRA run) or a bias: in one piece.
+    return F.cross_entropy(float_logits(head, trained), targets, reduction="none")
 
 
 def loss_sum(model, row: Row) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over trained tokens, and their count; in fp32 under bf16 autocast
-    too, like the loss it is. (The 30 % gap once seen between bf16 and fp32 held-out losses
-    came from the adapter sums, not from here: keep_adapter_sums_in_fp32.)"""
-    trained, targets, head = labelled_hidden(model, row)
-    if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None:
-        return LinearCrossEntropy.apply(trained, head.weight, targets), targets.numel()
-    # A head with gradients (a model outside a LoRA run) or a bias: in one piece.
-    return F.cross_entropy(float_logits(head, trained), targets, reduction="sum"), targets.numel()
+    """Summed cross-entropy over trained tokens, and their count."""
+    losses = token_losses(model, row)
+    return losses.sum(), losses.numel()
 
 
 @torch.no_grad()
@@ -390,6 +450,106 @@ def held_out_loss(model, examples: list[Tokenized], row_tokens: int, device: str
         count += n
     model.train(was_training)
     return total / max(count, 1)
+
+
+# --- DPO: the loss of preference pairs --------------------------------------------------------
+#
+# Direct Preference Optimization (Rafailov et al. 2023): for a pair of answers to one input, the
+# implicit reward of an answer y is beta * (log pi(y) - log ref(y)), pi the adapter, ref the
+# reference model, log p(y) the sum of the answer's token log-probabilities (the trained tokens:
+# the reply only, never the input); the loss of a pair is -log sigmoid(reward(preferred) -
+# reward(non-preferred)). The reference is the model before the first step, with the adapter
+# as it then is: a fresh adapter is zero (its B matrices start at 0), so it is the base with the
+# adapter switched off; a job that starts from a parent adapter is referred to the parent. So
+# the reference costs one pass over the pairs before training (reference_logps), kept in every
+# checkpoint, and no second model in memory.
+
+
+def sequence_logps(model, row: Row) -> torch.Tensor:
+    """Each sequence's summed log-probability of its trained tokens, by ``row.sequence_ids``
+    (with gradients where the model has them)."""
+    targets_kept = row.labels[:, 1:] != IGNORE
+    sequences = row.sequence_ids[:, 1:][targets_kept]
+    count = int(row.sequence_ids.max()) + 1
+    logps = -token_losses(model, row)
+    return torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, sequences, logps)
+
+
+def preference_loss(model, row: Row, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed DPO loss of the row's pairs, and each pair's reward margin (detached)."""
+    logps = sequence_logps(model, row).view(-1, 2)  # a pair's preferred, then non-preferred
+    reference = torch.tensor([e.reference for e in row.examples], device=logps.device)
+    rewards = beta * (logps - reference)
+    margins = rewards[:, 0] - rewards[:, 1]
+    return -F.logsigmoid(margins).sum(), margins.detach()
+
+
+@torch.no_grad()
+def pair_logps(
+    model, pairs: list[Tokenized], row_tokens: int, device: str, precision: str = "fp32"
+) -> list[tuple[float, float]]:
+    """Each pair's (preferred, non-preferred) log-probabilities under the model as it is now
+    (adapter on or off), in eval mode, in the pairs' order."""
+    was_training = model.training
+    model.eval()
+    found: dict[int, tuple[float, float]] = {}
+    for row in pack(pairs, forward_tokens(row_tokens)) if pairs else []:
+        with autocast(precision, device):
+            logps = sequence_logps(model, row.to(device)).view(-1, 2).tolist()
+        for example, (preferred, rejected) in zip(row.examples, logps, strict=True):
+            found[id(example)] = (preferred, rejected)
+    model.train(was_training)
+    return [found[id(pair)] for pair in pairs]
+
+
+def reference_logps(model, pairs: list[Tokenized], row_tokens: int, device: str, precision: str):
+    """Set each pair's ``reference``: its log-probabilities under the model before training."""
+    for pair, logps in zip(
+        pairs, pair_logps(model, pairs, row_tokens, device, precision), strict=True
+    ):
+        pair.reference = logps
+
+
+@torch.no_grad()
+def held_out_preference_loss(
+    model, pairs: list[Tokenized], row_tokens: int, device: str, beta: float
+) -> float | None:
+    """Mean DPO loss per held-out pair (their references set)."""
+    if not pairs:
+        return None
+    was_training = model.training
+    model.eval()
+    total = sum(
+        float(preference_loss(model, row.to(device), beta)[0])
+        for row in pack(pairs, forward_tokens(row_tokens))
+    )
+    model.train(was_training)
+    return total / len(pairs)
+
+
+REFERENCE_FILE = "reference_logps.safetensors"  # in a DPO run's checkpoints
+
+
+def save_references(folder: Path, train_pairs: list[Tokenized], held_out: list[Tokenized]) -> None:
+    def as_tensor(pairs: list[Tokenized]) -> torch.Tensor:
+        return torch.tensor([pair.reference for pair in pairs], dtype=torch.float64).reshape(-1, 2)
+
+    save_file(
+        {"train": as_tensor(train_pairs), "held_out": as_tensor(held_out)}, folder / REFERENCE_FILE
+    )
+
+
+def load_references(folder: Path, train_pairs: list[Tokenized], held_out: list[Tokenized]) -> None:
+    """The references a checkpoint kept, back on the run's pairs (in the same order: the same
+    file, split by the same seed)."""
+    kept = load_file(folder / REFERENCE_FILE)
+    for pairs, name in ((train_pairs, "train"), (held_out, "held_out")):
+        if len(kept[name]) != len(pairs):
+            raise ValueError(
+                f"The checkpoint's reference covers {len(kept[name])} pairs, not {len(pairs)}."
+            )
+        for pair, logps in zip(pairs, kept[name].tolist(), strict=True):
+            pair.reference = tuple(logps)
 
 
 # --- the schedule of examples ------------------------------------------------------------
@@ -412,7 +572,7 @@ def scheduled_tokens(
     if steps is None:
         steps = total_steps(config, len(train_examples))
     return sum(
-        len(example.input_ids)
+        example.length
         for step in range(steps)
         for example in examples_for_step(train_examples, config, step)
     )
@@ -477,8 +637,12 @@ def save_checkpoint(
     step: int,
     config: TrainConfig,
     validation: Validation | None = None,
+    pairs: tuple[list[Tokenized], list[Tokenized]] | None = None,
 ) -> None:
+    """``pairs``: a DPO run's training and held-out pairs, whose references it keeps."""
     save_adapter(model, folder)
+    if pairs is not None:
+        save_references(folder, *pairs)
     validation = validation or Validation()
     if validation.best_weights is not None:
         save_file(validation.best_weights, folder / BEST_WEIGHTS)
@@ -761,11 +925,29 @@ def train(
     if resume_from:
         first_step, validation = load_checkpoint(resume_from, model, optimizer, scheduler)
     measuring = bool(config.eval_every and validation_examples)
+    preference = config.sides == 2
+    pairs = (train_examples, validation_examples) if preference else None
 
     # --- train (on any failure or cancel, the base is handed back without this run's layers)
     hooks = keep_adapter_sums_in_fp32(model) if precision == "bf16" else []
     frozen = FrozenWeightsInBf16(model) if precision == "bf16" else None
+    in_bf16 = frozen.in_bf16 if frozen else contextlib.nullcontext
     try:
+        if preference and resume_from:
+            load_references(resume_from, *pairs)
+        elif preference:  # the model before its first step is the reference (see DPO above)
+            with in_bf16():  # as the steps will compute
+                reference_logps(model, train_examples, row_tokens, device, precision)
+            # as the held-out measurements will (in fp32, like held_out_loss)
+            reference_logps(model, validation_examples, row_tokens, device, "fp32")
+
+        def measured_loss() -> float | None:
+            if preference:
+                return held_out_preference_loss(
+                    model, validation_examples, config.max_seq_length, device, config.beta
+                )
+            return held_out_loss(model, validation_examples, config.max_seq_length, device)
+
         trained_tokens = processed_tokens = 0
         recent_loss: float | None = None
         first_step_done_at: float | None = None
@@ -781,25 +963,33 @@ def train(
             if stop is not None:
                 if step > last_checkpoint and parallel.is_main:
                     folder = work_dir / "checkpoints" / f"step-{step}"
-                    save_checkpoint(folder, model, optimizer, scheduler, step, config, validation)
+                    save_checkpoint(
+                        folder, model, optimizer, scheduler, step, config, validation, pairs
+                    )
                     callbacks.on_checkpoint(folder, step)
                 raise stop(step)
             batch = parallel.share(examples_for_step(train_examples, config, step))
             rows = (
                 (pack(batch, row_tokens) if config.packing else pad(batch, pad_id)) if batch else []
             )
-            (label_count,) = parallel.summed(
-                sum(int((row.labels[:, 1:] != IGNORE).sum()) for row in rows)
+            # The loss is a mean over the step's trained tokens (a DPO run's: its pairs), on
+            # every rank: each token (pair) weighs the same however the step was split into
+            # rows and ranks.
+            (step_count,) = parallel.summed(
+                len(batch)
+                if preference
+                else sum(int((row.labels[:, 1:] != IGNORE).sum()) for row in rows)
             )
             step_loss = 0.0
             step_tokens = step_processed = 0
-            with frozen.in_bf16() if frozen else contextlib.nullcontext():
+            with in_bf16():
                 for row in rows:
                     with autocast(precision, device):
-                        summed, _ = loss_sum(model, row.to(device))
-                    # Normalize by the step's trained tokens (on every rank), so every token
-                    # weighs the same however the examples were split into rows and ranks.
-                    (summed / label_count).backward()
+                        if preference:
+                            summed, _ = preference_loss(model, row.to(device), config.beta)
+                        else:
+                            summed, _ = loss_sum(model, row.to(device))
+                    (summed / step_count).backward()
                     step_loss += float(summed.detach())
                     step_tokens += row.real_tokens
                     step_processed += row.input_ids.numel()
@@ -815,7 +1005,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            recent_loss = step_loss / label_count
+            recent_loss = step_loss / step_count
             if first_step_done_at is None:
                 first_step_done_at = time.monotonic()
             elapsed = time.monotonic() - loop_started
@@ -834,7 +1024,7 @@ def train(
             last_step_ended = time.monotonic()
             if measuring and (done % config.eval_every == 0 or done == steps):
                 if parallel.is_main:
-                    loss = held_out_loss(model, validation_examples, config.max_seq_length, device)
+                    loss = measured_loss()
                     validation.record(done, loss, model)
                     callbacks.on_validation(done, loss, validation.best_step)
                     patience = config.early_stopping_patience
@@ -843,7 +1033,9 @@ def train(
             if done % config.checkpoint_every == 0 or done == steps or validation.stopped_early:
                 if parallel.is_main:
                     folder = work_dir / "checkpoints" / f"step-{done}"
-                    save_checkpoint(folder, model, optimizer, scheduler, done, config, validation)
+                    save_checkpoint(
+                        folder, model, optimizer, scheduler, done, config, validation, pairs
+                    )
                     callbacks.on_checkpoint(folder, done)
                 last_checkpoint = done
             if validation.stopped_early:
@@ -856,9 +1048,7 @@ def train(
         elif not parallel.is_main:  # the other ranks' adapters are the same; not measured twice
             validation_loss = None
         else:
-            validation_loss = held_out_loss(
-                model, validation_examples, config.max_seq_length, device
-            )
+            validation_loss = measured_loss()
     except BaseException:
         model.unload()
         raise

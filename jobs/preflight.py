@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 
 from engine import plan as planning
-from engine.hyperparameters import METHODS, TrainConfig, from_request
+from engine.hyperparameters import METHODS, SUPERVISED, TrainConfig, from_request
 from jobs.models.catalogue import BaseModel
 from jobs.models.files import File
 from jobs.models.workers import WorkerHeartbeat
@@ -82,13 +82,14 @@ def resolve_hyperparameters(
     validation_file: File | None,
     base_model: BaseModel,
     parent: Adapter | None = None,
+    method_type: str = SUPERVISED,
 ) -> dict:
     """TrainConfig's arguments from a request's hyperparameters: "auto" (or absent) resolved
     from the training data when it has been measured, for the worker class the job is routed
     to, which they then name. A job that continues an adapter keeps its parent's base precision
-    unless told otherwise: the parent learned to correct that base. Raises ConfigError naming
-    the field."""
-    config = from_request(requested)
+    unless told otherwise: the parent learned to correct that base. ``method_type`` is OpenAI's
+    method.type (supervised or dpo). Raises ConfigError naming the field."""
+    config = from_request(requested, method_type)
     if parent is not None:
         config.setdefault("method", METHODS[parent.base_quantization])
     planning.refuse_unknown_class(config, known_classes())  # now, not once files are measured

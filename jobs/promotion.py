@@ -23,8 +23,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-# The generation metrics a custom evaluation records per row (engine/evaluate.py::per_row).
+# The generation metrics a custom evaluation records per row (engine/evaluate.py::per_row), and
+# on a preference file whether each pair's preferred answer was the likelier.
 EXACT, ROUGE = "normalized_exact_match", "rouge_l"
+PREFERENCE = "preference_accuracy"
 BOOTSTRAP_SEED = 20261206
 CONFIDENCE = 0.95
 
@@ -68,8 +70,11 @@ class Limits:
 
 
 def metric_for(current: dict[str, list[float]], candidate: dict[str, list[float]]) -> str:
-    """The generation metric the evaluation judges by (as engine/evaluate.py::verdict):
-    normalized exact match, or ROUGE-L when neither adapter matched a single reference."""
+    """The metric the evaluation judges by (as engine/evaluate.py::verdict): on a preference
+    file preference accuracy (DPO adapters are judged on it); else normalized exact match, or
+    ROUGE-L when neither adapter matched a single reference."""
+    if current.get(PREFERENCE) is not None and candidate.get(PREFERENCE) is not None:
+        return PREFERENCE
     matched = sum(current.get(EXACT) or []) + sum(candidate.get(EXACT) or [])
     return EXACT if matched > 0 else ROUGE
 
@@ -205,7 +210,9 @@ def gate(files: list[FileScores], probes: ProbeHits | None, limits: Limits | Non
 
 
 def _metric_name(metric: str) -> str:
-    return "normalized exact match" if metric == EXACT else "ROUGE-L"
+    return {EXACT: "normalized exact match", PREFERENCE: "preference accuracy"}.get(
+        metric, "ROUGE-L"
+    )
 
 
 def _described(entry: dict) -> str:

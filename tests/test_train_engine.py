@@ -88,7 +88,7 @@ def test_the_chunked_loss_and_its_gradient_equal_the_plain_cross_entropy(dtype):
     weight = (torch.randn(1000, 64) * 0.2).to(dtype)
     targets = torch.randint(0, 1000, (positions,))
     hidden = torch.randn(positions, 64, requires_grad=True)
-    chunked = T.LinearCrossEntropy.apply(hidden, weight, targets)
+    chunked = T.LinearCrossEntropy.apply(hidden, weight, targets).sum()
     (chunked * 3).backward()
     chunked_grad, hidden.grad = hidden.grad, None
     plain = F.cross_entropy((hidden.to(dtype) @ weight.t()).float(), targets, reduction="sum")

@@ -17,6 +17,7 @@ from django.conf import settings
 from engine import data, evaluate, train
 from engine.base_models import training_device
 from jobs.models import Adapter, Evaluation
+from jobs.promotion import PREFERENCE
 from loft.observability import bind_log_fields
 from loft.storage import StorageError
 from worker import serving, tokenized_cache
@@ -62,7 +63,8 @@ def _score_every_model(evaluation: Evaluation) -> dict:
     rendered = tokenized_cache.rendered_rows(
         evaluation.file, examples, tokenizer, evaluation.base_model
     )
-    tokenized, _ = train.truncate(rendered, max_length)
+    # A preference file is scored pair by pair (and on its preferred answers).
+    tokenized, _ = train.truncate(rendered, max_length, pairs=True)
     answerable = evaluate.answerable(examples, evaluation.options["max_generations"])
     if not tokenized:
         raise data.DatasetError(
@@ -120,8 +122,12 @@ def _score_every_model(evaluation: Evaluation) -> dict:
         )
         inputs = evaluate.rows_inputs(answerable, tokenized, **options)
         result = remember(evaluate.HELD_OUT, inputs, score)
-        # Row by row too: an alias's promotion compares two models on the same rows.
-        entry = {**result["scores"], "per_row": evaluate.per_row(result["outputs"], references)}
+        # Row by row too: an alias's promotion compares two models on the same rows (on a
+        # preference file, pair by pair: whether the preferred answer was the likelier).
+        entry = {k: v for k, v in result["scores"].items() if k != "preference_wins"}
+        entry["per_row"] = evaluate.per_row(result["outputs"], references)
+        if result["scores"].get("preference_wins") is not None:
+            entry["per_row"][PREFERENCE] = result["scores"]["preference_wins"]
         if probes:
             inputs = evaluate.probes_inputs(probes, device=options["device"])
             answers = remember(evaluate.PROBES, inputs, ask_probes)["outputs"]

@@ -35,8 +35,8 @@ RENDERING_CODE = evaluate.digest([(ENGINE / name).read_text() for name in ("data
 def rendered_rows(
     file: File, examples: list[data.Example], tokenizer, base_model: BaseModel
 ) -> list[train.Rendered]:
-    """The file's examples rendered (one per example, in order): read from storage when kept,
-    else rendered now and kept."""
+    """The file's examples rendered (one per example, in order; a preference pair with both
+    its sides): read from storage when kept, else rendered now and kept."""
     key = cache_key(file, base_model)
     try:
         kept = decode(storage.get_bytes(key))
@@ -70,14 +70,21 @@ def cache_key(file: File, base_model: BaseModel) -> str:
 
 
 def encode(rows: list[train.Rendered]) -> bytes:
-    """Every example's tokens end to end, its trained flags the same way, and the lengths."""
-    ids = [token for input_ids, _ in rows for token in input_ids]
-    trained = [flag for _, flags in rows for flag in flags]
+    """Every sequence's tokens end to end (a pair's preferred, then non-preferred), its
+    trained flags the same way, the lengths, and each example's count of sequences."""
+    sequences = [side for row in rows for side in (row, row.rejected) if side is not None]
     return save_tensors(
         {
-            "input_ids": torch.tensor(ids, dtype=torch.int32),
-            "trained": torch.tensor(trained, dtype=torch.bool),
-            "lengths": torch.tensor([len(input_ids) for input_ids, _ in rows], dtype=torch.int64),
+            "input_ids": torch.tensor(
+                [t for side in sequences for t in side.input_ids], dtype=torch.int32
+            ),
+            "trained": torch.tensor(
+                [flag for side in sequences for flag in side.trained], dtype=torch.bool
+            ),
+            "lengths": torch.tensor([len(side.input_ids) for side in sequences], dtype=torch.int64),
+            "sides": torch.tensor(
+                [1 + (row.rejected is not None) for row in rows], dtype=torch.int8
+            ),
         }
     )
 
@@ -85,8 +92,14 @@ def encode(rows: list[train.Rendered]) -> bytes:
 def decode(payload: bytes) -> list[train.Rendered]:
     tensors = load_tensors(payload)
     ids, trained = tensors["input_ids"].tolist(), tensors["trained"].tolist()
-    rows, start = [], 0
+    sequences, start = [], 0
     for length in tensors["lengths"].tolist():
-        rows.append((ids[start : start + length], trained[start : start + length]))
+        sequences.append(
+            train.Rendered(ids[start : start + length], trained[start : start + length])
+        )
         start += length
+    rows, at = [], 0
+    for sides in tensors["sides"].tolist():
+        rows.append(sequences[at]._replace(rejected=sequences[at + 1] if sides == 2 else None))
+        at += sides
     return rows

@@ -28,7 +28,13 @@ from django.utils import timezone
 from engine import artifacts, data, distributed, evaluate, train
 from engine import plan as planning
 from engine.base_models import load_base_model, training_device, warm_base_models
-from engine.hyperparameters import ConfigError, TrainConfig, as_stored
+from engine.hyperparameters import (
+    ConfigError,
+    TrainConfig,
+    as_stored,
+    method_fits_file,
+    method_type_of,
+)
 from jobs.models import Adapter, Evaluation, File, FineTuneJob
 from loft import storage
 from loft.observability import bind_log_fields
@@ -286,6 +292,10 @@ def _prepare_data(job: FineTuneJob, attempt: int, config: TrainConfig, tokenizer
     validation file's, or a seeded share of the training file split off before truncating.
     Rendering the examples into tokens is the slow part; it is kept per file
     (worker/tokenized_cache.py) for the next job, retry or resume on the same file."""
+    for file in (job.training_file, job.validation_file):
+        unfit = file and method_fits_file(method_type_of(job.hyperparameters), file.format)
+        if unfit:
+            raise data.DatasetError("invalid_file", unfit)
     examples, skipped = read_examples(job.training_file)
     if skipped:
         job.add_event(
@@ -308,7 +318,10 @@ def _prepare_data(job: FineTuneJob, attempt: int, config: TrainConfig, tokenizer
         )
     else:
         pairs, held_pairs = train.split_validation(pairs, config.validation_fraction, config.seed)
-    tokenized, dropped = train.truncate([r for _, r in pairs], config.max_seq_length)
+    as_pairs = config.sides == 2  # DPO; a supervised job reads a pair's preferred answer
+    tokenized, dropped = train.truncate(
+        [r for _, r in pairs], config.max_seq_length, pairs=as_pairs
+    )
     if dropped:
         job.add_event(
             "warning",
@@ -320,8 +333,10 @@ def _prepare_data(job: FineTuneJob, attempt: int, config: TrainConfig, tokenizer
         raise data.DatasetError(
             "no_valid_rows", "No row of the training file has an assistant turn to learn from."
         )
-    held_out, _ = train.truncate([r for _, r in held_pairs], config.max_seq_length)
-    replayed = replay_rows(job, config, tokenizer, len(tokenized))
+    held_out, _ = train.truncate([r for _, r in held_pairs], config.max_seq_length, pairs=as_pairs)
+    # A DPO child replays nothing: its ancestors' rows are not pairs, and its reference (the
+    # parent) is what holds it near what they learned.
+    replayed = [] if as_pairs else replay_rows(job, config, tokenizer, len(tokenized))
     if replayed:
         job.add_event(
             "info",
@@ -512,8 +527,9 @@ class JobRun:
         as processes of their own that write nothing (engine/distributed.py); this process
         keeps the callbacks, so events, checkpoints, fencing and cancel work as on one."""
         # Measured during training only with eval_every; else the held-out loss is the
-        # evaluation's (the same rows, packed the same way).
-        held_out = self.held_out if self.config.eval_every else []
+        # evaluation's (the same rows, packed the same way). A DPO run measures its held-out
+        # pairs against the reference it computes before its first step, so it takes them.
+        held_out = self.held_out if self.config.eval_every or self.config.sides == 2 else []
         if self.config.gpus == 1:
             return self.loop(held_out)
         if self.config.gpus > settings.LOFT_WORKER_DEVICES:  # a class declared otherwise
@@ -584,9 +600,12 @@ class JobRun:
                 self.held_out,
                 probes=evaluate.load_probes()[: settings.LOFT_EVAL_FORGETTING_PROBES],
                 remember=remember,
+                reward_scale=self.config.beta if self.config.sides == 2 else None,
                 **self.scoring_options,
             )
             comparison = result.as_dict()
+            if self.config.sides == 2:  # what the adapter's implicit reward is measured against
+                comparison["reference"] = "parent" if self.parent_folder else "base"
             kept = " and ".join(KEPT_WORDS[kind] for kind in sorted(remember.kinds_read)) or "none"
             self.event(
                 f"Evaluated in {sum(result.seconds.values()):.1f} s: held-out rows "

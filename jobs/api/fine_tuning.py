@@ -16,7 +16,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from engine.hyperparameters import ConfigError, TrainConfig, public
+from engine.hyperparameters import SUPERVISED, ConfigError, TrainConfig, method_fits_file, public
 from jobs import lineage, preflight
 from jobs.api.serializers import (
     CHECKPOINT_ID_PREFIX,
@@ -224,9 +224,14 @@ def prepare_job(org, values: dict) -> PreparedJob:
     )
     requested = dict(values["hyperparameters"])
     requested.pop("parent_adapter", None)
+    method_type = values.get("method_type", SUPERVISED)
+    for param, file in (("training_file", training_file), ("validation_file", validation_file)):
+        unfit = file and method_fits_file(method_type, file.format)
+        if unfit:
+            raise LoftAPIError(unfit, param=param, code="invalid_file")
     try:
         resolved = preflight.resolve_hyperparameters(
-            requested, training_file, validation_file, base_model, parent
+            requested, training_file, validation_file, base_model, parent, method_type
         )
         seed = values.get("seed")
         seed = 42 if seed is None else seed

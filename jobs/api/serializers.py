@@ -5,7 +5,16 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from engine.data import FORMATS
-from engine.hyperparameters import API_FIELDS, AUTO, AUTO_RESOLVED, ApiField, public
+from engine.hyperparameters import (
+    API_FIELDS,
+    AUTO,
+    AUTO_RESOLVED,
+    METHOD_TYPES,
+    SUPERVISED,
+    ApiField,
+    method_object,
+    public,
+)
 from jobs import preflight
 from jobs.models import (
     Adapter,
@@ -237,7 +246,7 @@ class JobSerializer(serializers.ModelSerializer):
             "training_file": job["training_file_id"],
             "validation_file": job["validation_file_id"],
             "hyperparameters": hyperparameters,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            "method": method_object(job["hyperparameters"], hyperparameters),
             "result_files": self.get_result_files(job),
             "error": verbatim_json(job["error_text"]),
             "seed": job["seed"],
@@ -261,16 +270,13 @@ class JobSerializer(serializers.ModelSerializer):
         shown = public(job["hyperparameters"])
         if job["status"] == FineTuneJob.Status.VALIDATING_FILES:
             # Resolved from the data once it is measured; until then, what the client asked.
-            for name in AUTO_RESOLVED:
+            for name in (name for name in AUTO_RESOLVED if name in shown):
                 if orjson.loads(job["requested_hyperparameters_text"]).get(name, AUTO) == AUTO:
                     shown[name] = AUTO
         return shown
 
     def get_method(self, job: dict) -> dict:
-        return {
-            "type": "supervised",
-            "supervised": {"hyperparameters": self.get_hyperparameters(job)},
-        }
+        return method_object(job["hyperparameters"], self.get_hyperparameters(job))
 
     def get_result_files(self, job: dict) -> list[str]:
         """The job's metrics by step as a CSV file (``GET /v1/files/{id}/content``), once it
@@ -375,7 +381,8 @@ class JobCreateSerializer(StrictSerializer):
     hyperparameters = serializers.JSONField(required=False)
     method = serializers.JSONField(
         required=False,
-        help_text='{"type": "supervised", "supervised": {"hyperparameters": {…}}}',
+        help_text='{"type": "supervised", "supervised": {"hyperparameters": {…}}}, or '
+        '{"type": "dpo", "dpo": {"hyperparameters": {…, "beta": "auto"}}} on a preference file',
     )
     suffix = serializers.RegexField(
         r"^[A-Za-z0-9_-]{0,64}$",
@@ -411,26 +418,34 @@ class JobCreateSerializer(StrictSerializer):
 
     def validate(self, attrs):
         method = attrs.get("method")
+        attrs["method_type"] = SUPERVISED
         if method is not None:
-            if not isinstance(method, dict) or method.get("type", "supervised") != "supervised":
+            kind = method.get("type", SUPERVISED) if isinstance(method, dict) else None
+            if kind not in METHOD_TYPES:
                 raise serializers.ValidationError(
                     {
                         "method": [
-                            "Loft trains supervised fine-tuning only: method.type 'supervised'."
+                            "Loft trains supervised fine-tuning and DPO: method.type "
+                            "'supervised' or 'dpo'."
                         ]
                     }
                 )
-            supervised = method.get("supervised") or {}
-            inner = supervised.get("hyperparameters", {}) if isinstance(supervised, dict) else None
+            settings_of_kind = method.get(kind) or {}
+            inner = (
+                settings_of_kind.get("hyperparameters", {})
+                if isinstance(settings_of_kind, dict)
+                else None
+            )
             if not isinstance(inner, dict):
                 raise serializers.ValidationError(
-                    {"method": ["method.supervised.hyperparameters must be an object."]}
+                    {"method": [f"method.{kind}.hyperparameters must be an object."]}
                 )
             if self.initial_data.get("hyperparameters"):
                 raise serializers.ValidationError(
                     {"hyperparameters": ["Give hyperparameters or method, not both."]}
                 )
             attrs["hyperparameters"] = inner
+            attrs["method_type"] = kind
         else:
             # The raw object: "auto" and the checks live in engine/hyperparameters.py.
             raw = self.initial_data.get("hyperparameters")
