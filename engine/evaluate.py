@@ -301,8 +301,9 @@ class Scores:
     # model gives the preferred answer a higher log-probability than the non-preferred one
     # (each answer's tokens summed, as DPO's reward sums them), for any model, base included;
     # and for an adapter measured against its DPO reference, the implicit reward
-    # beta * (log pi(y) - log ref(y)): the share of pairs where the preferred answer's is the
-    # higher (TRL's rewards/accuracies) and the mean margin between the two.
+    # scale * (log pi(y) - log ref(y)) (the scale is the job's DPO hyperparameter): the share of
+    # pairs where the preferred answer's is the higher (TRL's rewards/accuracies) and the mean
+    # margin between the two.
     preference_accuracy: float | None = None
     reward_accuracy: float | None = None
     reward_margin: float | None = None
@@ -431,7 +432,7 @@ def score(
     metrics over ``tokenized`` and greedy answers to ``examples`` (rows with an answer), scored
     against their references. Returns the scores and the answers. Preference pairs are scored
     on their preferred answers (a pair's reference is its preferred answer) and by how the
-    model ranks their two answers; with ``reward_scale`` (the job's DPO beta) by its implicit
+    model ranks their two answers; with ``reward_scale`` (the job's DPO scale) by its implicit
     reward against the reference each pair carries too."""
     answers = [train.Tokenized(t.input_ids, t.labels) for t in tokenized]  # preferred side
     tokens = token_metrics(model, answers, row_tokens, device)
@@ -505,7 +506,7 @@ def compare(
 
     ``model`` is a peft model with its adapter active; ``held_out_tokenized`` are the held-out
     examples as training tokenized them, and generation answers the first ``max_generations``
-    chat rows of ``held_out_examples``. ``reward_scale``: a DPO job's beta, for the adapter's
+    chat rows of ``held_out_examples``. ``reward_scale``: the DPO job's scale, for the adapter's
     implicit reward against the reference its held-out pairs carry.
     """
     started = time.monotonic()

@@ -55,6 +55,22 @@ def dataset(tmp_path):
     return path
 
 
+@pytest.fixture
+def preference_dataset(tmp_path):
+    """OpenAI's preference rows: a prompt, the answer to prefer and one not to."""
+    path = tmp_path / "pairs.jsonl"
+    pairs = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]},
+            "preferred_output": [{"role": "assistant", "content": str(2 * i)}],
+            "non_preferred_output": [{"role": "assistant", "content": f"Maybe {2 * i + 1}."}],
+        }
+        for i in range(8)
+    ]
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return path
+
+
 def run(capsys, *argv) -> tuple[int, str, str]:
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
@@ -349,6 +365,45 @@ def test_the_server_names_the_hyperparameter_it_refuses(as_tenant_a, capsys, dat
     assert code == 1 and out == ""
     assert err.startswith("loft: ") and name in err and "Traceback" not in err
     assert not FineTuneJob.objects.exists()
+
+
+def test_method_dpo_sends_openais_method_object_with_beta(as_tenant_a, capsys, preference_dataset):
+    job = run_json(
+        capsys,
+        "jobs",
+        "create",
+        *MODEL,
+        "--training-file",
+        str(preference_dataset),
+        "--method",
+        "dpo",
+        "--beta",
+        "0.2",
+        "-H",
+        "lora_rank=4",
+    )
+
+    assert job["method"]["type"] == "dpo"
+    assert job["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
+    stored = FineTuneJob.objects.get(pk=job["id"])
+    assert stored.hyperparameters["objective"] == "dpo"
+    assert stored.requested_hyperparameters == {"beta": 0.2, "lora_rank": 4}
+    code, out, _ = run(capsys, "jobs", "get", job["id"])
+    assert code == 0 and "method            dpo" in out
+
+
+def test_beta_without_method_dpo_is_refused_by_the_server_in_a_sentence(
+    as_tenant_a, capsys, preference_dataset
+):
+    file_id = uploaded_file_id(capsys, preference_dataset)
+
+    code, out, err = run(
+        capsys, "jobs", "create", *MODEL, "--training-file", file_id, "--beta", "0.2", "--dry-run"
+    )
+
+    assert code == 1 and out == ""
+    assert err.startswith("loft: ") and "beta applies to dpo jobs only" in err
+    assert "Traceback" not in err and not FineTuneJob.objects.exists()
 
 
 def test_another_tenants_job_is_not_found(as_tenant_a, tenant_b, capsys, dataset):
@@ -846,6 +901,7 @@ NOT_HYPERPARAMETERS = {
     "--suffix",
     "--seed",
     "--hyperparameter",
+    "--method",
     "--dry-run",
     "--idempotency-key",
     "--follow",

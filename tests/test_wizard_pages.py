@@ -24,6 +24,40 @@ def dataset(api, rows: int = 30) -> str:
     return response.json()["id"]
 
 
+def preference_dataset(api, rows: int = 30) -> str:
+    """OpenAI's preference rows: a prompt, the answer to prefer and one not to."""
+    pairs = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]},
+            "preferred_output": [{"role": "assistant", "content": str(2 * i)}],
+            "non_preferred_output": [{"role": "assistant", "content": f"Maybe {2 * i + 1}."}],
+        }
+        for i in range(rows)
+    ]
+    response = upload(api, jsonl(pairs), name="pairs.jsonl")
+    assert response.status_code == 200, response.content
+    assert response.json()["format"] == "preference"
+    return response.json()["id"]
+
+
+QUICK_SETTINGS = {
+    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "preset": "quick",
+    "n_epochs": "1",
+    "batch_size": "auto",
+    "learning_rate_multiplier": "2.0",
+    "lora_rank": "8",
+    "lora_alpha": "16",
+    "lora_dropout": "0.0",
+    "max_seq_length": "auto",
+    "warmup_ratio": "0.0",
+    "lr_scheduler": "linear",
+    "max_steps": "2",
+    "beta": "auto",  # on the page only where DPO is offered; read only where it is chosen
+    "action": "next",
+}
+
+
 def test_the_wizard_walks_data_model_review_and_launches_a_job(browser_a, api_a, tenant_a):
     file_id = dataset(api_a)
     page = browser_a.get(f"/train/new?file={file_id}").content.decode()
@@ -32,6 +66,7 @@ def test_the_wizard_walks_data_model_review_and_launches_a_job(browser_a, api_a,
 
     page = browser_a.get("/train/new/model").content.decode()
     assert "Quick" in page and "Balanced" in page and "Thorough" in page
+    assert 'name="method_type"' not in page and 'id="field-beta"' not in page  # chat: supervised
     assert 'value="auto"' in page  # Balanced: epochs from the data
     quick = browser_a.post(
         "/train/new/model",
@@ -80,6 +115,9 @@ def test_the_wizard_walks_data_model_review_and_launches_a_job(browser_a, api_a,
     assert job.org == tenant_a.org and job.hyperparameters["lora_rank"] == 8
     assert job.hyperparameters["max_steps"] == 2 and job.suffix == "wizard"
     assert job.hyperparameters["lr_scheduler"] == "cosine"
+    assert job.hyperparameters["objective"] == "supervised"
+    assert "beta" not in job.requested_hyperparameters
+    assert api_a.get(f"/v1/fine_tuning/jobs/{job.id}").json()["method"]["type"] == "supervised"
 
     page = browser_a.get(f"/jobs/{job.id}").content.decode()
     assert 'data-live-url="/jobs/' in page and "Cancel" in page
@@ -88,6 +126,65 @@ def test_the_wizard_walks_data_model_review_and_launches_a_job(browser_a, api_a,
     job.refresh_from_db()
     assert job.status == "cancelled"
     assert "data-final" in browser_a.get(f"/jobs/{job.id}/live").content.decode()
+
+
+def test_a_preference_file_offers_dpo_first_and_launches_a_dpo_job(browser_a, api_a):
+    file_id = preference_dataset(api_a)
+    assert browser_a.post("/train/new", {"file": file_id})["Location"] == "/train/new/model"
+
+    page = browser_a.get("/train/new/model").content.decode()
+    assert 'name="method_type" value="dpo" checked' in page
+    assert 'name="method_type" value="supervised">' in page
+    assert '<p data-only-for="dpo">' in page and 'id="field-beta"' in page  # shown: DPO chosen
+
+    refused = browser_a.post(
+        "/train/new/model", {**QUICK_SETTINGS, "method_type": "dpo", "beta": "3"}
+    ).content.decode()
+    assert 'id="error-beta"' in refused and "beta must be in (0, 2]" in refused
+    chosen = {**QUICK_SETTINGS, "method_type": "dpo", "beta": "0.2"}
+    assert browser_a.post("/train/new/model", chosen)["Location"] == "/train/new/review"
+    review = browser_a.get("/train/new/review").content.decode()
+    assert "DPO: learn to prefer the preferred answer over the other" in review
+    assert "held close to the base model" in review and "Pre-flight estimate" in review
+
+    launched = browser_a.post("/train/new/review")
+    job = FineTuneJob.objects.get()
+    assert launched["Location"] == f"/jobs/{job.id}"
+    assert job.hyperparameters["objective"] == "dpo" and job.hyperparameters["beta"] == 0.2
+    method = api_a.get(f"/v1/fine_tuning/jobs/{job.id}").json()["method"]
+    assert method["type"] == "dpo" and method["dpo"]["hyperparameters"]["beta"] == 0.2
+    assert browser_a.post(f"/jobs/{job.id}/cancel").status_code == 302
+
+
+def test_a_preference_file_can_train_supervised_on_its_preferred_answers(browser_a, api_a):
+    browser_a.post("/train/new", {"file": preference_dataset(api_a)})
+    chosen = {**QUICK_SETTINGS, "method_type": "supervised", "beta": "not a number"}
+    assert browser_a.post("/train/new/model", chosen)["Location"] == "/train/new/review"
+
+    back = browser_a.get("/train/new/model").content.decode()
+    assert 'name="method_type" value="supervised" checked' in back
+    assert '<p data-only-for="dpo" hidden>' in back  # beta: not this method's
+    review = browser_a.get("/train/new/review").content.decode()
+    assert "Supervised: learn the preferred answers" in review
+
+    browser_a.post("/train/new/review")
+    job = FineTuneJob.objects.get()
+    assert job.hyperparameters["objective"] == "supervised"
+    assert "beta" not in job.requested_hyperparameters  # never sent for a supervised job
+    assert api_a.get(f"/v1/fine_tuning/jobs/{job.id}").json()["method"]["type"] == "supervised"
+    assert browser_a.post(f"/jobs/{job.id}/cancel").status_code == 302
+
+
+def test_another_file_brings_its_own_method(browser_a, api_a):
+    """DPO chosen for a preference file, then a chat file picked instead: supervised."""
+    browser_a.post("/train/new", {"file": preference_dataset(api_a)})
+    browser_a.post("/train/new/model", {**QUICK_SETTINGS, "method_type": "dpo"})
+    assert browser_a.post("/train/new", {"file": dataset(api_a)})["Location"].endswith("/model")
+
+    page = browser_a.get("/train/new/model").content.decode()
+    assert 'name="method_type"' not in page
+    review = browser_a.get("/train/new/review").content.decode()
+    assert "Supervised: the answers in the file" in review and 'role="alert"' not in review
 
 
 def test_a_file_with_errors_cannot_go_on_and_says_why(browser_a, api_a):

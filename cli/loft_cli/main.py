@@ -508,10 +508,14 @@ JOB_COLUMNS = [
     ("CREATED", lambda j: _when(j.get("created_at"))),
 ]
 
-# OpenAI's three hyperparameters have flags of their own; every other one (Loft's LoRA rank,
-# quantization, sequence length, ...) is ``--hyperparameter NAME=VALUE``. The server knows the
-# names, types and ranges and refuses a wrong one by name; the client knows none of them.
-HYPERPARAMETER_FLAGS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+# OpenAI's hyperparameters have flags of their own (beta is DPO's); every other one (Loft's LoRA
+# rank, quantization, sequence length, ...) is ``--hyperparameter NAME=VALUE``. The server knows
+# the names, types and ranges, and which method each belongs to, and refuses a wrong one by name;
+# the client knows none of them.
+HYPERPARAMETER_FLAGS = ("n_epochs", "batch_size", "learning_rate_multiplier", "beta")
+# OpenAI's method.type: supervised (learn the answers) or dpo (learn, from a preference file's
+# pairs, to prefer the preferred answer over the other).
+METHOD_TYPES = ("supervised", "dpo")
 
 
 def _refuse_constant(name: str):
@@ -581,6 +585,8 @@ def _print_job(job: dict) -> None:
         + ["trained_tokens"],
     )
     width = len("fine_tuned_model")
+    if (job.get("method") or {}).get("type"):
+        print(f"{'method'.ljust(width)}  {job['method']['type']}")
     if job.get("status") in ("running", *FINISHED) and (job.get("progress") or {}):
         print(f"{'progress'.ljust(width)}  {progress_text(job)}")
     if job.get("error"):
@@ -629,7 +635,9 @@ def cmd_jobs_create(client: Client, args) -> int:
         body["suffix"] = args.suffix
     if args.seed is not None:
         body["seed"] = args.seed
-    if hyperparameters:
+    if args.method:  # OpenAI's method object, which carries the hyperparameters
+        body["method"] = {"type": args.method, args.method: {"hyperparameters": hyperparameters}}
+    elif hyperparameters:
         body["hyperparameters"] = hyperparameters
     if args.dry_run:
         body["dry_run"] = True
@@ -1232,7 +1240,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.epilog = (
         "Example: loft jobs create --model HuggingFaceTB/SmolLM2-135M-Instruct"
         " --training-file train.jsonl --n-epochs 3 --hyperparameter lora_rank=8"
-        " -H quantization=nf4 --dry-run"
+        " -H quantization=nf4 --dry-run. DPO on a preference file:"
+        " loft jobs create --model ft:... --training-file pairs.jsonl --method dpo --beta auto"
     )
     create.add_argument(
         "--model", required=True, help="a base model, or a fine-tuned model to continue training"
@@ -1250,6 +1259,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=json_or_text,
         metavar="X",
         help='a number or "auto"; 1.0 is the default learning rate',
+    )
+    create.add_argument(
+        "--method",
+        choices=METHOD_TYPES,
+        help="supervised (learn the answers; the default) or dpo (learn from a preference file's"
+        " pairs to prefer the preferred answer), sent as OpenAI's method object",
+    )
+    create.add_argument(
+        "--beta",
+        type=json_or_text,
+        metavar="X",
+        help='DPO only: a number or "auto" (0.1); how close the adapter stays to its reference',
     )
     create.add_argument(
         "-H",

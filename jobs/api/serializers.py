@@ -382,7 +382,7 @@ class JobCreateSerializer(StrictSerializer):
     method = serializers.JSONField(
         required=False,
         help_text='{"type": "supervised", "supervised": {"hyperparameters": {…}}}, or '
-        '{"type": "dpo", "dpo": {"hyperparameters": {…, "beta": "auto"}}} on a preference file',
+        '{"type": "dpo", "dpo": {"hyperparameters": {…}}} on a preference file',
     )
     suffix = serializers.RegexField(
         r"^[A-Za-z0-9_-]{0,64}$",

@@ -311,7 +311,7 @@ class Evaluation(TenantOwnedModel):
         latest = Evaluation.objects.filter(job=job_id).order_by("-created_at")
         results = {
             part: KeyTransform(part, "results")
-            for part in ("base", "adapter", "forgetting", "base_precision")
+            for part in ("base", "adapter", "forgetting", "base_precision", "reference")
         }
         first_samples = Func(
             F("results"), Value("$.samples[0 to 2]"), function="jsonb_path_query_array"
@@ -354,6 +354,8 @@ def evaluation_summary(evaluation_id: str, results: dict, verdict: dict) -> dict
         "verdict": verdict,
         "forgetting": _forgetting_headline(results.get("forgetting")),
         "base_precision": results.get("base_precision"),
+        # A DPO adapter's: what its implicit reward is measured against (base or parent).
+        "reference": results.get("reference"),
         "samples": (results.get("samples") or [])[:3],
     }
 
