@@ -10,8 +10,15 @@ import openai
 import pytest
 
 from jobs.models import BaseModel, FineTuneJob
-from loft.models import ApiKey, Organization
-from tests.helpers import api_client_for, banana_jsonl, jsonl, upload, wait_for
+from tests.helpers import (
+    api_client_for,
+    banana_jsonl,
+    jsonl,
+    make_tenant,
+    signed_in,
+    upload,
+    wait_for,
+)
 
 
 def additions(count: int, seed: int) -> list[tuple[int, int]]:
@@ -54,9 +61,8 @@ def test_a_dpo_child_of_a_supervised_parent_learns_the_preference_on_held_out_pa
     live_server, transactional_db, celery_worker
 ):
     BaseModel.seed_bundled()
-    org = Organization.objects.create(slug="dpo", name="DPO")
-    _, secret = ApiKey.issue(org)
-    client = openai.OpenAI(api_key=secret, base_url=f"{live_server.url}/v1", max_retries=0)
+    tenant = make_tenant("dpo", "owner")
+    client = openai.OpenAI(api_key=tenant.secret, base_url=f"{live_server.url}/v1", max_retries=0)
 
     def finished(job_id: str):
         return wait_for(
@@ -136,6 +142,13 @@ def test_a_dpo_child_of_a_supervised_parent_learns_the_preference_on_held_out_pa
     follow = sum(" equals " in s["adapter_output"] for s in samples)
     assert follow >= 12, [s["adapter_output"] for s in samples]
     assert "preference_wins" not in adapter
+    # The job's page and the adapters list show it in words.
+    browser = signed_in(tenant)
+    page = browser.get(f"/jobs/{child.id}/live").content.decode()
+    assert "Preference accuracy" in page and "Reward margin" in page
+    listed = browser.get("/adapters").content.decode()
+    before, after = base["preference_accuracy"], adapter["preference_accuracy"]
+    assert f"preference accuracy {before:.0%} → {after:.0%}" in listed
 
 
 @pytest.mark.django_db
@@ -159,6 +172,10 @@ def test_the_api_refuses_dpo_on_a_file_without_pairs_and_beta_for_supervised(ten
     )
     assert refused.status_code == 400
     assert "beta applies to dpo jobs only" in refused.json()["error"]["message"]
+
+    refused = create(pairs["id"], {"type": "dpo", "dpo": {"hyperparameters": {"gpus": 2}}})
+    assert refused.status_code == 400
+    assert "gpus must be 1 for a DPO job" in refused.json()["error"]["message"]
 
     refused = create(pairs["id"], {"type": "reinforcement", "reinforcement": {}})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "method"

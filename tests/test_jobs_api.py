@@ -84,8 +84,12 @@ def test_openais_method_form_and_the_hyperparameters_form_mean_the_same(api_a, t
 
     both = create(api_a, file_id, hyperparameters=settings_, method={"type": "supervised"})
     assert both.status_code == 400 and both.json()["error"]["param"] == "hyperparameters"
+    # DPO reads pairs of answers: a chat file has none (tests/test_dpo_jobs.py has the rest).
     dpo = create(api_a, file_id, method={"type": "dpo"})
-    assert dpo.status_code == 400 and "supervised" in dpo.json()["error"]["message"]
+    assert dpo.status_code == 400 and dpo.json()["error"]["param"] == "training_file"
+    assert "needs a preference file" in dpo.json()["error"]["message"]
+    other = create(api_a, file_id, method={"type": "reinforcement"})
+    assert other.status_code == 400 and "'supervised' or 'dpo'" in other.json()["error"]["message"]
 
 
 @pytest.mark.django_db

@@ -162,3 +162,18 @@ def test_packed_forwards_grow_only_where_the_worker_keeps_its_room():
     long_rows = TrainConfig(method="qlora", batch_size=8, max_seq_length=4096)
     long_plan = plan.estimate(SMOLLM2, stats, CPU, long_rows, training_examples=90)
     assert long_plan.forward_tokens == 4096
+
+
+def test_a_dpo_plan_counts_both_answers_of_a_pair_and_the_reference_pass():
+    """A pair's tokens (the file's report counts both answers' rows) are trained whole, in one
+    row of up to twice max_seq_length, after one forward pass over every pair (the reference)."""
+    pairs = plan.DataStats(rows=100, tokens=100 * 600, max_row_tokens=1800)
+    supervised = estimate(stats=pairs, max_seq_length=512)
+    dpo = estimate(stats=pairs, max_seq_length=512, objective="dpo")
+    assert supervised.trained_tokens == 2 * 90 * 512  # one sequence, cut to max_seq_length
+    assert dpo.trained_tokens == 2 * 90 * 600
+    rate = CPU.tokens_per_second(SMOLLM2.parameters)
+    reference = 90 * 600 / rate / 3
+    assert dpo.estimated_seconds == int(plan.STARTUP_SECONDS + 2 * 90 * 600 / rate + reference)
+    assert dpo.estimated_peak_memory_bytes >= supervised.estimated_peak_memory_bytes
+    assert estimate(stats=pairs, max_seq_length=1024, objective="dpo").forward_tokens >= 1024

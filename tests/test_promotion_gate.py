@@ -126,3 +126,18 @@ def test_rouge_l_judges_when_neither_adapter_matched_a_single_reference():
 def test_rows_that_differ_in_number_cannot_be_paired():
     with pytest.raises(ValueError, match="same rows"):
         gate([file("a.jsonl", [1.0] * 3, [1.0] * 4)], None, LIMITS)
+
+
+def test_preference_accuracy_judges_on_a_preference_file_whatever_the_answers_matched():
+    """A DPO adapter is judged on the pairs it ranks right (worker/evaluations.py keeps, on a
+    preference file, whether each pair's preferred answer was the likelier)."""
+    current = {**rows(matches(40, 30)), "preference_accuracy": matches(40, 20, seed=2)}
+    candidate = {**rows(matches(40, 10)), "preference_accuracy": [1.0] * 38 + [0.0] * 2}
+    assert metric_for(current, candidate) == "preference_accuracy"
+    report = gate([FileScores("pairs.jsonl", current, candidate)], None, LIMITS)
+    entry = report["files"][0]
+    assert entry["metric"] == "preference_accuracy" and entry["candidate"] == 0.95
+    assert report["passed"] is True
+    assert "preference accuracy" in report["reasons"][0]
+    worse = gate([FileScores("pairs.jsonl", candidate, current)], None, LIMITS)
+    assert worse["passed"] is False and "preference accuracy drops" in " ".join(worse["reasons"])

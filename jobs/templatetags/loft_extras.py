@@ -4,7 +4,14 @@ from django import template
 
 register = template.Library()
 
-PERCENT_METRICS = {"exact_match", "normalized_exact_match", "rouge_l", "token_accuracy"}
+PERCENT_METRICS = {
+    "exact_match",
+    "normalized_exact_match",
+    "rouge_l",
+    "token_accuracy",
+    "preference_accuracy",
+    "reward_accuracy",
+}
 
 
 @register.filter

@@ -21,6 +21,7 @@ from loft.tenancy import org_or_404
 
 # The headline score of an evaluation, the first that both models have: (label, key, percent).
 HEADLINE_METRICS = [
+    ("preference accuracy", "preference_accuracy", True),  # a DPO adapter's held-out pairs
     ("exact match", "exact_match", True),
     ("ROUGE-L", "rouge_l", True),
     ("loss", "loss", False),
@@ -41,8 +42,9 @@ def _adapters(request):
 
 
 def headline(evaluation: Evaluation | None) -> str:
-    """Base → adapter on held-out rows, e.g. "exact match 0% → 90%": exact match where either
-    model matched a reference at all, else ROUGE-L, else the loss."""
+    """Base → adapter on held-out rows, e.g. "exact match 0% → 90%": preference accuracy on
+    preference pairs, else exact match where either model matched a reference at all, else
+    ROUGE-L, else the loss."""
     if evaluation is None:
         return ""
     base, adapter = evaluation.results.get("base") or {}, evaluation.results.get("adapter") or {}

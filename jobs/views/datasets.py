@@ -37,6 +37,19 @@ METRIC_COLUMNS = [
     ("Perplexity", "perplexity", False),
     ("Token accuracy", "token_accuracy", True),
 ]
+# On preference pairs (a DPO job's held-out pairs, a preference eval file), first.
+PREFERENCE_COLUMNS = [
+    ("Preference accuracy", "preference_accuracy", True),
+    ("Reward accuracy", "reward_accuracy", True),
+    ("Reward margin", "reward_margin", True),
+]
+
+
+def metric_columns(models: list[dict]) -> list[tuple[str, str, bool]]:
+    """The score columns for these models' scores: the preference ones where they have them."""
+    if any(entry.get("preference_accuracy") is not None for entry in models):
+        return PREFERENCE_COLUMNS + METRIC_COLUMNS
+    return METRIC_COLUMNS
 
 
 @login_required
@@ -80,13 +93,14 @@ def evaluation_detail(request, evaluation_id: str):
         Evaluation.objects.for_org(org).select_related("base_model", "file", "adapter"),
         pk=evaluation_id,
     )
+    models = evaluation.scores_by_model()
     return render(
         request,
         "jobs/evaluation_detail.html",
         {
             "evaluation": evaluation,
-            "models": evaluation.scores_by_model(),
-            "metrics": METRIC_COLUMNS,
+            "models": models,
+            "metrics": metric_columns(models),
             "samples": evaluation.results.get("samples", []),
             "forgetting": evaluation.results.get("forgetting"),
             "precision": evaluation.results.get("base_precision"),
@@ -102,10 +116,11 @@ def leaderboard(request, file_id: str):
     runs = Evaluation.objects.for_org(org).filter(
         file=file, kind=Evaluation.Kind.CUSTOM, status=Evaluation.Status.SUCCEEDED
     )
+    entries = Evaluation.leaderboard(runs)
     return render(
         request,
         "jobs/leaderboard.html",
-        {"file": file, "entries": Evaluation.leaderboard(runs), "metrics": METRIC_COLUMNS},
+        {"file": file, "entries": entries, "metrics": metric_columns(entries)},
     )
 
 

@@ -22,7 +22,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from jobs.models import FineTuneJob
-from jobs.views.datasets import METRIC_COLUMNS
+from jobs.views.datasets import metric_columns
 from loft.tenancy import org_or_404
 
 CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 640, 220, 36
@@ -99,6 +99,7 @@ def _live_context(job: FineTuneJob) -> dict:
     validation = (job.metrics or {}).get("validation_loss")
     progress = job.progress or {}
     evaluation = max(job.evaluations.all(), key=lambda e: e.created_at, default=None)
+    models = evaluation.scores_by_model() if evaluation else []
     return {
         "job": job,
         "finished": job.status in FineTuneJob.FINISHED,
@@ -109,9 +110,9 @@ def _live_context(job: FineTuneJob) -> dict:
         "progress": progress,
         "chart": loss_chart(losses, validation, progress.get("total_steps") or 0, measured),
         "evaluation": evaluation,
-        "models": evaluation.scores_by_model() if evaluation else [],
+        "models": models,
         "retention": evaluation.retention() if evaluation else [],
-        "metrics": METRIC_COLUMNS,
+        "metrics": metric_columns(models),
         "adapter": getattr(job, "adapter", None),
         "timings": time_spent(job.timings or {}),
     }
