@@ -223,3 +223,48 @@ def test_a_resumed_dpo_run_reads_its_reference_from_the_checkpoint_and_matches(
     assert losses["whole"][-1] < losses["whole"][0]
     for key, value in whole.items():
         assert torch.allclose(value, again[key], atol=1e-6)
+
+
+@pytest.mark.slow  # two 3-step DPO runs: ~15 s
+def test_a_step_trains_alike_whether_its_pairs_share_one_row_or_take_one_each(
+    base, pairs, tmp_path, monkeypatch
+):
+    """The DPO loss is a mean over the step's pairs, however they were packed into forward
+    passes: one row holding all four, or four rows of one pair each (micro-batches). The
+    gradient itself is compared (its norm, as clipping reads it): Adam's steps hardly change
+    when a gradient is scaled, so the weights alone would not show a wrong normalization."""
+    norms: list[float] = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils,
+        "clip_grad_norm_",
+        lambda parameters, most: norms.append(float(clip(parameters, most))) or norms[-1],
+    )
+    # Rows of max_seq_length (64) hold one pair each (~100 tokens), or all in 4096.
+    config = dpo_config(max_steps=3, mixed_precision="fp32", max_seq_length=64)
+    runs = {}
+    for name, row_tokens in (("one row", 4096), ("a row each", 16)):
+        norms.clear()
+        losses = []
+        model, _ = T.train(
+            config,
+            pairs,
+            [],
+            base,
+            device="cpu",
+            work_dir=tmp_path / name,
+            tokens_per_forward=row_tokens,
+            callbacks=T.Callbacks(on_progress=lambda p, losses=losses: losses.append(p.loss)),
+        )
+        weights = {k: v.clone() for k, v in T.adapter_weights(model).items()}
+        runs[name] = losses, weights, list(norms)
+        base = model.unload()
+    assert len(T.pack(pairs[:4], T.forward_tokens(64, 16))) == 4
+    assert runs["one row"][0] == pytest.approx(runs["a row each"][0], abs=1e-5)
+    assert runs["one row"][2] == pytest.approx(runs["a row each"][2], rel=1e-4)
+    assert len(runs["one row"][2]) == 2  # 8 pairs, 4 a step
+    # Adam turns gradients near zero into whole steps of either sign, so sums made in another
+    # order move a few weights apart: the adapter as a whole stays within 1e-3 of its norm.
+    one, each = runs["one row"][1], runs["a row each"][1]
+    apart = sum(float((one[key] - each[key]).norm() ** 2) for key in one) ** 0.5
+    assert apart <= 1e-3 * sum(float(value.norm() ** 2) for value in one.values()) ** 0.5
