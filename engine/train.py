@@ -7,6 +7,10 @@ callbacks, and writes checkpoints and the adapter into local folders. It reads t
     → train (one optimizer step = the next ``batch_size`` examples, packed into rows)
     → save (the adapter and the config)
 
+A run is supervised (the cross-entropy of each example's answers) or, with ``objective`` "dpo",
+Direct Preference Optimization on pairs of a preferred and a non-preferred answer (the DPO
+section below: the reference before the first step, then the same loop on pairs).
+
 Why a loop of its own rather than transformers' Trainer: packing with per-example
 ``position_ids`` and computing the vocabulary projection only where a label is trained are
 what make it fast on small models (bench/train.py measures it against a padded Trainer run),
@@ -531,8 +535,10 @@ REFERENCE_FILE = "reference_logps.safetensors"  # in a DPO run's checkpoints
 
 
 def save_references(folder: Path, train_pairs: list[Tokenized], held_out: list[Tokenized]) -> None:
-    def as_tensor(pairs: list[Tokenized]) -> torch.Tensor:
-        return torch.tensor([pair.reference for pair in pairs], dtype=torch.float64).reshape(-1, 2)
+    def as_tensor(pairs: list[Tokenized]) -> torch.Tensor:  # NaN: a pair the run never trains
+        return torch.tensor(
+            [pair.reference or (math.nan, math.nan) for pair in pairs], dtype=torch.float64
+        ).reshape(-1, 2)
 
     save_file(
         {"train": as_tensor(train_pairs), "held_out": as_tensor(held_out)}, folder / REFERENCE_FILE
@@ -549,7 +555,7 @@ def load_references(folder: Path, train_pairs: list[Tokenized], held_out: list[T
                 f"The checkpoint's reference covers {len(kept[name])} pairs, not {len(pairs)}."
             )
         for pair, logps in zip(pairs, kept[name].tolist(), strict=True):
-            pair.reference = tuple(logps)
+            pair.reference = None if math.isnan(logps[0]) else tuple(logps)
 
 
 # --- the schedule of examples ------------------------------------------------------------
@@ -576,6 +582,14 @@ def scheduled_tokens(
         for step in range(steps)
         for example in examples_for_step(train_examples, config, step)
     )
+
+
+def scheduled_examples(train: list[Tokenized], config: TrainConfig, steps: int) -> list[Tokenized]:
+    """The examples the run's ``steps`` steps train on, each once: all of them but where
+    ``max_steps`` ends the run within its first epoch."""
+    if steps * config.batch_size >= len(train):
+        return train
+    return [example for step in range(steps) for example in examples_for_step(train, config, step)]
 
 
 def examples_for_step(train: list[Tokenized], config: TrainConfig, step: int) -> list[Tokenized]:
@@ -936,8 +950,9 @@ def train(
         if preference and resume_from:
             load_references(resume_from, *pairs)
         elif preference:  # the model before its first step is the reference (see DPO above)
-            with in_bf16():  # as the steps will compute
-                reference_logps(model, train_examples, row_tokens, device, precision)
+            with in_bf16():  # as the steps will compute, for the pairs they will train on
+                scheduled = scheduled_examples(train_examples, config, steps)
+                reference_logps(model, scheduled, row_tokens, device, precision)
             # as the held-out measurements will (in fp32, like held_out_loss)
             reference_logps(model, validation_examples, row_tokens, device, "fp32")
 

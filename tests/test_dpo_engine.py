@@ -180,6 +180,8 @@ def test_the_reference_is_the_base_for_a_fresh_adapter_and_the_parent_for_a_chil
             assert got == pytest.approx(wanted, abs=1e-3)
         first_losses[name] = losses[0]
         base = model.unload()
+    # One step of four pairs: the reference pass reads those four, not the eight.
+    assert sum(pair.reference is not None for pair in train_pairs) == 4
     assert first_losses["base"] == pytest.approx(math.log(2), abs=1e-4)
     assert first_losses["parent"] == pytest.approx(math.log(2), abs=1e-4)
 
