@@ -83,13 +83,10 @@ otherwise idle machine: a second busy process on 2 cores halves the figures, une
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import importlib.util
 import json
 import math
 import os
-import platform
 import random
 import resource
 import shutil
@@ -104,6 +101,16 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
+# The host's figures and the report's helpers, as bench/train.py takes them.
+from bench.train import (  # noqa: E402
+    children_cpu_seconds,
+    git_commit,
+    host_busy_seconds,
+    machine,
+    median_of,
+    trl_available,
+    versions,
+)
 from engine import data, train  # noqa: E402
 from engine import plan as planning  # noqa: E402
 from engine.base_models import (  # noqa: E402
@@ -521,82 +528,7 @@ def spawn(side: str, args, work: Path, run: int) -> dict:
     return figures
 
 
-def host_busy_seconds() -> float | None:
-    """CPU seconds all processes on the host have used since boot (Linux), to tell whether
-    something else competed for the cores during a run."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 # --- the report ------------------------------------------------------------------------------
-
-
-def trl_available() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("trl", "datasets"))
-
-
-def machine(device: str) -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    described = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "platform": platform.platform(),
-    }
-    if device.startswith("cuda"):
-        described["gpu"] = torch.cuda.get_device_name(device)
-    return described
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "peft", "trl", "datasets", "accelerate"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = None
-    return found
-
-
-def git_commit() -> tuple[str, bool]:
-    """The short commit and whether the work tree differs from it."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=PROJECT_DIR,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_DIR,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "nogit", False
-    return commit, bool(status.strip())
 
 
 # Each run's figures, of which the medians over the repeats are shown and saved.
@@ -612,11 +544,6 @@ FIGURES = (
     "peak_rss_mb",
     "peak_gpu_mb",
 )
-
-
-def median_of(runs: list[dict], key: str) -> float | None:
-    values = [run[key] for run in runs if run.get(key) is not None]
-    return statistics.median(values) if values else None
 
 
 def medians(runs: list[dict]) -> dict:
